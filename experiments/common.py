@@ -1,0 +1,128 @@
+"""Shared defaults for every experiment: the paper's protocol (PAPER.md, sections 3.1 and 3.2).
+
+Each paper-net config (``vgg11.py`` ... ``vgg19.py``) calls ``paper_config(net, arg)``; the demo
+shrinks the same config. Values only: the code that reads them validates names at start-up.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Training scale S and the test scales Q that go with it (sections 3.1, 4.1, 4.2).
+# s256/s384: fixed S, single test scale Q = S, multi-scale Q = {S-32, S, S+32}.
+# jitter: S uniform in [256, 512], single test scale Q = 384, multi-scale Q = {256, 384, 512}.
+SCALE_VARIANTS = {
+    "s256": dict(train_scale=(256, 256), single_scale=256, multi_scales=(224, 256, 288)),
+    "s384": dict(train_scale=(384, 384), single_scale=384, multi_scales=(352, 384, 416)),
+    "jitter": dict(train_scale=(256, 512), single_scale=384, multi_scales=(256, 384, 512)),
+}
+# How each variant is initialised in the paper: the S=384 net from the S=256 net with lr 1e-3,
+# the jittered net fine-tuned from the S=384 net (also at lr 1e-3, as a fine-tune).
+FINE_TUNE_FROM = {"s384": "s256", "jitter": "s384"}
+
+
+def model_config(net: str) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            name=net,  # A, A-LRN, B, C, D, E (Table 1)
+            num_classes=1000,
+            width=1.0,  # multiplies every conv's channel count (small variants only)
+            fc_width=4096,
+            dropout_rate=0.5,
+            dtype="float32",  # compute dtype: float32 or bfloat16; parameters stay float32
+            init="paper_normal",  # paper_normal (N(0, init_std^2), zero biases) or glorot
+            init_std=0.01,
+        )
+    )
+
+
+def input_config(scale: dict) -> ml_collections.ConfigDict:
+    smin, smax = scale["train_scale"]
+    return ml_collections.ConfigDict(
+        dict(
+            dataset="imagenet2012",  # imagenet2012, image_folder or builtin
+            data_dir=ml_collections.FieldReference(None, field_type=str),  # TFDS data_dir
+            manual_dir=ml_collections.FieldReference(None, field_type=str),  # ILSVRC2012 tars
+            folder=ml_collections.FieldReference(None, field_type=str),  # root/<split>/<class>/
+            train_split="train",
+            eval_split="validation",
+            crop_size=224,
+            train_scale_min=smin,  # S: smallest side before the random crop
+            train_scale_max=smax,  # equal to train_scale_min for fixed-scale training
+            color_shift_std=0.1,  # AlexNet's PCA lighting noise: alpha ~ N(0, std^2)
+            random_flip=True,
+            batch_size=256,  # global batch over all devices and processes
+            eval_batch_size=64,  # global; the last batch is padded and masked
+            shuffle_seed=0,
+            num_parallel_calls=-1,  # -1: tf.data AUTOTUNE
+            prefetch=2,
+        )
+    )
+
+
+def optim_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            learning_rate=1e-2,
+            momentum=0.9,
+            weight_decay=5e-4,  # L2, added to the gradient (not decoupled)
+        )
+    )
+
+
+def schedule_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            kind="plateau",  # plateau (the paper), cosine, or constant
+            num_epochs=74,
+            plateau_patience=2,  # epochs without a better validation top-1 before dividing
+            plateau_factor=0.1,
+            plateau_max_decays=3,
+            plateau_min_delta=0.0,
+            warmup_epochs=0.0,
+        )
+    )
+
+
+def eval_config(scale: dict) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            single_scale=scale["single_scale"],  # Q for Table 3's single-scale rows
+            multi_scales=scale["multi_scales"],  # Q set for Table 4/5's multi-scale rows
+            methods=("dense", "multi_crop", "dense+multi_crop"),
+            flip=True,  # average each image with its horizontal flip
+            every_epochs=1,  # validation during training
+            checkpoint="latest",  # latest, best, or a step number, for --mode=evaluate
+            fusion_workdirs=(),  # other nets' workdirs whose softmax is averaged with this one
+        )
+    )
+
+
+def paper_config(net: str, arg: str | None) -> ml_collections.ConfigDict:
+    """The paper's full protocol for ``net``; ``arg`` picks the training scale variant."""
+    variant = arg or "s256"
+    if variant not in SCALE_VARIANTS:
+        raise ValueError(f"Unknown config argument {variant!r}; valid: {sorted(SCALE_VARIANTS)}")
+    scale = SCALE_VARIANTS[variant]
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.variant = variant
+    config.model = model_config(net)
+    config.input = input_config(scale)
+    config.optim = optim_config()
+    config.schedule = schedule_config()
+    config.evals = eval_config(scale)
+    config.init_from = ml_collections.ConfigDict(
+        dict(
+            workdir=ml_collections.FieldReference(None, field_type=str),
+            mode="none",  # none, shallow (the paper's net-A init), or full (scale fine-tune)
+            step=ml_collections.FieldReference(None, field_type=int),  # None: the newest
+        )
+    )
+    if variant in FINE_TUNE_FROM:
+        config.optim.learning_rate = 1e-3
+        config.init_from.mode = "full"  # set init_from.workdir to the FINE_TUNE_FROM net's workdir
+    config.ckpt = ml_collections.ConfigDict(dict(every_steps=2000, keep=3, keep_best=True))
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))  # -1: all remaining devices
+    config.log_every_steps = 100
+    return config

@@ -1,0 +1,17 @@
+"""VGG configuration A-LRN: A with AlexNet's LRN after its first conv (Table 1), trained and
+tested as in the paper.
+
+    python launch.py --config=experiments/vgg11_lrn.py --workdir=workdirs/vgg11_lrn_s256
+    python launch.py --config=experiments/vgg11_lrn.py:jitter --workdir=workdirs/vgg11_lrn_jitter \
+        --config.init_from.workdir=workdirs/vgg11_lrn_s384
+
+The argument picks the training scale: s256 (default), s384 or jitter (S in [256, 512]); see
+experiments/common.py. Needs ImageNet: --config.input.manual_dir=DIR holding the two
+ILSVRC2012 tars.
+"""
+
+from experiments import common
+
+
+def get_config(arg=None):
+    return common.paper_config("A-LRN", arg)

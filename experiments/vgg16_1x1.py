@@ -1,0 +1,17 @@
+"""VGG configuration C: 16 weight layers with three 1x1 convs (Table 1), trained and tested as
+in the paper.
+
+    python launch.py --config=experiments/vgg16_1x1.py --workdir=workdirs/vgg16_1x1_s256
+    python launch.py --config=experiments/vgg16_1x1.py:jitter --workdir=workdirs/vgg16_1x1_jitter \
+        --config.init_from.workdir=workdirs/vgg16_1x1_s384
+
+The argument picks the training scale: s256 (default), s384 or jitter (S in [256, 512]); see
+experiments/common.py. Needs ImageNet: --config.input.manual_dir=DIR holding the two
+ILSVRC2012 tars.
+"""
+
+from experiments import common
+
+
+def get_config(arg=None):
+    return common.paper_config("C", arg)

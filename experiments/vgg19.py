@@ -1,0 +1,16 @@
+"""VGG configuration E: 19 weight layers (Table 1), trained and tested as in the paper.
+
+    python launch.py --config=experiments/vgg19.py --workdir=workdirs/vgg19_s256
+    python launch.py --config=experiments/vgg19.py:jitter --workdir=workdirs/vgg19_jitter \
+        --config.init_from.workdir=workdirs/vgg19_s384
+
+The argument picks the training scale: s256 (default), s384 or jitter (S in [256, 512]); see
+experiments/common.py. Needs ImageNet: --config.input.manual_dir=DIR holding the two
+ILSVRC2012 tars.
+"""
+
+from experiments import common
+
+
+def get_config(arg=None):
+    return common.paper_config("E", arg)

@@ -1,0 +1,31 @@
+"""Entry point: parses flags and hands the config to the library.
+
+    python launch.py --config=experiments/vgg16.py:s256 --workdir=workdirs/vgg16 --mode=train
+    python launch.py --config=experiments/vgg19.py --mode=summary
+
+Kept short on purpose: everything else lives in ``vgg_jax`` where it can be tested and imported.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from vgg_jax import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:argument].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+_MODE = flags.DEFINE_enum("mode", "train_and_evaluate", cli.MODES, "What to run.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main, flags_parser=lambda argv: cli.parse_flags(flags.FLAGS, argv or sys.argv))

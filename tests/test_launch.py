@@ -1,0 +1,56 @@
+"""launch.py as users run it: summary mode, config arguments and start-up errors."""
+
+import os
+import subprocess
+import sys
+
+from absl.testing import absltest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launch(*args):
+    return subprocess.run(
+        [sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+class LaunchTest(absltest.TestCase):
+    def test_summary_ends_with_paper_parameter_count(self):
+        result = launch("--config=experiments/vgg19.py", "--mode=summary")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = result.stdout.strip().splitlines()
+        self.assertEqual(lines[-1], "total parameters: 143667240")
+        self.assertIn("block5_conv4", result.stdout)
+
+    def test_overrides_and_config_argument(self):
+        result = launch(
+            "--config=experiments/vgg16.py:jitter",
+            "--mode=summary",
+            "--config.model.num_classes=10",
+            "--config.model.name=A-LRN",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("block1_lrn", result.stdout)
+        self.assertTrue(
+            result.stdout.strip().endswith(f"total parameters: {132863336 - 990 * 4097}")
+        )
+
+    def test_unknown_override_names_the_key(self):
+        result = launch("--config=experiments/vgg16.py", "--mode=summary", "--config.no_such_key=1")
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("no_such_key", result.stderr)
+        self.assertIn("'model'", result.stderr)  # lists the valid keys
+        self.assertNotIn("Traceback", result.stderr)
+        result = launch("--config=experiments/vgg16.py", "--mode=summary", "--config.model.nme=D")
+        self.assertIn("'model.nme'", result.stderr)
+        self.assertIn("'name'", result.stderr)
+
+    def test_unknown_scale_variant(self):
+        result = launch("--config=experiments/vgg16.py:s512", "--mode=summary")
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("'jitter'", result.stderr)
+
+
+if __name__ == "__main__":
+    absltest.main()

@@ -1,0 +1,190 @@
+"""Tests of vgg_jax.models: Table 1 layouts, Table 2 parameter counts, dense form, LRN, dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+
+from experiments import common
+from vgg_jax import models
+
+# PAPER.md Table 2 (torchvision / Keras counts; A-LRN equals A; C is D minus three 3x3->1x1).
+PAPER_PARAMS = {
+    "A": 132_863_336,
+    "A-LRN": 132_863_336,
+    "B": 133_047_848,
+    "C": 133_638_952,
+    "D": 138_357_544,
+    "E": 143_667_240,
+}
+WEIGHT_LAYERS = {"A": 11, "A-LRN": 11, "B": 13, "C": 16, "D": 16, "E": 19}
+
+
+def tiny(name="A", **kwargs):
+    """A small-width net on 32x32 crops, for fast tests."""
+    defaults = dict(num_classes=5, crop_size=32, width=1 / 16, fc_width=16, initializer="glorot")
+    defaults.update(kwargs)
+    return models.VGG(models.LAYOUTS[name], **defaults)
+
+
+class ParameterCountTest(parameterized.TestCase):
+    @parameterized.parameters(*PAPER_PARAMS.items())
+    def test_paper_parameter_count(self, name, expected):
+        config = common.model_config(name)
+        model = models.build_model(config, crop_size=224)
+        params = models.abstract_params(model)
+        self.assertEqual(models.count_params(params), expected)
+        self.assertLen(params, WEIGHT_LAYERS[name])
+
+    def test_config_c_has_three_1x1_convs(self):
+        params = models.abstract_params(models.VGG(models.LAYOUTS["C"]))
+        one_by_one = [n for n, p in params.items() if p["kernel"].shape[:2] == (1, 1)]
+        self.assertEqual(one_by_one, ["block3_conv3", "block4_conv3", "block5_conv3"])
+
+    def test_unknown_names_fail_with_valid_ones(self):
+        config = common.model_config("F")
+        with self.assertRaisesRegex(ValueError, r"'F'.*'A-LRN'"):
+            models.build_model(config, 224)
+        config = common.model_config("D")
+        config.dtype = "float16"
+        with self.assertRaisesRegex(ValueError, "bfloat16"):
+            models.build_model(config, 224)
+        config.dtype = "float32"
+        config.init = "he"
+        with self.assertRaisesRegex(ValueError, "glorot"):
+            models.build_model(config, 224)
+
+    def test_summary_table_follows_the_layout(self):
+        rows = models.layer_table(models.VGG(models.LAYOUTS["A-LRN"]))
+        names = [row.name for row in rows]
+        self.assertEqual(names[:3], ["block1_conv1", "block1_lrn", "block1_pool"])
+        self.assertEqual(rows[names.index("block5_pool")].output_shape, (1, 7, 7, 512))
+        self.assertEqual(sum(r.params for r in rows), PAPER_PARAMS["A-LRN"])
+
+
+class DenseFormTest(absltest.TestCase):
+    def setUp(self):
+        self.model = tiny("B")
+        self.params = self.model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+
+    def test_crop_sized_score_map_equals_logits(self):
+        images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+        logits = self.model.apply({"params": self.params}, images)
+        score_map, scores = self.model.apply({"params": self.params}, images, method="dense")
+        self.assertEqual(score_map.shape, (2, 1, 1, 5))
+        np.testing.assert_allclose(score_map[:, 0, 0], logits, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(scores, logits, rtol=1e-5, atol=1e-6)
+
+    def test_full_size_score_map_shapes(self):
+        model = models.VGG(models.LAYOUTS["D"], num_classes=10)
+        params = models.abstract_params(model)
+        for (h, w), expected in {
+            (224, 224): (1, 1),
+            (288, 352): (3, 5),
+            (256, 384): (2, 6),
+        }.items():
+            images = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
+            score_map, scores = jax.eval_shape(
+                lambda p, x: model.apply({"params": p}, x, method="dense"), params, images
+            )
+            self.assertEqual(score_map.shape, (1, *expected, 10))
+            self.assertEqual(scores.shape, (1, 10))
+
+    def test_score_map_is_the_classifier_head_slid_over_pool5(self):
+        # With 64-pixel crops FC1 sees a 2x2 window of pool5, so the (H, W, C) row order of its
+        # kernel matters. Each score-map cell must be the FC head applied to the pool5 window under
+        # it (the whole image's features, so crops differ: dense evaluation sees context).
+        model = tiny("A", crop_size=64)
+        images = jax.random.normal(jax.random.key(2), (1, 96, 128, 3))
+        params = model.init(jax.random.key(0), images[:, :64, :64])["params"]
+        (score_map, scores), state = model.apply(
+            {"params": params}, images, method="dense", mutable=["intermediates"]
+        )
+        pool5 = state["intermediates"]["block5_pool"][0]
+        self.assertEqual(pool5.shape[1:3], (3, 4))
+        self.assertEqual(score_map.shape, (1, 2, 3, 5))
+
+        def head(window):
+            x = window.reshape(1, -1) @ params["fc1"]["kernel"] + params["fc1"]["bias"]
+            x = jax.nn.relu(x) @ params["fc2"]["kernel"] + params["fc2"]["bias"]
+            return jax.nn.relu(x) @ params["fc3"]["kernel"] + params["fc3"]["bias"]
+
+        for i in range(2):
+            for j in range(3):
+                expected = head(pool5[:, i : i + 2, j : j + 2])
+                np.testing.assert_allclose(score_map[:, i, j], expected, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(scores, score_map.mean((1, 2)), rtol=1e-6)
+
+    def test_one_parameter_tree(self):
+        images = jnp.zeros((1, 64, 96, 3))
+        variables = self.model.init(jax.random.key(0), images, fully_convolutional=True)
+        shapes = jax.tree_util.tree_map(jnp.shape, variables["params"])
+        self.assertEqual(shapes, jax.tree_util.tree_map(jnp.shape, self.params))
+
+    def test_classifier_rejects_whole_images(self):
+        with self.assertRaisesRegex(ValueError, "dense"):
+            self.model.apply({"params": self.params}, jnp.zeros((1, 64, 64, 3)))
+
+
+class BehaviourTest(absltest.TestCase):
+    def test_dropout_only_in_training(self):
+        model = tiny("A", dropout_rate=0.5)
+        images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+        params = model.init(jax.random.key(0), images)["params"]
+        eval_a = model.apply({"params": params}, images)
+        eval_b = model.apply({"params": params}, images, train=False)
+        np.testing.assert_array_equal(eval_a, eval_b)
+        rngs = lambda seed: {"dropout": jax.random.key(seed)}  # noqa: E731
+        train_a = model.apply({"params": params}, images, train=True, rngs=rngs(1))
+        train_b = model.apply({"params": params}, images, train=True, rngs=rngs(2))
+        self.assertFalse(np.allclose(train_a, eval_a))
+        self.assertFalse(np.allclose(train_a, train_b))
+
+    def test_bfloat16_compute_float32_params(self):
+        model = tiny("A", dtype=jnp.bfloat16)
+        images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+        params = model.init(jax.random.key(0), images)["params"]
+        dtypes = {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)}
+        self.assertEqual(dtypes, {jnp.dtype(jnp.float32)})
+        _, state = model.apply(
+            {"params": params}, images, capture_intermediates=True, mutable=["intermediates"]
+        )
+        self.assertEqual(state["intermediates"]["block3_conv1"]["__call__"][0].dtype, jnp.bfloat16)
+        logits = model.apply({"params": params}, images)
+        reference = tiny("A").apply({"params": params}, images)
+        self.assertEqual(logits.dtype, jnp.float32)
+        np.testing.assert_allclose(logits, reference, rtol=0.1, atol=0.05)
+
+    def test_lrn_matches_alexnet_formula(self):
+        x = np.random.default_rng(0).normal(size=(2, 3, 4, 7)).astype(np.float32) * 30
+        n, k, alpha, beta = 5, 2.0, 1e-4, 0.75
+        expected = np.empty_like(x)
+        channels = x.shape[-1]
+        for c in range(channels):
+            lo, hi = max(0, c - n // 2), min(channels - 1, c + n // 2)
+            total = (x[..., lo : hi + 1] ** 2).sum(-1)
+            expected[..., c] = x[..., c] / (k + alpha / n * total) ** beta
+        np.testing.assert_allclose(models.local_response_norm(jnp.asarray(x)), expected, rtol=1e-5)
+
+    def test_lrn_only_in_a_lrn(self):
+        for name, has_lrn in (("A", False), ("A-LRN", True), ("E", False)):
+            rows = models.layer_table(tiny(name), image_size=32)
+            self.assertEqual(any(r.name.endswith("_lrn") for r in rows), has_lrn)
+
+    def test_initialisers(self):
+        images = jnp.zeros((1, 32, 32, 3))
+        normal = tiny("A", width=1.0, initializer="paper_normal", init_std=0.01)
+        params = normal.init(jax.random.key(0), images)["params"]
+        kernel = params["block4_conv1"]["kernel"]
+        self.assertAlmostEqual(float(jnp.std(kernel)), 0.01, delta=0.0005)
+        self.assertEqual(float(jnp.abs(params["block4_conv1"]["bias"]).max()), 0.0)
+        glorot = tiny("A", width=1.0, initializer="glorot")
+        params = glorot.init(jax.random.key(0), images)["params"]
+        kernel = params["block4_conv2"]["kernel"]  # fan_in = fan_out = 9 * 512
+        limit = np.sqrt(6 / (2 * 9 * 512))
+        self.assertLessEqual(float(jnp.abs(kernel).max()), limit)
+        self.assertAlmostEqual(float(jnp.std(kernel)), limit / np.sqrt(3), delta=0.001)
+
+
+if __name__ == "__main__":
+    absltest.main()

@@ -1,0 +1,65 @@
+"""What ``launch.py`` does with its flags: clear start-up errors, then dispatch on ``--mode``."""
+
+from __future__ import annotations
+
+import sys
+
+import ml_collections
+from absl import flags, logging
+
+MODES = ["train_and_evaluate", "train", "evaluate", "summary"]
+
+
+def parse_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
+    """Parses flags, turning an unknown ``--config.key`` override into a one-line error.
+
+    ml_collections raises a bare ``AttributeError`` from deep inside flag parsing; a user who
+    mistyped a key should instead read which key is unknown and which ones exist there.
+    """
+    try:
+        return flag_values(argv)
+    except flags.Error as e:
+        sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help.")
+    except (AttributeError, KeyError) as e:
+        sys.exit(_unknown_key_message(argv) or f"Bad config override: {e}")
+
+
+def _unknown_key_message(argv: list[str]) -> str | None:
+    """Names the first ``--config.a.b=v`` override whose key is not in the config, and the valid
+    keys beside it."""
+    from ml_collections import config_flags
+
+    config_args = [a for a in argv if a.startswith("--config=")]
+    if not config_args:
+        return None
+    base_argv = [argv[0], config_args[-1]]
+    base_flags = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=base_flags, sys_argv=base_argv)
+    base_flags(base_argv)
+    for override in (a for a in argv if a.startswith("--config.")):
+        keys = override[len("--config.") :].split("=")[0].split(".")
+        group = base_flags.config
+        for depth, key in enumerate(keys):
+            if not isinstance(group, ml_collections.ConfigDict) or key not in group:
+                where = ".".join(keys[:depth]) or "the config"
+                valid = sorted(group.keys()) if isinstance(group, ml_collections.ConfigDict) else []
+                name = ".".join(keys)
+                return f"Unknown config key {name!r} ({override}); valid keys in {where}: {valid}"
+            group = group[key]
+    return None
+
+
+def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> None:
+    if mode == "summary":
+        from vgg_jax import models
+
+        model = models.build_model(config.model, config.input.crop_size)
+        print(models.format_summary(model, config.model.name))
+        return
+    if workdir is None:
+        sys.exit(f"--mode={mode} needs --workdir (where checkpoints and results go).")
+    logging.info("mode=%s workdir=%s", mode, workdir)
+    sys.exit(
+        f"--mode={mode} is not implemented yet: training comes with issue #4 and the evaluator "
+        "with issue #5. --mode=summary works today."
+    )

@@ -1,0 +1,90 @@
+"""Import of Keras ``VGG16``/``VGG19`` weights (a Keras model or its ``.h5`` weight file).
+
+Keras' VGG is NHWC with ``Flatten`` in (H, W, C) order, the layout of ``vgg_jax.models.VGG``, so the
+kernels copy across unchanged. The released Keras ImageNet weights expect Caffe's input convention:
+BGR channel order, 0-255 pixels, mean [103.939, 116.779, 123.68] subtracted (``KERAS_INPUT``).
+TensorFlow/Keras is imported only when a Keras model has to be built.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from vgg_jax import models
+
+# Keras builds only configurations D and E; the number of conv layers tells them apart.
+KERAS_NETS = {13: ("D", "VGG16"), 16: ("E", "VGG19")}
+
+KERAS_INPUT = dict(channel_order="BGR", pixel_range=255.0, mean=(103.939, 116.779, 123.68))
+
+
+def params_from_keras_model(keras_model: Any) -> tuple[str, dict[str, Any]]:
+    """Returns ``(net name, params)`` from a built Keras VGG16/VGG19 model (any class count)."""
+    weighted = [layer.get_weights() for layer in keras_model.layers if layer.get_weights()]
+    convs = [w for w in weighted if np.ndim(w[0]) == 4]
+    denses = [w for w in weighted if np.ndim(w[0]) == 2]
+    if len(convs) not in KERAS_NETS or len(denses) != 3:
+        raise ValueError(
+            "Expected a Keras VGG16 or VGG19 with its top (13 or 16 convs and 3 dense layers), got "
+            f"{len(convs)} convs and {len(denses)} dense layers; build it with include_top=True."
+        )
+    net, _ = KERAS_NETS[len(convs)]
+    conv_names = [n for n in models._layer_names(models.LAYOUTS[net]) if "_conv" in n]
+    params = {}
+    for name, (kernel, bias) in zip(
+        conv_names + ["fc1", "fc2", "fc3"], convs + denses, strict=True
+    ):
+        params[name] = {
+            "kernel": np.asarray(kernel, np.float32),
+            "bias": np.asarray(bias, np.float32),
+        }
+    return net, params
+
+
+def load_keras_weights(source: Any) -> tuple[str, dict[str, Any]]:
+    """Returns ``(net name, params)`` from a Keras model or a Keras ``.h5`` weight file.
+
+    A file may be Keras 3's ``.weights.h5`` or the legacy Keras 2 format of the released
+    ``vgg16_weights_tf_dim_ordering_tf_kernels.h5``; it is read by Keras itself into a freshly
+    built ``keras.applications`` net, whose class count is taken from the file.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        return params_from_keras_model(source)
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No Keras weight file at {path}")
+    num_convs, num_classes = _inspect_h5(path)
+    if num_convs not in KERAS_NETS:
+        raise ValueError(f"{path} holds {num_convs} conv kernels; VGG16 has 13 and VGG19 16.")
+    import keras
+
+    builder = getattr(keras.applications, KERAS_NETS[num_convs][1])
+    keras_model = builder(weights=None, classes=num_classes)
+    keras_model.load_weights(path)
+    return params_from_keras_model(keras_model)
+
+
+def _inspect_h5(path: str) -> tuple[int, int]:
+    """Counts 4-D (conv) kernels and reads the class count from the last 2-D (dense) kernel."""
+    import h5py
+
+    kernels: list[tuple[int, ...]] = []
+    with h5py.File(path, "r") as f:
+        f.visititems(
+            lambda _, item: (
+                kernels.append(item.shape)
+                if isinstance(item, h5py.Dataset) and item.ndim in (2, 4)
+                else None
+            )
+        )
+    dense = [shape for shape in kernels if len(shape) == 2]
+    fc1 = [shape for shape in dense if shape[0] == 7 * 7 * 512]
+    if len(dense) != 3 or len(fc1) != 1:
+        raise ValueError(f"{path} does not hold a VGG with its 3 fully connected layers.")
+    # FC2 and FC3 both take FC1's width as input; FC3's output is the class count.
+    outputs = [shape[1] for shape in dense if shape is not fc1[0]]
+    outputs.remove(fc1[0][1])
+    return sum(len(shape) == 4 for shape in kernels), outputs[0]

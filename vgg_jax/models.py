@@ -1,0 +1,312 @@
+"""The six VGG configurations of Table 1 (A, A-LRN, B, C, D, E) as one Flax linen module.
+
+One parameter tree serves two ways of applying the net, as in the paper (sections 3.1 and 3.2):
+
+* ``VGG.__call__`` is the classifier on crops of the training crop size (224 in the paper);
+* ``VGG.dense`` is the fully-convolutional form used for dense evaluation: FC1 is applied as a
+  ``w x w`` VALID convolution (``w = crop_size / 32``, 7 for 224) and FC2/FC3 as 1x1 convolutions
+  on a whole image of any size at least the crop size, giving a class score map and its spatial
+  average.
+
+FC1's kernel is stored once, as a dense ``(w * w * C, F)`` matrix whose rows are in (H, W, C) order,
+the same layout as Keras' ``Flatten`` + ``Dense``; the convolutional form is a reshape of it, so no
+second copy of the weights exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+LRN = "LRN"
+NUM_POOLS = 5  # every configuration has five blocks, each ending in a 2x2/2 max-pool
+
+# A block entry is an int (a 3x3 conv with that many output channels), a (features, kernel_size)
+# pair (configuration C's 1x1 convs) or LRN (configuration A-LRN's local response normalisation).
+LayerSpec = int | tuple[int, int] | str
+Layout = tuple[tuple[LayerSpec, ...], ...]
+
+LAYOUTS: dict[str, Layout] = {
+    "A": ((64,), (128,), (256, 256), (512, 512), (512, 512)),
+    "A-LRN": ((64, LRN), (128,), (256, 256), (512, 512), (512, 512)),
+    "B": ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),
+    "C": (
+        (64, 64),
+        (128, 128),
+        (256, 256, (256, 1)),
+        (512, 512, (512, 1)),
+        (512, 512, (512, 1)),
+    ),
+    "D": ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),
+    "E": ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4),
+}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# AlexNet's LRN constants (Krizhevsky et al. 2012), as the paper uses them for A-LRN.
+LRN_SIZE, LRN_K, LRN_ALPHA, LRN_BETA = 5, 2.0, 1e-4, 0.75
+
+
+def kernel_initializer(name: str, std: float = 0.01) -> Callable[..., jax.Array]:
+    """Returns the weight initialiser the config names.
+
+    ``paper_normal``: the paper trains net A from "a normal distribution with zero mean and 10^-2
+    variance". Read literally that is a standard deviation of 0.1, which grows the activations of
+    a 512-channel 3x3 layer about fivefold per layer (He's std there is 0.02), so net A could not
+    start training. We read "10^-2" as the standard deviation, as in Caffe's ``gaussian std: 0.01``
+    fillers of the AlexNet setup the paper builds on; ``init_std`` in the config changes it.
+    ``glorot``: Glorot & Bengio's uniform init, which the paper notes trains the deep nets without
+    net-A pre-initialisation.
+    """
+    if name == "paper_normal":
+        return nn.initializers.normal(stddev=std)
+    if name == "glorot":
+        return nn.initializers.glorot_uniform()
+    raise ValueError(f"Unknown model.init {name!r}; valid: ['glorot', 'paper_normal']")
+
+
+def local_response_norm(
+    x: jax.Array,
+    size: int = LRN_SIZE,
+    k: float = LRN_K,
+    alpha: float = LRN_ALPHA,
+    beta: float = LRN_BETA,
+) -> jax.Array:
+    """AlexNet's cross-channel LRN on NHWC input, in Caffe's convention (alpha divided by size).
+
+    b_c = a_c / (k + alpha / size * sum_{c' within size/2 of c} a_{c'}^2) ** beta
+    """
+    squares = jnp.square(x.astype(jnp.float32))
+    half = size // 2
+    window_sum = jax.lax.reduce_window(
+        squares,
+        0.0,
+        jax.lax.add,
+        window_dimensions=(1, 1, 1, size),
+        window_strides=(1, 1, 1, 1),
+        padding=((0, 0), (0, 0), (0, 0), (half, size - 1 - half)),
+    )
+    return (x / (k + alpha / size * window_sum) ** beta).astype(x.dtype)
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+
+
+class WindowDense(nn.Module):
+    """FC1: a dense layer over a ``window x window`` feature map that can also slide as a conv.
+
+    The kernel is ``(window * window * C, features)`` with rows in (H, W, C) order. Applied to a
+    ``window x window`` map it is the classifier's fully connected layer; with ``as_conv=True`` it
+    is the same weights reshaped to a ``window x window`` VALID convolution over a map of any size.
+    """
+
+    features: int
+    window: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable[..., jax.Array] = nn.initializers.normal(0.01)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, as_conv: bool = False) -> jax.Array:
+        channels = x.shape[-1]
+        kernel = self.param(
+            "kernel",
+            self.kernel_init,
+            (self.window * self.window * channels, self.features),
+            self.param_dtype,
+        )
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if as_conv:
+            conv_kernel = kernel.reshape(self.window, self.window, channels, self.features)
+            y = jax.lax.conv_general_dilated(
+                x, conv_kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+        else:
+            if x.shape[1:3] != (self.window, self.window):
+                raise ValueError(
+                    f"The classifier takes {self.window * 2**NUM_POOLS}-pixel crops "
+                    f"(a {self.window}x{self.window} feature map), got a {x.shape[1]}x{x.shape[2]} "
+                    "map; use VGG.dense for whole images."
+                )
+            y = x.reshape(x.shape[0], -1) @ kernel
+        return y + bias
+
+
+class VGG(nn.Module):
+    """A VGG net of Table 1, NHWC input, logits output (softmax is in the loss).
+
+    ``width`` scales every conv's channel count and ``fc_width`` sets FC1/FC2 (4096 in the paper);
+    the small variants used by the demo and tests change only these. ``dtype`` is the compute dtype;
+    parameters stay in ``param_dtype`` (float32).
+    """
+
+    layout: Layout
+    num_classes: int = 1000
+    crop_size: int = 224
+    width: float = 1.0
+    fc_width: int = 4096
+    dropout_rate: float = 0.5
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    initializer: str = "paper_normal"
+    init_std: float = 0.01
+
+    def _conv_features(self, x: jax.Array) -> jax.Array:
+        kernel_init = kernel_initializer(self.initializer, self.init_std)
+        for block_index, block in enumerate(self.layout, start=1):
+            conv_index = 0
+            for spec in block:
+                if spec == LRN:
+                    x = local_response_norm(x)
+                    self.sow("intermediates", f"block{block_index}_lrn", x)
+                    continue
+                features, size = spec if isinstance(spec, tuple) else (spec, 3)
+                conv_index += 1
+                x = nn.Conv(
+                    max(1, round(features * self.width)),
+                    (size, size),
+                    padding=size // 2,
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    kernel_init=kernel_init,
+                    bias_init=nn.initializers.zeros,
+                    name=f"block{block_index}_conv{conv_index}",
+                )(x)
+                x = nn.relu(x)
+            x = max_pool_2x2(x)
+            self.sow("intermediates", f"block{block_index}_pool", x)
+        return x
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, train: bool = False, fully_convolutional: bool = False
+    ) -> jax.Array:
+        """Classifier logits ``(N, classes)``, or the score map ``(N, h, w, classes)``.
+
+        ``fully_convolutional=True`` is the dense-evaluation form (no dropout); prefer ``dense``.
+        """
+        kernel_init = kernel_initializer(self.initializer, self.init_std)
+        dense = dict(
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=kernel_init,
+            bias_init=nn.initializers.zeros,
+        )
+        x = self._conv_features(jnp.asarray(x, self.dtype))
+        window = self.crop_size // 2**NUM_POOLS
+        x = WindowDense(
+            self.fc_width,
+            window,
+            self.dtype,
+            self.param_dtype,
+            kernel_init,
+            name="fc1",
+        )(x, as_conv=fully_convolutional)
+        x = nn.relu(x)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train or fully_convolutional)(x)
+        x = nn.relu(nn.Dense(self.fc_width, name="fc2", **dense)(x))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train or fully_convolutional)(x)
+        x = nn.Dense(self.num_classes, name="fc3", **dense)(x)
+        return x.astype(jnp.float32)
+
+    def dense(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Dense evaluation: ``(score_map (N, h, w, classes), its spatial average (N, classes))``.
+
+        Images may be any size at least the crop size. The average is of the class scores, as the
+        paper's "spatially averaged (sum-pooled)" class score map; softmax comes after.
+        """
+        score_map = self(images, train=False, fully_convolutional=True)
+        return score_map, score_map.mean(axis=(1, 2))
+
+
+def build_model(model_config: ml_collections.ConfigDict, crop_size: int) -> VGG:
+    """Builds the VGG a config's ``model`` group names; unknown names fail with the valid ones."""
+    if model_config.name not in LAYOUTS:
+        raise ValueError(f"Unknown model.name {model_config.name!r}; valid: {sorted(LAYOUTS)}")
+    if model_config.dtype not in DTYPES:
+        raise ValueError(f"Unknown model.dtype {model_config.dtype!r}; valid: {sorted(DTYPES)}")
+    if crop_size % 2**NUM_POOLS:
+        raise ValueError(f"crop_size must be a multiple of {2**NUM_POOLS}, got {crop_size}")
+    kernel_initializer(model_config.init)  # fail at start-up on an unknown name
+    return VGG(
+        layout=LAYOUTS[model_config.name],
+        num_classes=model_config.num_classes,
+        crop_size=crop_size,
+        width=model_config.width,
+        fc_width=model_config.fc_width,
+        dropout_rate=model_config.dropout_rate,
+        dtype=DTYPES[model_config.dtype],
+        initializer=model_config.init,
+        init_std=model_config.init_std,
+    )
+
+
+def abstract_params(model: VGG, batch_size: int = 1) -> Any:
+    """Parameter shapes without allocating them (``jax.eval_shape`` of ``init``)."""
+    images = jax.ShapeDtypeStruct((batch_size, model.crop_size, model.crop_size, 3), jnp.float32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(images.shape)))["params"]
+
+
+def count_params(params: Any) -> int:
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRow:
+    name: str
+    output_shape: tuple[int, ...]
+    params: int
+
+
+def layer_table(model: VGG, image_size: int | None = None) -> list[LayerRow]:
+    """One row per layer in forward order: name, output shape (batch 1), parameter count."""
+    size = image_size or model.crop_size
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    params = abstract_params(model)
+
+    def forward(variables, x):
+        return model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+
+    _, state = jax.eval_shape(forward, {"params": params}, images)
+    outputs = state["intermediates"]
+    rows = []
+    for name in _layer_names(model.layout):
+        output = outputs[name]
+        output = output["__call__"] if isinstance(output, dict) else output
+        params_here = count_params(params[name]) if name in params else 0
+        rows.append(LayerRow(name, tuple(output[0].shape), params_here))
+    return rows
+
+
+def _layer_names(layout: Layout) -> list[str]:
+    names = []
+    for block_index, block in enumerate(layout, start=1):
+        convs = 0
+        for spec in block:
+            if spec == LRN:
+                names.append(f"block{block_index}_lrn")
+            else:
+                convs += 1
+                names.append(f"block{block_index}_conv{convs}")
+        names.append(f"block{block_index}_pool")
+    return names + ["fc1", "fc2", "fc3"]
+
+
+def format_summary(model: VGG, name: str) -> str:
+    """The ``--mode=summary`` text; its last line is ``total parameters: N``."""
+    rows = layer_table(model)
+    lines = [f"VGG configuration {name}: input (1, {model.crop_size}, {model.crop_size}, 3)"]
+    lines.append(f"{'layer':<16}{'output shape':<24}{'parameters':>14}")
+    for row in rows:
+        lines.append(f"{row.name:<16}{str(row.output_shape):<24}{row.params:>14,}")
+    lines.append(f"total parameters: {count_params(abstract_params(model))}")
+    return "\n".join(lines)
