@@ -115,6 +115,21 @@ class DenseFormTest(absltest.TestCase):
                 np.testing.assert_allclose(score_map[:, i, j], expected, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(scores, score_map.mean((1, 2)), rtol=1e-6)
 
+    def test_padded_image_with_sizes_equals_unpadded(self):
+        model = tiny("A", crop_size=64)
+        params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+        images = jax.random.normal(jax.random.key(3), (2, 75, 101, 3))
+        score_map, scores = model.apply({"params": params}, images, method="dense")
+        # Pad into a larger bucket; garbage in the padding must not leak in.
+        padded = jnp.full((2, 128, 160, 3), 7.0).at[:, :75, :101].set(images)
+        sizes = jnp.array([[75, 101], [75, 101]])
+        padded_map, padded_scores = model.apply({"params": params}, padded, sizes, method="dense")
+        self.assertEqual(score_map.shape, (2, 1, 2, 5))
+        np.testing.assert_allclose(padded_map[:, :1, :2], score_map, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(padded_scores, scores, rtol=1e-5, atol=1e-6)
+        unmasked = model.apply({"params": params}, padded, method="dense")[1]
+        self.assertFalse(np.allclose(unmasked, scores, rtol=1e-3))
+
     def test_one_parameter_tree(self):
         images = jnp.zeros((1, 64, 96, 3))
         variables = self.model.init(jax.random.key(0), images, fully_convolutional=True)

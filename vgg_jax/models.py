@@ -100,6 +100,18 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
 
 
+def valid_mask(sizes: jax.Array, height: int, width: int) -> jax.Array:
+    """``(N, height, width, 1)`` mask, 1 inside each image's valid ``(h, w)`` top-left region."""
+    rows = jnp.arange(height)[None, :] < sizes[:, :1]
+    cols = jnp.arange(width)[None, :] < sizes[:, 1:2]
+    return (rows[:, :, None] & cols[:, None, :])[..., None]
+
+
+def score_map_size(sizes: jax.Array, window: int) -> jax.Array:
+    """Valid score-map size for images of ``sizes`` (h, w): five halvings, then FC1's window."""
+    return sizes // 2**NUM_POOLS - window + 1
+
+
 class WindowDense(nn.Module):
     """FC1: a dense layer over a ``window x window`` feature map that can also slide as a conv.
 
@@ -160,8 +172,18 @@ class VGG(nn.Module):
     initializer: str = "paper_normal"
     init_std: float = 0.01
 
-    def _conv_features(self, x: jax.Array) -> jax.Array:
+    def _conv_features(self, x: jax.Array, sizes: jax.Array | None) -> jax.Array:
+        """The conv stack. With ``sizes`` (valid (h, w) of top-left-aligned, zero-padded images)
+        every activation outside the valid region is zeroed, so the valid part equals what the
+        unpadded image gives: the padding acts exactly like the convs' own zero padding."""
+
+        def masked(x, sizes):
+            if sizes is None:
+                return x
+            return x * valid_mask(sizes, x.shape[1], x.shape[2]).astype(x.dtype)
+
         kernel_init = kernel_initializer(self.initializer, self.init_std)
+        x = masked(x, sizes)
         for block_index, block in enumerate(self.layout, start=1):
             conv_index = 0
             for spec in block:
@@ -181,18 +203,25 @@ class VGG(nn.Module):
                     bias_init=nn.initializers.zeros,
                     name=f"block{block_index}_conv{conv_index}",
                 )(x)
-                x = nn.relu(x)
+                x = masked(nn.relu(x), sizes)
             x = max_pool_2x2(x)
+            sizes = None if sizes is None else sizes // 2
+            x = masked(x, sizes)
             self.sow("intermediates", f"block{block_index}_pool", x)
         return x
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, train: bool = False, fully_convolutional: bool = False
+        self,
+        x: jax.Array,
+        train: bool = False,
+        fully_convolutional: bool = False,
+        sizes: jax.Array | None = None,
     ) -> jax.Array:
         """Classifier logits ``(N, classes)``, or the score map ``(N, h, w, classes)``.
 
         ``fully_convolutional=True`` is the dense-evaluation form (no dropout); prefer ``dense``.
+        ``sizes``: see ``_conv_features``.
         """
         kernel_init = kernel_initializer(self.initializer, self.init_std)
         dense = dict(
@@ -201,7 +230,7 @@ class VGG(nn.Module):
             kernel_init=kernel_init,
             bias_init=nn.initializers.zeros,
         )
-        x = self._conv_features(jnp.asarray(x, self.dtype))
+        x = self._conv_features(jnp.asarray(x, self.dtype), sizes)
         window = self.crop_size // 2**NUM_POOLS
         x = WindowDense(
             self.fc_width,
@@ -218,14 +247,24 @@ class VGG(nn.Module):
         x = nn.Dense(self.num_classes, name="fc3", **dense)(x)
         return x.astype(jnp.float32)
 
-    def dense(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def dense(
+        self, images: jax.Array, sizes: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """Dense evaluation: ``(score_map (N, h, w, classes), its spatial average (N, classes))``.
 
         Images may be any size at least the crop size. The average is of the class scores, as the
-        paper's "spatially averaged (sum-pooled)" class score map; softmax comes after.
+        paper's "spatially averaged (sum-pooled)" class score map; softmax comes after. Images of
+        different sizes can share a batch: zero-pad each at its bottom and right into one shape and
+        pass their valid ``sizes`` ``(N, 2)``; the average then covers only each image's own cells
+        and equals that of the unpadded image.
         """
-        score_map = self(images, train=False, fully_convolutional=True)
-        return score_map, score_map.mean(axis=(1, 2))
+        score_map = self(images, train=False, fully_convolutional=True, sizes=sizes)
+        if sizes is None:
+            return score_map, score_map.mean(axis=(1, 2))
+        cells = score_map_size(sizes, self.crop_size // 2**NUM_POOLS)
+        mask = valid_mask(cells, score_map.shape[1], score_map.shape[2])
+        total = jnp.sum(score_map * mask, axis=(1, 2))
+        return score_map, total / jnp.maximum(jnp.prod(cells, axis=-1, keepdims=True), 1)
 
 
 def build_model(model_config: ml_collections.ConfigDict, crop_size: int) -> VGG:
