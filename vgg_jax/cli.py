@@ -59,7 +59,11 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> No
     if workdir is None:
         sys.exit(f"--mode={mode} needs --workdir (where checkpoints and results go).")
     logging.info("mode=%s workdir=%s", mode, workdir)
-    sys.exit(
-        f"--mode={mode} is not implemented yet: training comes with issue #4 and the evaluator "
-        "with issue #5. --mode=summary works today."
-    )
+    if mode in ("train", "train_and_evaluate"):
+        from vgg_jax import train
+
+        train.train(config, workdir)
+    if mode in ("evaluate", "train_and_evaluate"):
+        from vgg_jax import evaluate
+
+        evaluate.run_evaluation(config, workdir)

@@ -1,0 +1,62 @@
+"""Initialising a net from another run's checkpoint, as the paper does (section 3.1).
+
+``shallow``: the paper trains net A from random init, then starts the deeper nets with "the first
+four convolutional layers and the last three fully-connected layers" of net A, the rest random.
+A's first four convs (64, 128, 256, 256 channels) only fit the deeper nets' layers of the same
+names (``block1_conv1``, ``block2_conv1``, ``block3_conv1``, ``block3_conv2``: the first conv of
+blocks 1-2 and the first two of block 3), so that is where they go; FC1-FC3 copy across unchanged.
+
+``full``: every layer from a run of the same net, for the paper's scale fine-tuning (the S=384 net
+from the S=256 net, the jittered net from the S=384 net), with the config's lower learning rate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from vgg_jax import checkpoint
+
+MODES = ("none", "shallow", "full")
+SHALLOW_LAYERS = (
+    "block1_conv1",
+    "block2_conv1",
+    "block3_conv1",
+    "block3_conv2",
+    "fc1",
+    "fc2",
+    "fc3",
+)
+
+
+def initial_params(init_config: ml_collections.ConfigDict, fresh: dict[str, Any]) -> dict[str, Any]:
+    """``fresh`` (a new net's params) with the layers ``init_from`` names replaced.
+
+    Shardings and dtypes of ``fresh`` are kept; a layer whose shape differs fails loudly.
+    """
+    if init_config.mode not in MODES:
+        raise ValueError(f"Unknown init_from.mode {init_config.mode!r}; valid: {list(MODES)}")
+    if init_config.mode == "none":
+        return fresh
+    if not init_config.workdir:
+        raise ValueError(f"init_from.mode={init_config.mode!r} needs init_from.workdir.")
+    which = "latest" if init_config.step is None else init_config.step
+    source, _, _ = checkpoint.restore_params(init_config.workdir, which)
+    names = SHALLOW_LAYERS if init_config.mode == "shallow" else tuple(fresh)
+    missing = [n for n in names if n not in source or n not in fresh]
+    if missing:
+        raise ValueError(f"init_from {init_config.workdir}: layers {missing} not in both nets.")
+    params = dict(fresh)
+    for name in names:
+        params[name] = jax.tree_util.tree_map(_copy_into, fresh[name], source[name])
+    return params
+
+
+def _copy_into(target: jax.Array, value: Any) -> jax.Array:
+    value = np.asarray(value)
+    if value.shape != target.shape:
+        raise ValueError(f"Shape {value.shape} does not fit {target.shape}; widths must match.")
+    return jax.device_put(value.astype(target.dtype), target.sharding)

@@ -1,0 +1,51 @@
+"""Where training figures go: TensorBoard event files, a JSON-lines log, and a console line.
+
+Only process 0 writes. TensorBoard goes through ``tf.summary`` when TensorFlow is importable (it
+is a project dependency, but the model and step run without it, e.g. on a GPU box with JAX only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+from absl import logging
+
+
+class MetricWriter:
+    def __init__(self, workdir: str, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._tb = None
+        self._jsonl = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        try:
+            import tensorflow as tf
+
+            self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+        except ImportError:
+            logging.warning("TensorFlow not importable: no TensorBoard events, metrics.jsonl only.")
+
+    def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        values = {k: float(v) for k, v in scalars.items()}
+        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            import tensorflow as tf
+
+            with self._tb.as_default(step=step):
+                for name, value in values.items():
+                    tf.summary.scalar(name, value)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
