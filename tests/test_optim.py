@@ -1,0 +1,88 @@
+"""The paper's optimiser (SGD, momentum, L2 on kernels) and the plateau learning-rate rule."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl.testing import absltest
+
+from experiments import common
+from vgg_jax import optim
+
+
+def schedule(**overrides):
+    config = common.schedule_config()
+    config.update(overrides)
+    return config
+
+
+class PlateauTest(absltest.TestCase):
+    def test_lowers_exactly_after_patience_and_at_most_three_times(self):
+        config = schedule(plateau_patience=2, plateau_max_decays=3)
+        state = optim.PlateauState()
+        history = []
+        # Improves twice, then never again: decays after every 2 flat validations, 3 times only.
+        for accuracy in [0.1, 0.2] + [0.2] * 10:
+            state = optim.update_plateau(state, accuracy, config)
+            history.append(state.decays)
+        self.assertEqual(history, [0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 3, 3])
+        rates = [
+            optim.learning_rate(0, optim.PlateauState(decays=d), 1e-2, config, 10) for d in range(4)
+        ]
+        np.testing.assert_allclose(rates, [1e-2, 1e-3, 1e-4, 1e-5])
+
+    def test_improvement_resets_patience(self):
+        config = schedule(plateau_patience=2)
+        state = optim.PlateauState()
+        for accuracy in [0.5, 0.4, 0.6, 0.5, 0.7, 0.6]:
+            state = optim.update_plateau(state, accuracy, config)
+        self.assertEqual(state.decays, 0)
+        self.assertEqual(state.best, 0.7)
+
+    def test_state_round_trips_through_json_meta(self):
+        for state in (optim.PlateauState(), optim.PlateauState(0.25, 1, 2)):
+            self.assertEqual(optim.PlateauState.from_dict(state.to_dict()), state)
+
+    def test_warmup_and_cosine(self):
+        config = schedule(kind="cosine", num_epochs=10, warmup_epochs=1)
+        plateau = optim.PlateauState()
+        lr = lambda step: optim.learning_rate(step, plateau, 0.1, config, 100)  # noqa: E731
+        self.assertAlmostEqual(lr(0), 0.1 / 100)
+        self.assertAlmostEqual(lr(99), 0.1)
+        self.assertAlmostEqual(lr(100 + 450), 0.05)
+        self.assertAlmostEqual(lr(1000), 0.0)
+
+    def test_unknown_schedule(self):
+        with self.assertRaisesRegex(ValueError, "plateau"):
+            optim.validate_schedule(schedule(kind="step"))
+
+
+class OptimizerTest(absltest.TestCase):
+    def test_l2_on_kernels_added_to_gradient_before_momentum(self):
+        config = ml_collections.ConfigDict(dict(learning_rate=0.1, momentum=0.9, weight_decay=0.5))
+        tx = optim.make_optimizer(config)
+        params = {"conv": {"kernel": jnp.array([2.0]), "bias": jnp.array([2.0])}}
+        grads = {"conv": {"kernel": jnp.array([1.0]), "bias": jnp.array([1.0])}}
+        state = tx.init(params)
+        first, state = tx.update(grads, state, params)
+        # kernel: g + wd * w = 1 + 0.5 * 2 = 2; bias: no decay.
+        self.assertEqual(float(first["conv"]["kernel"][0]), 2.0)
+        self.assertEqual(float(first["conv"]["bias"][0]), 1.0)
+        second, _ = tx.update(grads, state, params)
+        self.assertAlmostEqual(float(second["conv"]["kernel"][0]), 0.9 * 2.0 + 2.0)
+        self.assertAlmostEqual(float(second["conv"]["bias"][0]), 1.9, places=6)
+
+    def test_kernel_mask(self):
+        params = {"fc1": {"kernel": 1, "bias": 2}, "block1_conv1": {"kernel": 3, "bias": 4}}
+        mask = optim.kernel_mask(jax.tree_util.tree_map(jnp.asarray, params))
+        self.assertEqual(
+            mask,
+            {
+                "fc1": {"kernel": True, "bias": False},
+                "block1_conv1": {"kernel": True, "bias": False},
+            },
+        )
+
+
+if __name__ == "__main__":
+    absltest.main()

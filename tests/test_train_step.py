@@ -1,0 +1,80 @@
+"""The jitted train step on 1, 4 and 2x2 (data x model) CPU devices gives the same parameters."""
+
+import jax
+import ml_collections
+import numpy as np
+from absl.testing import absltest
+from jax.sharding import PartitionSpec as P
+
+from experiments import common
+from vgg_jax import models, optim, sharding, train
+
+
+def tiny_model_config():
+    config = common.model_config("B")
+    config.update(dict(num_classes=5, width=1 / 16, fc_width=16, init="glorot"))
+    return config
+
+
+def synthetic_batches(count, batch_size=8, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
+            "label": rng.integers(0, 5, batch_size).astype(np.int32),
+        }
+        for _ in range(count)
+    ]
+
+
+def train_steps(data: int, model: int, steps: int = 3):
+    mesh_config = ml_collections.ConfigDict(dict(data=data, model=model))
+    mesh = sharding.make_mesh(mesh_config, jax.devices()[: data * model])
+    net = models.build_model(tiny_model_config(), crop_size=32)
+    tx = optim.make_optimizer(common.optim_config())
+    state, shardings = train.create_train_state(net, tx, mesh, seed=0)
+    step = train.make_train_step(net, tx, mesh, shardings, seed=0)
+    losses = []
+    for batch in synthetic_batches(steps):
+        state, sums = step(state, sharding.global_batch(batch, mesh), np.float32(0.05))
+        losses.append(float(sums["loss_sum"]))
+    return state, losses
+
+
+class ShardedStepTest(absltest.TestCase):
+    def test_same_parameters_on_every_mesh(self):
+        self.assertGreaterEqual(jax.device_count(), 4, "tests/conftest.py sets 4 CPU devices")
+        reference, reference_losses = train_steps(1, 1)
+        self.assertEqual(int(reference.step), 3)
+        for data, model in ((4, 1), (2, 2)):
+            state, losses = train_steps(data, model)
+            np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+            jax.tree_util.tree_map(
+                lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                jax.device_get(state.params),
+                jax.device_get(reference.params),
+            )
+            if model == 2:
+                self.assertEqual(state.params["fc1"]["kernel"].sharding.spec, P(None, "model"))
+                self.assertEqual(state.params["fc2"]["kernel"].sharding.spec, P("model", None))
+                momentum = state.opt_state[1].trace["fc1"]["kernel"]
+                self.assertEqual(momentum.sharding.spec, P(None, "model"))
+        # The step trained: parameters moved from their initial values.
+        net = models.build_model(tiny_model_config(), crop_size=32)
+        mesh = sharding.make_mesh(
+            ml_collections.ConfigDict(dict(data=1, model=1)), jax.devices()[:1]
+        )
+        fresh, _ = train.create_train_state(
+            net, optim.make_optimizer(common.optim_config()), mesh, 0
+        )
+        self.assertFalse(
+            np.allclose(fresh.params["fc3"]["kernel"], reference.params["fc3"]["kernel"])
+        )
+
+    def test_mesh_must_match_devices(self):
+        with self.assertRaisesRegex(ValueError, "does not match"):
+            sharding.make_mesh(ml_collections.ConfigDict(dict(data=3, model=1)), jax.devices()[:4])
+
+
+if __name__ == "__main__":
+    absltest.main()
