@@ -18,11 +18,23 @@ from vgg_jax import cli
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:argument].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 _MODE = flags.DEFINE_enum("mode", "train_and_evaluate", cli.MODES, "What to run.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (multi-host; auto-detects TPU/SLURM)."
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0, for jax.distributed without auto-detection.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _DISTRIBUTED.value or _COORDINATOR.value:
+        cli.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     cli.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
 
 

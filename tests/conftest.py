@@ -5,3 +5,8 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# absltest's helpers (create_tempdir and friends) read absl flags; pytest does not parse them.
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()

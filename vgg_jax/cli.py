@@ -49,6 +49,23 @@ def _unknown_key_message(argv: list[str]) -> str | None:
     return None
 
 
+def initialize_distributed(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> None:
+    """Joins a multi-process JAX job (``jax.distributed``; JAX's own runtime, no custom launcher).
+
+    With no arguments JAX detects TPU pods, SLURM and similar clusters itself. On CPU the
+    collectives go through gloo, so the same command also runs several processes on one machine.
+    """
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
+    logging.info("Process %d of %d", jax.process_index(), jax.process_count())
+
+
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> None:
     if mode == "summary":
         from vgg_jax import models

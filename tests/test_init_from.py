@@ -1,0 +1,80 @@
+"""init_from: the paper's shallow-net initialisation and the scale fine-tune initialisation."""
+
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest
+
+from experiments import common, vgg16
+from vgg_jax import checkpoint, init_from, models
+
+
+def tiny(name):
+    config = common.model_config(name)
+    config.update(dict(num_classes=5, width=1 / 16, fc_width=16, init="glorot"))
+    return models.build_model(config, crop_size=32)
+
+
+def init(model, seed):
+    return model.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)))["params"]
+
+
+class InitFromTest(absltest.TestCase):
+    def setUp(self):
+        self.workdir = self.create_tempdir().full_path
+        self.net_a = init(tiny("A"), seed=1)
+        checkpoint.save_params(self.workdir, self.net_a, step=7)
+
+    def test_shallow_copies_first_four_convs_and_fcs_of_net_a(self):
+        fresh = init(tiny("D"), seed=2)
+        config = common.paper_config("D", None).init_from
+        config.update(dict(mode="shallow", workdir=self.workdir))
+        params = init_from.initial_params(config, fresh)
+        copied = set(init_from.SHALLOW_LAYERS)
+        self.assertLen(copied, 7)
+        for name in params:
+            expected = self.net_a[name] if name in copied else fresh[name]
+            jax.tree_util.tree_map(np.testing.assert_array_equal, params[name], expected)
+        # The fresh layers really are different from anything in net A.
+        self.assertFalse(
+            np.allclose(
+                params["block1_conv2"]["kernel"], fresh["block2_conv1"]["kernel"][:, :, :, :4]
+            )
+        )
+        self.assertIn("block1_conv2", params)
+        self.assertNotIn("block1_conv2", self.net_a)
+
+    def test_full_loads_every_layer_and_fine_tune_lowers_the_rate(self):
+        fresh = init(tiny("A"), seed=3)
+        config = vgg16.get_config("s384")
+        self.assertEqual(config.init_from.mode, "full")
+        self.assertEqual(config.optim.learning_rate, 1e-3)
+        self.assertEqual(vgg16.get_config("s256").optim.learning_rate, 1e-2)
+        config.init_from.workdir = self.workdir
+        params = init_from.initial_params(config.init_from, fresh)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, params, self.net_a)
+
+    def test_errors_name_the_problem(self):
+        config = common.paper_config("D", None).init_from
+        config.mode = "deep"
+        with self.assertRaisesRegex(ValueError, "shallow"):
+            init_from.initial_params(config, {})
+        config.mode = "full"
+        with self.assertRaisesRegex(ValueError, "workdir"):
+            init_from.initial_params(config, {})
+        config.workdir = tempfile.mkdtemp()
+        with self.assertRaisesRegex(FileNotFoundError, "checkpoints"):
+            init_from.initial_params(config, {})
+        config.workdir = self.workdir
+        wider = init(
+            models.VGG(models.LAYOUTS["A"], num_classes=5, crop_size=32, width=1 / 8, fc_width=16),
+            0,
+        )
+        with self.assertRaisesRegex(ValueError, "widths must match"):
+            init_from.initial_params(config, wider)
+
+
+if __name__ == "__main__":
+    absltest.main()
