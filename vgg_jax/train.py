@@ -154,6 +154,20 @@ class _StopSignal:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+def _prepare_data_once(config: ml_collections.ConfigDict) -> None:
+    """Process 0 prepares the dataset first, so processes sharing a filesystem do not race."""
+    from vgg_jax import data
+
+    if jax.process_index() == 0:
+        data.prepare(config)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("vgg_jax: data prepared")
+        if jax.process_index() != 0:
+            data.prepare(config)
+
+
 def _check_config(config: ml_collections.ConfigDict, num_classes: int) -> None:
     optim.validate_schedule(config.schedule)
     if config.model.num_classes != num_classes:
@@ -168,7 +182,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     final state. Validation runs every ``evals.every_epochs`` epochs and drives the plateau rule."""
     from vgg_jax import data
 
-    data.prepare(config)
+    _prepare_data_once(config)
     info = data.dataset_info(config)
     _check_config(config, info.num_classes)
     steps_per_epoch = data.steps_per_epoch(config)
