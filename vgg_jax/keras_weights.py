@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from vgg_jax import models
+from vgg_jax import conventions, models
 
 # Keras builds only configurations D and E; the number of conv layers tells them apart.
 KERAS_NETS = {13: ("D", "VGG16"), 16: ("E", "VGG19")}
 
-KERAS_INPUT = dict(channel_order="BGR", pixel_range=255.0, mean=(103.939, 116.779, 123.68))
+# Caffe's convention: BGR, 0-255, mean [103.939, 116.779, 123.68] subtracted, std 1.
+KERAS_INPUT = conventions.CAFFE
 
 
 def params_from_keras_model(keras_model: Any) -> tuple[str, dict[str, Any]]:

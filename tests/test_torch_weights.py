@@ -1,0 +1,237 @@
+"""torchvision import: .pth files read without PyTorch, logits equal to an NCHW reference."""
+
+import collections
+import os
+import pickle
+import struct
+import zipfile
+
+import jax
+import numpy as np
+from absl.testing import absltest, parameterized
+
+from vgg_jax import conventions, models, torch_weights
+
+TINY = dict(width=1 / 16, fc_width=32, num_classes=10)  # full depth and 224 crop, thin layers
+
+
+def torchvision_state_dict(net, rng, width=1.0, fc_width=4096, num_classes=1000, fill=None):
+    """A state dict with torchvision's key names and shapes for ``net``, made here from Table 1
+    (not through vgg_jax's converter); ``fill(shape)`` makes the values."""
+    fill = fill or (lambda shape: rng.normal(0, 0.1, shape).astype(np.float32))
+    state_dict, channels, index = collections.OrderedDict(), 3, 0
+    for block in models.LAYOUTS[net]:
+        for out in block:
+            out = max(1, round(out * width))
+            state_dict[f"features.{index}.weight"] = fill((out, channels, 3, 3))
+            state_dict[f"features.{index}.bias"] = fill((out,))
+            channels, index = out, index + 2  # Conv2d, ReLU
+        index += 1  # MaxPool2d
+    inputs = channels * 7 * 7
+    for index, outputs in ((0, fc_width), (3, fc_width), (6, num_classes)):
+        state_dict[f"classifier.{index}.weight"] = fill((outputs, inputs))
+        state_dict[f"classifier.{index}.bias"] = fill((outputs,))
+        inputs = outputs
+    return state_dict
+
+
+def reference_logits(state_dict, images_nchw):
+    """torchvision's VGG forward in float64 NumPy, NCHW throughout: 3x3 convs (cross-correlation,
+    padding 1), ReLU, 2x2 max-pools, flatten in (C, H, W) order, then the classifier."""
+    x = images_nchw.astype(np.float64)
+    convs = sorted({int(k.split(".")[1]) for k in state_dict if k.startswith("features.")})
+    index = 0
+    while index <= convs[-1] + 2:  # the last max-pool follows the last conv's ReLU
+        if index in convs:
+            weight = state_dict[f"features.{index}.weight"].astype(np.float64)
+            bias = state_dict[f"features.{index}.bias"].astype(np.float64)
+            padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+            height, width = x.shape[2:]
+            out = sum(
+                np.einsum(
+                    "nchw,oc->nohw",
+                    padded[:, :, dy : dy + height, dx : dx + width],
+                    weight[:, :, dy, dx],
+                    optimize=True,
+                )
+                for dy in range(3)
+                for dx in range(3)
+            )
+            x = np.maximum(out + bias[None, :, None, None], 0)
+            index += 2
+        else:  # a max-pool
+            n, c, h, w = x.shape
+            x = x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
+            index += 1
+    x = x.reshape(x.shape[0], -1)  # (C, H, W) order, as torch.flatten
+    for layer in (0, 3, 6):
+        weight = state_dict[f"classifier.{layer}.weight"].astype(np.float64)
+        x = x @ weight.T + state_dict[f"classifier.{layer}.bias"]
+        if layer != 6:
+            x = np.maximum(x, 0)
+    return x
+
+
+def write_legacy_pth(path, state_dict):
+    """The pre-1.6 ``torch.save`` stream that torchvision's download files use: magic number,
+    protocol version, sys info, the pickle, the storage keys, then each storage's bytes."""
+    data_pkl, storages = torch_weights.pickle_state_dict(state_dict)
+    with open(path, "wb") as f:
+        for header in (
+            torch_weights.LEGACY_MAGIC_NUMBER,
+            torch_weights.LEGACY_PROTOCOL_VERSION,
+            dict(protocol_version=1001, little_endian=True, type_sizes=dict(short=2, int=4)),
+        ):
+            pickle.dump(header, f, protocol=2)
+        f.write(data_pkl)
+        pickle.dump([str(k) for k in range(len(storages))], f, protocol=2)
+        for array in storages:
+            f.write(struct.pack("<q", array.size) + array.tobytes())
+
+
+class TorchvisionImportTest(parameterized.TestCase):
+    @parameterized.parameters("D", "E")
+    def test_logits_match_nchw_reference(self, net):
+        rng = np.random.default_rng(0)
+        state_dict = torchvision_state_dict(net, rng, **TINY)
+        path = os.path.join(self.create_tempdir().full_path, "vgg.pth")
+        torch_weights.save_pth(path, state_dict)
+        imported_net, params = torch_weights.load_torchvision_weights(path)
+        self.assertEqual(imported_net, net)
+
+        pixels = rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)  # RGB, NHWC
+        # torchvision's preprocessing, written out: ToTensor then Normalize, in NCHW.
+        mean, std = np.array(conventions.TORCHVISION["mean"]), np.array([0.229, 0.224, 0.225])
+        nchw = ((pixels / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+        expected = reference_logits(state_dict, nchw)
+
+        model = models.VGG(models.LAYOUTS[net], **TINY)
+        images = conventions.normalize(pixels, torch_weights.TORCHVISION_INPUT)
+        logits = np.asarray(jax.jit(model.apply)({"params": params}, images))
+        scale = np.abs(expected).max()
+        self.assertGreater(scale, 1e-3)
+        self.assertLess(np.abs(logits - expected).max() / scale, 1e-4)
+        # The two images score differently: a wrong permutation could not pass by symmetry.
+        self.assertGreater(np.abs(expected[0] - expected[1]).max(), 1e-3 * scale)
+
+    @parameterized.parameters("D", "E")
+    def test_full_size_shapes_and_fc1_permutation(self, net):
+        rng = np.random.default_rng(1)
+        state_dict = torchvision_state_dict(net, rng, fill=lambda shape: np.zeros(shape, "f4"))
+        fc1 = rng.standard_normal((4096, 512 * 7 * 7), dtype=np.float32)
+        state_dict["classifier.0.weight"] = fc1
+        imported_net, params = torch_weights.params_from_state_dict(state_dict)
+        self.assertEqual(imported_net, net)
+        expected = models.abstract_params(models.VGG(models.LAYOUTS[net]))
+        self.assertEqual(
+            jax.tree_util.tree_map(np.shape, params), jax.tree_util.tree_map(np.shape, expected)
+        )
+        # vgg_jax row (h, w, c) of FC1 is torchvision column (c, h, w).
+        h, w, c = rng.integers(0, 7, 100), rng.integers(0, 7, 100), rng.integers(0, 512, 100)
+        out = rng.integers(0, 4096, 100)
+        np.testing.assert_array_equal(
+            params["fc1"]["kernel"][(h * 7 + w) * 512 + c, out], fc1[out, c * 49 + h * 7 + w]
+        )
+
+    @parameterized.parameters("A", "B", "D", "E")
+    def test_inverse_conversion_round_trips(self, net):
+        state_dict = torchvision_state_dict(net, np.random.default_rng(2), **TINY)
+        imported_net, params = torch_weights.params_from_state_dict(state_dict)
+        self.assertEqual(imported_net, net)
+        back = torch_weights.state_dict_from_params(net, params)
+        self.assertEqual(list(back), list(state_dict))
+        for key, value in state_dict.items():
+            np.testing.assert_array_equal(back[key], value)
+
+    def test_zip_and_legacy_files_read_back_exactly(self):
+        rng = np.random.default_rng(3)
+        state_dict = torchvision_state_dict("A", rng, **TINY)
+        state_dict["features.0.bias"] = state_dict["features.0.bias"].astype(np.float16)
+        tmp = self.create_tempdir().full_path
+        for name, write in (("zip.pth", torch_weights.save_pth), ("legacy.pth", write_legacy_pth)):
+            path = os.path.join(tmp, name)
+            write(path, state_dict)
+            loaded = torch_weights.read_pth(path)
+            self.assertEqual(list(loaded), list(state_dict))
+            for key, value in state_dict.items():
+                self.assertEqual(loaded[key].dtype, value.dtype)
+                np.testing.assert_array_equal(loaded[key], value)
+        with zipfile.ZipFile(os.path.join(tmp, "zip.pth")) as archive:
+            self.assertIn("archive/data.pkl", archive.namelist())
+            self.assertIn("archive/data/0", archive.namelist())
+
+    def test_strided_tensor_is_rebuilt_from_its_storage(self):
+        """A tensor saved as a view (a transposed weight, an offset slice) keeps its values."""
+        storage = torch_weights._StorageRef("0", np.dtype("float32"), 12)
+        values = np.arange(12, dtype=np.float32)
+        transposed = torch_weights._TensorRef(storage, 0, (4, 3), (1, 4))
+        sliced = torch_weights._TensorRef(storage, 5, (3,), (2,))
+        np.testing.assert_array_equal(
+            torch_weights._tensor_array(transposed, values), values.reshape(3, 4).T
+        )
+        np.testing.assert_array_equal(torch_weights._tensor_array(sliced, values), [5, 7, 9])
+        outside = torch_weights._TensorRef(storage, 4, (3, 4), (4, 1))
+        with self.assertRaisesRegex(ValueError, "outside its storage"):
+            torch_weights._tensor_array(outside, values)
+
+    def test_refuses_batch_norm_nets_and_foreign_pickles(self):
+        state_dict = torchvision_state_dict("D", np.random.default_rng(4), **TINY)
+        state_dict["features.1.running_mean"] = np.zeros(4, np.float32)
+        with self.assertRaisesRegex(ValueError, "vgg\\*_bn"):
+            torch_weights.params_from_state_dict(state_dict)
+        state_dict = torchvision_state_dict("D", np.random.default_rng(4), **TINY)
+        del state_dict["features.0.weight"], state_dict["features.0.bias"]
+        with self.assertRaisesRegex(ValueError, "12 conv layers"):
+            torch_weights.params_from_state_dict(state_dict)
+
+        path = os.path.join(self.create_tempdir().full_path, "model.pth")
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("archive/data.pkl", pickle.dumps(collections.Counter(), protocol=2))
+        with self.assertRaisesRegex(pickle.UnpicklingError, "collections.Counter"):
+            torch_weights.read_pth(path)
+        with open(path, "wb") as f:
+            f.write(b"not a torch file")
+        with self.assertRaisesRegex(ValueError, "not a file written by torch.save"):
+            torch_weights.read_pth(path)
+
+    def test_nested_and_data_parallel_state_dicts(self):
+        state_dict = torchvision_state_dict("A", np.random.default_rng(5), **TINY)
+        wrapped = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state_dict.items()}}
+        net, params = torch_weights.params_from_state_dict(wrapped)
+        _, direct = torch_weights.params_from_state_dict(state_dict)
+        self.assertEqual(net, "A")
+        jax.tree_util.tree_map(np.testing.assert_array_equal, params, direct)
+
+
+class WithPyTorchTest(absltest.TestCase):
+    """Only where PyTorch happens to be installed (it is no dependency): the files are the ones
+    torch itself reads and writes."""
+
+    def setUp(self):
+        try:
+            import torch
+        except ImportError:
+            self.skipTest("PyTorch is not installed")
+        self.torch = torch
+
+    def test_torch_reads_our_files_and_we_read_its_files(self):
+        torch = self.torch
+        state_dict = torchvision_state_dict("A", np.random.default_rng(6), **TINY)
+        tmp = self.create_tempdir().full_path
+        ours = os.path.join(tmp, "ours.pth")
+        torch_weights.save_pth(ours, state_dict)
+        loaded = torch.load(ours, weights_only=True)
+        for key, value in state_dict.items():
+            np.testing.assert_array_equal(loaded[key].numpy(), value)
+        tensors = collections.OrderedDict((k, torch.from_numpy(v)) for k, v in state_dict.items())
+        tensors["classifier.6.weight"] = tensors["classifier.6.weight"].t().contiguous().t()
+        for legacy in (False, True):
+            path = os.path.join(tmp, f"torch_{legacy}.pth")
+            torch.save(tensors, path, _use_new_zipfile_serialization=not legacy)
+            read = torch_weights.read_pth(path)
+            for key, value in state_dict.items():
+                np.testing.assert_array_equal(read[key], value)
+
+
+if __name__ == "__main__":
+    absltest.main()

@@ -1,0 +1,418 @@
+"""Import of torchvision ``vgg11/13/16/19`` state dicts (``.pth``) without PyTorch.
+
+A ``.pth`` written by ``torch.save`` is a pickle whose tensors point at raw storages. Two layouts
+exist: the zip archive of PyTorch >= 1.6 (``<name>/data.pkl`` plus ``<name>/data/<key>``, one file
+per storage) and the legacy stream that torchvision's own download files still use (magic number,
+then the pickle, then every storage's bytes in key order). Both are read here by a restricted
+unpickler that knows only the few names a state dict of tensors uses and rebuilds each tensor as a
+NumPy array; anything else in the file (a pickled ``nn.Module``, code) is refused.
+
+torchvision's VGG is NCHW: conv weights are ``(out, in, kh, kw)`` (OIHW), linear weights
+``(out, in)``, and FC1's input is the last conv map flattened in (C, H, W) order. vgg_jax is
+NHWC: kernels are HWIO and FC1's rows are in (H, W, C) order, so FC1 is permuted, not just
+transposed. torchvision's ``vgg*_bn`` nets (batch norm after each conv) are not the paper's nets
+and are refused. The weights expect ``TORCHVISION_INPUT``.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pickle
+import re
+import struct
+import sys
+import zipfile
+from collections.abc import Callable, Mapping
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from vgg_jax import conventions, models
+
+TORCHVISION_INPUT = conventions.TORCHVISION
+
+# torchvision name per paper net: the number of convs tells them apart (no C in torchvision).
+TORCHVISION_NETS = {"A": "vgg11", "B": "vgg13", "D": "vgg16", "E": "vgg19"}
+CLASSIFIER_INDICES = (0, 3, 6)  # Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear
+LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL_VERSION = 1001
+
+_STORAGE_DTYPES = {
+    "FloatStorage": "float32",
+    "DoubleStorage": "float64",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",  # registered with NumPy by ml_dtypes, which JAX imports
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading ``.pth`` files.
+
+
+class _StorageType:
+    """Stands for ``torch.FloatStorage`` and friends while unpickling."""
+
+    def __init__(self, name: str):
+        import ml_dtypes  # noqa: F401  (makes np.dtype("bfloat16") known)
+
+        self.name = name
+        self.dtype = np.dtype(_STORAGE_DTYPES[name])
+
+
+class _StorageRef:
+    """A storage named in the pickle; its bytes are read once the pickle is done (the legacy
+    format stores them after it)."""
+
+    def __init__(self, key: str, dtype: np.dtype, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorRef:
+    def __init__(self, storage: _StorageRef, offset: int, size: tuple, stride: tuple):
+        self.storage, self.offset = storage, int(offset)
+        self.size, self.stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *_) -> _TensorRef:
+    return _TensorRef(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, *_) -> _TensorRef:
+    return data
+
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+}
+
+
+class _StateDictUnpickler(pickle.Unpickler):
+    """Unpickles a state dict of tensors into ``_TensorRef`` leaves, refusing anything else."""
+
+    def __init__(self, file: BinaryIO, source: str):
+        super().__init__(file)
+        self.source = source
+        self.storages: dict[str, _StorageRef] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return _ALLOWED_GLOBALS[module, name]
+        if module in ("torch", "torch.cuda") and name in _STORAGE_DTYPES:
+            return _StorageType(name)
+        raise pickle.UnpicklingError(
+            f"{self.source} pickles {module}.{name}, which is not part of a state dict of "
+            "tensors. Save the weights with torch.save(model.state_dict(), path), not the model."
+        )
+
+    def persistent_load(self, pid: Any) -> _StorageRef:
+        # zip: (tag, type, key, location, numel); legacy adds view_metadata.
+        if not isinstance(pid, tuple) or pid[0] != "storage" or len(pid) not in (5, 6):
+            raise pickle.UnpicklingError(f"{self.source}: unsupported persistent id {pid!r}")
+        _, storage_type, key, _, numel, *view = pid
+        if view and view[0] is not None:
+            raise pickle.UnpicklingError(f"{self.source}: storage views are not supported.")
+        key = str(key)
+        if key not in self.storages:
+            self.storages[key] = _StorageRef(key, storage_type.dtype, int(numel))
+        return self.storages[key]
+
+
+def read_pth(path: str | os.PathLike) -> Any:
+    """The object saved in a ``.pth`` file (typically a state dict), tensors as NumPy arrays."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No .pth file at {path}")
+    if zipfile.is_zipfile(path):
+        return _read_zip(path)
+    return _read_legacy(path)
+
+
+def _read_zip(path: str) -> Any:
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if re.fullmatch(r"[^/]+/data\.pkl", n)]
+        if len(pickles) != 1:
+            raise ValueError(f"{path} is a zip file but not one written by torch.save.")
+        prefix = pickles[0][: -len("data.pkl")]
+        if prefix + "byteorder" in archive.namelist():
+            byteorder = archive.read(prefix + "byteorder").decode().strip()
+            if byteorder != "little":
+                raise ValueError(f"{path} stores {byteorder}-endian tensors; only little-endian.")
+        with archive.open(pickles[0]) as f:
+            unpickler = _StateDictUnpickler(f, path)
+            obj = unpickler.load()
+        data = {
+            key: _storage_array(archive.read(f"{prefix}data/{key}"), ref, path)
+            for key, ref in unpickler.storages.items()
+        }
+    return _materialize(obj, data)
+
+
+def _read_legacy(path: str) -> Any:
+    with open(path, "rb") as f:
+        try:
+            magic = _plain_unpickle(f)
+        except Exception as e:
+            raise ValueError(f"{path} is not a file written by torch.save ({e}).") from e
+        if magic != LEGACY_MAGIC_NUMBER:
+            raise ValueError(f"{path} is not a file written by torch.save (bad magic number).")
+        if _plain_unpickle(f) != LEGACY_PROTOCOL_VERSION:
+            raise ValueError(f"{path}: unsupported legacy torch.save protocol version.")
+        sys_info = _plain_unpickle(f)
+        if not sys_info.get("little_endian", True):
+            raise ValueError(f"{path} stores big-endian tensors; only little-endian.")
+        unpickler = _StateDictUnpickler(f, path)
+        obj = unpickler.load()
+        data = {}
+        for key in _plain_unpickle(f):
+            ref = unpickler.storages[str(key)]
+            (numel,) = struct.unpack("<q", f.read(8))
+            data[str(key)] = _storage_array(f.read(numel * ref.dtype.itemsize), ref, path)
+    return _materialize(obj, data)
+
+
+def _plain_unpickle(f: BinaryIO) -> Any:
+    """Header records of the legacy format: ints, a dict, a list of keys; no classes allowed."""
+    return _StateDictUnpickler(f, "header").load()
+
+
+def _storage_array(buffer: bytes, ref: _StorageRef, path: str) -> np.ndarray:
+    if len(buffer) < ref.numel * ref.dtype.itemsize:
+        raise ValueError(f"{path} is truncated: storage {ref.key} is short.")
+    return np.frombuffer(buffer, ref.dtype, count=ref.numel)
+
+
+def _materialize(obj: Any, data: Mapping[str, np.ndarray]) -> Any:
+    if isinstance(obj, _TensorRef):
+        return _tensor_array(obj, data[obj.storage.key])
+    if isinstance(obj, dict):
+        rebuilt = type(obj)((k, _materialize(v, data)) for k, v in obj.items())
+        return rebuilt
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_materialize(v, data) for v in obj)
+    return obj
+
+
+def _tensor_array(ref: _TensorRef, storage: np.ndarray) -> np.ndarray:
+    if 0 in ref.size:
+        return np.zeros(ref.size, storage.dtype)
+    last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride, strict=True))
+    if ref.offset < 0 or min(ref.stride, default=0) < 0 or last >= storage.size:
+        raise ValueError(f"A tensor of shape {ref.size} reaches outside its storage.")
+    itemsize = storage.dtype.itemsize
+    view = np.lib.stride_tricks.as_strided(
+        storage[ref.offset :], ref.size, tuple(s * itemsize for s in ref.stride), writeable=False
+    )
+    return np.array(view)  # a contiguous, writable copy
+
+
+# ---------------------------------------------------------------------------------------------
+# Converting between torchvision's state dict and vgg_jax's parameters.
+
+
+def params_from_state_dict(state_dict: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Returns ``(net name, params)`` from a torchvision VGG state dict (arrays or tensors).
+
+    Also accepts checkpoints that nest it under ``"state_dict"`` or ``"model"`` and keys with
+    ``nn.DataParallel``'s ``module.`` prefix. Widths and class count are taken from the shapes.
+    """
+    state_dict = _unwrap(state_dict)
+    if any(k.endswith(("running_mean", "running_var")) for k in state_dict):
+        raise ValueError(
+            "This is a batch-norm VGG (torchvision's vgg*_bn): not one of the paper's nets, which "
+            "vgg_jax builds. Use torchvision's vgg11/vgg13/vgg16/vgg19 weights."
+        )
+    conv_indices = sorted(
+        int(m.group(1)) for k in state_dict if (m := re.fullmatch(r"features\.(\d+)\.weight", k))
+    )
+    nets_by_depth = {len(conv_names(net)): net for net in TORCHVISION_NETS}
+    if len(conv_indices) not in nets_by_depth:
+        raise ValueError(
+            f"Found {len(conv_indices)} conv layers (features.<i>.weight); torchvision's "
+            + ", ".join(f"{TORCHVISION_NETS[n]} has {d}" for d, n in sorted(nets_by_depth.items()))
+            + "."
+        )
+    net = nets_by_depth[len(conv_indices)]
+    expected = {f"features.{i}.{p}" for i in conv_indices for p in ("weight", "bias")}
+    expected |= {f"classifier.{i}.{p}" for i in CLASSIFIER_INDICES for p in ("weight", "bias")}
+    if set(state_dict) != expected:
+        raise ValueError(
+            f"Not a torchvision {TORCHVISION_NETS[net]} state dict: missing "
+            f"{sorted(expected - set(state_dict))}, "
+            f"unexpected {sorted(set(state_dict) - expected)}."
+        )
+    arrays = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
+    params: dict[str, Any] = {}
+    channels = 3
+    for name, index in zip(conv_names(net), conv_indices, strict=True):
+        weight = arrays[f"features.{index}.weight"]
+        if weight.ndim != 4 or weight.shape[1:] != (channels, 3, 3):
+            raise ValueError(
+                f"features.{index}.weight has shape {weight.shape}; "
+                f"expected (out, {channels}, 3, 3)."
+            )
+        params[name] = _layer(weight.transpose(2, 3, 1, 0), arrays[f"features.{index}.bias"])
+        channels = weight.shape[0]
+    fc1, fc2, fc3 = (arrays[f"classifier.{i}.weight"] for i in CLASSIFIER_INDICES)
+    window = _fc1_window(fc1.shape, channels)
+    # (out, C*H*W) -> (H*W*C, out): FC1 reads the last map in (H, W, C) order in vgg_jax.
+    fc1_kernel = fc1.reshape(-1, channels, window, window).transpose(2, 3, 1, 0)
+    params["fc1"] = _layer(fc1_kernel.reshape(-1, fc1.shape[0]), arrays["classifier.0.bias"])
+    params["fc2"] = _layer(fc2.T, arrays["classifier.3.bias"])
+    params["fc3"] = _layer(fc3.T, arrays["classifier.6.bias"])
+    return net, params
+
+
+def state_dict_from_params(net: str, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The torchvision state dict of a vgg_jax net A, B, D or E (the inverse conversion)."""
+    if net not in TORCHVISION_NETS:
+        raise ValueError(f"torchvision has no net {net!r}; it has {sorted(TORCHVISION_NETS)}.")
+    state_dict: dict[str, np.ndarray] = collections.OrderedDict()
+    for name, index in zip(conv_names(net), torchvision_conv_indices(net), strict=True):
+        kernel = np.asarray(params[name]["kernel"])
+        state_dict[f"features.{index}.weight"] = _contiguous(kernel.transpose(3, 2, 0, 1))
+        state_dict[f"features.{index}.bias"] = _contiguous(params[name]["bias"])
+    fc1 = np.asarray(params["fc1"]["kernel"])
+    channels = np.shape(params[conv_names(net)[-1]]["kernel"])[-1]
+    window = _fc1_window(fc1.T.shape, channels)
+    fc1_weight = fc1.reshape(window, window, channels, -1).transpose(3, 2, 0, 1)
+    for index, name, weight in (
+        (0, "fc1", fc1_weight.reshape(fc1.shape[1], -1)),
+        (3, "fc2", np.asarray(params["fc2"]["kernel"]).T),
+        (6, "fc3", np.asarray(params["fc3"]["kernel"]).T),
+    ):
+        state_dict[f"classifier.{index}.weight"] = _contiguous(weight)
+        state_dict[f"classifier.{index}.bias"] = _contiguous(params[name]["bias"])
+    return state_dict
+
+
+def load_torchvision_weights(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """Returns ``(net name, params)`` from a torchvision VGG ``.pth`` (no PyTorch needed).
+
+    The weights expect ``TORCHVISION_INPUT``; apply it with ``conventions.normalize``.
+    """
+    return params_from_state_dict(read_pth(path))
+
+
+def conv_names(net: str) -> list[str]:
+    return [n for n in models._layer_names(models.LAYOUTS[net]) if "_conv" in n]
+
+
+def torchvision_conv_indices(net: str) -> list[int]:
+    """Conv positions in torchvision's ``features``: each conv is followed by a ReLU, each block
+    by a max-pool, and all take an index (vgg16: 0, 2, 5, 7, 10, ...)."""
+    indices, position = [], 0
+    for block in models.LAYOUTS[net]:
+        for _ in block:
+            indices.append(position)
+            position += 2
+        position += 1
+    return indices
+
+
+def _unwrap(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"Expected a state dict (a mapping of names to tensors), got {state_dict!r}"
+        )
+    for key in ("state_dict", "model"):
+        if isinstance(state_dict.get(key), Mapping):
+            state_dict = state_dict[key]
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+
+
+def _fc1_window(weight_shape: tuple[int, ...], channels: int) -> int:
+    inputs = weight_shape[1]
+    window = int(round((inputs / channels) ** 0.5))
+    if window * window * channels != inputs:
+        raise ValueError(
+            f"FC1 takes {inputs} inputs, not a square map of the last conv's {channels} channels."
+        )
+    return window
+
+
+def _layer(kernel: np.ndarray, bias: np.ndarray) -> dict[str, np.ndarray]:
+    return {"kernel": _contiguous(kernel), "bias": _contiguous(bias)}
+
+
+def _contiguous(array: Any) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(array, np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing ``.pth`` files (so vgg_jax weights go back to PyTorch, and tests need no PyTorch).
+
+
+class _Global:
+    """A name the pickle refers to (``torch._utils._rebuild_tensor_v2``) without importing it."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, *args: Any) -> Any:
+        raise TypeError(f"{self.module}.{self.name} is only a name to pickle.")
+
+
+class _TensorToSave:
+    def __init__(self, storage: _StorageRef, shape: tuple[int, ...]):
+        self.storage, self.shape = storage, shape
+
+    def __reduce__(self) -> tuple[Callable, tuple]:
+        stride = tuple(int(np.prod(self.shape[i + 1 :])) for i in range(len(self.shape)))
+        rebuild = _Global("torch._utils", "_rebuild_tensor_v2")
+        return rebuild, (self.storage, 0, self.shape, stride, False, collections.OrderedDict())
+
+
+class _StateDictPickler(pickle._Pickler):
+    """The pure-Python pickler, which lets ``save`` write a GLOBAL opcode for names that are not
+    importable here (PyTorch's), as ``torch.save`` (pickle protocol 2) would write them."""
+
+    def save(self, obj: Any, save_persistent_id: bool = True) -> None:
+        if isinstance(obj, _Global):
+            self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode("ascii"))
+            return
+        super().save(obj, save_persistent_id)
+
+    def persistent_id(self, obj: Any) -> tuple | None:
+        if isinstance(obj, _StorageRef):
+            storage_type = {v: k for k, v in _STORAGE_DTYPES.items()}[obj.dtype.name]
+            return ("storage", _Global("torch", storage_type), obj.key, "cpu", obj.numel)
+        return None
+
+
+def pickle_state_dict(state_dict: Mapping[str, Any]) -> tuple[bytes, list[np.ndarray]]:
+    """``torch.save``'s pickle of a state dict, and the storages it names ("0", "1", ...)."""
+    storages, entries = [], collections.OrderedDict()
+    for name, value in state_dict.items():
+        array = np.ascontiguousarray(value)
+        if array.dtype.name not in _STORAGE_DTYPES.values():
+            raise ValueError(f"{name}: dtype {array.dtype} has no torch storage type.")
+        ref = _StorageRef(str(len(storages)), array.dtype, array.size)
+        storages.append(array.reshape(-1))
+        entries[name] = _TensorToSave(ref, tuple(int(n) for n in array.shape))
+    buffer = io.BytesIO()
+    _StateDictPickler(buffer, protocol=2).dump(entries)
+    return buffer.getvalue(), storages
+
+
+def save_pth(path: str | os.PathLike, state_dict: Mapping[str, Any]) -> None:
+    """Writes a state dict as ``torch.save`` does (zip format), readable by ``torch.load``."""
+    if sys.byteorder != "little":
+        raise RuntimeError("Writing .pth files is only supported on little-endian machines.")
+    data_pkl, storages = pickle_state_dict(state_dict)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", data_pkl)
+        archive.writestr("archive/byteorder", "little")
+        for key, array in enumerate(storages):
+            archive.writestr(f"archive/data/{key}", array.tobytes())
+        archive.writestr("archive/version", "3\n")
