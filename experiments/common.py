@@ -44,6 +44,10 @@ def input_config(scale: dict) -> ml_collections.ConfigDict:
             data_dir=ml_collections.FieldReference(None, field_type=str),  # TFDS data_dir
             manual_dir=ml_collections.FieldReference(None, field_type=str),  # ILSVRC2012 tars
             folder=ml_collections.FieldReference(None, field_type=str),  # root/<split>/<class>/
+            builtin_size="full",  # built-in dataset: full (5000/1000), small or tiny
+            builtin_seed=0,  # the built-in dataset is a pure function of this seed
+            stats_source="auto",  # mean/PCA: auto (published for imagenet2012), computed, published
+            stats_max_images=10000,  # training images sampled to compute mean RGB and PCA
             train_split="train",
             eval_split="validation",
             crop_size=224,
@@ -53,6 +57,7 @@ def input_config(scale: dict) -> ml_collections.ConfigDict:
             random_flip=True,
             batch_size=256,  # global batch over all devices and processes
             eval_batch_size=64,  # global; the last batch is padded and masked
+            eval_bucket_step=32,  # eval images padded to (Q, long side rounded up to this)
             shuffle_seed=0,
             num_parallel_calls=-1,  # -1: tf.data AUTOTUNE
             prefetch=2,
@@ -90,10 +95,14 @@ def eval_config(scale: dict) -> ml_collections.ConfigDict:
             single_scale=scale["single_scale"],  # Q for Table 3's single-scale rows
             multi_scales=scale["multi_scales"],  # Q set for Table 4/5's multi-scale rows
             methods=("dense", "multi_crop", "dense+multi_crop"),
-            flip=True,  # average each image with its horizontal flip
+            flip=True,  # average each image (and each crop) with its horizontal flip
+            multi_crop_grid=5,  # crops per side at each Q: 5x5 grid x 2 flips = 50 (150 for 3 Q)
             every_epochs=1,  # validation during training
             checkpoint="latest",  # latest, best, or a step number, for --mode=evaluate
             fusion_workdirs=(),  # other nets' workdirs whose softmax is averaged with this one
+            # ("path" or "path@latest|best|<step>")
+            poll_seconds=60,  # continuous evaluation: how often to look for a new checkpoint
+            watch_timeout_seconds=3600,  # ... and when to stop after no new checkpoint appears
         )
     )
 

@@ -1,0 +1,40 @@
+"""Prepares a config's dataset and prints what the pipeline will read.
+
+    python -m vgg_jax.data --config=experiments/demo.py
+    python -m vgg_jax.data --config=experiments/vgg16.py --config.input.data_dir=~/tfds \
+        --config.input.manual_dir=~/ilsvrc2012 --config.input.stats_source=computed
+
+Generates / builds the TFDS files, indexes each split (sizes, formats, decode check) and computes
+the training set's mean RGB and PCA eigen-pairs, skipping whatever is already done.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from vgg_jax.data import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = _CONFIG.value
+    start = time.perf_counter()
+    pipeline.prepare(config)
+    info = pipeline.dataset_info(config)
+    print(f"prepared {info.name} in {info.data_dir} ({time.perf_counter() - start:.1f} s)")
+    print(f"classes {info.num_classes}, train {info.num_train}, eval {info.num_eval}")
+    print(f"mean RGB {info.mean_rgb.round(3).tolist()}")
+    print(f"PCA eigenvalues {info.pca_eigvals.round(5).tolist()}")
+    print(f"PCA eigenvectors (columns) {info.pca_eigvecs.round(4).tolist()}")
+    print(f"input counts {json.dumps(info.bad_input)}")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

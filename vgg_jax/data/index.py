@@ -1,0 +1,147 @@
+"""One pass over a split that records, per example, what the pipeline needs before decoding:
+format (JPEG or PNG, whatever the file is named), height, width, colour channels, whether the
+file is truncated, and whether it decodes at all.
+
+Stored as ``vgg_jax_index_<split>.npz`` next to the TFDS files and read by the pipeline: training
+crop windows and evaluation buckets are planned from these sizes, and examples that do not decode
+are left out of every order (skipped and counted, never a crash). The decode check uses libjpeg's
+1/8-scale DCT decoding: it still entropy-decodes the whole file, so corruption shows, at a fraction
+of the cost of a full decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from vgg_jax.data import sources, transforms
+
+_READ_CHUNK = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitIndex:
+    fmt: np.ndarray  # uint8: transforms.JPEG, PNG or UNDECODABLE
+    height: np.ndarray  # int32, 0 where undecodable
+    width: np.ndarray
+    channels: np.ndarray  # uint8: 1 grayscale, 3 colour, 4 CMYK/YCCK JPEG
+    truncated: np.ndarray  # bool: a JPEG without its end marker (decoded, the rest grey)
+    label: np.ndarray  # int32
+
+    @property
+    def valid(self) -> np.ndarray:
+        """Indices of the examples that decode, in record order."""
+        return np.flatnonzero(self.fmt != transforms.UNDECODABLE)
+
+    def counts(self, crop_size: int | None = None) -> dict[str, int]:
+        """How many examples of each kind of unusual input the split holds."""
+        ok = self.fmt != transforms.UNDECODABLE
+        counts = {
+            "examples": int(len(self.fmt)),
+            "skipped_undecodable": int((~ok).sum()),
+            "png": int((self.fmt == transforms.PNG).sum()),
+            "cmyk_jpeg": int((ok & (self.fmt == transforms.JPEG) & (self.channels == 4)).sum()),
+            "grayscale": int((ok & (self.channels == 1)).sum()),
+            "truncated_jpeg": int((ok & self.truncated).sum()),
+        }
+        if crop_size is not None:
+            small = ok & (np.minimum(self.height, self.width) < crop_size)
+            counts["smaller_than_crop_upscaled"] = int(small.sum())
+        return counts
+
+
+def index_path(builder: tfds.core.DatasetBuilder, split: str) -> str:
+    return os.path.join(os.fspath(builder.data_dir), f"vgg_jax_index_{split}.npz")
+
+
+def _probe(position: tf.Tensor, serialized: tf.Tensor):
+    encoded, label = sources.parse(serialized)
+    fmt = transforms.image_format(encoded)
+    tf.debugging.assert_less(fmt, transforms.UNDECODABLE, "neither JPEG nor PNG")
+
+    def jpeg():
+        shape = tf.image.extract_jpeg_shape(encoded)
+        decoded = tf.io.decode_jpeg(
+            encoded,
+            channels=3,
+            ratio=8,
+            try_recover_truncated=True,
+            acceptable_fraction=transforms.ACCEPTABLE_FRACTION,
+        )
+        with tf.control_dependencies([decoded]):
+            return tf.identity(shape)
+
+    def png():
+        return tf.shape(tf.io.decode_png(encoded), out_type=tf.int32)
+
+    shape = tf.cond(tf.equal(fmt, transforms.PNG), png, jpeg)
+    truncated = tf.logical_and(
+        tf.equal(fmt, transforms.JPEG),
+        tf.not_equal(tf.strings.substr(encoded, -2, 2), b"\xff\xd9"),
+    )
+    return position, fmt, shape, truncated, label
+
+
+def build_index(builder: tfds.core.DatasetBuilder, split: str) -> SplitIndex:
+    """Probes every example of ``split`` (in parallel, errors dropped and counted)."""
+    reader = sources.RecordReader(builder, split)
+    total = len(reader)
+
+    def records():
+        for start in range(0, total, _READ_CHUNK):
+            positions = np.arange(start, min(start + _READ_CHUNK, total))
+            yield positions, reader.read(positions)
+
+    signature = (tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.string))
+    ds = tf.data.Dataset.from_generator(records, output_signature=signature).unbatch()
+    ds = ds.map(_probe, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.ignore_errors()
+    fmt = np.full(total, transforms.UNDECODABLE, np.uint8)
+    height, width = np.zeros(total, np.int32), np.zeros(total, np.int32)
+    channels, truncated = np.zeros(total, np.uint8), np.zeros(total, bool)
+    label = np.full(total, -1, np.int32)
+    for position, kind, shape, cut, lab in ds.as_numpy_iterator():
+        fmt[position], truncated[position], label[position] = kind, cut, lab
+        height[position], width[position], channels[position] = shape
+    return SplitIndex(fmt, height, width, channels, truncated, label)
+
+
+def _save(path: str, split_index: SplitIndex) -> None:
+    temporary = path + ".tmp.npz"
+    np.savez(temporary, **dataclasses.asdict(split_index))
+    os.replace(temporary, path)
+
+
+def load_index(builder: tfds.core.DatasetBuilder, split: str) -> SplitIndex:
+    path = index_path(builder, split)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"No index for split {split!r} at {path}. Run `python -m vgg_jax.data "
+            "--config=<your config>` (or data.prepare(config)) first."
+        )
+    return _load(path, os.path.getmtime(path))
+
+
+@functools.lru_cache(maxsize=16)
+def _load(path: str, mtime: float) -> SplitIndex:
+    del mtime  # part of the cache key: a rebuilt index is read again
+    with np.load(path) as stored:
+        return SplitIndex(**{f.name: stored[f.name] for f in dataclasses.fields(SplitIndex)})
+
+
+def ensure_index(builder: tfds.core.DatasetBuilder, split: str) -> SplitIndex:
+    """The split's index, built and saved on first use."""
+    path = index_path(builder, split)
+    if os.path.exists(path):
+        return load_index(builder, split)
+    logging.info("Indexing %s/%s (sizes, formats, decode check).", builder.name, split)
+    split_index = build_index(builder, split)
+    _save(path, split_index)
+    logging.info("Indexed %s/%s: %s", builder.name, split, split_index.counts())
+    return split_index

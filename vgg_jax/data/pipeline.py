@@ -1,0 +1,365 @@
+"""Training and evaluation batches: index orders planned in numpy, pixels made by ``tf.data``.
+
+Training order. Example ``position`` p = 0, 1, 2, ... of the training stream is decodable example
+``perm_e[p mod N]`` of epoch ``e = p // N``, where ``perm_e`` is a permutation drawn from
+(shuffle_seed, e) and N the number of decodable training examples. Global step k takes positions
+[kB, (k+1)B); process i of P takes the i-th of P equal slices. Every per-example random draw is
+keyed by (shuffle_seed, p). So a batch is a pure function of (seed, step): a pipeline restarted at
+step k yields exactly what an uninterrupted one yields from k on, its state is the step number,
+and the P process slices put together are the one-process batch. The stream runs on across epoch
+boundaries, so no example is ever dropped: each one is seen exactly once in every N positions.
+
+Evaluation order. Every decodable example of the split once. The examples are split by
+orientation (landscape incl. square, then portrait) and sorted by their long side at scale Q;
+consecutive runs of the global eval batch size G form the batches, each padded to
+(Q, long side rounded up to ``eval_bucket_step``) or its transpose. So the shapes are few, only the
+last batch of each orientation holds masked filler examples, and every process computes the same
+schedule from the cached index and takes its slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from vgg_jax.data import index, sources, stats, transforms
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    num_train: int  # decodable training examples (those the training order visits)
+    num_eval: int  # decodable examples of config.input.eval_split
+    class_names: list[str] | None
+    mean_rgb: np.ndarray  # (3,), 0-255
+    pca_eigvals: np.ndarray  # (3,), covariance of [0, 1] pixels, descending
+    pca_eigvecs: np.ndarray  # (3, 3), columns are eigenvectors
+    bad_input: dict[str, dict[str, int]]  # per split: skipped / unusual example counts
+    data_dir: str
+
+
+def check_input_config(input_config: ml_collections.ConfigDict) -> None:
+    """Fails at start-up, saying what to change, on values the pipeline cannot honour."""
+    sources.check_dataset_name(input_config.dataset)
+    if input_config.stats_source not in stats.STATS_SOURCES:
+        raise ValueError(
+            f"Unknown config.input.stats_source {input_config.stats_source!r}; "
+            f"valid: {list(stats.STATS_SOURCES)}"
+        )
+    smin, smax, crop = (
+        input_config.train_scale_min,
+        input_config.train_scale_max,
+        input_config.crop_size,
+    )
+    if not crop <= smin <= smax:
+        raise ValueError(
+            f"Need crop_size <= train_scale_min <= train_scale_max; got {crop}, {smin}, {smax}."
+        )
+
+
+def _builder(input_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    return sources.prepared_builder(input_config)
+
+
+def _split_index(builder: tfds.core.DatasetBuilder, split: str) -> index.SplitIndex:
+    sources.check_split(builder, split)
+    return index.load_index(builder, split)
+
+
+def prepare(config: ml_collections.ConfigDict) -> None:
+    """Makes ``config.input.dataset`` ready: TFDS files, per-split index, mean/PCA statistics.
+    Work already done is skipped; missing inputs raise an error naming the files to provide."""
+    input_config = config.input
+    check_input_config(input_config)
+    builder = sources.prepare_builder(input_config)
+    for split in dict.fromkeys([input_config.train_split, input_config.eval_split]):
+        sources.check_split(builder, split)
+        index.ensure_index(builder, split)
+    if not _uses_published_stats(input_config):
+        train_index = index.load_index(builder, input_config.train_split)
+        stats.ensure_stats(
+            builder, input_config.train_split, train_index.valid, input_config.stats_max_images
+        )
+
+
+def _uses_published_stats(input_config: ml_collections.ConfigDict) -> bool:
+    return input_config.stats_source == "published" or (
+        input_config.stats_source == "auto" and input_config.dataset == "imagenet2012"
+    )
+
+
+def _stats(input_config: ml_collections.ConfigDict, builder) -> dict:
+    computed = None if _uses_published_stats(input_config) else stats.load_stats(builder)
+    return stats.choose(input_config.dataset, input_config.stats_source, computed)
+
+
+def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
+    input_config = config.input
+    builder = _builder(input_config)
+    train = _split_index(builder, input_config.train_split)
+    evaluation = _split_index(builder, input_config.eval_split)
+    chosen = _stats(input_config, builder)
+    label = builder.info.features["label"]
+    return DatasetInfo(
+        name=builder.name,
+        num_classes=int(label.num_classes),
+        num_train=int(len(train.valid)),
+        num_eval=int(len(evaluation.valid)),
+        class_names=list(label.names) if label.names else None,
+        mean_rgb=np.asarray(chosen["mean_rgb"], np.float32),
+        pca_eigvals=np.asarray(chosen["eigvals"], np.float32),
+        pca_eigvecs=np.asarray(chosen["eigvecs"], np.float32),
+        bad_input={
+            input_config.train_split: train.counts(input_config.crop_size),
+            input_config.eval_split: evaluation.counts(),
+        },
+        data_dir=str(builder.data_dir),
+    )
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
+    return dataset_info(config).num_train // config.input.batch_size
+
+
+def num_eval_examples(config: ml_collections.ConfigDict, split: str | None = None) -> int:
+    builder = _builder(config.input)
+    return int(len(_split_index(builder, split or config.input.eval_split).valid))
+
+
+def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
+    return process_index, process_count
+
+
+def _local_size(global_size: int, process_count: int, name: str) -> int:
+    if global_size % process_count:
+        raise ValueError(
+            f"config.input.{name}={global_size} does not split over {process_count} processes; "
+            f"use a multiple of {process_count}."
+        )
+    return global_size // process_count
+
+
+def _normalization(normalization: dict | None, mean_rgb) -> transforms.Normalization:
+    if normalization is None:
+        return transforms.Normalization(mean=tuple(float(m) for m in mean_rgb))
+    return transforms.Normalization.from_dict(normalization)
+
+
+def _parallel_calls(input_config: ml_collections.ConfigDict) -> int:
+    calls = int(input_config.num_parallel_calls)
+    return tf.data.AUTOTUNE if calls < 0 else calls
+
+
+class TrainOrder:
+    """Maps stream positions to example rows: a fresh permutation of N rows per epoch."""
+
+    def __init__(self, num_examples: int, seed: int):
+        if num_examples == 0:
+            raise ValueError("The training split has no decodable examples.")
+        self.num_examples, self.seed = num_examples, seed
+        self._permutations: dict[int, np.ndarray] = {}
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._permutations:
+            if len(self._permutations) > 2:
+                self._permutations.pop(min(self._permutations))
+            rng = np.random.default_rng([self.seed, epoch])
+            self._permutations[epoch] = rng.permutation(self.num_examples)
+        return self._permutations[epoch]
+
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        epochs, within = np.divmod(positions, self.num_examples)
+        rows = np.empty_like(positions)
+        for epoch in np.unique(epochs):
+            here = epochs == epoch
+            rows[here] = self.permutation(int(epoch))[within[here]]
+        return rows
+
+
+def train_positions(step: int, batch_size: int, process_index: int, process_count: int):
+    """Stream positions of this process's slice of global step ``step``."""
+    local = batch_size // process_count
+    return step * batch_size + process_index * local + np.arange(local, dtype=np.int64)
+
+
+def train_batches(
+    config: ml_collections.ConfigDict,
+    start_step: int,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    normalization: dict | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """This process's slice of the training batches of global steps start_step, start_step+1, ...
+    (forever): {"image": float32 [B_local, crop, crop, 3], "label": int32 [B_local]}."""
+    input_config = config.input
+    check_input_config(input_config)
+    process_index, process_count = _processes(process_index, process_count)
+    batch_size = input_config.batch_size
+    local = _local_size(batch_size, process_count, "batch_size")
+    builder = _builder(input_config)
+    split_index = _split_index(builder, input_config.train_split)
+    chosen = _stats(input_config, builder)
+    norm = _normalization(normalization, chosen["mean_rgb"])
+    eigvals = np.asarray(chosen["eigvals"], np.float32)
+    eigvecs = np.asarray(chosen["eigvecs"], np.float32)
+    valid = split_index.valid
+    logging.info(
+        "Training on %d examples of %s/%s; input counts: %s",
+        len(valid),
+        builder.name,
+        input_config.train_split,
+        split_index.counts(input_config.crop_size),
+    )
+    order = TrainOrder(len(valid), input_config.shuffle_seed)
+    reader = sources.RecordReader(builder, input_config.train_split)
+
+    def chunks():
+        for step in itertools.count(start_step):
+            positions = train_positions(step, batch_size, process_index, process_count)
+            ids = valid[order.rows(positions)]
+            yield (
+                positions,
+                split_index.fmt[ids].astype(np.int32),
+                split_index.height[ids],
+                split_index.width[ids],
+                reader.read(ids),
+            )
+
+    def preprocess(position, fmt, height, width, serialized):
+        encoded, label = sources.parse(serialized)
+        params = transforms.sample_train_params(
+            transforms.example_seed(input_config.shuffle_seed, position),
+            height,
+            width,
+            input_config.crop_size,
+            input_config.train_scale_min,
+            input_config.train_scale_max,
+            input_config.color_shift_std,
+            input_config.random_flip,
+        )
+        image = transforms.train_image(
+            encoded, fmt, params, input_config.crop_size, eigvals, eigvecs, norm
+        )
+        return {"image": image, "label": label}
+
+    vector = lambda dtype: tf.TensorSpec([local], dtype)
+    signature = (vector(tf.int64), vector(tf.int32), vector(tf.int32), vector(tf.int32))
+    signature += (vector(tf.string),)
+    ds = tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
+    ds = ds.map(preprocess, num_parallel_calls=_parallel_calls(input_config), deterministic=True)
+    ds = ds.batch(local, drop_remainder=True).prefetch(input_config.prefetch)
+    yield from ds.as_numpy_iterator()
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalBatch:
+    bucket: tuple[int, int]  # padded (height, width) of every image of the batch
+    ids: np.ndarray  # int64 [G] record indices; -1 for masked filler examples
+    sizes: np.ndarray  # int32 [G, 2] valid (h, w) after the rescale
+
+
+def eval_schedule(
+    split_index: index.SplitIndex, scale: int, global_batch: int, bucket_step: int
+) -> list[EvalBatch]:
+    """The global evaluation batches at test scale ``scale`` (see the module docstring)."""
+    valid = split_index.valid
+    heights, widths = transforms.eval_size(
+        split_index.height[valid], split_index.width[valid], scale
+    )
+    batches = []
+    for portrait in (False, True):
+        chosen = (heights > widths) == portrait
+        ids, h, w = valid[chosen], heights[chosen], widths[chosen]
+        long_side = np.maximum(h, w)
+        order = np.argsort(long_side, kind="stable")
+        ids, h, w, long_side = ids[order], h[order], w[order], long_side[order]
+        for start in range(0, len(ids), global_batch):
+            part = slice(start, start + global_batch)
+            longest = int(-(-long_side[part].max() // bucket_step) * bucket_step)
+            bucket = (longest, scale) if portrait else (scale, longest)
+            filler = global_batch - len(ids[part])
+            batches.append(
+                EvalBatch(
+                    bucket=bucket,
+                    ids=np.concatenate([ids[part], np.full(filler, -1)]).astype(np.int64),
+                    sizes=np.concatenate(
+                        [np.stack([h[part], w[part]], 1), np.tile(bucket, (filler, 1))]
+                    ).astype(np.int32),
+                )
+            )
+    return batches
+
+
+def eval_batches(
+    config: ml_collections.ConfigDict,
+    scale: int,
+    *,
+    split: str | None = None,
+    normalization: dict | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Every decodable example of the split once, rescaled to smallest side ``scale``, uncropped,
+    top-left in a zero-padded bucket: {"image": float32 [B_local, Hb, Wb, 3], "size": int32
+    [B_local, 2], "label": int32 [B_local], "mask": bool [B_local]}. Every process yields the same
+    number of batches with the same shapes in the same order."""
+    input_config = config.input
+    split = split or input_config.eval_split
+    process_index, process_count = _processes(process_index, process_count)
+    global_batch = input_config.eval_batch_size
+    local = _local_size(global_batch, process_count, "eval_batch_size")
+    builder = _builder(input_config)
+    split_index = _split_index(builder, split)
+    norm = _normalization(normalization, _stats(input_config, builder)["mean_rgb"])
+    schedule = eval_schedule(split_index, scale, global_batch, input_config.eval_bucket_step)
+    reader = sources.RecordReader(builder, split)
+    mine = slice(process_index * local, (process_index + 1) * local)
+
+    def chunks():
+        for batch in schedule:
+            ids = batch.ids[mine]
+            real = ids >= 0
+            serialized = [b""] * local
+            for i, record in zip(np.flatnonzero(real), reader.read(ids[real]), strict=True):
+                serialized[i] = record
+            fmt = np.where(real, split_index.fmt[np.maximum(ids, 0)], 0).astype(np.int32)
+            yield fmt, batch.sizes[mine], np.tile(batch.bucket, (local, 1)), real, serialized
+
+    def preprocess(fmt, size, bucket, mask, serialized):
+        def real():
+            encoded, label = sources.parse(serialized)
+            return transforms.eval_image(encoded, fmt, size, bucket, norm), label
+
+        def filler():
+            return tf.zeros(tf.concat([bucket, [3]], 0), tf.float32), tf.constant(0, tf.int32)
+
+        image, label = tf.cond(mask, real, filler)
+        return {"image": image, "size": size, "label": label, "mask": mask}
+
+    signature = (
+        tf.TensorSpec([local], tf.int32),
+        tf.TensorSpec([local, 2], tf.int32),
+        tf.TensorSpec([local, 2], tf.int32),
+        tf.TensorSpec([local], tf.bool),
+        tf.TensorSpec([local], tf.string),
+    )
+    ds = tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
+    ds = ds.map(preprocess, num_parallel_calls=_parallel_calls(input_config), deterministic=True)
+    ds = ds.batch(local, drop_remainder=True).prefetch(input_config.prefetch)
+    yield from ds.as_numpy_iterator()

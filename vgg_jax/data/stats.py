@@ -1,0 +1,129 @@
+"""The training set's mean RGB and the eigen-pairs of its RGB covariance (AlexNet's PCA lighting).
+
+Computed by ``data.prepare`` (``python -m vgg_jax.data --config=...``) over the decodable training
+images (at most ``max_images`` of them, a fixed random sample, at full resolution; every pixel
+counts once) and stored as ``vgg_jax_stats.json`` next to the data. The mean is in 0-255 units;
+the covariance is that of pixels scaled to [0, 1], the convention of the published ImageNet
+eigen-pairs, which ``config.input.stats_source='published'`` uses instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from vgg_jax.data import sources, transforms
+
+# ImageNet's published values: the Caffe VGG mean (BGR [103.939, 116.779, 123.68] as RGB) and the
+# eigen-pairs used by fb.resnet.torch and many others (columns of EIGVECS are eigenvectors).
+IMAGENET_STATS = {
+    "mean_rgb": [123.68, 116.779, 103.939],
+    "eigvals": [0.2175, 0.0188, 0.0045],
+    "eigvecs": [
+        [-0.5675, 0.7192, 0.4009],
+        [-0.5808, -0.0045, -0.8140],
+        [-0.5836, -0.6948, 0.4203],
+    ],
+    "num_images": None,
+    "source": "published",
+}
+STATS_SOURCES = ("auto", "computed", "published")
+
+
+def stats_path(builder: tfds.core.DatasetBuilder) -> str:
+    return os.path.join(os.fspath(builder.data_dir), "vgg_jax_stats.json")
+
+
+def pixel_moments(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Sum of pixels, sum of pixel outer products (float64, pixels in [0, 1]) and pixel count."""
+    total, outer, count = np.zeros(3), np.zeros((3, 3)), 0
+    for image in images:
+        pixels = image.reshape(-1, 3).astype(np.float64) / 255.0
+        total += pixels.sum(0)
+        outer += pixels.T @ pixels
+        count += len(pixels)
+    return total, outer, count
+
+
+def stats_from_moments(total: np.ndarray, outer: np.ndarray, count: int) -> dict:
+    mean = total / count
+    covariance = outer / count - np.outer(mean, mean)
+    eigvals, eigvecs = np.linalg.eigh(covariance)
+    order = np.argsort(eigvals)[::-1]
+    eigvecs = eigvecs[:, order] * np.sign(eigvecs[:, order].sum(0, keepdims=True) + 1e-12)
+    return {
+        "mean_rgb": (255.0 * mean).tolist(),
+        "eigvals": np.maximum(eigvals[order], 0.0).tolist(),
+        "eigvecs": eigvecs.tolist(),
+    }
+
+
+def compute_stats(
+    builder: tfds.core.DatasetBuilder, split: str, valid: np.ndarray, max_images: int
+) -> dict:
+    reader = sources.RecordReader(builder, split)
+    chosen = np.sort(np.random.default_rng(0).permutation(valid)[:max_images])
+
+    def decoded(serialized):
+        encoded, _ = sources.parse(serialized)
+        return transforms.decode_full(encoded, transforms.image_format(encoded))
+
+    ds = tf.data.Dataset.from_generator(
+        lambda: iter(reader.read(chosen)), output_signature=tf.TensorSpec([], tf.string)
+    )
+    ds = ds.map(decoded, num_parallel_calls=tf.data.AUTOTUNE)
+    total, outer, count = np.zeros(3), np.zeros((3, 3)), 0
+    for image in ds.as_numpy_iterator():
+        t, o, c = pixel_moments([image])
+        total, outer, count = total + t, outer + o, count + c
+    stats = stats_from_moments(total, outer, count)
+    stats.update(num_images=int(len(chosen)), source="computed")
+    return stats
+
+
+def ensure_stats(
+    builder: tfds.core.DatasetBuilder, split: str, valid: np.ndarray, max_images: int
+) -> dict:
+    path = stats_path(builder)
+    if os.path.exists(path):
+        return load_stats(builder)
+    logging.info("Computing mean RGB and PCA of %s/%s.", builder.name, split)
+    stats = compute_stats(builder, split, valid, max_images)
+    temporary = path + ".tmp"
+    with open(temporary, "w") as f:
+        json.dump(stats, f, indent=2)
+    os.replace(temporary, path)
+    logging.info("Stats of %s: %s", builder.name, stats)
+    return stats
+
+
+def load_stats(builder: tfds.core.DatasetBuilder) -> dict:
+    path = stats_path(builder)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"No mean/PCA statistics at {path}. Run `python -m vgg_jax.data --config=<your "
+            "config>` (or data.prepare(config)) first."
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def choose(dataset: str, stats_source: str, computed: dict | None) -> dict:
+    """The statistics the pipeline uses: ``auto`` = published for imagenet2012, else computed."""
+    if stats_source not in STATS_SOURCES:
+        raise ValueError(
+            f"Unknown config.input.stats_source {stats_source!r}; valid: {STATS_SOURCES}"
+        )
+    published = stats_source == "published" or (
+        stats_source == "auto" and dataset == "imagenet2012"
+    )
+    if published:
+        return IMAGENET_STATS
+    if computed is None:
+        raise ValueError("Computed statistics are missing; run data.prepare(config).")
+    return computed

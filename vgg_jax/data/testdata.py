@@ -1,0 +1,153 @@
+"""Generated files for tests and benchmarks: odd JPEGs as ImageNet holds them, tiny ILSVRC-2012
+tars, an image folder, and real-size photo-like JPEGs. No downloads, no PIL."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import tarfile
+
+import numpy as np
+import tensorflow as tf
+
+from vgg_jax.data import builtin
+
+# Canonical Huffman table for DC categories 0..11 (JPEG Annex K, luminance DC).
+_DC_BITS = (0, 1, 5, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0)
+
+
+def _huffman_codes(bits, values) -> dict[int, tuple[int, int]]:
+    codes, code, k = {}, 0, 0
+    for length, count in enumerate(bits, start=1):
+        for _ in range(count):
+            codes[values[k]] = (code, length)
+            code, k = code + 1, k + 1
+        code <<= 1
+    return codes
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def cmyk_jpeg(height: int, width: int, cmyk: tuple[int, int, int, int]) -> bytes:
+    """A baseline 4-component (Adobe, inverted CMYK) JPEG of one flat colour.
+
+    TensorFlow cannot encode CMYK, so this writes the few segments by hand: every 8x8 block
+    holds only its DC coefficient. Decoded to RGB, R = C * K / 255 (and so on)."""
+    dc_codes = _huffman_codes(_DC_BITS, range(12))
+    head = b"\xff\xd8" + _segment(0xEE, b"Adobe" + struct.pack(">HHHB", 100, 0, 0, 0))
+    head += _segment(0xDB, b"\x00" + bytes([1] * 64))
+    components = b"".join(bytes([i + 1, 0x11, 0]) for i in range(4))
+    head += _segment(0xC0, struct.pack(">BHHB", 8, height, width, 4) + components)
+    head += _segment(0xC4, b"\x00" + bytes(_DC_BITS) + bytes(range(12)))
+    head += _segment(0xC4, b"\x10" + bytes([1] + [0] * 15) + b"\x00")  # AC: only EOB, code "0"
+    head += _segment(
+        0xDA, bytes([4]) + b"".join(bytes([i + 1, 0]) for i in range(4)) + bytes([0, 63, 0])
+    )
+    bits: list[int] = []
+
+    def put(value: int, length: int) -> None:
+        bits.extend((value >> (length - 1 - i)) & 1 for i in range(length))
+
+    previous = [0] * 4
+    for _ in range(((height + 7) // 8) * ((width + 7) // 8)):
+        for c in range(4):
+            dc = 8 * (int(cmyk[c]) - 128)
+            diff, previous[c] = dc - previous[c], dc
+            category = abs(diff).bit_length()
+            put(*dc_codes[category])
+            if category:
+                put(diff if diff > 0 else diff + (1 << category) - 1, category)
+            put(0, 1)  # end of block
+    bits.extend([1] * (-len(bits) % 8))
+    scan = bytearray()
+    for i in range(0, len(bits), 8):
+        byte = int("".join(map(str, bits[i : i + 8])), 2)
+        scan += bytes([byte, 0]) if byte == 0xFF else bytes([byte])
+    return head + bytes(scan) + b"\xff\xd9"
+
+
+def jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+    return tf.io.encode_jpeg(image, quality=quality).numpy()
+
+
+def png(image: np.ndarray) -> bytes:
+    return tf.io.encode_png(image).numpy()
+
+
+def truncated(encoded: bytes, keep: float = 0.6) -> bytes:
+    return encoded[: int(len(encoded) * keep)]
+
+
+def odd_images(seed: int = 0) -> dict[str, bytes]:
+    """One of each unusual file ImageNet holds, plus one that does not decode at all."""
+    image, _ = builtin.draw_example(seed, "train", 0)
+    return {
+        "cmyk": cmyk_jpeg(40, 56, (255, 40, 0, 255)),
+        "png_named_jpeg": png(image),
+        "grayscale": jpeg(image[..., :1]),
+        "truncated": truncated(jpeg(image)),
+        "corrupt": b"\xff\xd8\xff\xe0 this is not image data " * 4,
+        "small": jpeg(image[:20, :24]),
+    }
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def write_ilsvrc_tars(
+    manual_dir: str, synsets: list[str], per_class: int, num_val: int, seed: int = 0
+) -> dict[str, str]:
+    """``ILSVRC2012_img_train.tar`` (one ``<synset>.tar`` per class) and
+    ``ILSVRC2012_img_val.tar`` (``ILSVRC2012_val_000000NN.JPEG``) with generated images; the
+    first training images are the odd ones of ``odd_images``. Returns {kind: file name} of those."""
+    os.makedirs(manual_dir, exist_ok=True)
+    odd = list(odd_images(seed).items())
+    placed = {}
+    with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_train.tar"), "w") as outer:
+        for c, synset in enumerate(synsets):
+            inner_bytes = io.BytesIO()
+            with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
+                for i in range(per_class):
+                    name = f"{synset}_{i}.JPEG"
+                    k = c * per_class + i
+                    if k < len(odd):
+                        placed[odd[k][0]] = name
+                        payload = odd[k][1]
+                    else:
+                        payload = jpeg(builtin.draw_example(seed, "train", k)[0])
+                    _add(inner, name, payload)
+            _add(outer, f"{synset}.tar", inner_bytes.getvalue())
+    with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_val.tar"), "w") as val:
+        for i in range(num_val):
+            image, _ = builtin.draw_example(seed, "validation", i)
+            _add(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpeg(image))
+    return placed
+
+
+def write_image_folder(root: str, splits: dict[str, int], classes: list[str], seed: int = 0):
+    """``root/<split>/<class>/<n>.jpg`` with ``splits[split]`` images per class."""
+    for split, count in splits.items():
+        for c, name in enumerate(classes):
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            for i in range(count):
+                image, _ = builtin.draw_example(seed, "train", 1000 * c + i)
+                with open(os.path.join(root, split, name, f"{i}.jpg"), "wb") as f:
+                    f.write(jpeg(image))
+
+
+def photo_like_jpeg(seed: int, height: int = 375, width: int = 500, quality: int = 90) -> bytes:
+    """A JPEG the size of a typical ImageNet photo (about 500x375, ~110 KB): smooth colour
+    regions, edges and fine texture, so its entropy-coded data is as dense as a photo's."""
+    rng = np.random.default_rng(seed)
+    image, _ = builtin.draw_example(seed, "train", 0)
+    base = tf.image.resize(image[None].astype(np.float32), (height, width), "bilinear")[0]
+    texture = rng.normal(0.0, 1.0, size=(height // 2, width // 2, 3)).astype(np.float32)
+    texture = tf.image.resize(texture[None], (height, width), "bilinear")[0]
+    photo = base.numpy() + 14.0 * texture.numpy() + rng.normal(0.0, 6.0, size=(height, width, 3))
+    return jpeg(np.clip(photo, 0, 255).astype(np.uint8), quality)

@@ -1,0 +1,205 @@
+"""Per-image preprocessing as TensorFlow ops (PAPER.md, sections 3.1 and 3.2).
+
+Training, for an image of size (h, w) and a scale S drawn uniformly from [Smin, Smax]: rescaling
+isotropically to smallest side S and cutting a crop x crop window is the same as cutting a square
+window of ``crop * min(h, w) / S`` original pixels and resizing it to crop x crop. Only that window
+is decoded (``decode_and_crop_jpeg``), which is what makes the pipeline fast. Then a random
+horizontal flip, AlexNet's PCA colour shift and the mean RGB subtraction.
+
+Evaluation: the whole image rescaled isotropically to smallest side Q, normalised, and placed
+top-left in a zero-padded (bucket_h, bucket_w) canvas.
+
+All randomness is stateless, keyed by (seed, position of the example in the training stream), so
+a parallel ``map`` stays deterministic and a restarted pipeline draws the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+JPEG, PNG, UNDECODABLE = 0, 1, 2
+# A truncated JPEG whose first ACCEPTABLE_FRACTION of rows decode is kept (the rest is grey).
+ACCEPTABLE_FRACTION = 0.25
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+    """What a network expects: ``(pixels * pixel_range / 255 - mean) / std`` in ``channel_order``.
+
+    The default (the paper's): RGB, 0-255, the training set's mean RGB subtracted, std 1."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    channel_order: str = "RGB"
+    pixel_range: float = 255.0
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> Normalization:
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(spec) - valid)
+        if unknown or "mean" not in spec:
+            raise ValueError(
+                f"normalization takes keys {sorted(valid)} ('mean' required); got {sorted(spec)}"
+            )
+        norm = cls(
+            mean=tuple(float(m) for m in spec["mean"]),
+            std=tuple(float(s) for s in spec.get("std", (1.0, 1.0, 1.0))),
+            channel_order=str(spec.get("channel_order", "RGB")),
+            pixel_range=float(spec.get("pixel_range", 255.0)),
+        )
+        if norm.channel_order not in ("RGB", "BGR") or len(norm.mean) != 3 or len(norm.std) != 3:
+            raise ValueError(
+                f"normalization needs channel_order RGB or BGR and 3 means/stds: {spec}"
+            )
+        return norm
+
+
+def image_format(encoded: tf.Tensor) -> tf.Tensor:
+    """JPEG or PNG from the file's first bytes (names lie: ImageNet has a PNG named .JPEG)."""
+    is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_SIGNATURE)), _PNG_SIGNATURE)
+    return tf.where(tf.io.is_jpeg(encoded), JPEG, tf.where(is_png, PNG, UNDECODABLE))
+
+
+def decode_full(encoded: tf.Tensor, fmt: tf.Tensor) -> tf.Tensor:
+    """uint8 [H, W, 3] from a JPEG (any colour space, truncated tolerated) or a PNG."""
+    return tf.cond(
+        tf.equal(fmt, PNG),
+        lambda: tf.io.decode_png(encoded, channels=3),
+        lambda: tf.io.decode_jpeg(
+            encoded,
+            channels=3,
+            try_recover_truncated=True,
+            acceptable_fraction=ACCEPTABLE_FRACTION,
+        ),
+    )
+
+
+def decode_window(encoded: tf.Tensor, fmt: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
+    """uint8 [h, w, 3] of the window ``[top, left, h, w]``; a JPEG decodes only that window."""
+    window = tf.cast(window, tf.int32)
+
+    def from_png():
+        image = tf.io.decode_png(encoded, channels=3)
+        return image[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
+
+    return tf.cond(
+        tf.equal(fmt, PNG),
+        from_png,
+        lambda: tf.io.decode_and_crop_jpeg(
+            encoded,
+            window,
+            channels=3,
+            try_recover_truncated=True,
+            acceptable_fraction=ACCEPTABLE_FRACTION,
+        ),
+    )
+
+
+def example_seed(seed: int | tf.Tensor, position: tf.Tensor) -> tf.Tensor:
+    """The stateless RNG seed of the example at ``position`` of the training stream."""
+    return tf.stack([tf.cast(seed, tf.int64), tf.cast(position, tf.int64)])
+
+
+def sample_train_params(
+    rng_seed: tf.Tensor,
+    height: tf.Tensor,
+    width: tf.Tensor,
+    crop_size: int,
+    scale_min: int,
+    scale_max: int,
+    color_shift_std: float,
+    random_flip: bool,
+) -> dict[str, tf.Tensor]:
+    """One draw of the training augmentation for an image of (height, width).
+
+    ``scale``: S, an integer uniform in [scale_min, scale_max]; ``window``: [top, left, size,
+    size] in original pixels, the crop's footprint, always inside the image; ``flip``: bool;
+    ``alpha``: the PCA colour-shift weights, N(0, color_shift_std^2) each."""
+    uniforms = tf.random.stateless_uniform([4], rng_seed, dtype=tf.float32)
+    alpha = color_shift_std * tf.random.stateless_normal(
+        [3], tf.random.experimental.stateless_fold_in(rng_seed, 1)
+    )
+    span = scale_max - scale_min + 1
+    scale = scale_min + tf.minimum(tf.cast(uniforms[0] * span, tf.int32), span - 1)
+    min_side = tf.minimum(height, width)
+    size = tf.cast(
+        tf.round(crop_size * tf.cast(min_side, tf.float32) / tf.cast(scale, tf.float32)), tf.int32
+    )
+    size = tf.clip_by_value(size, 1, min_side)
+    top = tf.cast(uniforms[1] * tf.cast(height - size + 1, tf.float32), tf.int32)
+    left = tf.cast(uniforms[2] * tf.cast(width - size + 1, tf.float32), tf.int32)
+    top, left = tf.minimum(top, height - size), tf.minimum(left, width - size)
+    flip = tf.logical_and(tf.constant(random_flip), uniforms[3] < 0.5)
+    return {
+        "scale": scale,
+        "window": tf.stack([top, left, size, size]),
+        "flip": flip,
+        "alpha": alpha,
+    }
+
+
+def pca_colour_shift(alpha: tf.Tensor, eigvals: np.ndarray, eigvecs: np.ndarray) -> tf.Tensor:
+    """AlexNet's lighting noise, in 0-255 RGB units: ``255 * eigvecs @ (alpha * eigvals)``.
+
+    The eigen-pairs are those of the covariance of RGB pixel values scaled to [0, 1] (the usual
+    convention, e.g. fb.resnet.torch's ImageNet values), hence the factor 255."""
+    eigvals = tf.constant(eigvals, tf.float32)
+    eigvecs = tf.constant(eigvecs, tf.float32)
+    return 255.0 * tf.linalg.matvec(eigvecs, alpha * eigvals)
+
+
+def normalise(image: tf.Tensor, norm: Normalization) -> tf.Tensor:
+    """float32 RGB 0-255 -> what the network expects."""
+    image = image * (norm.pixel_range / 255.0)
+    if norm.channel_order == "BGR":
+        image = image[..., ::-1]
+    return (image - tf.constant(norm.mean, tf.float32)) / tf.constant(norm.std, tf.float32)
+
+
+def resize(image: tf.Tensor, height, width, antialias: bool) -> tf.Tensor:
+    return tf.image.resize(image, tf.stack([height, width]), "bilinear", antialias=antialias)
+
+
+def train_image(
+    encoded: tf.Tensor,
+    fmt: tf.Tensor,
+    params: dict[str, tf.Tensor],
+    crop_size: int,
+    eigvals: np.ndarray,
+    eigvecs: np.ndarray,
+    norm: Normalization,
+    antialias: bool = False,
+) -> tf.Tensor:
+    """float32 [crop, crop, 3]: window decoded, resized, flipped, colour-shifted, normalised."""
+    window = decode_window(encoded, fmt, params["window"])
+    image = resize(tf.cast(window, tf.float32), crop_size, crop_size, antialias)
+    image = tf.cond(params["flip"], lambda: image[:, ::-1], lambda: image)
+    image = image + pca_colour_shift(params["alpha"], eigvals, eigvecs)
+    return normalise(image, norm)
+
+
+def eval_size(height: np.ndarray, width: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """Size after an isotropic rescale to smallest side ``scale`` (numpy, for the schedule)."""
+    height, width = np.asarray(height, np.int64), np.asarray(width, np.int64)
+    min_side = np.minimum(height, width)
+    out_h = np.where(height == min_side, scale, np.rint(height * scale / min_side))
+    out_w = np.where(width == min_side, scale, np.rint(width * scale / min_side))
+    return np.maximum(out_h, 1).astype(np.int32), np.maximum(out_w, 1).astype(np.int32)
+
+
+def eval_image(
+    encoded: tf.Tensor,
+    fmt: tf.Tensor,
+    size: tf.Tensor,
+    bucket: tf.Tensor,
+    norm: Normalization,
+) -> tf.Tensor:
+    """float32 [bucket_h, bucket_w, 3]: the image resized to ``size``, normalised, top-left,
+    zeros elsewhere (zero = the mean colour, as the paper's padding)."""
+    image = tf.cast(decode_full(encoded, fmt), tf.float32)
+    image = normalise(resize(image, size[0], size[1], antialias=True), norm)
+    return tf.pad(image, [[0, bucket[0] - size[0]], [0, bucket[1] - size[1]], [0, 0]])
