@@ -1,0 +1,127 @@
+"""vgg_jax's .npz and .safetensors exports: bit-exact round trips, the safetensors layout."""
+
+import json
+import os
+import struct
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from absl.testing import absltest, parameterized
+
+from experiments import common
+from vgg_jax import checkpoint, conventions, export, models
+
+
+def tiny_params(seed=0):
+    """Random values in the shapes of a small net A (no init to compile: values do not matter)."""
+    config = common.model_config("A")
+    config.update(dict(num_classes=5, width=1 / 16, fc_width=16))
+    shapes = models.abstract_params(models.build_model(config, crop_size=32))
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape, np.float32), shapes)
+
+
+def assert_bitwise_equal(test, actual, expected):
+    test.assertEqual(jax.tree_util.tree_structure(actual), jax.tree_util.tree_structure(expected))
+    leaves = jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected)
+    for a, e in zip(*leaves, strict=True):
+        test.assertEqual(a.dtype, e.dtype)
+        test.assertEqual(a.shape, e.shape)
+        test.assertEqual(a.tobytes(), e.tobytes())
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class ExportTest(parameterized.TestCase):
+    def setUp(self):
+        self.tmp = self.create_tempdir().full_path
+        self.params = tiny_params()
+        # Other dtypes must survive too, bfloat16 (which .npy cannot name) and -0.0/nan bits.
+        self.params["extra"] = {
+            "bf16": np.array([1.5, -0.0, np.inf], ml_dtypes.bfloat16),
+            "half": np.array([np.nan, -0.0], np.float16),
+            "ints": np.arange(6, dtype=np.int64).reshape(2, 3),
+        }
+        self.meta = {"net": "A", "normalization": dict(conventions.CAFFE), "note": "é"}
+
+    @parameterized.parameters(".npz", ".safetensors")
+    def test_round_trip_is_bitwise(self, suffix):
+        path = os.path.join(self.tmp, "weights" + suffix)
+        export.save(path, self.params, self.meta)
+        params, meta = export.load(path)
+        assert_bitwise_equal(self, params, self.params)
+        self.assertEqual(meta, json.loads(json.dumps(self.meta)))
+        self.assertFalse(os.path.exists(path + ".tmp"))
+        # Saving what was loaded gives the same file, byte for byte.
+        again = os.path.join(self.tmp, "again" + suffix)
+        export.save(again, params, meta)
+        if suffix == ".safetensors":  # npz (zip) entries carry timestamps
+            self.assertEqual(read_bytes(path), read_bytes(again))
+
+    def test_jax_arrays_export_like_numpy(self):
+        path = os.path.join(self.tmp, "jax.npz")
+        export.save_npz(path, jax.tree_util.tree_map(jnp.asarray, tiny_params(1)), {})
+        params, meta = export.load_npz(path)
+        assert_bitwise_equal(self, params, tiny_params(1))
+        self.assertEqual(meta, {})
+
+    def test_safetensors_layout_follows_the_spec(self):
+        path = os.path.join(self.tmp, "w.safetensors")
+        export.save_safetensors(path, self.params, self.meta)
+        blob = read_bytes(path)
+        (size,) = struct.unpack("<Q", blob[:8])
+        self.assertEqual((8 + size) % 8, 0)
+        header = json.loads(blob[8 : 8 + size])
+        meta = json.loads(header.pop("__metadata__")["vgg_jax"])
+        self.assertEqual(meta, json.loads(json.dumps(self.meta)))
+        entry = header["fc1/kernel"]
+        self.assertEqual(entry["dtype"], "F32")
+        self.assertEqual(entry["shape"], list(self.params["fc1"]["kernel"].shape))
+        begin, end = entry["data_offsets"]
+        data = np.frombuffer(blob[8 + size + begin : 8 + size + end], "<f4")
+        np.testing.assert_array_equal(data.reshape(entry["shape"]), self.params["fc1"]["kernel"])
+        self.assertEqual(header["extra/bf16"]["dtype"], "BF16")
+        # The tensors tile the buffer with no gaps, as the format requires.
+        spans = sorted(e["data_offsets"] for e in header.values())
+        self.assertEqual(spans[0][0], 0)
+        self.assertEqual(spans[-1][1], len(blob) - 8 - size)
+        for (_, end), (begin, _) in zip(spans[:-1], spans[1:], strict=True):
+            self.assertEqual(end, begin)
+
+    def test_corrupt_and_foreign_files_fail_clearly(self):
+        path = os.path.join(self.tmp, "w.safetensors")
+        export.save_safetensors(path, self.params, self.meta)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - 4)
+        with self.assertRaisesRegex(ValueError, "data_offsets"):
+            export.load_safetensors(path)
+        plain = os.path.join(self.tmp, "plain.npz")
+        np.savez(plain, a=np.zeros(3))
+        with self.assertRaisesRegex(ValueError, "not written by vgg_jax"):
+            export.load_npz(plain)
+        with self.assertRaisesRegex(ValueError, "valid: \\['.npz', '.safetensors'\\]"):
+            export.save(os.path.join(self.tmp, "w.pt"), self.params)
+
+    def test_export_checkpoint_carries_net_config_and_convention(self):
+        workdir = os.path.join(self.tmp, "run")
+        config = common.paper_config("A", None)
+        checkpoint.save_params(
+            workdir, tiny_params(2), step=4, config=config, normalization=conventions.TORCHVISION
+        )
+        path = os.path.join(self.tmp, "run.safetensors")
+        export.export_checkpoint(workdir, path)
+        params, meta = export.load(path)
+        assert_bitwise_equal(self, params, tiny_params(2))
+        self.assertEqual(meta["net"], "A")
+        self.assertEqual(meta["step"], 4)
+        self.assertEqual(conventions.validate(meta["normalization"]), conventions.TORCHVISION)
+        self.assertEqual(meta["config"]["model"]["name"], "A")
+
+
+if __name__ == "__main__":
+    absltest.main()

@@ -1,0 +1,245 @@
+"""vgg_jax's own weight files: ``.npz`` and ``.safetensors``, both bit-exact round trips.
+
+A file holds the parameter tree, flattened to ``"block1_conv1/kernel"``-style names, and a JSON
+``meta`` dict. ``meta`` says what the weights are: ``net`` (a Table 1 name) and ``normalization``
+(the ``conventions.InputConvention`` they expect) are what ``python -m vgg_jax.import_weights``
+reads back; ``export_checkpoint`` also stores the run's training ``config``.
+
+Dtypes survive exactly, including ``bfloat16``, which NumPy's own ``.npy`` format cannot name: such
+arrays are stored as unsigned integers of the same width and viewed back on load. The safetensors
+files follow that format's specification (an 8-byte header length, a JSON header, one flat byte
+buffer) and are written and read with NumPy alone; other safetensors readers open them too.
+
+    python -m vgg_jax.export --workdir=workdirs/vgg16 --out=vgg16.safetensors
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import sys
+from collections.abc import Iterator, Mapping
+from typing import Any, BinaryIO
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy; JAX depends on it)
+import numpy as np
+
+SEPARATOR = "/"
+NPZ_HEADER_KEY = "__vgg_jax_header__"
+SAFETENSORS_META_KEY = "vgg_jax"
+SAFETENSORS_DTYPES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint64": "U64",
+    "uint32": "U32",
+    "uint16": "U16",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+FORMATS = (".npz", ".safetensors")
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    """``{"fc1": {"kernel": a}}`` -> ``{"fc1/kernel": a}`` (host NumPy arrays, dtypes kept)."""
+    flat = {}
+    for key, value in params.items():
+        if SEPARATOR in key:
+            raise ValueError(f"Parameter name {key!r} contains {SEPARATOR!r}.")
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + SEPARATOR))
+        else:
+            flat[name] = np.asarray(value)
+    return flat
+
+
+def unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for name, value in flat.items():
+        *path, leaf = name.split(SEPARATOR)
+        node = params
+        for key in path:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return params
+
+
+def save_npz(
+    path: str | os.PathLike, params: Mapping[str, Any], meta: Mapping | None = None
+) -> None:
+    """Writes ``params`` and ``meta`` to ``path`` (written whole, then renamed into place)."""
+    flat = flatten(params)
+    stored, dtypes = {}, {}
+    for name, array in flat.items():
+        dtypes[name] = array.dtype.name
+        stored[name] = array if _numpy_native(array.dtype) else array.view(_same_width_uint(array))
+    header = json.dumps({"meta": dict(meta or {}), "dtypes": dtypes})
+    stored[NPZ_HEADER_KEY] = np.frombuffer(header.encode("utf-8"), np.uint8)
+    with _atomic_open(path) as f:
+        np.savez(f, **stored)
+
+
+def load_npz(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(params, meta)`` from a file written by ``save_npz``."""
+    with np.load(os.fspath(path), allow_pickle=False) as npz:
+        if NPZ_HEADER_KEY not in npz.files:
+            raise ValueError(
+                f"{path} was not written by vgg_jax.export.save_npz (no {NPZ_HEADER_KEY})."
+            )
+        header = json.loads(npz[NPZ_HEADER_KEY].tobytes().decode("utf-8"))
+        flat = {}
+        for name, dtype in header["dtypes"].items():
+            array = npz[name]
+            flat[name] = array if array.dtype.name == dtype else array.view(np.dtype(dtype))
+    return unflatten(flat), header["meta"]
+
+
+def save_safetensors(
+    path: str | os.PathLike, params: Mapping[str, Any], meta: Mapping | None = None
+) -> None:
+    """Writes ``params`` as a safetensors file; ``meta`` goes, as JSON, into its metadata."""
+    _require_little_endian()
+    flat = flatten(params)
+    header: dict[str, Any] = {"__metadata__": {SAFETENSORS_META_KEY: json.dumps(dict(meta or {}))}}
+    offset = 0
+    for name, array in flat.items():
+        if array.dtype.name not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: dtype {array.dtype} has no safetensors name.")
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[array.dtype.name],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the reference writer pads the header to 8 bytes
+    with _atomic_open(path) as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for array in flat.values():
+            f.write(np.ascontiguousarray(array).tobytes())
+
+
+def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(params, meta)`` from a safetensors file (``meta`` is empty if vgg_jax did not write
+    it; names with dots, the usual convention elsewhere, stay flat keys)."""
+    _require_little_endian()
+    with open(path, "rb") as f:
+        blob = f.read()
+    if len(blob) < 8:
+        raise ValueError(f"{path} is too short to be a safetensors file.")
+    (header_size,) = struct.unpack("<Q", blob[:8])
+    if 8 + header_size > len(blob):
+        raise ValueError(f"{path} is not a safetensors file (header runs past the end).")
+    header = json.loads(blob[8 : 8 + header_size].decode("utf-8"))
+    metadata = header.pop("__metadata__", None) or {}
+    buffer = memoryview(blob)[8 + header_size :]
+    names_by_code = {code: name for name, code in SAFETENSORS_DTYPES.items()}
+    flat, covered = {}, 0
+    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        begin, end = entry["data_offsets"]
+        if entry["dtype"] not in names_by_code:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}.")
+        dtype = np.dtype(names_by_code[entry["dtype"]])
+        if begin != covered or end > len(buffer) or end - begin != _nbytes(entry["shape"], dtype):
+            raise ValueError(f"{path}: tensor {name}'s data_offsets do not fit the file.")
+        flat[name] = np.frombuffer(buffer[begin:end], dtype).reshape(entry["shape"]).copy()
+        covered = end
+    meta = json.loads(metadata[SAFETENSORS_META_KEY]) if SAFETENSORS_META_KEY in metadata else {}
+    return unflatten(flat), meta
+
+
+def save(path: str | os.PathLike, params: Mapping[str, Any], meta: Mapping | None = None) -> None:
+    """``save_npz`` or ``save_safetensors``, by the file's suffix."""
+    {".npz": save_npz, ".safetensors": save_safetensors}[_suffix(path)](path, params, meta)
+
+
+def load(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``load_npz`` or ``load_safetensors``, by the file's suffix."""
+    return {".npz": load_npz, ".safetensors": load_safetensors}[_suffix(path)](path)
+
+
+def export_checkpoint(workdir: str, path: str | os.PathLike, which: str | int = "latest") -> dict:
+    """Writes a checkpoint's params to ``path`` (.npz or .safetensors); returns the meta written:
+    ``net``, ``normalization`` (None for nets trained here: the config's own pipeline),
+    ``config`` and ``step``."""
+    from vgg_jax import checkpoint
+
+    _suffix(path)  # fail before restoring a large checkpoint
+    params, step, checkpoint_meta = checkpoint.restore_params(workdir, which)
+    config = checkpoint_meta.get("config") or {}
+    meta = {
+        "net": (config.get("model") or {}).get("name"),
+        "normalization": checkpoint_meta.get("normalization"),
+        "config": config,
+        "step": step,
+    }
+    save(path, params, meta)
+    return meta
+
+
+def _suffix(path: str | os.PathLike) -> str:
+    suffix = os.path.splitext(os.fspath(path))[1]
+    if suffix not in FORMATS:
+        raise ValueError(f"{path}: unknown weight file suffix {suffix!r}; valid: {list(FORMATS)}")
+    return suffix
+
+
+def _numpy_native(dtype: np.dtype) -> bool:
+    return dtype.kind in "biufc"  # bfloat16 and other ml_dtypes are kind "V" to NumPy
+
+
+def _same_width_uint(array: np.ndarray) -> np.dtype:
+    return np.dtype(f"uint{8 * array.dtype.itemsize}")
+
+
+def _nbytes(shape: list[int], dtype: np.dtype) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+def _require_little_endian() -> None:
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors files are little-endian; this machine is not.")
+
+
+@contextlib.contextmanager
+def _atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Writes to ``path + ".tmp"`` and renames it to ``path`` only on success, so a crashed
+    export never leaves a truncated file under the real name."""
+    tmp = os.fspath(path) + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def main(argv: list[str]) -> None:
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    workdir, out = flags.FLAGS.workdir, flags.FLAGS.out
+    meta = export_checkpoint(workdir, out, flags.FLAGS.which)
+    print(f"wrote {out}: net {meta['net']}, step {meta['step']}, from {workdir}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    # Defined here, not at import, so importing this module adds no flags to launch.py's.
+    flags.DEFINE_string("workdir", None, "Run directory whose checkpoint to export.")
+    flags.DEFINE_string("out", None, f"Output file; suffix one of {list(FORMATS)}.")
+    flags.DEFINE_string("which", "latest", "Checkpoint: latest, best or a step number.")
+    flags.mark_flags_as_required(["workdir", "out"])
+    app.run(main)
