@@ -1,0 +1,152 @@
+"""import_weights: imported nets become checkpoints that the evaluator and init_from take."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+from absl.testing import absltest
+
+from experiments import common
+from vgg_jax import (
+    checkpoint,
+    conventions,
+    export,
+    import_weights,
+    init_from,
+    models,
+    torch_weights,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(width=1 / 16, fc_width=32, num_classes=10)
+
+
+def random_params(net, seed=0, crop_size=224, **model):
+    """Random values in the shapes of ``net`` (eval_shape only: nothing to compile)."""
+    config = common.model_config(net)
+    config.update(model or TINY)
+    shapes = models.abstract_params(models.build_model(config, crop_size))
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape, np.float32), shapes)
+
+
+def assert_trees_equal(actual, expected):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, actual, expected)
+
+
+class ImportWeightsTest(absltest.TestCase):
+    def setUp(self):
+        self.tmp = self.create_tempdir().full_path
+        self.params = random_params("D")
+        self.pth = os.path.join(self.tmp, "vgg16.pth")
+        torch_weights.save_pth(self.pth, torch_weights.state_dict_from_params("D", self.params))
+
+    def test_torchvision_file_becomes_a_checkpoint_init_from_accepts(self):
+        workdir = os.path.join(self.tmp, "imported")
+        summary = import_weights.import_to_checkpoint(self.pth, "torchvision", workdir)
+        self.assertEqual(summary["net"], "D")
+
+        params, step, meta = checkpoint.restore_params(workdir)
+        self.assertEqual(step, 0)
+        assert_trees_equal(params, self.params)
+        self.assertEqual(conventions.validate(meta["normalization"]), conventions.TORCHVISION)
+        model_config = ml_collections.ConfigDict(meta["config"]["model"])
+        self.assertEqual(model_config.name, "D")
+        self.assertEqual(
+            (model_config.width, model_config.fc_width, model_config.num_classes), (1 / 16, 32, 10)
+        )
+        self.assertEqual(meta["config"]["input"]["crop_size"], 224)
+        # The recorded config builds a model whose parameters are exactly the checkpoint's.
+        model = models.build_model(model_config, meta["config"]["input"]["crop_size"])
+        self.assertEqual(
+            jax.tree_util.tree_map(np.shape, models.abstract_params(model)),
+            jax.tree_util.tree_map(np.shape, params),
+        )
+
+        config = common.paper_config("D", None).init_from
+        config.update(dict(mode="full", workdir=workdir))
+        fresh = jax.tree_util.tree_map(lambda p: jax.numpy.zeros_like(p), self.params)
+        assert_trees_equal(init_from.initial_params(config, fresh), self.params)
+
+    def test_export_file_with_net_override_and_convention(self):
+        params = random_params("A", seed=1)
+        path = os.path.join(self.tmp, "a.safetensors")
+        export.save(path, params, {"net": "A", "normalization": conventions.CAFFE})
+        workdir = os.path.join(self.tmp, "a_lrn")
+        summary = import_weights.import_to_checkpoint(path, "safetensors", workdir, net="A-LRN")
+        self.assertEqual(summary["net"], "A-LRN")  # same parameters as A
+        restored, _, meta = checkpoint.restore_params(workdir)
+        assert_trees_equal(restored, params)
+        self.assertEqual(meta["config"]["model"]["name"], "A-LRN")
+        self.assertEqual(conventions.validate(meta["normalization"]), conventions.CAFFE)
+
+        with self.assertRaisesRegex(FileExistsError, "new --workdir"):
+            import_weights.import_to_checkpoint(path, "safetensors", workdir)
+        mismatch = r"net B .*: block1_conv2/bias is missing in the file, \(4,\) in the model"
+        with self.assertRaisesRegex(ValueError, mismatch):
+            import_weights.import_to_checkpoint(path, "safetensors", self.tmp + "/b", net="B")
+
+    def test_fitted_config_checks_every_shape(self):
+        config, crop_size = import_weights.fit_model_config("D", self.params)
+        self.assertEqual((config.width, config.fc_width, config.num_classes), (1 / 16, 32, 10))
+        self.assertEqual(crop_size, 224)
+        full = models.abstract_params(models.VGG(models.LAYOUTS["E"]))
+        config, crop_size = import_weights.fit_model_config("E", full)
+        self.assertEqual((config.width, config.fc_width, config.num_classes), (1, 4096, 1000))
+        self.assertEqual(crop_size, 224)
+        self.params["block3_conv2"]["kernel"] = np.zeros((3, 3, 16, 8), np.float32)
+        with self.assertRaisesRegex(ValueError, r"block3_conv2/kernel is \(3, 3, 16, 8\) in the"):
+            import_weights.fit_model_config("D", self.params)
+
+    def test_missing_net_or_convention_is_asked_for(self):
+        path = os.path.join(self.tmp, "bare.npz")
+        export.save_npz(path, self.params, {})
+        with self.assertRaisesRegex(ValueError, "pass --net"):
+            import_weights.import_to_checkpoint(path, "npz", self.tmp + "/x")
+        with self.assertRaisesRegex(ValueError, "pass --normalization"):
+            import_weights.import_to_checkpoint(path, "npz", self.tmp + "/x", net="D")
+        with self.assertRaisesRegex(ValueError, "valid: \\['caffe', 'torchvision'\\]"):
+            import_weights.import_to_checkpoint(path, "npz", self.tmp + "/x", "D", "bgr")
+        import_weights.import_to_checkpoint(path, "npz", self.tmp + "/x", "D", "torchvision")
+        _, _, meta = checkpoint.restore_params(self.tmp + "/x")
+        self.assertEqual(meta["normalization"]["channel_order"], "RGB")
+        with self.assertRaisesRegex(ValueError, "valid: \\['keras', 'npz'"):
+            import_weights.import_to_checkpoint(path, "pth", self.tmp + "/y")
+
+    def test_command_line(self):
+        workdir = os.path.join(self.tmp, "cli")
+        result = subprocess.run(
+            [sys.executable, "-m", "vgg_jax.import_weights", f"--source={self.pth}"]
+            + ["--format=torchvision", f"--workdir={workdir}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("input convention: RGB, 0-1, mean (0.485, 0.456, 0.406)", result.stdout)
+        self.assertIn(
+            "evaluate: python launch.py --config=experiments/vgg16.py --mode=evaluate "
+            "--config.model.width=0.0625 --config.model.fc_width=32 --config.model.num_classes=10 "
+            f"--workdir={workdir}",
+            result.stdout,
+        )
+        self.assertEqual(checkpoint.available_steps(workdir), [0])
+        again = subprocess.run(
+            [sys.executable, "-m", "vgg_jax.import_weights", f"--source={self.pth}"]
+            + ["--format=torchvision", f"--workdir={workdir}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        self.assertNotEqual(again.returncode, 0)
+        self.assertIn("already holds checkpoints", again.stderr)
+        self.assertNotIn("Traceback", again.stderr)
+
+
+if __name__ == "__main__":
+    absltest.main()

@@ -1,0 +1,243 @@
+"""Turns imported weights into a vgg_jax checkpoint that ``--mode=evaluate`` and ``init_from`` take.
+
+    python -m vgg_jax.import_weights --source=vgg16-397923af.pth --format=torchvision \\
+        --workdir=workdirs/torchvision_vgg16
+    python launch.py --config=experiments/vgg16.py --mode=evaluate \\
+        --workdir=workdirs/torchvision_vgg16
+
+Formats: ``torchvision`` (a ``vgg11/13/16/19`` state dict, read without PyTorch), ``keras`` (a
+Keras VGG16/VGG19 ``.h5``), ``npz`` and ``safetensors`` (vgg_jax's own export). The net, its widths,
+class count and crop size come from the weights' shapes and are checked against the model before
+anything is written. The checkpoint's meta records the training config of that net (the paper's
+defaults with those model values) and the input convention the weights expect, which the
+evaluator applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from experiments import common
+from vgg_jax import checkpoint, conventions, export, models
+
+# The experiment config of each paper net, for the evaluation command printed at the end.
+EXPERIMENTS = {
+    "A": "vgg11.py",
+    "A-LRN": "vgg11_lrn.py",
+    "B": "vgg13.py",
+    "C": "vgg16_1x1.py",
+    "D": "vgg16.py",
+    "E": "vgg19.py",
+}
+
+
+@dataclasses.dataclass
+class ImportedNet:
+    """What every importer gives: the net (a Table 1 name), its params and input convention."""
+
+    net: str | None
+    params: dict[str, Any]
+    normalization: conventions.InputConvention | None
+
+
+def _from_torchvision(path: str) -> ImportedNet:
+    from vgg_jax import torch_weights
+
+    net, params = torch_weights.load_torchvision_weights(path)
+    return ImportedNet(net, params, torch_weights.TORCHVISION_INPUT)
+
+
+def _from_keras(path: str) -> ImportedNet:
+    from vgg_jax import keras_weights  # TensorFlow is imported only on this path
+
+    net, params = keras_weights.load_keras_weights(path)
+    return ImportedNet(net, params, keras_weights.KERAS_INPUT)
+
+
+def _from_export(path: str) -> ImportedNet:
+    params, meta = export.load(path)
+    return ImportedNet(meta.get("net"), params, meta.get("normalization"))
+
+
+IMPORTERS: dict[str, Callable[[str], ImportedNet]] = {
+    "torchvision": _from_torchvision,
+    "keras": _from_keras,
+    "npz": _from_export,
+    "safetensors": _from_export,
+}
+
+
+def load(source: str, fmt: str) -> ImportedNet:
+    """Reads ``source`` with the importer of format ``fmt`` (one of ``IMPORTERS``)."""
+    if fmt not in IMPORTERS:
+        raise ValueError(f"Unknown --format {fmt!r}; valid: {sorted(IMPORTERS)}")
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"No weight file at {source}")
+    return IMPORTERS[fmt](source)
+
+
+def fit_model_config(net: str, params: Mapping[str, Any]) -> tuple[ml_collections.ConfigDict, int]:
+    """The ``model`` config group and crop size of ``net`` that have exactly ``params``' shapes.
+
+    Width, FC width and class count are read off the shapes; the crop size off FC1's window. The
+    result is checked against the model's own parameter shapes (``jax.eval_shape``, nothing
+    allocated), so a file that does not fit ``net`` fails here, naming the first layer that
+    differs.
+    """
+    if net not in models.LAYOUTS:
+        raise ValueError(f"Unknown net {net!r}; valid: {sorted(models.LAYOUTS)}")
+    missing = sorted({"block1_conv1", "fc1", "fc3"} - set(params))
+    if missing:
+        raise ValueError(f"These weights have no layers {missing}; they are not a VGG.")
+    last_conv = [n for n in models._layer_names(models.LAYOUTS[net]) if "_conv" in n][-1]
+    if last_conv not in params:
+        raise ValueError(f"These weights have no layer {last_conv}: not net {net}.")
+    last_channels = np.shape(params[last_conv]["kernel"])[-1]
+    window = round((np.shape(params["fc1"]["kernel"])[0] / last_channels) ** 0.5)
+    config = common.model_config(net)
+    config.width = np.shape(params["block1_conv1"]["kernel"])[-1] / 64
+    config.fc_width = int(np.shape(params["fc1"]["kernel"])[-1])
+    config.num_classes = int(np.shape(params["fc3"]["kernel"])[-1])
+    crop_size = int(window * 2**models.NUM_POOLS)
+    expected = _shapes(models.abstract_params(models.build_model(config, crop_size)))
+    actual = _shapes(params)
+    for name in sorted(set(expected) | set(actual)):
+        if expected.get(name) != actual.get(name):
+            raise ValueError(
+                f"These weights do not fit net {net} (width {config.width:g}, FC width "
+                f"{config.fc_width}, {config.num_classes} classes, crop {crop_size}): {name} is "
+                f"{actual.get(name, 'missing')} in the file, {expected.get(name, 'absent')} in the "
+                "model. Pass the right --net."
+            )
+    return config, crop_size
+
+
+def training_config(net: str, params: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """The paper's config of ``net`` (scale variant s256) with the model group fitted to
+    ``params``: what the checkpoint's meta records as the config it belongs to."""
+    model_config, crop_size = fit_model_config(net, params)
+    config = common.paper_config(net, None)
+    config.model = model_config
+    config.input.crop_size = crop_size
+    return config
+
+
+def import_to_checkpoint(
+    source: str,
+    fmt: str,
+    workdir: str,
+    net: str | None = None,
+    normalization: str | Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Imports ``source`` and writes it to ``workdir`` as a params-only checkpoint at step 0.
+
+    ``net`` overrides the net the file implies (e.g. A-LRN for a vgg11 file: same parameters);
+    ``normalization`` (a ``conventions.NAMED`` name or a dict) overrides or supplies the input
+    convention. Returns a summary: net, params count, normalization, checkpoint directory and
+    the config written.
+    """
+    if checkpoint.available_steps(workdir):
+        raise FileExistsError(
+            f"{workdir} already holds checkpoints {checkpoint.available_steps(workdir)}; "
+            "import into a new --workdir so 'latest' is the imported net."
+        )
+    imported = load(source, fmt)
+    chosen_net = net or imported.net
+    if chosen_net is None:
+        raise ValueError(
+            f"{source} does not say which net it holds; pass --net (one of "
+            f"{sorted(models.LAYOUTS)})."
+        )
+    if isinstance(normalization, str):
+        if normalization not in conventions.NAMED:
+            raise ValueError(
+                f"Unknown --normalization {normalization!r}; valid: {sorted(conventions.NAMED)}"
+            )
+        normalization = conventions.NAMED[normalization]
+    normalization = normalization or imported.normalization
+    if normalization is None:
+        raise ValueError(
+            f"{source} does not state the input convention its weights expect; pass "
+            f"--normalization (one of {sorted(conventions.NAMED)})."
+        )
+    normalization = conventions.validate(normalization)
+    config = training_config(chosen_net, imported.params)
+    params = jax.tree_util.tree_map(np.asarray, imported.params)
+    directory = checkpoint.save_params(
+        workdir, params, step=0, config=config, normalization=dict(normalization)
+    )
+    return dict(
+        net=chosen_net,
+        num_params=models.count_params(params),
+        normalization=normalization,
+        checkpoint=directory,
+        config=config,
+    )
+
+
+def evaluate_command(net: str, config: ml_collections.ConfigDict, workdir: str) -> str:
+    """The ``launch.py`` line that evaluates the imported net (with overrides for small nets)."""
+    defaults = common.model_config(net)
+    overrides = [
+        f"--config.model.{key}={config.model[key]}"
+        for key in ("width", "fc_width", "num_classes")
+        if config.model[key] != defaults[key]
+    ]
+    if config.input.crop_size != 224:
+        overrides.append(f"--config.input.crop_size={config.input.crop_size}")
+    return " ".join(
+        ["python launch.py", f"--config=experiments/{EXPERIMENTS[net]}", "--mode=evaluate"]
+        + overrides
+        + [f"--workdir={workdir}"]
+    )
+
+
+def _shapes(tree: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """``{"fc1/kernel": shape, ...}`` of a parameter tree (arrays or ``ShapeDtypeStruct``)."""
+    flat = traverse_util.flatten_dict(dict(tree), sep="/")
+    return {name: tuple(np.shape(leaf)) for name, leaf in flat.items()}
+
+
+def main(argv: list[str]) -> None:
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    values = flags.FLAGS
+    try:
+        summary = import_to_checkpoint(
+            values.source, values.format, values.workdir, values.net, values.normalization
+        )
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        sys.exit(f"import_weights: {e}")
+    print(f"net {summary['net']}: {summary['num_params']:,} parameters")
+    print(f"input convention: {conventions.describe(summary['normalization'])}")
+    print(f"checkpoint: {summary['checkpoint']}")
+    print(f"evaluate: {evaluate_command(summary['net'], summary['config'], values.workdir)}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    # Defined here, not at import, so importing this module adds no flags to launch.py's.
+    flags.DEFINE_string("source", None, "The weight file to import.")
+    flags.DEFINE_enum("format", None, sorted(IMPORTERS), "What the file is.")
+    flags.DEFINE_string("workdir", None, "New directory for the checkpoint.")
+    flags.DEFINE_enum("net", None, sorted(models.LAYOUTS), "Net to build (default: the file's).")
+    flags.DEFINE_enum(
+        "normalization",
+        None,
+        sorted(conventions.NAMED),
+        "Input convention (default: the one the format or file states).",
+    )
+    flags.mark_flags_as_required(["source", "format", "workdir"])
+    app.run(main)
