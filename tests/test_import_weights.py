@@ -71,23 +71,25 @@ class ImportWeightsTest(absltest.TestCase):
         fresh = jax.tree_util.tree_map(lambda p: jax.numpy.zeros_like(p), self.params)
         assert_trees_equal(init_from.initial_params(config, fresh), self.params)
 
-    def test_export_file_with_net_override_and_convention(self):
+    def test_export_file_names_its_net_or_takes_it_from_net_flag(self):
         params = random_params("A", seed=1)
         path = os.path.join(self.tmp, "a.safetensors")
-        export.save(path, params, {"net": "A", "normalization": conventions.CAFFE})
+        export.save(path, params, {"normalization": conventions.CAFFE})  # no "net"
         workdir = os.path.join(self.tmp, "a_lrn")
         summary = import_weights.import_to_checkpoint(path, "safetensors", workdir, net="A-LRN")
-        self.assertEqual(summary["net"], "A-LRN")  # same parameters as A
+        self.assertEqual(summary["net"], "A-LRN")  # A's parameters: only the file's maker knows
         restored, _, meta = checkpoint.restore_params(workdir)
         assert_trees_equal(restored, params)
         self.assertEqual(meta["config"]["model"]["name"], "A-LRN")
         self.assertEqual(conventions.validate(meta["normalization"]), conventions.CAFFE)
 
         with self.assertRaisesRegex(FileExistsError, "new --workdir"):
-            import_weights.import_to_checkpoint(path, "safetensors", workdir)
+            import_weights.import_to_checkpoint(path, "safetensors", workdir, net="A-LRN")
         mismatch = r"net B .*: block1_conv2/bias is missing in the file, \(4,\) in the model"
         with self.assertRaisesRegex(ValueError, mismatch):
             import_weights.import_to_checkpoint(path, "safetensors", self.tmp + "/b", net="B")
+        with self.assertRaisesRegex(ValueError, "holds net D, not --net=E"):
+            import_weights.import_to_checkpoint(self.pth, "torchvision", self.tmp + "/e", net="E")
 
     def test_fitted_config_checks_every_shape(self):
         config, crop_size = import_weights.fit_model_config("D", self.params)

@@ -140,7 +140,8 @@ def import_to_checkpoint(
 ) -> dict[str, Any]:
     """Imports ``source`` and writes it to ``workdir`` as a params-only checkpoint at step 0.
 
-    ``net`` overrides the net the file implies (e.g. A-LRN for a vgg11 file: same parameters);
+    ``net`` names the net when the file does not (a net A-LRN export with no meta; nets with
+    equal parameter shapes cannot be told apart), and must agree with the file when it does.
     ``normalization`` (a ``conventions.NAMED`` name or a dict) overrides or supplies the input
     convention. Returns a summary: net, params count, normalization, checkpoint directory and
     the config written.
@@ -151,6 +152,11 @@ def import_to_checkpoint(
             "import into a new --workdir so 'latest' is the imported net."
         )
     imported = load(source, fmt)
+    if net and imported.net and net != imported.net:
+        raise ValueError(
+            f"{source} holds net {imported.net}, not --net={net}; drop --net (it is for files "
+            "that do not say which net they hold)."
+        )
     chosen_net = net or imported.net
     if chosen_net is None:
         raise ValueError(
@@ -232,7 +238,9 @@ if __name__ == "__main__":
     flags.DEFINE_string("source", None, "The weight file to import.")
     flags.DEFINE_enum("format", None, sorted(IMPORTERS), "What the file is.")
     flags.DEFINE_string("workdir", None, "New directory for the checkpoint.")
-    flags.DEFINE_enum("net", None, sorted(models.LAYOUTS), "Net to build (default: the file's).")
+    flags.DEFINE_enum(
+        "net", None, sorted(models.LAYOUTS), "The net, for a file that does not say which."
+    )
     flags.DEFINE_enum(
         "normalization",
         None,
