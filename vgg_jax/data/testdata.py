@@ -141,7 +141,7 @@ def write_image_folder(root: str, splits: dict[str, int], classes: list[str], se
                     f.write(jpeg(image))
 
 
-def photo_like_jpeg(seed: int, height: int = 375, width: int = 500, quality: int = 90) -> bytes:
+def photo_like_jpeg(seed: int, height: int = 375, width: int = 500, quality: int = 95) -> bytes:
     """A JPEG the size of a typical ImageNet photo (about 500x375, ~110 KB): smooth colour
     regions, edges and fine texture, so its entropy-coded data is as dense as a photo's."""
     rng = np.random.default_rng(seed)

@@ -152,15 +152,25 @@ def pca_colour_shift(alpha: tf.Tensor, eigvals: np.ndarray, eigvecs: np.ndarray)
     return 255.0 * tf.linalg.matvec(eigvecs, alpha * eigvals)
 
 
-def normalise(image: tf.Tensor, norm: Normalization) -> tf.Tensor:
-    """float32 RGB 0-255 -> what the network expects."""
-    image = image * (norm.pixel_range / 255.0)
+def normalise(image: tf.Tensor, norm: Normalization, shift: tf.Tensor | None = None) -> tf.Tensor:
+    """float32 RGB 0-255 (plus an optional RGB ``shift``) -> what the network expects.
+
+    ``((image + shift) * pixel_range / 255 - mean) / std``, in ``channel_order``, computed as one
+    multiply (skipped when it is 1) and one add: each full-image op costs as much as the resize."""
+    scale = np.float32(norm.pixel_range / 255.0) / np.asarray(norm.std, np.float32)
+    offset = -np.asarray(norm.mean, np.float32) / np.asarray(norm.std, np.float32)
+    offset = tf.constant(offset)
+    if shift is not None:
+        offset += (shift[::-1] if norm.channel_order == "BGR" else shift) * scale
     if norm.channel_order == "BGR":
-        image = image[..., ::-1]
-    return (image - tf.constant(norm.mean, tf.float32)) / tf.constant(norm.std, tf.float32)
+        image = tf.reverse(image, [-1])
+    if not np.all(scale == 1.0):
+        image = image * scale
+    return image + offset
 
 
 def resize(image: tf.Tensor, height, width, antialias: bool) -> tf.Tensor:
+    """Bilinear, to float32 (uint8 input is converted inside the kernel, with no extra pass)."""
     return tf.image.resize(image, tf.stack([height, width]), "bilinear", antialias=antialias)
 
 
@@ -174,12 +184,14 @@ def train_image(
     norm: Normalization,
     antialias: bool = False,
 ) -> tf.Tensor:
-    """float32 [crop, crop, 3]: window decoded, resized, flipped, colour-shifted, normalised."""
+    """float32 [crop, crop, 3]: window decoded, flipped, resized, colour-shifted, normalised.
+
+    The flip is done on the small uint8 window and the shift is folded into the normalisation's
+    single add: full-size float passes cost as much as the resize (see bench/input_pipeline.py)."""
     window = decode_window(encoded, fmt, params["window"])
-    image = resize(tf.cast(window, tf.float32), crop_size, crop_size, antialias)
-    image = tf.cond(params["flip"], lambda: image[:, ::-1], lambda: image)
-    image = image + pca_colour_shift(params["alpha"], eigvals, eigvecs)
-    return normalise(image, norm)
+    window = tf.cond(params["flip"], lambda: tf.reverse(window, [1]), lambda: window)
+    image = resize(window, crop_size, crop_size, antialias)
+    return normalise(image, norm, pca_colour_shift(params["alpha"], eigvals, eigvecs))
 
 
 def eval_size(height: np.ndarray, width: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
@@ -200,6 +212,5 @@ def eval_image(
 ) -> tf.Tensor:
     """float32 [bucket_h, bucket_w, 3]: the image resized to ``size``, normalised, top-left,
     zeros elsewhere (zero = the mean colour, as the paper's padding)."""
-    image = tf.cast(decode_full(encoded, fmt), tf.float32)
-    image = normalise(resize(image, size[0], size[1], antialias=True), norm)
+    image = normalise(resize(decode_full(encoded, fmt), size[0], size[1], antialias=True), norm)
     return tf.pad(image, [[0, bucket[0] - size[0]], [0, bucket[1] - size[1]], [0, 0]])
