@@ -33,6 +33,16 @@ def random_params(net, seed=0, crop_size=224, **model):
     return jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape, np.float32), shapes)
 
 
+def run_import(*flags):
+    return subprocess.run(
+        [sys.executable, "-m", "vgg_jax.import_weights", *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def assert_trees_equal(actual, expected):
     jax.tree_util.tree_map(np.testing.assert_array_equal, actual, expected)
 
@@ -120,14 +130,7 @@ class ImportWeightsTest(absltest.TestCase):
 
     def test_command_line(self):
         workdir = os.path.join(self.tmp, "cli")
-        result = subprocess.run(
-            [sys.executable, "-m", "vgg_jax.import_weights", f"--source={self.pth}"]
-            + ["--format=torchvision", f"--workdir={workdir}"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        result = run_import(f"--source={self.pth}", "--format=torchvision", f"--workdir={workdir}")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("input convention: RGB, 0-1, mean (0.485, 0.456, 0.406)", result.stdout)
         self.assertIn(
@@ -137,14 +140,7 @@ class ImportWeightsTest(absltest.TestCase):
             result.stdout,
         )
         self.assertEqual(checkpoint.available_steps(workdir), [0])
-        again = subprocess.run(
-            [sys.executable, "-m", "vgg_jax.import_weights", f"--source={self.pth}"]
-            + ["--format=torchvision", f"--workdir={workdir}"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        again = run_import(f"--source={self.pth}", "--format=torchvision", f"--workdir={workdir}")
         self.assertNotEqual(again.returncode, 0)
         self.assertIn("already holds checkpoints", again.stderr)
         self.assertNotIn("Traceback", again.stderr)
