@@ -104,6 +104,8 @@ class ExportTest(parameterized.TestCase):
         np.savez(plain, a=np.zeros(3))
         with self.assertRaisesRegex(ValueError, "not written by vgg_jax"):
             export.load_npz(plain)
+        with self.assertRaisesRegex(ValueError, "is not an .npz file"):
+            export.load_npz(path)
         with self.assertRaisesRegex(ValueError, "valid: \\['.npz', '.safetensors'\\]"):
             export.save(os.path.join(self.tmp, "w.pt"), self.params)
 

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import ml_collections
@@ -16,6 +17,7 @@ from vgg_jax import (
     export,
     import_weights,
     init_from,
+    keras_weights,
     models,
     torch_weights,
 )
@@ -127,6 +129,16 @@ class ImportWeightsTest(absltest.TestCase):
         self.assertEqual(meta["normalization"]["channel_order"], "RGB")
         with self.assertRaisesRegex(ValueError, "valid: \\['keras', 'npz'"):
             import_weights.import_to_checkpoint(path, "pth", self.tmp + "/y")
+
+    def test_keras_files_state_the_caffe_convention(self):
+        params = random_params("E", seed=3, width=1 / 16, fc_width=32, num_classes=1000)
+        with mock.patch.object(keras_weights, "load_keras_weights", return_value=("E", params)):
+            workdir = os.path.join(self.tmp, "keras")
+            import_weights.import_to_checkpoint(self.pth, "keras", workdir)
+        restored, _, meta = checkpoint.restore_params(workdir)
+        assert_trees_equal(restored, params)
+        self.assertEqual(conventions.validate(meta["normalization"]), conventions.CAFFE)
+        self.assertEqual(meta["config"]["model"]["name"], "E")
 
     def test_command_line(self):
         workdir = os.path.join(self.tmp, "cli")

@@ -20,6 +20,7 @@ import json
 import os
 import struct
 import sys
+import zipfile
 from collections.abc import Iterator, Mapping
 from typing import Any, BinaryIO
 
@@ -89,6 +90,8 @@ def save_npz(
 
 def load_npz(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(params, meta)`` from a file written by ``save_npz``."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not an .npz file.")
     with np.load(os.fspath(path), allow_pickle=False) as npz:
         if NPZ_HEADER_KEY not in npz.files:
             raise ValueError(

@@ -63,16 +63,21 @@ def _from_keras(path: str) -> ImportedNet:
     return ImportedNet(net, params, keras_weights.KERAS_INPUT)
 
 
-def _from_export(path: str) -> ImportedNet:
-    params, meta = export.load(path)
-    return ImportedNet(meta.get("net"), params, meta.get("normalization"))
+def _from_export(
+    reader: Callable[[str], tuple[dict, dict]],
+) -> Callable[[str], ImportedNet]:
+    def read(path: str) -> ImportedNet:
+        params, meta = reader(path)
+        return ImportedNet(meta.get("net"), params, meta.get("normalization"))
+
+    return read
 
 
 IMPORTERS: dict[str, Callable[[str], ImportedNet]] = {
     "torchvision": _from_torchvision,
     "keras": _from_keras,
-    "npz": _from_export,
-    "safetensors": _from_export,
+    "npz": _from_export(export.load_npz),
+    "safetensors": _from_export(export.load_safetensors),
 }
 
 
