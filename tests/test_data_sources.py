@@ -1,0 +1,142 @@
+"""The built-in shapes dataset, the image-folder source, and start-up errors on bad config."""
+
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from absl.testing import absltest
+
+from experiments import common
+from vgg_jax import data
+from vgg_jax.data import builtin, folder, pipeline, settings, testdata
+
+
+class BuiltinTest(absltest.TestCase):
+    def test_pure_function_of_seed_split_and_index(self):
+        a, label_a = builtin.draw_example(0, "train", 17)
+        b, label_b = builtin.draw_example(0, "train", 17)
+        np.testing.assert_array_equal(a, b)
+        self.assertEqual(label_a, label_b)
+        other, _ = builtin.draw_example(1, "train", 17)
+        self.assertFalse(other.shape == a.shape and np.array_equal(other, a))
+        val, _ = builtin.draw_example(0, "validation", 17)
+        self.assertFalse(val.shape == a.shape and np.array_equal(val, a))
+
+    def test_sizes_classes_and_colour_carry_no_label(self):
+        shapes, labels, colours = [], [], []
+        for i in range(200):
+            image, label = builtin.draw_example(0, "train", i)
+            shapes.append(image.shape)
+            labels.append(label)
+            colours.append(image.reshape(-1, 3).mean(0))
+        short = np.array([min(s[:2]) for s in shapes])
+        aspect = np.array([max(s[:2]) / min(s[:2]) for s in shapes])
+        self.assertTrue(np.all((short >= 48) & (short <= 128)))
+        self.assertTrue(np.all(aspect <= builtin.MAX_ASPECT + 0.02))
+        self.assertGreater(aspect.std(), 0.15)  # varied aspect ratios, both orientations
+        self.assertTrue(any(s[0] > s[1] for s in shapes) and any(s[0] < s[1] for s in shapes))
+        self.assertEqual(sorted(set(labels)), list(range(len(builtin.CLASS_NAMES))))
+        # Nearest-class-mean on mean colour is no better than chance (10%) by a wide margin.
+        colours, labels = np.array(colours), np.array(labels)
+        train, test = slice(0, 150), slice(150, 200)
+        means = np.stack([colours[train][labels[train] == c].mean(0) for c in range(10)])
+        guess = np.argmin(((colours[test][:, None] - means[None]) ** 2).sum(-1), 1)
+        self.assertLess((guess == labels[test]).mean(), 0.3)
+
+    def test_full_size_meets_the_spec(self):
+        num_train, num_validation = builtin.SIZES["full"]
+        self.assertGreaterEqual(num_train, 5000)
+        self.assertGreaterEqual(num_validation, 1000)
+        self.assertGreaterEqual(len(builtin.CLASS_NAMES), 10)
+        with self.assertRaisesRegex(ValueError, "valid: \\['full', 'small', 'tiny'\\]"):
+            builtin.shapes_config("huge", 0)
+
+    def test_demo_values_fit_the_config(self):
+        values = settings.demo_input_config()
+        config = common.paper_config("A", "jitter")
+        config.input.update(values["input"])  # unknown keys would raise
+        config.evals.update(values["evals"])
+        pipeline.check_input_config(config.input)
+        self.assertLessEqual(config.input.train_scale_max, builtin.SHORT_SIDE[0] + 16)
+
+
+class ImageFolderTest(absltest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.root = tempfile.mkdtemp()
+        cls.folder = os.path.join(cls.root, "pets")
+        testdata.write_image_folder(cls.folder, {"train": 4, "validation": 2}, ["cat", "dog"])
+        # An undecodable file and a PNG with a .jpg name, as a real folder may hold.
+        with open(os.path.join(cls.folder, "train", "cat", "broken.jpg"), "wb") as f:
+            f.write(b"not an image")
+        image, _ = builtin.draw_example(5, "train", 5)
+        with open(os.path.join(cls.folder, "train", "dog", "really_png.jpg"), "wb") as f:
+            f.write(testdata.png(image))
+        cls.config = common.paper_config("A", "s256")
+        cls.config.input.update(
+            dict(
+                dataset="image_folder",
+                folder=cls.folder,
+                data_dir=os.path.join(cls.root, "tfds"),
+                crop_size=32,
+                train_scale_min=32,
+                train_scale_max=40,
+                batch_size=3,
+                eval_batch_size=2,
+            )
+        )
+        data.prepare(cls.config)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.root, ignore_errors=True)
+        super().tearDownClass()
+
+    def test_folder_info_and_batches(self):
+        info = data.dataset_info(self.config)
+        self.assertEqual(info.class_names, ["cat", "dog"])
+        self.assertEqual((info.num_train, info.num_eval), (9, 4))
+        self.assertEqual(info.bad_input["train"]["skipped_undecodable"], 1)
+        self.assertEqual(info.bad_input["train"]["png"], 1)
+        batches = data.train_batches(self.config, 0, process_index=0, process_count=1)
+        labels = np.concatenate([next(batches)["label"] for _ in range(3)])
+        np.testing.assert_array_equal(np.bincount(labels), [4, 5])
+        evaluation = list(data.eval_batches(self.config, 32, process_index=0, process_count=1))
+        self.assertEqual(sum(int(b["mask"].sum()) for b in evaluation), 4)
+        self.assertEqual(data.num_eval_examples(self.config), 4)
+
+    def test_missing_folder_explains_the_layout(self):
+        with self.assertRaisesRegex(FileNotFoundError, "<split>/<class>/<image>"):
+            folder.list_splits(os.path.join(self.root, "nowhere"))
+        config = self.config.copy_and_resolve_references()
+        config.input.folder = None
+        with self.assertRaisesRegex(ValueError, "--config.input.folder=ROOT"):
+            data.prepare(config)
+
+
+class ConfigErrorTest(absltest.TestCase):
+    def test_unknown_names_list_the_valid_ones(self):
+        config = common.paper_config("A", "s256")
+        config.input.dataset = "cifar"
+        with self.assertRaisesRegex(ValueError, "imagenet2012.*image_folder.*builtin"):
+            data.prepare(config)
+        config.input.dataset = "builtin"
+        config.input.stats_source = "guess"
+        with self.assertRaisesRegex(ValueError, "auto.*computed.*published"):
+            data.prepare(config)
+
+    def test_crop_larger_than_scale_fails_at_start(self):
+        config = common.paper_config("A", "s256")
+        config.input.crop_size = 300
+        with self.assertRaisesRegex(ValueError, "crop_size <= train_scale_min"):
+            data.train_batches(config, 0, process_index=0, process_count=1).__next__()
+
+    def test_batch_must_split_over_processes(self):
+        with self.assertRaisesRegex(ValueError, "multiple of 3"):
+            pipeline._local_size(256, 3, "batch_size")
+
+
+if __name__ == "__main__":
+    absltest.main()
