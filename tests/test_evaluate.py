@@ -1,0 +1,392 @@
+"""The evaluator: dense and multi-crop on padded batches, exact counts on 1 and 4 devices,
+softmax (not logit) averaging, results files, continuous mode.
+
+Everything runs on a tiny net (configuration A at 1/16 width, 32-pixel crops) and fake batches of
+the data pipeline's form, so no dataset or TensorFlow is needed (except for TensorBoard in the
+continuous-mode test).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl.testing import absltest
+
+from experiments import common
+from vgg_jax import checkpoint, evaluate, metrics, models, sharding
+from vgg_jax.evaluation import continuous, methods, report, runner
+
+NUM_CLASSES = 5
+CROP = 32
+ASPECTS = (1.0, 1.5, 0.5, 1.25, 2.0)  # width / height; below 1: portrait
+
+
+def tiny_config(**evals):
+    config = common.paper_config("A", "jitter")
+    config.model.update(dict(num_classes=NUM_CLASSES, width=1 / 16, fc_width=16, init="glorot"))
+    config.input.update(
+        dict(crop_size=CROP, train_scale_min=32, train_scale_max=64, eval_batch_size=8)
+    )
+    config.evals.update({**dict(single_scale=48, multi_scales=(32, 48)), **evals})
+    return config
+
+
+def tiny_model(config=None):
+    config = config or tiny_config()
+    return models.build_model(config.model, config.input.crop_size)
+
+
+def init_params(model, seed=0):
+    """Random parameters drawn with NumPy (compiling ``model.init``'s RNG takes ~20 s here)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(leaf):
+        if len(leaf.shape) == 1:  # biases: small, non-zero, so padding mistakes would show
+            return (0.1 * rng.normal(size=leaf.shape)).astype(np.float32)
+        fan_in = int(np.prod(leaf.shape[:-1]))
+        return (rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+    return jax.tree_util.tree_map(draw, models.abstract_params(model))
+
+
+def constant_params(model, logits):
+    """Parameters whose net outputs ``logits`` for every input: zero kernels, fc3 bias."""
+    params = jax.tree_util.tree_map(np.zeros_like, init_params(model))
+    params["fc3"]["bias"] = np.asarray(logits, np.float32)
+    return params
+
+
+def example(index: int, scale: int) -> tuple[np.ndarray, int]:
+    """Example ``index`` rescaled to smallest side ``scale``: ``(image, label)``."""
+    aspect = ASPECTS[index % len(ASPECTS)]
+    long_side = round(scale * max(aspect, 1 / aspect))
+    height, width = (scale, long_side) if aspect >= 1 else (long_side, scale)
+    rng = np.random.default_rng((index, scale))
+    return rng.normal(size=(height, width, 3)).astype(np.float32), index % NUM_CLASSES
+
+
+def fake_eval_batches(num_examples: int, shuffle: bool = False, bucket_step: int | None = None):
+    """``BatchSource`` like ``data.eval_batches`` (one process): images zero-padded bottom/right
+    into a bucket, the last batch filled with masked examples. Buckets: the batch's largest
+    sides rounded up to ``bucket_step``, or one ``2Q x 2Q`` bucket for all (fewer compilations).
+    ``shuffle`` gives each scale its own example order and an ``index`` field."""
+
+    def batches(config, scale, normalization=None):
+        batch_size = config.input.eval_batch_size
+        ids = np.arange(num_examples)
+        if shuffle:
+            ids = np.random.default_rng(scale).permutation(ids)
+        for start in range(0, num_examples, batch_size):
+            part = ids[start : start + batch_size]
+            pairs = [example(i, scale) for i in part]
+            bucket = (2 * scale, 2 * scale)
+            if bucket_step:
+                high = max(im.shape[0] for im, _ in pairs)
+                wide = max(im.shape[1] for im, _ in pairs)
+                bucket = (
+                    -(-high // bucket_step) * bucket_step,
+                    -(-wide // bucket_step) * bucket_step,
+                )
+            image = np.zeros((batch_size, *bucket, 3), np.float32)
+            size = np.tile(np.asarray(bucket, np.int32), (batch_size, 1))
+            label = np.zeros(batch_size, np.int32)
+            for row, (im, lab) in enumerate(pairs):
+                image[row, : im.shape[0], : im.shape[1]] = im
+                size[row] = im.shape[:2]
+                label[row] = lab
+            batch = dict(
+                image=image, size=size, label=label, mask=np.arange(batch_size) < len(part)
+            )
+            if shuffle:
+                batch["index"] = np.concatenate([part, np.full(batch_size - len(part), -1)])
+            yield batch
+
+    return batches
+
+
+# Jitted once per net (eager Flax compiles every primitive separately, which is slow).
+dense_scores = jax.jit(methods.dense_scores, static_argnums=0)
+dense_probabilities = jax.jit(methods.dense_probabilities, static_argnums=(0, 4))
+multi_crop_probabilities = jax.jit(methods.multi_crop_probabilities, static_argnums=0)
+grid_crops = jax.jit(methods.grid_crops, static_argnums=2)
+
+
+def mesh_of(devices: int):
+    return sharding.make_mesh(
+        ml_collections.ConfigDict(dict(data=devices, model=1)), jax.devices()[:devices]
+    )
+
+
+def softmax(x):
+    return np.asarray(jax.nn.softmax(jnp.asarray(x)))
+
+
+class DenseTest(absltest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.model = tiny_model()
+        cls.params = init_params(cls.model)
+
+    def test_crop_size_image_equals_classifier_logits(self):
+        images = np.random.default_rng(0).normal(size=(3, CROP, CROP, 3)).astype(np.float32)
+        sizes = np.full((3, 2), CROP, np.int32)
+        logits = self.model.apply({"params": self.params}, images)
+        scores = dense_scores(self.model, self.params, images, sizes)
+        np.testing.assert_allclose(scores, logits, rtol=1e-5, atol=1e-6)
+        unflipped = dense_probabilities(self.model, self.params, images, sizes, flip=False)
+        np.testing.assert_allclose(unflipped, softmax(logits), rtol=1e-5, atol=1e-7)
+
+    def test_padded_into_bucket_equals_unpadded(self):
+        image, _ = example(1, 48)  # 48 x 72
+        bucket = np.zeros((1, 80, 112, 3), np.float32)
+        bucket[0, :48, :72] = image
+        size = np.array([[48, 72]], np.int32)
+        flipped = np.asarray(methods.flip_within_valid(jnp.asarray(bucket), jnp.asarray(size)))
+        np.testing.assert_array_equal(flipped[0, :48, :72], image[:, ::-1])
+        self.assertEqual(np.abs(flipped[0, 48:]).max() + np.abs(flipped[0, :, 72:]).max(), 0.0)
+        for flip in (False, True):
+            padded = dense_probabilities(self.model, self.params, bucket, size, flip)
+            alone = dense_probabilities(self.model, self.params, image[None], size, flip)
+            np.testing.assert_allclose(padded, alone, rtol=1e-5, atol=1e-7)
+        # The flip is the whole image's: dense on the mirrored image, softmax, averaged.
+        mirrored = dense_scores(self.model, self.params, image[None, :, ::-1].copy())
+        plain = dense_scores(self.model, self.params, image[None])
+        expected = (softmax(plain) + softmax(mirrored)) / 2
+        got = dense_probabilities(self.model, self.params, bucket, size, flip=True)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+
+
+class MultiCropTest(absltest.TestCase):
+    def test_grid_covers_image_evenly_plus_flips(self):
+        image, _ = example(1, 48)  # 48 x 72: offsets 0..16 down, 0..40 across
+        bucket = np.zeros((1, 64, 96, 3), np.float32)
+        bucket[0, :48, :72] = image
+        size = np.array([[48, 72]], np.int32)
+        offsets = np.asarray(methods.grid_offsets(jnp.asarray(size), CROP))[0]
+        self.assertEqual(offsets.shape, (25, 2))
+        np.testing.assert_array_equal(np.unique(offsets[:, 0]), [0, 4, 8, 12, 16])
+        np.testing.assert_array_equal(np.unique(offsets[:, 1]), [0, 10, 20, 30, 40])
+        np.testing.assert_array_equal(offsets[0], [0, 0])
+        np.testing.assert_array_equal(offsets[-1], [48 - CROP, 72 - CROP])
+        crops = np.asarray(grid_crops(jnp.asarray(bucket), jnp.asarray(size), CROP))[0]
+        self.assertEqual(crops.shape, (50, CROP, CROP, 3))
+        covered = np.zeros((48, 72), bool)
+        for k, (y, x) in enumerate(offsets):
+            np.testing.assert_array_equal(crops[k], image[y : y + CROP, x : x + CROP])
+            np.testing.assert_array_equal(crops[25 + k], image[y : y + CROP, x : x + CROP][:, ::-1])
+            covered[y : y + CROP, x : x + CROP] = True
+        self.assertTrue(covered.all())
+
+    def test_multi_crop_is_mean_softmax_of_the_50_crops(self):
+        model = tiny_model()
+        params = init_params(model)
+        images = np.stack([example(0, 48)[0], example(0, 48)[0] * 0.5])  # two 48 x 48 images
+        sizes = np.array([[48, 48], [40, 48]], np.int32)  # the second uses its top 40 rows only
+        crops = grid_crops(jnp.asarray(images), jnp.asarray(sizes), CROP)
+        got = multi_crop_probabilities(model, params, images, sizes)
+        logits = jax.jit(model.apply)({"params": params}, crops.reshape(-1, CROP, CROP, 3))
+        expected = softmax(logits).reshape(2, 50, NUM_CLASSES).mean(1)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+        # The second image's grid ends at its valid bottom-right corner, above the padding.
+        np.testing.assert_array_equal(crops[1, 24], images[1, 40 - CROP : 40, 48 - CROP :])
+
+
+def reference_probabilities(model, params, num_examples, scale):
+    """Every example in one batch, straight through the methods (no mesh, no runner): dense
+    (with flip) and 50-crop softmax, and the labels."""
+    config = tiny_config()
+    config.input.eval_batch_size = num_examples
+    (batch,) = fake_eval_batches(num_examples)(config, scale)
+    images, sizes = jnp.asarray(batch["image"]), jnp.asarray(batch["size"])
+    dense = dense_probabilities(model, params, images, sizes, True)
+    crops = multi_crop_probabilities(model, params, images, sizes)
+    return np.asarray(dense), np.asarray(crops), batch["label"]
+
+
+def errors(probabilities, labels):
+    counts = metrics.classification_counts(jnp.asarray(probabilities), jnp.asarray(labels))
+    return metrics.errors_from_counts(counts), int(counts["count"])
+
+
+def save_net(workdir, params, config, step=0):
+    checkpoint.save_params(workdir, params, step=step, config=config)
+
+
+class RunnerTest(absltest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.config = tiny_config()
+        cls.model = tiny_model(cls.config)
+        cls.params = init_params(cls.model, seed=3)
+        cls.workdir = cls.create_tempdir_once()
+        save_net(cls.workdir, cls.params, cls.config, step=7)
+
+    @classmethod
+    def create_tempdir_once(cls):
+        import tempfile
+
+        return tempfile.mkdtemp(prefix="evaluate_test_")
+
+    def test_every_example_counted_once_on_1_and_4_devices(self):
+        num_examples = 13  # not a multiple of the batch (8, 12) nor of the 4 devices
+        dense, crops, labels = {}, {}, None
+        for scale in (32, 48):
+            dense[scale], crops[scale], labels = reference_probabilities(
+                self.model, self.params, num_examples, scale
+            )
+        expected = {
+            ("dense", (48,)): dense[48],
+            ("multi_crop", (48,)): crops[48],
+            ("dense+multi_crop", (48,)): (dense[48] + crops[48]) / 2,
+            ("dense", (32, 48)): (dense[32] + dense[48]) / 2,
+            ("multi_crop", (32, 48)): (crops[32] + crops[48]) / 2,
+            ("dense+multi_crop", (32, 48)): (dense[32] + dense[48] + crops[32] + crops[48]) / 4,
+        }
+        for devices, batch_size, shuffle in ((4, 8, False), (1, 12, True)):
+            config = tiny_config()
+            config.input.eval_batch_size = batch_size
+            net = runner.load_net(self.workdir, "latest", mesh_of(devices), config)
+            self.assertEqual((net.step, net.name, net.train_scale), (7, "A", "[32;64]"))
+            outputs = runner.evaluate_net(
+                config, net, mesh_of(devices), fake_eval_batches(num_examples, shuffle)
+            )
+            got = {(r["method"], tuple(r["test_scales"])): r for r in outputs.rows}
+            self.assertEqual(set(got), set(expected))
+            for key, probabilities in expected.items():
+                want, count = errors(probabilities, labels)
+                self.assertEqual(count, num_examples)
+                self.assertEqual(got[key]["count"], num_examples, (devices, batch_size, key))
+                self.assertAlmostEqual(got[key]["top1_error"], want["top1_error"], places=4)
+                self.assertAlmostEqual(got[key]["top5_error"], want["top5_error"], places=4)
+                self.assertGreater(got[key]["images_per_second"], 0)
+            np.testing.assert_allclose(
+                outputs.multi_scale["dense"], expected[("dense", (32, 48))], atol=1e-5
+            )
+
+    def test_compilations_are_one_per_bucket_shape(self):
+        config = tiny_config()
+        mesh = mesh_of(4)
+        functions = methods.CompiledMethods(self.model, mesh)
+        net = runner.load_net(self.workdir, 7, mesh, config)
+        batches = list(fake_eval_batches(24, bucket_step=16)(config, 48))
+        shapes = {b["image"].shape for b in batches}
+        self.assertLess(len(shapes), len(batches))  # some batches share a bucket
+        runner.evaluate_scale(net, functions, batches + batches, ["dense", "multi_crop"], mesh)
+        self.assertEqual(functions.compilations, 2 * len(shapes))
+
+    def test_run_evaluation_prints_and_writes_the_table(self):
+        workdir = self.create_tempdir_once()
+        save_net(workdir, self.params, self.config, step=3)
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            rows = evaluate.run_evaluation(self.config, workdir, batches=fake_eval_batches(9))
+        self.assertLen(rows, 6)  # 3 methods x (Q=48, Q={32,48})
+        printed = stdout.getvalue()
+        self.assertIn("top-1 val. error (%)", printed)
+        self.assertIn("| A ", printed)
+        self.assertIn("dense + multi-crop", printed)
+        self.assertIn("32,48", printed)
+        with open(os.path.join(workdir, "results.json")) as f:
+            saved = json.load(f)
+        self.assertEqual(saved["rows"], rows)
+        self.assertEqual(saved["checkpoints"][0]["step"], 3)
+        with open(os.path.join(workdir, "results.md")) as f:
+            self.assertIn(report.format_table(rows), f.read())
+
+    def test_fusion_and_combination_average_softmax_not_logits(self):
+        # Two nets that ignore their input. Net 1 leans to class 0, net 2 strongly to class 2.
+        # Averaged logits pick class 1; averaged softmax picks class 0, the label of every example.
+        logits_1 = np.array([2.0, 0.0, -30.0, -30.0, -30.0])
+        logits_2 = np.array([-30.0, 0.0, 1.0, -30.0, -30.0])
+        self.assertEqual(np.argmax((logits_1 + logits_2) / 2), 1)
+        self.assertEqual(np.argmax(softmax(logits_1) + softmax(logits_2)), 0)
+
+        first, second = self.create_tempdir_once(), self.create_tempdir_once()
+        save_net(first, constant_params(self.model, logits_1), self.config)
+        save_net(second, constant_params(self.model, logits_2), self.config)
+        config = tiny_config(fusion_workdirs=(f"{second}@latest",))
+        every_label_0 = fake_eval_batches(2 * NUM_CLASSES)
+
+        def label_0_batches(config, scale, normalization=None):
+            for batch in every_label_0(config, scale):
+                yield {**batch, "label": np.zeros_like(batch["label"])}
+
+        rows, about = runner.evaluate_checkpoints(config, first, "latest", batches=label_0_batches)
+        self.assertEqual([c["workdir"] for c in about["checkpoints"]], [first, second])
+        fused = [r for r in rows if "&" in r["net"]]
+        self.assertLen(fused, 3)  # dense, multi-crop, both
+        for row in fused:
+            self.assertEqual(row["top1_error"], 0.0, row)
+            self.assertEqual(row["test_scales"], [32, 48])
+            self.assertEqual(row["count"], 2 * NUM_CLASSES)
+        by_net = {}
+        for row in rows:
+            by_net.setdefault(row["net"], set()).add(row["top1_error"])
+        first_name, second_name = (f"A ({os.path.basename(w)})" for w in (first, second))
+        self.assertEqual(by_net[first_name], {0.0})
+        self.assertEqual(by_net[second_name], {100.0})
+
+        # Combination of methods, from hand-made per-example outputs: dense says logits_1,
+        # multi-crop says logits_2; the combined row must be right where a logit mean is wrong.
+        labels = np.zeros(4, np.int32)
+        outputs = {
+            "dense": np.tile(softmax(logits_1), (4, 1)),
+            "multi_crop": np.tile(softmax(logits_2), (4, 1)),
+        }
+        rows = runner.method_rows(
+            "A",
+            "256",
+            [256],
+            outputs,
+            labels,
+            {"dense": 1.0, "multi_crop": 1.0},
+            runner.METHODS,
+            0,
+        )
+        by_method = {r["method"]: r["top1_error"] for r in rows}
+        self.assertEqual(by_method, {"dense": 0.0, "multi_crop": 100.0, "dense+multi_crop": 0.0})
+
+    def test_watch_evaluates_each_new_checkpoint_once(self):
+        workdir = self.create_tempdir_once()
+        for step in (10, 20):
+            save_net(workdir, self.params, self.config, step=step)
+        config = tiny_config(methods=("dense",))
+        batches = fake_eval_batches(5)
+        results = evaluate.watch(config, workdir, poll_seconds=0.1, timeout=0.3, batches=batches)
+        self.assertEqual(sorted(results), [10, 20])
+        eval_dir = os.path.join(workdir, continuous.EVAL_SUBDIR)
+        self.assertEqual(continuous.evaluated_steps(eval_dir), {10, 20})
+        self.assertTrue(os.listdir(os.path.join(eval_dir, "tensorboard")))
+        with open(os.path.join(eval_dir, "metrics.jsonl")) as f:
+            logged = [json.loads(line) for line in f]
+        self.assertEqual([entry["step"] for entry in logged], [10, 20])
+        self.assertIn("dense_Q32-48/top1_error", logged[0])
+        save_net(workdir, self.params, self.config, step=30)
+        again = evaluate.watch(config, workdir, poll_seconds=0.1, timeout=0.3, batches=batches)
+        self.assertEqual(sorted(again), [30])
+
+    def test_bad_settings_fail_with_the_valid_choices(self):
+        mesh = mesh_of(4)
+        with self.assertRaisesRegex(ValueError, "dense\\+multi_crop"):
+            runner.validate_evals(tiny_config(methods=("dense", "multicrop")), mesh)
+        with self.assertRaisesRegex(ValueError, "'best'"):
+            runner.validate_evals(tiny_config(checkpoint="newest"), mesh)
+        config = tiny_config()
+        config.input.eval_batch_size = 6
+        with self.assertRaisesRegex(ValueError, "multiple of 4"):
+            runner.validate_evals(config, mesh)
+        config = tiny_config(multi_scales=(24, 48))
+        net = runner.load_net(self.workdir, "latest", mesh, config)
+        with self.assertRaisesRegex(ValueError, "crop size 32"):
+            runner.evaluate_net(config, net, mesh, fake_eval_batches(4))
+
+
+if __name__ == "__main__":
+    absltest.main()

@@ -1,0 +1,110 @@
+"""Continuous evaluation: watch a training workdir and evaluate each new checkpoint once.
+
+Runs beside training as its own process (no optimiser state is read). Each evaluated step leaves
+``<workdir>/eval/step_<N>.json`` and ``.md``; those files are also the record of what is done, so
+a restarted watcher does not evaluate a step twice. The figures go to TensorBoard under
+``<workdir>/eval/tensorboard`` (tags like ``dense_Q256-384-512/top1_error``) and to
+``<workdir>/eval/metrics.jsonl``. Fusion workdirs are not used here: one net is being trained.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from vgg_jax import checkpoint, sharding, writers
+from vgg_jax.evaluation import report, runner
+
+EVAL_SUBDIR = "eval"
+STEP_FILE = re.compile(r"^step_(\d+)\.json$")
+
+
+def evaluated_steps(eval_dir: str) -> set[int]:
+    """Steps with a result file in ``eval_dir``."""
+    if not os.path.isdir(eval_dir):
+        return set()
+    return {int(m.group(1)) for name in os.listdir(eval_dir) if (m := STEP_FILE.match(name))}
+
+
+def _next_step(workdir: str, done: set[int]) -> int | None:
+    """The oldest committed, not yet evaluated step; every process gets process 0's answer, so
+    all of them enter the same collective computations."""
+    pending = [s for s in checkpoint.available_steps(workdir) if s not in done]
+    step = pending[0] if pending else -1
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        step = int(multihost_utils.broadcast_one_to_all(np.int64(step)))
+    return None if step < 0 else step
+
+
+def _scalars(rows: list[dict[str, Any]]) -> dict[str, float]:
+    scalars = {}
+    for row in rows:
+        for metric in ("top1_error", "top5_error", "images_per_second"):
+            scalars[report.scalar_name(row, metric)] = row[metric]
+    return scalars
+
+
+def watch(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    poll_seconds: float | None = None,
+    timeout: float | None = None,
+    *,
+    stop_after_step: int | None = None,
+    batches: runner.BatchSource | None = None,
+) -> dict[int, list[dict[str, Any]]]:
+    """Evaluates every checkpoint of ``workdir`` not evaluated before, then each new one as it
+    appears, checking every ``poll_seconds`` (default ``evals.poll_seconds``). Stops once
+    ``timeout`` seconds (default ``evals.watch_timeout_seconds``) pass with no new checkpoint, or
+    after evaluating a step >= ``stop_after_step``. Returns the rows of each step evaluated here.
+
+    A checkpoint that training deletes (keep-last-K) before it is read is skipped with a warning.
+    """
+    poll = config.evals.poll_seconds if poll_seconds is None else poll_seconds
+    timeout = config.evals.watch_timeout_seconds if timeout is None else timeout
+    eval_dir = os.path.join(workdir, EVAL_SUBDIR)
+    done = evaluated_steps(eval_dir)
+    mesh = sharding.make_mesh(config.mesh)
+    writer = writers.MetricWriter(eval_dir)
+    results: dict[int, list[dict[str, Any]]] = {}
+    last_new = time.monotonic()
+    try:
+        while True:
+            step = _next_step(workdir, done)
+            if step is None:
+                if time.monotonic() - last_new >= timeout:
+                    logging.info("No new checkpoint in %s for %.0f s; stopping.", workdir, timeout)
+                    break
+                time.sleep(poll)
+                continue
+            try:
+                rows, about = runner.evaluate_checkpoints(
+                    config, workdir, step, batches=batches, fusion=False, mesh=mesh
+                )
+            except (FileNotFoundError, ValueError):
+                if step in checkpoint.available_steps(workdir):
+                    raise
+                logging.warning("Checkpoint %d was deleted before it could be evaluated.", step)
+                done.add(step)
+                continue
+            done.add(step)
+            results[step] = rows
+            last_new = time.monotonic()
+            if jax.process_index() == 0:
+                report.write_results(eval_dir, rows, about, name=f"step_{step}")
+                writer.write_scalars(step, _scalars(rows))
+                logging.info("Step %d:\n%s", step, report.format_table(rows))
+            if stop_after_step is not None and step >= stop_after_step:
+                break
+    finally:
+        writer.close()
+    return results

@@ -1,0 +1,91 @@
+"""Result rows laid out like the paper's Tables 3-6, and where they are saved.
+
+A row is a plain dict: ``net``, ``train_scale`` (S, e.g. "256" or "[256;512]"), ``test_scales``
+(the Q set, a list), ``method`` (``dense``, ``multi_crop`` or ``dense+multi_crop``),
+``top1_error`` and ``top5_error`` (%), ``images_per_second``, ``count`` (examples counted) and
+``step`` (the checkpoint's step; a tuple of steps for fused nets).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+METHOD_TITLES = {
+    "dense": "dense",
+    "multi_crop": "multi-crop",
+    "dense+multi_crop": "dense + multi-crop",
+}
+COLUMNS = (
+    "ConvNet config.",
+    "train (S)",
+    "test (Q)",
+    "method",
+    "top-1 val. error (%)",
+    "top-5 val. error (%)",
+    "images/s",
+    "images",
+)
+RESULTS = "results"  # results.json and results.md
+
+
+def train_scale_text(smin: int, smax: int) -> str:
+    """S as the paper writes it: ``256`` for fixed S, ``[256;512]`` for scale jittering."""
+    return str(smin) if smin == smax else f"[{smin};{smax}]"
+
+
+def test_scales_text(scales: Sequence[int]) -> str:
+    return ",".join(str(q) for q in scales)
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    return [
+        row["net"],
+        row["train_scale"],
+        test_scales_text(row["test_scales"]),
+        METHOD_TITLES.get(row["method"], row["method"]),
+        f"{row['top1_error']:.2f}",
+        f"{row['top5_error']:.2f}",
+        f"{row['images_per_second']:.1f}",
+        str(int(row["count"])),
+    ]
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table, padded so it also reads as plain text on a terminal."""
+    table = [list(COLUMNS)] + [_cells(row) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+
+    def line(cells):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(table[0]), rule] + [line(cells) for cells in table[1:]])
+
+
+def write_results(
+    directory: str, rows: Sequence[dict[str, Any]], about: dict[str, Any], name: str = RESULTS
+) -> tuple[str, str]:
+    """Writes ``<name>.json`` (rows and ``about``: checkpoints, test settings) and ``<name>.md``
+    (the table) into ``directory``; returns their paths."""
+    os.makedirs(directory, exist_ok=True)
+    json_path = os.path.join(directory, f"{name}.json")
+    markdown_path = os.path.join(directory, f"{name}.md")
+    with open(json_path, "w") as f:
+        json.dump({**about, "rows": list(rows)}, f, indent=2)
+        f.write("\n")
+    checkpoints = ", ".join(
+        f"{c['workdir']} step {c['step']}" for c in about.get("checkpoints", [])
+    )
+    with open(markdown_path, "w") as f:
+        f.write(f"Top-1/top-5 validation error; checkpoints: {checkpoints}.\n\n")
+        f.write(format_table(rows) + "\n")
+    return json_path, markdown_path
+
+
+def scalar_name(row: dict[str, Any], metric: str) -> str:
+    """A TensorBoard tag for one figure of a row, e.g. ``dense_Q224-256-288/top1_error``."""
+    scales = "-".join(str(q) for q in row["test_scales"])
+    return f"{row['method'].replace('+', '_and_')}_Q{scales}/{metric}"

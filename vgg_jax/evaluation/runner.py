@@ -1,0 +1,444 @@
+"""``--mode=evaluate``: restore nets, run every test-time method at every test scale, count.
+
+For each net (the workdir's, then each of ``evals.fusion_workdirs``) and each test scale Q in
+``{evals.single_scale} | evals.multi_scales``, one pass over the validation split runs dense and
+multi-crop evaluation on the same batches and keeps, per example, each method's softmax on the host
+(this process's examples only). From those:
+
+* single-scale rows (Table 3, Table 5's first rows): the methods at Q = ``single_scale``;
+* multi-scale rows (Tables 4-5): softmax averaged over the Q set ``multi_scales``;
+* ``dense+multi_crop`` (Table 5): the two methods' softmax averaged;
+* fusion rows (Table 6): the nets' multi-scale softmax averaged.
+
+Every average is of softmax outputs, never logits. Counts, not means, are summed over batches and
+processes, and padded examples (``mask`` False) are dropped before anything is kept, so each
+validation example counts exactly once whatever the batch size or device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from vgg_jax import checkpoint, metrics, models, sharding
+from vgg_jax.evaluation import methods, report
+
+METHODS = ("dense", "multi_crop", "dense+multi_crop")
+CHECKPOINT_CHOICES = ("latest", "best")
+COUNT_CHUNK = 8192  # rows per top-k count on the device
+
+# (config, test scale Q, input convention or None) -> this process's eval batches, as
+# ``vgg_jax.data.eval_batches`` yields them. Tests pass their own.
+BatchSource = Callable[[ml_collections.ConfigDict, int, Any], Iterable[dict[str, np.ndarray]]]
+
+
+@dataclasses.dataclass
+class Net:
+    """A restored net ready for evaluation: parameters on the mesh, and what the table needs."""
+
+    name: str
+    workdir: str
+    step: int
+    model: models.VGG
+    params: Any
+    train_scale: str
+    normalization: dict | None
+
+
+@dataclasses.dataclass
+class NetOutputs:
+    """One net's rows and, for fusion, its multi-scale softmax per base method."""
+
+    rows: list[dict[str, Any]]
+    multi_scale: dict[str, np.ndarray]
+    labels: np.ndarray
+    seconds: dict[str, float]
+
+
+def base_methods(eval_methods: Sequence[str]) -> tuple[str, ...]:
+    """The methods that are run (``dense``, ``multi_crop``) for the rows asked for."""
+    needed = set()
+    for method in eval_methods:
+        needed.update(method.split("+"))
+    return tuple(m for m in methods.BASE_METHODS if m in needed)
+
+
+def test_scales(evals: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Every Q a run needs: the single scale and the multi-scale set, ascending."""
+    return tuple(sorted({int(evals.single_scale), *(int(q) for q in evals.multi_scales)}))
+
+
+def parse_checkpoint_choice(which: Any) -> str | int:
+    """``latest``, ``best`` or a step number (an int or a string of digits)."""
+    if isinstance(which, int) or (isinstance(which, str) and which.isdigit()):
+        return int(which)
+    if which not in CHECKPOINT_CHOICES:
+        raise ValueError(
+            f"Unknown evals.checkpoint {which!r}; valid: {list(CHECKPOINT_CHOICES)} or a step."
+        )
+    return which
+
+
+def validate_evals(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """Fails at start-up on unknown method names, empty scale sets or a batch the mesh cannot
+    split, naming what is valid."""
+    evals = config.evals
+    unknown = [m for m in evals.methods if m not in METHODS]
+    if unknown or not evals.methods:
+        raise ValueError(f"Unknown evals.methods {unknown or '()'}; valid: {list(METHODS)}")
+    if not evals.multi_scales:
+        raise ValueError("evals.multi_scales is empty; give at least one test scale Q.")
+    if int(evals.multi_crop_grid) < 1:
+        raise ValueError(f"evals.multi_crop_grid must be >= 1, got {evals.multi_crop_grid}.")
+    parse_checkpoint_choice(evals.checkpoint)
+    data_devices = mesh.shape[sharding.DATA]
+    if config.input.eval_batch_size % data_devices:
+        raise ValueError(
+            f"input.eval_batch_size={config.input.eval_batch_size} does not split over the "
+            f"{data_devices} devices of the mesh's data axis; use a multiple of {data_devices}."
+        )
+
+
+def split_fusion_entry(entry: str, default: str | int) -> tuple[str, str | int]:
+    """``workdir`` or ``workdir@latest|best|<step>``."""
+    workdir, _, which = entry.rpartition("@") if "@" in entry else (entry, "", "")
+    return workdir, parse_checkpoint_choice(which) if which else default
+
+
+def load_net(
+    workdir: str, which: str | int, mesh: Mesh, fallback: ml_collections.ConfigDict
+) -> Net:
+    """Restores a checkpoint's parameters onto the mesh and rebuilds its net from the training
+    config saved with it (``fallback``'s model for checkpoints saved without one)."""
+    params, step, meta = checkpoint.restore_params(workdir, which)
+    train_config = meta.get("config") or fallback.to_dict()
+    model = models.build_model(
+        ml_collections.ConfigDict(train_config["model"]), train_config["input"]["crop_size"]
+    )
+    expected = models.abstract_params(model)
+    got = jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), params)
+    want = jax.tree_util.tree_map(lambda x: tuple(x.shape), expected)
+    if got != want:
+        raise ValueError(
+            f"The parameters in {workdir} (step {step}) do not fit net "
+            f"{train_config['model']['name']} as its saved config describes it."
+        )
+    params = jax.device_put(params, sharding.param_shardings(mesh, expected))
+    scale = train_config.get("input", {})
+    train_scale = (
+        report.train_scale_text(scale["train_scale_min"], scale["train_scale_max"])
+        if "train_scale_min" in scale
+        else "-"
+    )
+    return Net(
+        name=train_config["model"]["name"],
+        workdir=workdir,
+        step=step,
+        model=model,
+        params=params,
+        train_scale=train_scale,
+        normalization=meta.get("normalization"),
+    )
+
+
+def combine(probabilities: Sequence[np.ndarray]) -> np.ndarray:
+    """The paper's combination of methods, scales and nets: the mean of their softmax outputs."""
+    return np.mean(np.stack(probabilities), axis=0)
+
+
+def global_counts(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Top-1/top-5 hits and the example count, over this process's rows, summed over processes."""
+    totals = np.zeros(3, np.float64)
+    for start in range(0, max(len(labels), 1), COUNT_CHUNK):
+        stop = start + COUNT_CHUNK
+        counts = metrics.classification_counts(
+            jnp.asarray(probabilities[start:stop]), jnp.asarray(labels[start:stop])
+        )
+        totals += [float(counts[k]) for k in ("top1_correct", "top5_correct", "count")]
+    if jax.process_count() > 1:
+        totals = np.asarray(multihost_utils.process_allgather(totals)).sum(axis=0)
+    return dict(zip(("top1_correct", "top5_correct", "count"), totals.tolist(), strict=True))
+
+
+def _local_rows(array: jax.Array, mesh: Mesh) -> np.ndarray:
+    """This process's rows of a global batch-sharded array, in its local batch order."""
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    local = multihost_utils.global_array_to_host_local_array(array, mesh, P(sharding.DATA))
+    return np.asarray(local)
+
+
+@dataclasses.dataclass
+class ScaleOutputs:
+    probabilities: dict[str, np.ndarray]  # base method -> (local examples, classes)
+    labels: np.ndarray
+    seconds: dict[str, float]  # base method -> device seconds (compilation excluded)
+
+
+def evaluate_scale(
+    net: Net,
+    functions: methods.CompiledMethods,
+    batches: Iterable[dict[str, np.ndarray]],
+    run: Sequence[str],
+    mesh: Mesh,
+) -> ScaleOutputs:
+    """One pass over the split at one test scale; each method in ``run`` on every batch."""
+    kept: dict[str, list[np.ndarray]] = {m: [] for m in run}
+    labels, order = [], []
+    seconds = dict.fromkeys(run, 0.0)
+    for local in batches:
+        if local["label"].max(initial=0) >= net.model.num_classes:
+            raise ValueError(
+                f"A label {int(local['label'].max())} is out of range for net {net.name} with "
+                f"{net.model.num_classes} classes: evaluate it on its own dataset."
+            )
+        batch = sharding.global_batch({k: local[k] for k in ("image", "size")}, mesh)
+        keep = np.asarray(local["mask"], bool)
+        for method in run:
+            executable = functions.compile(method, net.params, batch["image"], batch["size"])
+            start = time.perf_counter()
+            probabilities = jax.block_until_ready(
+                executable(net.params, batch["image"], batch["size"])
+            )
+            seconds[method] += time.perf_counter() - start
+            kept[method].append(_local_rows(probabilities, mesh)[keep])
+        labels.append(np.asarray(local["label"])[keep])
+        if "index" in local:
+            order.append(np.asarray(local["index"])[keep])
+    classes = net.model.num_classes
+    stacked = {
+        m: np.concatenate(v) if v else np.zeros((0, classes), np.float32) for m, v in kept.items()
+    }
+    label_array = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
+    if order:  # batches that name their examples may come in any order at each scale
+        permutation = np.argsort(np.concatenate(order), kind="stable")
+        stacked = {m: v[permutation] for m, v in stacked.items()}
+        label_array = label_array[permutation]
+    return ScaleOutputs(stacked, label_array, seconds)
+
+
+def method_rows(
+    net_name: str,
+    train_scale: str,
+    scales: Sequence[int],
+    probabilities: dict[str, np.ndarray],
+    labels: np.ndarray,
+    seconds: dict[str, float],
+    eval_methods: Sequence[str],
+    step: Any,
+) -> list[dict[str, Any]]:
+    """One row per method from per-example softmax of the base methods."""
+    rows = []
+    for method in eval_methods:
+        parts = method.split("+")
+        combined = combine([probabilities[p] for p in parts])
+        counts = global_counts(combined, labels)
+        elapsed = sum(seconds[p] for p in parts)
+        rows.append(
+            dict(
+                net=net_name,
+                train_scale=train_scale,
+                test_scales=[int(q) for q in scales],
+                method=method,
+                **metrics.errors_from_counts(counts),
+                images_per_second=counts["count"] / elapsed if elapsed > 0 else 0.0,
+                count=int(counts["count"]),
+                step=step,
+            )
+        )
+    return rows
+
+
+def _same_examples(expected: np.ndarray | None, labels: np.ndarray, what: str) -> None:
+    if expected is not None and not np.array_equal(expected, labels):
+        raise RuntimeError(
+            f"The validation examples come in a different order for {what}: the input pipeline "
+            "must yield them in the same order at every scale (or give each an 'index')."
+        )
+
+
+def evaluate_net(
+    config: ml_collections.ConfigDict,
+    net: Net,
+    mesh: Mesh,
+    batches: BatchSource,
+    expected_count: int | None = None,
+) -> NetOutputs:
+    """All rows of one net: single-scale at ``evals.single_scale``, multi-scale over
+    ``evals.multi_scales``; each Q is one pass over the data running every needed method."""
+    evals = config.evals
+    multi = tuple(int(q) for q in evals.multi_scales)
+    too_small = [q for q in test_scales(evals) if q < net.model.crop_size]
+    if too_small:
+        raise ValueError(
+            f"Test scales {too_small} are below net {net.name}'s crop size {net.model.crop_size}: "
+            "every Q must be at least the crop size (set evals.single_scale/multi_scales)."
+        )
+    run = base_methods(evals.methods)
+    functions = methods.compiled_methods(
+        net.model, mesh, bool(evals.flip), int(evals.multi_crop_grid)
+    )
+    rows: list[dict[str, Any]] = []
+    sums: dict[str, np.ndarray] = {}
+    seconds = dict.fromkeys(run, 0.0)
+    labels = None
+    for scale in test_scales(evals):
+        outputs = evaluate_scale(
+            net, functions, batches(config, scale, net.normalization), run, mesh
+        )
+        _same_examples(labels, outputs.labels, f"Q={scale}")
+        labels = outputs.labels
+        if expected_count is not None:
+            counted = global_counts(outputs.probabilities[run[0]], labels)["count"]
+            if counted != expected_count:
+                raise RuntimeError(
+                    f"Counted {counted:.0f} examples at Q={scale}, the split has "
+                    f"{expected_count}: the input pipeline dropped or repeated examples."
+                )
+        if scale == int(evals.single_scale):
+            rows += method_rows(
+                net.name,
+                net.train_scale,
+                [scale],
+                outputs.probabilities,
+                labels,
+                outputs.seconds,
+                evals.methods,
+                net.step,
+            )
+        if scale in multi:
+            for method in run:
+                sums[method] = sums.get(method, 0.0) + outputs.probabilities[method]
+                seconds[method] += outputs.seconds[method]
+        logging.info(
+            "%s step %d Q=%d: %s (%d compilations so far)",
+            net.name,
+            net.step,
+            scale,
+            ", ".join(f"{m} {s:.1f}s" for m, s in outputs.seconds.items()),
+            functions.compilations,
+        )
+    multi_scale = {m: s / len(multi) for m, s in sums.items()}
+    if list(multi) != [int(evals.single_scale)]:
+        rows += method_rows(
+            net.name,
+            net.train_scale,
+            multi,
+            multi_scale,
+            labels,
+            seconds,
+            evals.methods,
+            net.step,
+        )
+    return NetOutputs(rows, multi_scale, labels, seconds)
+
+
+def fusion_rows(
+    config: ml_collections.ConfigDict, nets: Sequence[Net], outputs: Sequence[NetOutputs]
+) -> list[dict[str, Any]]:
+    """Table 6: the nets' multi-scale softmax averaged, for each method."""
+    for net, out in zip(nets[1:], outputs[1:], strict=True):
+        _same_examples(outputs[0].labels, out.labels, f"net {net.name} ({net.workdir})")
+    run = list(outputs[0].multi_scale)
+    fused = {m: combine([o.multi_scale[m] for o in outputs]) for m in run}
+    seconds = {m: sum(o.seconds[m] for o in outputs) for m in run}
+    train_scales = ", ".join(dict.fromkeys(net.train_scale for net in nets))
+    return method_rows(
+        " & ".join(net.name for net in nets),
+        train_scales,
+        [int(q) for q in config.evals.multi_scales],
+        fused,
+        outputs[0].labels,
+        seconds,
+        config.evals.methods,
+        [net.step for net in nets],
+    )
+
+
+def _default_batches(
+    config: ml_collections.ConfigDict, scale: int, normalization: Any
+) -> Iterable[dict[str, np.ndarray]]:
+    from vgg_jax import data
+
+    return data.eval_batches(config, scale, normalization=normalization)
+
+
+def _unique_names(nets: Sequence[Net]) -> None:
+    names = [net.name for net in nets]
+    for net in nets:
+        if names.count(net.name) > 1:
+            net.name = f"{net.name} ({net.workdir.rstrip('/').split('/')[-1]})"
+
+
+def evaluate_checkpoints(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    which: str | int,
+    *,
+    batches: BatchSource | None = None,
+    fusion: bool = True,
+    mesh: Mesh | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows for the checkpoint ``which`` of ``workdir`` and (``fusion``) the fusion workdirs'
+    checkpoints, and a description of what was evaluated. Nothing is printed or written."""
+    mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+    validate_evals(config, mesh)
+    expected_count = None
+    if batches is None:
+        from vgg_jax import data
+
+        batches = _default_batches
+        expected_count = data.num_eval_examples(config)
+    default_choice = which if which in CHECKPOINT_CHOICES else "latest"
+    entries = [(workdir, which)]
+    if fusion:
+        entries += [split_fusion_entry(e, default_choice) for e in config.evals.fusion_workdirs]
+    nets, outputs = [], []
+    for entry_workdir, choice in entries:
+        net = load_net(entry_workdir, choice, mesh, config)
+        logging.info("Evaluating net %s, step %d, from %s", net.name, net.step, net.workdir)
+        nets.append(net)
+        outputs.append(evaluate_net(config, net, mesh, batches, expected_count))
+        net.params = None  # one net's parameters on the devices at a time
+    _unique_names(nets)
+    rows = []
+    for net, out in zip(nets, outputs, strict=True):
+        rows += [{**row, "net": net.name} for row in out.rows]
+    if len(nets) > 1:
+        rows += fusion_rows(config, nets, outputs)
+    about = dict(
+        checkpoints=[dict(net=n.name, workdir=n.workdir, step=n.step) for n in nets],
+        flip=bool(config.evals.flip),
+        multi_crop_grid=int(config.evals.multi_crop_grid),
+        devices=jax.device_count(),
+        processes=jax.process_count(),
+        platform=jax.devices()[0].platform,
+    )
+    return rows, about
+
+
+def run_evaluation(
+    config: ml_collections.ConfigDict, workdir: str, *, batches: BatchSource | None = None
+) -> list[dict[str, Any]]:
+    """``--mode=evaluate``: evaluates ``evals.checkpoint`` of ``workdir`` (fused with
+    ``evals.fusion_workdirs``), prints the table and writes ``results.json`` and ``results.md``
+    into ``workdir`` (process 0). Returns the rows."""
+    rows, about = evaluate_checkpoints(
+        config, workdir, parse_checkpoint_choice(config.evals.checkpoint), batches=batches
+    )
+    if jax.process_index() == 0:
+        json_path, markdown_path = report.write_results(workdir, rows, about)
+        print(report.format_table(rows), flush=True)
+        logging.info("Wrote %s and %s", json_path, markdown_path)
+    return rows
