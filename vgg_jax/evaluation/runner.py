@@ -3,16 +3,17 @@
 For each net (the workdir's, then each of ``evals.fusion_workdirs``) and each test scale Q in
 ``{evals.single_scale} | evals.multi_scales``, one pass over the validation split runs dense and
 multi-crop evaluation on the same batches and keeps, per example, each method's softmax on the host
-(this process's examples only). From those:
+(every example on every host: a few hundred MB for ImageNet), lined up across scales and nets by
+the batches' example ``index``. From those:
 
 * single-scale rows (Table 3, Table 5's first rows): the methods at Q = ``single_scale``;
 * multi-scale rows (Tables 4-5): softmax averaged over the Q set ``multi_scales``;
 * ``dense+multi_crop`` (Table 5): the two methods' softmax averaged;
 * fusion rows (Table 6): the nets' multi-scale softmax averaged.
 
-Every average is of softmax outputs, never logits. Counts, not means, are summed over batches and
-processes, and padded examples (``mask`` False) are dropped before anything is kept, so each
-validation example counts exactly once whatever the batch size or device count.
+Every average is of softmax outputs, never logits. Padded examples (``mask`` False) are dropped
+before anything is kept and examples are counted, not averaged per batch, so each validation
+example counts exactly once whatever the batch size, device or process count.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from vgg_jax import checkpoint, metrics, models, sharding
 from vgg_jax.evaluation import methods, report
@@ -62,7 +62,7 @@ class NetOutputs:
 
     rows: list[dict[str, Any]]
     multi_scale: dict[str, np.ndarray]
-    labels: np.ndarray
+    examples: tuple[np.ndarray | None, np.ndarray]  # (index or None, labels)
     seconds: dict[str, float]
 
 
@@ -157,32 +157,33 @@ def combine(probabilities: Sequence[np.ndarray]) -> np.ndarray:
     return np.mean(np.stack(probabilities), axis=0)
 
 
-def global_counts(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Top-1/top-5 hits and the example count, over this process's rows, summed over processes."""
+def counts(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Top-1/top-5 hits and the example count (every process holds every example's outputs)."""
     totals = np.zeros(3, np.float64)
     for start in range(0, max(len(labels), 1), COUNT_CHUNK):
         stop = start + COUNT_CHUNK
-        counts = metrics.classification_counts(
+        chunk = metrics.classification_counts(
             jnp.asarray(probabilities[start:stop]), jnp.asarray(labels[start:stop])
         )
-        totals += [float(counts[k]) for k in ("top1_correct", "top5_correct", "count")]
-    if jax.process_count() > 1:
-        totals = np.asarray(multihost_utils.process_allgather(totals)).sum(axis=0)
+        totals += [float(chunk[k]) for k in ("top1_correct", "top5_correct", "count")]
     return dict(zip(("top1_correct", "top5_correct", "count"), totals.tolist(), strict=True))
 
 
-def _local_rows(array: jax.Array, mesh: Mesh) -> np.ndarray:
-    """This process's rows of a global batch-sharded array, in its local batch order."""
+def _to_host(array: jax.Array) -> np.ndarray:
+    """The whole global array on this host (from every process's devices)."""
     if jax.process_count() == 1:
         return np.asarray(array)
-    local = multihost_utils.global_array_to_host_local_array(array, mesh, P(sharding.DATA))
-    return np.asarray(local)
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 @dataclasses.dataclass
 class ScaleOutputs:
-    probabilities: dict[str, np.ndarray]  # base method -> (local examples, classes)
+    """Every real example of the split at one scale (all processes' examples, on every host),
+    in ``index`` order when the batches name their examples, else in the order they came."""
+
+    probabilities: dict[str, np.ndarray]  # base method -> (examples, classes)
     labels: np.ndarray
+    index: np.ndarray | None
     seconds: dict[str, float]  # base method -> device seconds (compilation excluded)
 
 
@@ -193,7 +194,12 @@ def evaluate_scale(
     run: Sequence[str],
     mesh: Mesh,
 ) -> ScaleOutputs:
-    """One pass over the split at one test scale; each method in ``run`` on every batch."""
+    """One pass over the split at one test scale; each method in ``run`` on every batch.
+
+    Outputs, labels, masks and example ids travel as one global batch, so every host gathers
+    the same global rows whatever the process count, and examples that a scale's bucketing
+    hands to another process or batch still line up by ``index`` across scales and nets.
+    """
     kept: dict[str, list[np.ndarray]] = {m: [] for m in run}
     labels, order = [], []
     seconds = dict.fromkeys(run, 0.0)
@@ -203,8 +209,12 @@ def evaluate_scale(
                 f"A label {int(local['label'].max())} is out of range for net {net.name} with "
                 f"{net.model.num_classes} classes: evaluate it on its own dataset."
             )
-        batch = sharding.global_batch({k: local[k] for k in ("image", "size")}, mesh)
-        keep = np.asarray(local["mask"], bool)
+        named = "index" in local
+        extra = {"index": np.asarray(local["index"], np.int32)} if named else {}
+        batch = sharding.global_batch(
+            {k: local[k] for k in ("image", "size", "label", "mask")} | extra, mesh
+        )
+        keep = _to_host(batch["mask"]).astype(bool)
         for method in run:
             executable = functions.compile(method, net.params, batch["image"], batch["size"])
             start = time.perf_counter()
@@ -212,20 +222,22 @@ def evaluate_scale(
                 executable(net.params, batch["image"], batch["size"])
             )
             seconds[method] += time.perf_counter() - start
-            kept[method].append(_local_rows(probabilities, mesh)[keep])
-        labels.append(np.asarray(local["label"])[keep])
-        if "index" in local:
-            order.append(np.asarray(local["index"])[keep])
+            kept[method].append(_to_host(probabilities)[keep])
+        labels.append(_to_host(batch["label"])[keep])
+        if named:
+            order.append(_to_host(batch["index"])[keep])
     classes = net.model.num_classes
     stacked = {
         m: np.concatenate(v) if v else np.zeros((0, classes), np.float32) for m, v in kept.items()
     }
     label_array = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
-    if order:  # batches that name their examples may come in any order at each scale
-        permutation = np.argsort(np.concatenate(order), kind="stable")
+    index = None
+    if order:
+        index = np.concatenate(order)
+        permutation = np.argsort(index, kind="stable")
         stacked = {m: v[permutation] for m, v in stacked.items()}
-        label_array = label_array[permutation]
-    return ScaleOutputs(stacked, label_array, seconds)
+        label_array, index = label_array[permutation], index[permutation]
+    return ScaleOutputs(stacked, label_array, index, seconds)
 
 
 def method_rows(
@@ -243,7 +255,7 @@ def method_rows(
     for method in eval_methods:
         parts = method.split("+")
         combined = combine([probabilities[p] for p in parts])
-        counts = global_counts(combined, labels)
+        totals = counts(combined, labels)
         elapsed = sum(seconds[p] for p in parts)
         rows.append(
             dict(
@@ -251,20 +263,31 @@ def method_rows(
                 train_scale=train_scale,
                 test_scales=[int(q) for q in scales],
                 method=method,
-                **metrics.errors_from_counts(counts),
-                images_per_second=counts["count"] / elapsed if elapsed > 0 else 0.0,
-                count=int(counts["count"]),
+                **metrics.errors_from_counts(totals),
+                images_per_second=totals["count"] / elapsed if elapsed > 0 else 0.0,
+                count=int(totals["count"]),
                 step=step,
             )
         )
     return rows
 
 
-def _same_examples(expected: np.ndarray | None, labels: np.ndarray, what: str) -> None:
-    if expected is not None and not np.array_equal(expected, labels):
+def _same_examples(
+    expected: tuple[np.ndarray | None, np.ndarray] | None,
+    got: tuple[np.ndarray | None, np.ndarray],
+    what: str,
+) -> None:
+    """Outputs are combined example by example: the (index, label) lists must agree."""
+    if expected is None:
+        return
+    (expected_index, expected_labels), (index, labels) = expected, got
+    same = np.array_equal(expected_labels, labels)
+    if expected_index is not None and index is not None:
+        same = same and np.array_equal(expected_index, index)
+    if not same:
         raise RuntimeError(
-            f"The validation examples come in a different order for {what}: the input pipeline "
-            "must yield them in the same order at every scale (or give each an 'index')."
+            f"The validation examples differ for {what}: the input pipeline must yield the same "
+            "examples at every scale, each named by an 'index' (or all in the same order)."
         )
 
 
@@ -292,15 +315,18 @@ def evaluate_net(
     rows: list[dict[str, Any]] = []
     sums: dict[str, np.ndarray] = {}
     seconds = dict.fromkeys(run, 0.0)
-    labels = None
+    examples = None
     for scale in test_scales(evals):
         outputs = evaluate_scale(
             net, functions, batches(config, scale, net.normalization), run, mesh
         )
-        _same_examples(labels, outputs.labels, f"Q={scale}")
+        _same_examples(examples, (outputs.index, outputs.labels), f"Q={scale}")
+        examples = (outputs.index, outputs.labels)
         labels = outputs.labels
+        if outputs.index is not None and np.unique(outputs.index).size != outputs.index.size:
+            raise RuntimeError(f"Some validation examples came twice at Q={scale}.")
         if expected_count is not None:
-            counted = global_counts(outputs.probabilities[run[0]], labels)["count"]
+            counted = len(labels)
             if counted != expected_count:
                 raise RuntimeError(
                     f"Counted {counted:.0f} examples at Q={scale}, the split has "
@@ -341,7 +367,7 @@ def evaluate_net(
             evals.methods,
             net.step,
         )
-    return NetOutputs(rows, multi_scale, labels, seconds)
+    return NetOutputs(rows, multi_scale, examples, seconds)
 
 
 def fusion_rows(
@@ -349,7 +375,7 @@ def fusion_rows(
 ) -> list[dict[str, Any]]:
     """Table 6: the nets' multi-scale softmax averaged, for each method."""
     for net, out in zip(nets[1:], outputs[1:], strict=True):
-        _same_examples(outputs[0].labels, out.labels, f"net {net.name} ({net.workdir})")
+        _same_examples(outputs[0].examples, out.examples, f"net {net.name} ({net.workdir})")
     run = list(outputs[0].multi_scale)
     fused = {m: combine([o.multi_scale[m] for o in outputs]) for m in run}
     seconds = {m: sum(o.seconds[m] for o in outputs) for m in run}
@@ -359,7 +385,7 @@ def fusion_rows(
         train_scales,
         [int(q) for q in config.evals.multi_scales],
         fused,
-        outputs[0].labels,
+        outputs[0].examples[1],
         seconds,
         config.evals.methods,
         [net.step for net in nets],
