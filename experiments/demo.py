@@ -9,6 +9,7 @@ top-1/top-5 error. Takes under 10 minutes on 2 CPU cores; see README for the fig
 """
 
 from experiments import common
+from vgg_jax.data import settings
 
 
 def get_config(arg=None):
@@ -18,15 +19,12 @@ def get_config(arg=None):
     config.model.width = 1 / 8
     config.model.fc_width = 128
     config.model.init = "glorot"
-    config.input.dataset = "builtin"
+    demo_values = settings.demo_input_config()  # crop 32, S in [32, 64], Q in {32, 48, 64}
+    config.input.update(demo_values["input"])
+    config.evals.update(demo_values["evals"])
     config.input.data_dir = "workdirs/data"
-    config.input.crop_size = 32
-    config.input.train_scale_min = 32
-    config.input.train_scale_max = 64
     config.input.batch_size = 64
     config.input.eval_batch_size = 128
-    config.evals.single_scale = 48
-    config.evals.multi_scales = (32, 48, 64)
     config.optim.learning_rate = 0.02
     config.init_from.mode = "none"
     config.schedule.num_epochs = 12

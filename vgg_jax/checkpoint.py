@@ -163,7 +163,11 @@ def restore_params(
         restored = manager.restore(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_params),
+                # Saved by another topology (more processes or devices): onto one local device.
+                params=ocp.args.StandardRestore(
+                    abstract_params,
+                    fallback_sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
+                ),
                 meta=ocp.args.JsonRestore(),
             ),
         )
