@@ -8,8 +8,10 @@ built-in dataset, so it needs no training run. The second evaluates a trained de
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -22,21 +24,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHOD_TITLES = ("dense", "multi-crop", "dense + multi-crop")
 
 
+def launch_args(workdir, *overrides):
+    return [
+        sys.executable,
+        "launch.py",
+        "--config=experiments/demo.py",
+        f"--workdir={workdir}",
+        "--mode=evaluate",
+        *overrides,
+    ]
+
+
 def launch_evaluate(workdir, *overrides):
     return subprocess.run(
-        [
-            sys.executable,
-            "launch.py",
-            "--config=experiments/demo.py",
-            f"--workdir={workdir}",
-            "--mode=evaluate",
-            *overrides,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
+        launch_args(workdir, *overrides), cwd=ROOT, capture_output=True, text=True, timeout=900
     )
+
+
+def saved_figures(workdir):
+    with open(os.path.join(workdir, "results.json")) as f:
+        rows = json.load(f)["rows"]
+    return [
+        (r["method"], r["test_scales"], r["top1_error"], r["top5_error"], r["count"]) for r in rows
+    ]
 
 
 def table_rows(stdout):
@@ -50,33 +60,64 @@ def table_rows(stdout):
 
 
 class EvaluateModeTest(absltest.TestCase):
-    def test_demo_config_prints_dense_multi_crop_both_and_multi_scale_rows(self):
-        tmp = self.create_tempdir().full_path
-        overrides = [f"--config.input.data_dir={tmp}/data", "--config.input.builtin_size=tiny"]
-        config = demo.get_config()
-        config.input.data_dir = f"{tmp}/data"
-        config.input.builtin_size = "tiny"
-        data.prepare(config)
-        model = models.build_model(config.model, config.input.crop_size)
+    @classmethod
+    def setUpClass(cls):
+        """A tiny built-in dataset and a checkpoint of the demo's net with random weights."""
+        cls.tmp = tempfile.mkdtemp(prefix="evaluate_launch_")
+        cls.overrides = [
+            f"--config.input.data_dir={cls.tmp}/data",
+            "--config.input.builtin_size=tiny",
+        ]
+        cls.config = demo.get_config()
+        cls.config.input.data_dir = f"{cls.tmp}/data"
+        cls.config.input.builtin_size = "tiny"
+        data.prepare(cls.config)
+        model = models.build_model(cls.config.model, cls.config.input.crop_size)
         rng = np.random.default_rng(0)
-        params = jax.tree_util.tree_map(
+        cls.params = jax.tree_util.tree_map(
             lambda leaf: (rng.normal(size=leaf.shape) * 0.05).astype(np.float32),
             models.abstract_params(model),
         )
-        checkpoint.save_params(f"{tmp}/work", params, step=1, config=config)
+        checkpoint.save_params(f"{cls.tmp}/one", cls.params, step=1, config=cls.config)
+        checkpoint.save_params(f"{cls.tmp}/two", cls.params, step=1, config=cls.config)
 
-        result = launch_evaluate(f"{tmp}/work", *overrides)
+    def test_demo_config_prints_dense_multi_crop_both_and_multi_scale_rows(self):
+        result = launch_evaluate(f"{self.tmp}/one", *self.overrides)
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         rows = table_rows(result.stdout)
-        single, multi = str(config.evals.single_scale), "32,48,64"
+        single, multi = str(self.config.evals.single_scale), "32,48,64"
         self.assertEqual(
             [(q, method) for q, method, *_ in rows],
             [(q, m) for q in (single, multi) for m in METHOD_TITLES],
         )
-        num_eval = data.num_eval_examples(config)
+        num_eval = data.num_eval_examples(self.config)
         self.assertEqual({images for *_, images in rows}, {num_eval})
-        with open(f"{tmp}/work/results.json") as f:
-            self.assertLen(json.load(f)["rows"], 6)
+        self.assertLen(saved_figures(f"{self.tmp}/one"), 6)
+
+        # The same checkpoint evaluated by two processes (two CPU devices each): every example
+        # still counts once and the figures are the same.
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+        distributed = [f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+        processes = [
+            subprocess.Popen(
+                launch_args(f"{self.tmp}/two", *self.overrides, *distributed, f"--process_id={i}"),
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        for process in processes:
+            _, stderr = process.communicate(timeout=900)
+            self.assertEqual(process.returncode, 0, stderr[-3000:])
+        one, two = saved_figures(f"{self.tmp}/one"), saved_figures(f"{self.tmp}/two")
+        self.assertEqual([r[:2] + r[4:] for r in one], [r[:2] + r[4:] for r in two])
+        np.testing.assert_allclose([r[2:4] for r in one], [r[2:4] for r in two], atol=1e-6)
 
     def test_trained_demo_beats_chance(self):
         workdir = os.environ.get("VGG_JAX_DEMO_WORKDIR")

@@ -116,6 +116,17 @@ def split_fusion_entry(entry: str, default: str | int) -> tuple[str, str | int]:
     return workdir, parse_checkpoint_choice(which) if which else default
 
 
+def _place(host_params: Any, shardings: Any) -> Any:
+    """Host arrays onto (possibly multi-process) shardings; every process holds the same values."""
+    return jax.tree_util.tree_map(
+        lambda value, where: jax.make_array_from_callback(
+            np.shape(value), where, lambda index: np.asarray(value)[index]
+        ),
+        host_params,
+        shardings,
+    )
+
+
 def load_net(
     workdir: str, which: str | int, mesh: Mesh, fallback: ml_collections.ConfigDict
 ) -> Net:
@@ -134,7 +145,7 @@ def load_net(
             f"The parameters in {workdir} (step {step}) do not fit net "
             f"{train_config['model']['name']} as its saved config describes it."
         )
-    params = jax.device_put(params, sharding.param_shardings(mesh, expected))
+    params = _place(jax.device_get(params), sharding.param_shardings(mesh, expected))
     scale = train_config.get("input", {})
     train_scale = (
         report.train_scale_text(scale["train_scale_min"], scale["train_scale_max"])
