@@ -74,7 +74,7 @@ def base_methods(eval_methods: Sequence[str]) -> tuple[str, ...]:
     return tuple(m for m in methods.BASE_METHODS if m in needed)
 
 
-def test_scales(evals: ml_collections.ConfigDict) -> tuple[int, ...]:
+def scales_needed(evals: ml_collections.ConfigDict) -> tuple[int, ...]:
     """Every Q a run needs: the single scale and the multi-scale set, ascending."""
     return tuple(sorted({int(evals.single_scale), *(int(q) for q in evals.multi_scales)}))
 
@@ -313,7 +313,7 @@ def evaluate_net(
     ``evals.multi_scales``; each Q is one pass over the data running every needed method."""
     evals = config.evals
     multi = tuple(int(q) for q in evals.multi_scales)
-    too_small = [q for q in test_scales(evals) if q < net.model.crop_size]
+    too_small = [q for q in scales_needed(evals) if q < net.model.crop_size]
     if too_small:
         raise ValueError(
             f"Test scales {too_small} are below net {net.name}'s crop size {net.model.crop_size}: "
@@ -327,7 +327,7 @@ def evaluate_net(
     sums: dict[str, np.ndarray] = {}
     seconds = dict.fromkeys(run, 0.0)
     examples = None
-    for scale in test_scales(evals):
+    for scale in scales_needed(evals):
         outputs = evaluate_scale(
             net, functions, batches(config, scale, net.normalization), run, mesh
         )
