@@ -97,7 +97,15 @@ def local_response_norm(
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-    return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+    """2x2/2 max-pool (VALID: an odd last row or column is dropped).
+
+    Written as a reshape and a max rather than ``nn.max_pool``: the same values and gradients, but
+    XLA's CPU backward of the reshape form is about 2.5x faster than its select-and-scatter
+    (docs/performance.md).
+    """
+    n, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 def valid_mask(sizes: jax.Array, height: int, width: int) -> jax.Array:

@@ -92,7 +92,18 @@ def make_train_step(
         in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
+        compiler_options=cpu_compiler_options(),
     )
+
+
+def cpu_compiler_options() -> dict[str, str] | None:
+    """On CPU, turns off XLA's YNNPACK convolution fusion for the train step: its kernel-gradient
+    convolutions run 4-13x slower than the forward ones, and without it the VGG16 step is 1.4-1.5x
+    faster (bench/train_step.py, docs/performance.md). Experimental option: re-measure on jaxlib
+    upgrades."""
+    if jax.default_backend() != "cpu":
+        return None
+    return {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def make_validation_step(model: models.VGG, mesh: Mesh, param_shardings: Any):
