@@ -1,0 +1,178 @@
+"""The real training loop on the built-in dataset (tiny size): kill/resume, SIGTERM, NaN stop,
+validation, and two JAX processes on localhost matching one process."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl.testing import absltest
+
+from experiments import demo
+from vgg_jax import checkpoint, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPOCHS, BATCH, TRAIN_SIZE = 4, 20, 100  # builtin "tiny": 100 training images -> 5 steps/epoch
+TOTAL_STEPS = EPOCHS * TRAIN_SIZE // BATCH
+
+
+def overrides(data_dir: str, **extra) -> dict:
+    values = {
+        "input.data_dir": data_dir,
+        "input.builtin_size": "tiny",
+        "input.batch_size": BATCH,
+        "input.eval_batch_size": 16,
+        "model.width": 1 / 16,
+        "model.fc_width": 16,
+        "schedule.num_epochs": EPOCHS,
+        "ckpt.every_steps": 1,
+        "ckpt.keep": 2,
+        "log_every_steps": 5,
+    }
+    values.update(extra)
+    return values
+
+
+def loop_config(data_dir: str, **extra):
+    config = demo.get_config()
+    for key, value in overrides(data_dir, **extra).items():
+        group, _, name = key.rpartition(".")
+        (config[group] if group else config)[name] = value
+    return config
+
+
+def launch_args(data_dir: str, workdir: str, **extra) -> list[str]:
+    args = [sys.executable, "launch.py", "--config=experiments/demo.py", f"--workdir={workdir}"]
+    args.append("--mode=train")
+    return args + [f"--config.{k}={v}" for k, v in overrides(data_dir, **extra).items()]
+
+
+def final_params(workdir: str):
+    params, step, _ = checkpoint.restore_params(workdir)
+    return jax.device_get(params), step
+
+
+def wait_for_checkpoint(workdir: str, process: subprocess.Popen, step: int) -> None:
+    deadline = time.time() + 240
+    while step not in checkpoint.available_steps(workdir):
+        if process.poll() is not None:
+            raise AssertionError(f"training exited early:\n{process.stderr.read()}")
+        if time.time() > deadline:
+            raise AssertionError("no checkpoint in time")
+        time.sleep(0.05)
+
+
+def assert_trees_equal(a, b):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+class TrainLoopTest(absltest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        from vgg_jax import data
+
+        cls.tmp = tempfile.mkdtemp()
+        cls.data_dir = os.path.join(cls.tmp, "builtin_data")
+        data.prepare(loop_config(cls.data_dir))
+        cls.reference_dir = os.path.join(cls.tmp, "reference")
+        cls.reference_state = train.train(loop_config(cls.data_dir), cls.reference_dir)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+        super().tearDownClass()
+
+    def test_uninterrupted_run_trains_and_validates(self):
+        params, step = final_params(self.reference_dir)
+        self.assertEqual(step, TOTAL_STEPS)
+        assert_trees_equal(params, jax.device_get(self.reference_state.params))
+        _, _, meta = checkpoint.restore_params(self.reference_dir)
+        validation = meta["validation"]
+        self.assertBetween(validation["val_top1_accuracy"], 0.0, 1.0)
+        self.assertGreaterEqual(validation["val_top5_accuracy"], validation["val_top1_accuracy"])
+        self.assertTrue(os.listdir(os.path.join(self.reference_dir, "tensorboard")))
+        with open(os.path.join(self.reference_dir, "metrics.jsonl")) as f:
+            self.assertIn("val_top1_accuracy", f.read())
+
+    def test_sigkill_then_resume_is_bitwise_identical(self):
+        workdir = self.create_tempdir().full_path
+        args = launch_args(self.data_dir, workdir)
+        process = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        wait_for_checkpoint(workdir, process, 3)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        self.assertLess(max(checkpoint.available_steps(workdir)), TOTAL_STEPS)
+        result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertIn("Resumed from step", result.stderr)
+        params, step = final_params(workdir)
+        self.assertEqual(step, TOTAL_STEPS)
+        assert_trees_equal(params, final_params(self.reference_dir)[0])
+
+    def test_sigterm_saves_exits_and_resumes(self):
+        workdir = self.create_tempdir().full_path
+        args = launch_args(self.data_dir, workdir, **{"ckpt.every_steps": 1000})
+        process = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        wait_for_checkpoint(workdir, process, 5)  # the first validation checkpoint
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=300)
+        self.assertEqual(process.returncode, 0, stderr[-3000:])
+        stopped_at = max(checkpoint.available_steps(workdir))
+        self.assertIn(f"Stopped at step {stopped_at}", stderr)
+        self.assertLess(stopped_at, TOTAL_STEPS)
+        result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        assert_trees_equal(final_params(workdir)[0], final_params(self.reference_dir)[0])
+
+    def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(self):
+        workdir = self.create_tempdir().full_path
+        config = loop_config(self.data_dir, **{"optim.learning_rate": 1e12})
+        config.schedule.num_epochs = 1
+        with self.assertRaisesRegex(train.NonFiniteLossError, "last good checkpoint"):
+            train.train(config, workdir)
+        for step in checkpoint.available_steps(workdir):
+            params, _, _ = checkpoint.restore_params(workdir, step)
+            finite = jax.tree_util.tree_map(lambda p: bool(np.isfinite(p).all()), params)
+            self.assertTrue(all(jax.tree_util.tree_leaves(finite)))
+
+    def test_two_processes_match_one(self):
+        workdir = self.create_tempdir().full_path
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+        processes = [
+            subprocess.Popen(
+                launch_args(self.data_dir, workdir, **{"ckpt.every_steps": 1000})
+                + [
+                    f"--coordinator_address=localhost:{port}",
+                    "--num_processes=2",
+                    f"--process_id={i}",
+                ],
+                cwd=ROOT,
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        for process in processes:
+            _, stderr = process.communicate(timeout=600)
+            self.assertEqual(process.returncode, 0, stderr[-3000:])
+        params, step = final_params(workdir)
+        self.assertEqual(step, TOTAL_STEPS)
+        reference = final_params(self.reference_dir)[0]
+        jax.tree_util.tree_map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, reference
+        )
+
+
+if __name__ == "__main__":
+    absltest.main()
