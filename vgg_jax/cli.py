@@ -7,7 +7,7 @@ import sys
 import ml_collections
 from absl import flags, logging
 
-MODES = ["train_and_evaluate", "train", "evaluate", "summary"]
+MODES = ["train_and_evaluate", "train", "evaluate", "evaluate_continuously", "summary"]
 
 
 def parse_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
@@ -84,3 +84,7 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> No
         from vgg_jax import evaluate
 
         evaluate.run_evaluation(config, workdir)
+    if mode == "evaluate_continuously":
+        from vgg_jax import evaluate
+
+        evaluate.watch(config, workdir)
