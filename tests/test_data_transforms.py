@@ -215,6 +215,16 @@ class DatasetLevelTest(absltest.TestCase):
         partial = [b for b in batches if not b["mask"].all()]
         self.assertLessEqual(len(partial), 2)
 
+    def test_same_example_order_at_every_scale(self):
+        orders = []
+        for scale in (32, 40, 48, 64):
+            batches = data.eval_batches(self.config, scale, process_index=0, process_count=1)
+            orders.append(np.concatenate([b["index"] for b in batches]))
+        for order in orders[1:]:
+            np.testing.assert_array_equal(order, orders[0])
+        real = orders[0][orders[0] >= 0]
+        np.testing.assert_array_equal(np.sort(real), np.arange(self.info.num_eval))
+
     def test_eval_schedule_is_the_same_on_every_process(self):
         one = list(data.eval_batches(self.config, 48, process_index=0, process_count=1))
         halves = [

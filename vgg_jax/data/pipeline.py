@@ -10,7 +10,8 @@ and the P process slices put together are the one-process batch. The stream runs
 boundaries, so no example is ever dropped: each one is seen exactly once in every N positions.
 
 Evaluation order. Every decodable example of the split once. The examples are split by
-orientation (landscape incl. square, then portrait) and sorted by their long side at scale Q;
+orientation (landscape incl. square, then portrait) and sorted by aspect ratio (so by their long
+side at any scale Q, and in the same order at every Q);
 consecutive runs of the global eval batch size G form the batches, each padded to
 (Q, long side rounded up to ``eval_bucket_step``) or its transpose. So the shapes are few, only the
 last batch of each orientation holds masked filler examples, and every process computes the same
@@ -283,12 +284,16 @@ def eval_schedule(
         split_index.height[valid], split_index.width[valid], scale
     )
     batches = []
+    original_h, original_w = split_index.height[valid], split_index.width[valid]
+    # Aspect ratio does not depend on Q, so the order (and every batch's examples) is the same at
+    # every test scale, as multi-scale evaluation needs; the long side at Q grows with it.
+    aspect = np.maximum(original_h, original_w) / np.maximum(np.minimum(original_h, original_w), 1)
     for portrait in (False, True):
-        chosen = (heights > widths) == portrait
+        chosen = (original_h > original_w) == portrait
         ids, h, w = valid[chosen], heights[chosen], widths[chosen]
+        order = np.lexsort((ids, aspect[chosen]))
+        ids, h, w = ids[order], h[order], w[order]
         long_side = np.maximum(h, w)
-        order = np.argsort(long_side, kind="stable")
-        ids, h, w, long_side = ids[order], h[order], w[order], long_side[order]
         for start in range(0, len(ids), global_batch):
             part = slice(start, start + global_batch)
             longest = int(-(-long_side[part].max() // bucket_step) * bucket_step)
@@ -317,8 +322,10 @@ def eval_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Every decodable example of the split once, rescaled to smallest side ``scale``, uncropped,
     top-left in a zero-padded bucket: {"image": float32 [B_local, Hb, Wb, 3], "size": int32
-    [B_local, 2], "label": int32 [B_local], "mask": bool [B_local]}. Every process yields the same
-    number of batches with the same shapes in the same order."""
+    [B_local, 2], "label": int32 [B_local], "mask": bool [B_local], "index": int32 [B_local] (the
+    example's record index in the split, -1 for filler)}. Every process yields the same number of
+    batches with the same shapes in the same order, and the examples come in the same order at
+    every ``scale``."""
     input_config = config.input
     split = split or input_config.eval_split
     process_index, process_count = _processes(process_index, process_count)
@@ -339,9 +346,9 @@ def eval_batches(
             for i, record in zip(np.flatnonzero(real), reader.read(ids[real]), strict=True):
                 serialized[i] = record
             fmt = np.where(real, split_index.fmt[np.maximum(ids, 0)], 0).astype(np.int32)
-            yield fmt, batch.sizes[mine], np.tile(batch.bucket, (local, 1)), real, serialized
+            yield fmt, batch.sizes[mine], np.tile(batch.bucket, (local, 1)), real, serialized, ids
 
-    def preprocess(fmt, size, bucket, mask, serialized):
+    def preprocess(fmt, size, bucket, mask, serialized, example_index):
         def real():
             encoded, label = sources.parse(serialized)
             return transforms.eval_image(encoded, fmt, size, bucket, norm), label
@@ -350,7 +357,7 @@ def eval_batches(
             return tf.zeros(tf.concat([bucket, [3]], 0), tf.float32), tf.constant(0, tf.int32)
 
         image, label = tf.cond(mask, real, filler)
-        return {"image": image, "size": size, "label": label, "mask": mask}
+        return {"image": image, "size": size, "label": label, "mask": mask, "index": example_index}
 
     signature = (
         tf.TensorSpec([local], tf.int32),
@@ -358,6 +365,7 @@ def eval_batches(
         tf.TensorSpec([local, 2], tf.int32),
         tf.TensorSpec([local], tf.bool),
         tf.TensorSpec([local], tf.string),
+        tf.TensorSpec([local], tf.int64),  # "index": the example's record id, -1 for filler
     )
     ds = tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
     ds = ds.map(preprocess, num_parallel_calls=_parallel_calls(input_config), deterministic=True)
