@@ -18,7 +18,8 @@ import numpy as np
 from absl.testing import absltest
 
 from experiments import demo
-from vgg_jax import checkpoint, data, models
+from vgg_jax import checkpoint, data, evaluate, models
+from vgg_jax.data import builtin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHOD_TITLES = ("dense", "multi-crop", "dense + multi-crop")
@@ -94,13 +95,18 @@ class EvaluateModeTest(absltest.TestCase):
         self.assertEqual({images for *_, images in rows}, {num_eval})
         self.assertLen(saved_figures(f"{self.tmp}/one"), 6)
 
-        # The same checkpoint evaluated by two processes (two CPU devices each): every example
-        # still counts once and the figures are the same.
+        # The same checkpoint evaluated by two processes (two CPU devices each; dense at one scale,
+        # to save compilations): every example still counts once and the figures are the same.
         with socket.socket() as s:
             s.bind(("localhost", 0))
             port = s.getsockname()[1]
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-        distributed = [f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+        distributed = [
+            f"--coordinator_address=localhost:{port}",
+            "--num_processes=2",
+            "--config.evals.methods=('dense',)",
+            "--config.evals.multi_scales=(48,)",
+        ]
         processes = [
             subprocess.Popen(
                 launch_args(f"{self.tmp}/two", *self.overrides, *distributed, f"--process_id={i}"),
@@ -115,9 +121,24 @@ class EvaluateModeTest(absltest.TestCase):
         for process in processes:
             _, stderr = process.communicate(timeout=900)
             self.assertEqual(process.returncode, 0, stderr[-3000:])
-        one, two = saved_figures(f"{self.tmp}/one"), saved_figures(f"{self.tmp}/two")
+        one = [r for r in saved_figures(f"{self.tmp}/one") if r[:2] == ("dense", [48])]
+        two = saved_figures(f"{self.tmp}/two")
+        self.assertLen(two, 1)
         self.assertEqual([r[:2] + r[4:] for r in one], [r[:2] + r[4:] for r in two])
         np.testing.assert_allclose([r[2:4] for r in one], [r[2:4] for r in two], atol=1e-6)
+
+    def test_load_for_prediction_brings_convention_and_class_names(self):
+        model, params, normalization, class_names = evaluate.load_for_prediction(f"{self.tmp}/one")
+        self.assertEqual(model.crop_size, 32)
+        info = data.dataset_info(self.config)
+        np.testing.assert_allclose(normalization["mean"], info.mean_rgb)
+        self.assertEqual(class_names, list(builtin.CLASS_NAMES))
+        image, _ = builtin.draw_example(0, "validation", 0)
+        top, score_map = evaluate.predict(
+            model, params, image, class_names=class_names, normalization=normalization, scale=48
+        )
+        self.assertIn(top[0].class_name, builtin.CLASS_NAMES)
+        self.assertEqual(score_map.shape[-1], 10)
 
     def test_trained_demo_beats_chance(self):
         workdir = os.environ.get("VGG_JAX_DEMO_WORKDIR")
