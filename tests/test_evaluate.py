@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl.testing import absltest
+from jax.sharding import PartitionSpec as P
 
 from experiments import common
 from vgg_jax import checkpoint, evaluate, metrics, models, sharding
@@ -118,9 +119,9 @@ multi_crop_probabilities = jax.jit(methods.multi_crop_probabilities, static_argn
 grid_crops = jax.jit(methods.grid_crops, static_argnums=2)
 
 
-def mesh_of(devices: int):
+def mesh_of(data: int, model: int = 1):
     return sharding.make_mesh(
-        ml_collections.ConfigDict(dict(data=devices, model=1)), jax.devices()[:devices]
+        ml_collections.ConfigDict(dict(data=data, model=model)), jax.devices()[: data * model]
     )
 
 
@@ -235,7 +236,8 @@ class RunnerTest(absltest.TestCase):
         return tempfile.mkdtemp(prefix="evaluate_test_")
 
     def test_every_example_counted_once_on_1_and_4_devices(self):
-        num_examples = 13  # not a multiple of the batch (8, 12) nor of the 4 devices
+        """13 examples: not a multiple of any batch size here (8, 12, 6) nor of the devices."""
+        num_examples = 13
         dense, crops, labels = {}, {}, None
         for scale in (32, 48):
             dense[scale], crops[scale], labels = reference_probabilities(
@@ -249,20 +251,28 @@ class RunnerTest(absltest.TestCase):
             ("multi_crop", (32, 48)): (crops[32] + crops[48]) / 2,
             ("dense+multi_crop", (32, 48)): (dense[32] + dense[48] + crops[32] + crops[48]) / 4,
         }
-        for devices, batch_size, shuffle in ((4, 8, False), (1, 12, True)):
+        # (data, model) mesh axes; with model=2 FC1/FC2 are split across devices.
+        for (data, model), batch_size, shuffle in (
+            ((4, 1), 8, False),
+            ((1, 1), 12, True),
+            ((2, 2), 6, True),
+        ):
             config = tiny_config()
             config.input.eval_batch_size = batch_size
-            net = runner.load_net(self.workdir, "latest", mesh_of(devices), config)
+            mesh = mesh_of(data, model)
+            net = runner.load_net(self.workdir, "latest", mesh, config)
             self.assertEqual((net.step, net.name, net.train_scale), (7, "A", "[32;64]"))
+            if model > 1:
+                self.assertEqual(net.params["fc1"]["kernel"].sharding.spec, P(None, "model"))
             outputs = runner.evaluate_net(
-                config, net, mesh_of(devices), fake_eval_batches(num_examples, shuffle)
+                config, net, mesh, fake_eval_batches(num_examples, shuffle)
             )
             got = {(r["method"], tuple(r["test_scales"])): r for r in outputs.rows}
             self.assertEqual(set(got), set(expected))
             for key, probabilities in expected.items():
                 want, count = errors(probabilities, labels)
                 self.assertEqual(count, num_examples)
-                self.assertEqual(got[key]["count"], num_examples, (devices, batch_size, key))
+                self.assertEqual(got[key]["count"], num_examples, (data, model, batch_size, key))
                 self.assertAlmostEqual(got[key]["top1_error"], want["top1_error"], places=4)
                 self.assertAlmostEqual(got[key]["top5_error"], want["top5_error"], places=4)
                 self.assertGreater(got[key]["images_per_second"], 0)
