@@ -3,10 +3,10 @@
 Each image holds one object whose *shape* is its class (disk, ring, square, frame, diamond,
 triangle, plus, cross, star, crescent). Colour carries no information: the object's colour, the
 background's colour field and the clutter (line segments, small blobs, noise) are drawn
-independently of the class. The object's radius is log-uniform over 12-45% of the image's short
-side and its centre is anywhere it fits, so scales and positions vary about 4x and a net trained at
+independently of the class. The object's radius is log-uniform over 15-45% of the image's short
+side and its centre is anywhere it fits, so scales vary 3x and positions widely and a net trained at
 one scale sees the others rarely: the setting where the paper's scale jittering and multi-scale
-testing pay off. Image sides: short side 48-128 px, aspect ratio 1-2 in either orientation.
+testing pay off. Image sides: short side 48-128 px, aspect ratio 1-1.6 in either orientation.
 
 Every image is a pure function of (seed, split, index): ``numpy.random.default_rng`` keyed by all
 three, so the dataset is the same on every machine and in any generation order. Stored through
@@ -34,8 +34,8 @@ CLASS_NAMES = (
     "crescent",
 )
 SHORT_SIDE = (48, 128)  # pixels, uniform
-MAX_ASPECT = 2.0  # long side / short side, log-uniform in [1, MAX_ASPECT]
-OBJECT_RADIUS = (0.12, 0.45)  # fraction of the short side, log-uniform
+MAX_ASPECT = 1.6  # long side / short side, log-uniform in [1, MAX_ASPECT]
+OBJECT_RADIUS = (0.15, 0.45)  # fraction of the short side, log-uniform
 MAX_ROTATION = np.deg2rad(20.0)  # small, so square and diamond stay distinct classes
 JPEG_QUALITY = 90
 SPLIT_IDS = {"train": 0, "validation": 1}
@@ -112,7 +112,7 @@ def _add_clutter(rng: np.random.Generator, canvas: np.ndarray, ys, xs, short: in
     """Thin line segments and small blobs of random colours: edges everywhere, none of them a
     class shape at object scale. Each is drawn only inside its bounding box."""
     height, width = canvas.shape[:2]
-    for _ in range(rng.integers(6, 20)):
+    for _ in range(rng.integers(4, 14)):
         colour = rng.uniform(0, 255, size=3).astype(np.float32)
         if rng.random() < 0.6:
             p0 = rng.uniform((0, 0), (height, width))
