@@ -8,7 +8,7 @@ import tensorflow as tf
 from absl.testing import absltest
 
 from experiments import common
-from vgg_jax import data
+from vgg_jax import conventions, data
 from vgg_jax.data import index, pipeline, sources, stats, testdata, transforms
 
 
@@ -137,8 +137,18 @@ class TrainTransformTest(absltest.TestCase):
         np.testing.assert_allclose(
             transforms.normalise(image, norm)[0, 0], [0.0, 0.0, 0.0], atol=1e-6
         )
-        with self.assertRaisesRegex(ValueError, "normalization takes keys"):
+        with self.assertRaisesRegex(ValueError, "should be exactly"):
             transforms.Normalization.from_dict(dict(mean=(0, 0, 0), colour="RGB"))
+        # The same rule as the NumPy/JAX one the evaluator and importers use.
+        pixels = np.random.default_rng(0).uniform(0, 255, size=(5, 7, 3)).astype(np.float32)
+        for convention in conventions.NAMED.values():
+            norm = transforms.Normalization.from_dict(convention)
+            np.testing.assert_allclose(
+                transforms.normalise(tf.constant(pixels), norm).numpy(),
+                conventions.normalize(pixels, convention),
+                rtol=1e-5,
+                atol=1e-4,
+            )
 
     def test_pca_from_moments(self):
         rng = np.random.default_rng(0)

@@ -20,6 +20,8 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
+from vgg_jax import conventions
+
 JPEG, PNG, UNDECODABLE = 0, 1, 2
 # A truncated JPEG whose first ACCEPTABLE_FRACTION of rows decode is kept (the rest is grey).
 ACCEPTABLE_FRACTION = 0.25
@@ -39,23 +41,15 @@ class Normalization:
 
     @classmethod
     def from_dict(cls, spec: dict) -> Normalization:
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(spec) - valid)
-        if unknown or "mean" not in spec:
-            raise ValueError(
-                f"normalization takes keys {sorted(valid)} ('mean' required); got {sorted(spec)}"
-            )
-        norm = cls(
-            mean=tuple(float(m) for m in spec["mean"]),
-            std=tuple(float(s) for s in spec.get("std", (1.0, 1.0, 1.0))),
-            channel_order=str(spec.get("channel_order", "RGB")),
-            pixel_range=float(spec.get("pixel_range", 255.0)),
+        """From an input-convention dict, checked by ``vgg_jax.conventions.validate``, the one
+        definition of its keys (``conventions.normalize`` is the NumPy twin of ``normalise``)."""
+        checked = conventions.validate(spec)
+        return cls(
+            mean=checked["mean"],
+            std=checked["std"],
+            channel_order=checked["channel_order"],
+            pixel_range=checked["pixel_range"],
         )
-        if norm.channel_order not in ("RGB", "BGR") or len(norm.mean) != 3 or len(norm.std) != 3:
-            raise ValueError(
-                f"normalization needs channel_order RGB or BGR and 3 means/stds: {spec}"
-            )
-        return norm
 
 
 def image_format(encoded: tf.Tensor) -> tf.Tensor:
