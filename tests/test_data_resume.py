@@ -4,11 +4,13 @@ import itertools
 import shutil
 import tempfile
 
+import jax
+import ml_collections
 import numpy as np
 from absl.testing import absltest
 
 from experiments import common
-from vgg_jax import data
+from vgg_jax import data, sharding
 from vgg_jax.data import index, pipeline, sources
 
 
@@ -67,6 +69,13 @@ class ResumeTest(absltest.TestCase):
         self.assertEqual(first["image"].shape, (16, 32, 32, 3))
         self.assertEqual(first["image"].dtype, np.float32)
         self.assertEqual(first["label"].dtype, np.int32)
+
+    def test_local_batches_become_one_global_array_sharded_over_data(self):
+        mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, model=1)))
+        batch = sharding.global_batch(self.batches(2, 1)[0], mesh)
+        self.assertEqual(batch["image"].shape, (16, 32, 32, 3))
+        self.assertEqual(batch["image"].sharding.spec[0], sharding.DATA)
+        self.assertLen(batch["label"].addressable_shards, len(jax.devices()))
 
     def test_another_seed_gives_other_batches(self):
         other = self.config.copy_and_resolve_references()
