@@ -100,7 +100,7 @@ def build_index(builder: tfds.core.DatasetBuilder, split: str) -> SplitIndex:
 
     signature = (tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.string))
     ds = tf.data.Dataset.from_generator(records, output_signature=signature).unbatch()
-    ds = ds.map(_probe, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(transforms.no_autograph(_probe), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.ignore_errors()
     fmt = np.full(total, transforms.UNDECODABLE, np.uint8)
     height, width = np.zeros(total, np.int32), np.zeros(total, np.int32)

@@ -263,7 +263,11 @@ def train_batches(
     signature = (vector(tf.int64), vector(tf.int32), vector(tf.int32), vector(tf.int32))
     signature += (vector(tf.string),)
     ds = tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
-    ds = ds.map(preprocess, num_parallel_calls=_parallel_calls(input_config), deterministic=True)
+    ds = ds.map(
+        transforms.no_autograph(preprocess),
+        num_parallel_calls=_parallel_calls(input_config),
+        deterministic=True,
+    )
     ds = ds.batch(local, drop_remainder=True).prefetch(input_config.prefetch)
     yield from ds.as_numpy_iterator()
 
@@ -368,6 +372,10 @@ def eval_batches(
         tf.TensorSpec([local], tf.int64),  # "index": the example's record id, -1 for filler
     )
     ds = tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
-    ds = ds.map(preprocess, num_parallel_calls=_parallel_calls(input_config), deterministic=True)
+    ds = ds.map(
+        transforms.no_autograph(preprocess),
+        num_parallel_calls=_parallel_calls(input_config),
+        deterministic=True,
+    )
     ds = ds.batch(local, drop_remainder=True).prefetch(input_config.prefetch)
     yield from ds.as_numpy_iterator()

@@ -76,7 +76,7 @@ def compute_stats(
     ds = tf.data.Dataset.from_generator(
         lambda: iter(reader.read(chosen)), output_signature=tf.TensorSpec([], tf.string)
     )
-    ds = ds.map(decoded, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(transforms.no_autograph(decoded), num_parallel_calls=tf.data.AUTOTUNE)
     total, outer, count = np.zeros(3), np.zeros((3, 3)), 0
     for image in ds.as_numpy_iterator():
         t, o, c = pixel_moments([image])

@@ -208,3 +208,9 @@ def eval_image(
     zeros elsewhere (zero = the mean colour, as the paper's padding)."""
     image = normalise(resize(decode_full(encoded, fmt), size[0], size[1], antialias=True), norm)
     return tf.pad(image, [[0, bucket[0] - size[0]], [0, bucket[1] - size[1]], [0, 0]])
+
+
+def no_autograph(fn):
+    """For ``Dataset.map``: these functions branch with explicit ``tf.cond`` already, and
+    AutoGraph, which cannot parse their multi-line lambdas, would only warn and run them as-is."""
+    return tf.autograph.experimental.do_not_convert(fn)
