@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from jax.sharding import Mesh
 
 from vgg_jax import models, sharding
@@ -175,6 +176,7 @@ def extract_features(
         features = outputs.probabilities[FEATURES]
         total = features if total is None else total + features
         pixels = outputs.probabilities.get(PIXELS, pixels)
+        logging.info("Descriptors of %d examples at Q=%d", len(outputs.labels), scale)
     features = l2_normalize(np.asarray(total, np.float32) / len(scales))
     return Descriptors(features, examples[1].astype(np.int32), pixels)
 
