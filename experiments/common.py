@@ -53,6 +53,7 @@ def input_config(scale: dict) -> ml_collections.ConfigDict:
             crop_size=224,
             train_scale_min=smin,  # S: smallest side before the random crop
             train_scale_max=smax,  # equal to train_scale_min for fixed-scale training
+            pixel_std=(1.0, 1.0, 1.0),  # 0-255 pixels divided by this after the mean (paper: 1)
             color_shift_std=0.1,  # AlexNet's PCA lighting noise: alpha ~ N(0, std^2)
             random_flip=True,
             batch_size=256,  # global batch over all devices and processes

@@ -50,7 +50,7 @@ class ParameterCountTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "bfloat16"):
             models.build_model(config, 224)
         config.dtype = "float32"
-        config.init = "he"
+        config.init = "xavier"
         with self.assertRaisesRegex(ValueError, "glorot"):
             models.build_model(config, 224)
 

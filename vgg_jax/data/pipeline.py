@@ -155,9 +155,14 @@ def _local_size(global_size: int, process_count: int, name: str) -> int:
     return global_size // process_count
 
 
-def _normalization(normalization: dict | None, mean_rgb) -> transforms.Normalization:
+def _normalization(
+    normalization: dict | None, mean_rgb, input_config: ml_collections.ConfigDict
+) -> transforms.Normalization:
+    """The given convention (imported weights), else the training set's mean RGB subtracted and,
+    with ``input.pixel_std``, a division (the paper divides by nothing: std 1)."""
     if normalization is None:
-        return transforms.Normalization(mean=tuple(float(m) for m in mean_rgb))
+        std = tuple(float(s) for s in input_config.get("pixel_std", (1.0, 1.0, 1.0)))
+        return transforms.Normalization(mean=tuple(float(m) for m in mean_rgb), std=std)
     return transforms.Normalization.from_dict(normalization)
 
 
@@ -216,7 +221,7 @@ def train_batches(
     builder = _builder(input_config)
     split_index = _split_index(builder, input_config.train_split)
     chosen = _stats(input_config, builder)
-    norm = _normalization(normalization, chosen["mean_rgb"])
+    norm = _normalization(normalization, chosen["mean_rgb"], input_config)
     eigvals = np.asarray(chosen["eigvals"], np.float32)
     eigvecs = np.asarray(chosen["eigvecs"], np.float32)
     valid = split_index.valid
@@ -337,7 +342,7 @@ def eval_batches(
     local = _local_size(global_batch, process_count, "eval_batch_size")
     builder = _builder(input_config)
     split_index = _split_index(builder, split)
-    norm = _normalization(normalization, _stats(input_config, builder)["mean_rgb"])
+    norm = _normalization(normalization, _stats(input_config, builder)["mean_rgb"], input_config)
     schedule = eval_schedule(split_index, scale, global_batch, input_config.eval_bucket_step)
     reader = sources.RecordReader(builder, split)
     mine = slice(process_index * local, (process_index + 1) * local)
