@@ -211,6 +211,7 @@ class DatasetLevelTest(absltest.TestCase):
             self.assertEqual(b["image"].dtype, np.float32)
             self.assertEqual(b["size"].dtype, np.int32)
             self.assertEqual(b["mask"].dtype, bool)
+            self.assertEqual(b["index"].dtype, np.int32)
             hb, wb = b["image"].shape[1:3]
             self.assertIn(scale, (hb, wb))
             self.assertEqual(max(hb, wb) % 16, 0)

@@ -171,6 +171,19 @@ def _parallel_calls(input_config: ml_collections.ConfigDict) -> int:
     return tf.data.AUTOTUNE if calls < 0 else calls
 
 
+def _batches(chunks, signature, preprocess, local: int, input_config) -> Iterator[dict]:
+    """Host chunks of one local batch each (numpy ids and raw records, planned in order) ->
+    ``preprocess`` per example in a parallel, order-keeping map -> the same local batches."""
+    ds = tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
+    ds = ds.map(
+        transforms.no_autograph(preprocess),
+        num_parallel_calls=_parallel_calls(input_config),
+        deterministic=True,
+    )
+    ds = ds.batch(local, drop_remainder=True).prefetch(input_config.prefetch)
+    return ds.as_numpy_iterator()
+
+
 class TrainOrder:
     """Maps stream positions to example rows: a fresh permutation of N rows per epoch."""
 
@@ -267,14 +280,7 @@ def train_batches(
     vector = lambda dtype: tf.TensorSpec([local], dtype)
     signature = (vector(tf.int64), vector(tf.int32), vector(tf.int32), vector(tf.int32))
     signature += (vector(tf.string),)
-    ds = tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
-    ds = ds.map(
-        transforms.no_autograph(preprocess),
-        num_parallel_calls=_parallel_calls(input_config),
-        deterministic=True,
-    )
-    ds = ds.batch(local, drop_remainder=True).prefetch(input_config.prefetch)
-    yield from ds.as_numpy_iterator()
+    yield from _batches(chunks, signature, preprocess, local, input_config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,7 +361,8 @@ def eval_batches(
             for i, record in zip(np.flatnonzero(real), reader.read(ids[real]), strict=True):
                 serialized[i] = record
             fmt = np.where(real, split_index.fmt[np.maximum(ids, 0)], 0).astype(np.int32)
-            yield fmt, batch.sizes[mine], np.tile(batch.bucket, (local, 1)), real, serialized, ids
+            bucket = np.tile(batch.bucket, (local, 1))
+            yield fmt, batch.sizes[mine], bucket, real, serialized, ids.astype(np.int32)
 
     def preprocess(fmt, size, bucket, mask, serialized, example_index):
         def real():
@@ -374,13 +381,6 @@ def eval_batches(
         tf.TensorSpec([local, 2], tf.int32),
         tf.TensorSpec([local], tf.bool),
         tf.TensorSpec([local], tf.string),
-        tf.TensorSpec([local], tf.int64),  # "index": the example's record id, -1 for filler
+        tf.TensorSpec([local], tf.int32),  # "index": the example's record id, -1 for filler
     )
-    ds = tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
-    ds = ds.map(
-        transforms.no_autograph(preprocess),
-        num_parallel_calls=_parallel_calls(input_config),
-        deterministic=True,
-    )
-    ds = ds.batch(local, drop_remainder=True).prefetch(input_config.prefetch)
-    yield from ds.as_numpy_iterator()
+    yield from _batches(chunks, signature, preprocess, local, input_config)
