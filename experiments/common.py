@@ -69,6 +69,7 @@ def input_config(scale: dict) -> ml_collections.ConfigDict:
 def optim_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
+            name="sgd",  # sgd (the paper: momentum SGD) or adam (an option for small nets)
             learning_rate=1e-2,
             momentum=0.9,
             weight_decay=5e-4,  # L2, added to the gradient (not decoupled)

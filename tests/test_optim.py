@@ -72,6 +72,20 @@ class OptimizerTest(absltest.TestCase):
         self.assertAlmostEqual(float(second["conv"]["kernel"][0]), 0.9 * 2.0 + 2.0)
         self.assertAlmostEqual(float(second["conv"]["bias"][0]), 1.9, places=6)
 
+    def test_adam_option_and_unknown_name(self):
+        config = common.optim_config()
+        config.name = "adam"
+        params = {"fc1": {"kernel": jnp.array([2.0, -1.0]), "bias": jnp.array([1.0])}}
+        grads = {"fc1": {"kernel": jnp.array([1e-3, 5.0]), "bias": jnp.array([-3.0])}}
+        tx = optim.make_optimizer(config)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        # Adam's first step is the sign of the (L2-augmented) gradient, whatever its size.
+        np.testing.assert_allclose(updates["fc1"]["kernel"], [1.0, 1.0], rtol=1e-3)
+        np.testing.assert_allclose(updates["fc1"]["bias"], [-1.0], rtol=1e-3)
+        config.name = "rmsprop"
+        with self.assertRaisesRegex(ValueError, "'adam'"):
+            optim.make_optimizer(config)
+
     def test_kernel_mask(self):
         params = {"fc1": {"kernel": 1, "bias": 2}, "block1_conv1": {"kernel": 3, "bias": 4}}
         mask = optim.kernel_mask(jax.tree_util.tree_map(jnp.asarray, params))

@@ -27,11 +27,18 @@ def kernel_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
 
 
+OPTIMIZERS = ("sgd", "adam")
+
+
 def make_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """L2 gradient on kernels, then the momentum trace; the step multiplies by ``-lr``."""
+    """L2 gradient on kernels, then the momentum trace (``sgd``, the paper's) or Adam's scaling
+    (``adam``, an option for small nets); the step multiplies by ``-lr``."""
+    name = optim_config.get("name", "sgd")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optim.name {name!r}; valid: {list(OPTIMIZERS)}")
+    direction = optax.trace(decay=optim_config.momentum) if name == "sgd" else optax.scale_by_adam()
     return optax.chain(
-        optax.add_decayed_weights(optim_config.weight_decay, mask=kernel_mask),
-        optax.trace(decay=optim_config.momentum),
+        optax.add_decayed_weights(optim_config.weight_decay, mask=kernel_mask), direction
     )
 
 
