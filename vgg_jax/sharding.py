@@ -80,13 +80,3 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
         key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
         for key, value in local_batch.items()
     }
-
-
-def local_batch_size(global_batch_size: int) -> int:
-    """This process's share of a global batch; the global size must split evenly."""
-    processes = jax.process_count()
-    if global_batch_size % processes:
-        raise ValueError(
-            f"Global batch {global_batch_size} does not split over {processes} processes."
-        )
-    return global_batch_size // processes
