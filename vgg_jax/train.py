@@ -23,6 +23,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from vgg_jax import checkpoint, init_from, metrics, models, optim, sharding, writers
+from vgg_jax.evaluation import methods
 
 
 @flax.struct.dataclass
@@ -108,10 +109,11 @@ def cpu_compiler_options() -> dict[str, str] | None:
 
 def make_validation_step(model: models.VGG, mesh: Mesh, param_shardings: Any):
     """``step(params, batch) -> sums``: dense evaluation at one test scale (no flip), the cheap
-    per-epoch validation that drives the plateau rule. Padded examples (``mask``) count nowhere."""
+    per-epoch validation that drives the plateau rule: the evaluator's dense method at one scale.
+    Padded examples (``mask``) count nowhere."""
 
     def validation_step(params, batch):
-        _, scores = model.apply({"params": params}, batch["image"], batch["size"], method="dense")
+        scores = methods.dense_scores(model, params, batch["image"], batch["size"])
         mask = batch["mask"]
         losses = metrics.cross_entropy(scores, batch["label"]) * mask
         return {
