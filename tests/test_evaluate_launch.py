@@ -132,6 +132,7 @@ class EvaluateModeTest(absltest.TestCase):
         self.assertEqual(model.crop_size, 32)
         info = data.dataset_info(self.config)
         np.testing.assert_allclose(normalization["mean"], info.mean_rgb)
+        self.assertEqual(normalization["std"], tuple(self.config.input.pixel_std))
         self.assertEqual(class_names, list(builtin.CLASS_NAMES))
         image, _ = builtin.draw_example(0, "validation", 0)
         top, score_map = evaluate.predict(

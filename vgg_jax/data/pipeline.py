@@ -155,15 +155,22 @@ def _local_size(global_size: int, process_count: int, name: str) -> int:
     return global_size // process_count
 
 
+def trained_convention(mean_rgb, input_config: ml_collections.ConfigDict) -> dict:
+    """The input convention of a net trained here: the training set's mean RGB subtracted and,
+    with ``input.pixel_std``, a division (the paper divides by nothing: std 1)."""
+    return dict(
+        mean=tuple(float(m) for m in mean_rgb),
+        std=tuple(float(s) for s in input_config.get("pixel_std", (1.0, 1.0, 1.0))),
+    )
+
+
 def _normalization(
     normalization: dict | None, mean_rgb, input_config: ml_collections.ConfigDict
 ) -> transforms.Normalization:
-    """The given convention (imported weights), else the training set's mean RGB subtracted and,
-    with ``input.pixel_std``, a division (the paper divides by nothing: std 1)."""
-    if normalization is None:
-        std = tuple(float(s) for s in input_config.get("pixel_std", (1.0, 1.0, 1.0)))
-        return transforms.Normalization(mean=tuple(float(m) for m in mean_rgb), std=std)
-    return transforms.Normalization.from_dict(normalization)
+    """The given convention (imported weights), else the one the net was trained with."""
+    return transforms.Normalization.from_dict(
+        normalization or trained_convention(mean_rgb, input_config)
+    )
 
 
 def _parallel_calls(input_config: ml_collections.ConfigDict) -> int:

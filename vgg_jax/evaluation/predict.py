@@ -140,7 +140,8 @@ def load_for_prediction(
     """``(model, params, normalization, class_names)`` of a checkpoint, for ``predict``.
 
     The input convention is the checkpoint's own (imported weights) or, for a net trained here,
-    the training set's mean RGB, read from the dataset the saved config names.
+    the training set's mean RGB, read from the dataset the saved config names, and the config's
+    ``input.pixel_std``.
     """
     params, _, meta = checkpoint.restore_params(workdir, which)
     if not meta.get("config"):
@@ -150,9 +151,10 @@ def load_for_prediction(
     normalization, class_names = meta.get("normalization"), None
     if normalization is None or model.num_classes != NUM_IMAGENET_CLASSES:
         from vgg_jax import data
+        from vgg_jax.data import pipeline
 
         info = data.dataset_info(config)
-        normalization = normalization or dict(mean=tuple(float(m) for m in info.mean_rgb))
+        normalization = normalization or pipeline.trained_convention(info.mean_rgb, config.input)
         if model.num_classes != NUM_IMAGENET_CLASSES:
             class_names = info.class_names
     return model, params, dict(normalization), class_names
