@@ -159,6 +159,8 @@ def trained_convention(mean_rgb, input_config: ml_collections.ConfigDict) -> dic
     """The input convention of a net trained here: the training set's mean RGB subtracted and,
     with ``input.pixel_std``, a division (the paper divides by nothing: std 1)."""
     return dict(
+        channel_order="RGB",
+        pixel_range=255.0,
         mean=tuple(float(m) for m in mean_rgb),
         std=tuple(float(s) for s in input_config.get("pixel_std", (1.0, 1.0, 1.0))),
     )
