@@ -14,6 +14,7 @@ from the previous checkpoint. Orbax's API changes between releases; requirements
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import jax
@@ -24,6 +25,7 @@ from orbax.checkpoint import checkpoint_managers
 SUBDIR = "checkpoints"
 ITEMS = ("params", "opt_state", "meta")
 BEST_METRIC = "val_top1_accuracy"  # higher is better
+READ_RETRIES = 5  # listings of a directory that a running trainer is pruning (_read_only_manager)
 
 
 def _directory(workdir: str) -> str:
@@ -123,6 +125,13 @@ def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
         best_mode="max",
         keep_checkpoints_without_metrics=True,
     )
+    for attempt in range(READ_RETRIES - 1):
+        try:
+            return ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
+        except FileNotFoundError:
+            # A running trainer's keep-last-K deleted a step between Orbax listing the directory
+            # and reading that step's timestamp; the next listing no longer has it.
+            time.sleep(0.05 * (attempt + 1))
     return ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
 
 

@@ -1,0 +1,44 @@
+"""checkpoint: reading a workdir that a running trainer is writing and pruning."""
+
+from unittest import mock
+
+import numpy as np
+from absl.testing import absltest
+
+from vgg_jax import checkpoint
+
+
+class ReadWhileTrainingTest(absltest.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.workdir = self.create_tempdir().full_path
+        params = {"dense": {"kernel": np.ones((2, 3), np.float32)}}
+        checkpoint.save_params(self.workdir, params, step=7)
+
+    def test_a_step_deleted_during_listing_is_retried(self):
+        real_manager = checkpoint.ocp.CheckpointManager
+        calls = []
+
+        def pruned_once(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:  # what Orbax raises when keep-last-K removes a listed step
+                raise FileNotFoundError("checkpoints/1")
+            return real_manager(*args, **kwargs)
+
+        with mock.patch.object(checkpoint.ocp, "CheckpointManager", side_effect=pruned_once):
+            self.assertEqual(checkpoint.available_steps(self.workdir), [7])
+        self.assertLen(calls, 2)
+
+    def test_a_directory_that_stays_broken_still_raises(self):
+        with (
+            mock.patch.object(
+                checkpoint.ocp, "CheckpointManager", side_effect=FileNotFoundError("gone")
+            ) as manager,
+            self.assertRaises(FileNotFoundError),
+        ):
+            checkpoint.available_steps(self.workdir)
+        self.assertEqual(manager.call_count, checkpoint.READ_RETRIES)
+
+
+if __name__ == "__main__":
+    absltest.main()
