@@ -1,10 +1,13 @@
 """launch.py as users run it: summary mode, config arguments and start-up errors."""
 
+import logging
 import os
 import subprocess
 import sys
 
 from absl.testing import absltest
+
+from vgg_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,6 +53,20 @@ class LaunchTest(absltest.TestCase):
         result = launch("--config=experiments/vgg16.py:s512", "--mode=summary")
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("'jitter'", result.stderr)
+
+
+class LibraryInfoFilterTest(absltest.TestCase):
+    def record(self, level: int, pathname: str) -> logging.LogRecord:
+        return logging.LogRecord("absl", level, pathname, 1, "message", None, None)
+
+    def test_hides_library_info_keeps_warnings_and_ours(self):
+        keep = cli.LibraryInfoFilter(("orbax",)).filter
+        orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "x.py")
+        self.assertFalse(keep(self.record(logging.INFO, orbax_file)))
+        self.assertTrue(keep(self.record(logging.WARNING, orbax_file)))
+        self.assertTrue(keep(self.record(logging.INFO, os.path.join(ROOT, "vgg_jax", "train.py"))))
+        # A file merely named like the package is not inside it.
+        self.assertTrue(keep(self.record(logging.INFO, os.path.join(ROOT, "orbax_notes.py"))))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 validation, and two JAX processes on localhost matching one process."""
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -68,6 +69,22 @@ def wait_for_checkpoint(workdir: str, process: subprocess.Popen, step: int) -> N
         time.sleep(0.05)
 
 
+def orbax_only_file_names() -> set[str]:
+    """Names of Orbax's source files that no file of ours shares."""
+    import orbax.checkpoint
+
+    def py_names(package_dir):
+        return {f for _, _, files in os.walk(package_dir) for f in files if f.endswith(".py")}
+
+    orbax_dir = os.path.dirname(os.path.dirname(orbax.checkpoint.__file__))
+    return py_names(orbax_dir) - py_names(ROOT)
+
+
+def info_line_sources(stderr: str) -> set[str]:
+    """Source files of absl INFO lines (``I1128 15:17:14.02 123 train.py:312] ...``)."""
+    return set(re.findall(r"^I\d{4} [\d:.]+ +\d+ (\S+\.py):\d+\]", stderr, flags=re.M))
+
+
 def assert_trees_equal(a, b):
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
@@ -112,6 +129,9 @@ class TrainLoopTest(absltest.TestCase):
         result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         self.assertIn("Resumed from step", result.stderr)
+        sources = info_line_sources(result.stderr)
+        self.assertIn("train.py", sources)  # the progress lines
+        self.assertEmpty(sources & orbax_only_file_names())  # cli.quiet_library_logs
         params, step = final_params(workdir)
         self.assertEqual(step, TOTAL_STEPS)
         assert_trees_equal(params, final_params(self.reference_dir)[0])

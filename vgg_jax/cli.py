@@ -2,12 +2,42 @@
 
 from __future__ import annotations
 
+import logging as std_logging
+import os
 import sys
 
 import ml_collections
 from absl import flags, logging
 
 MODES = ["train_and_evaluate", "train", "evaluate", "evaluate_continuously", "summary"]
+
+# Packages whose INFO lines are hidden from the console: Orbax writes about ten per checkpoint
+# save and TFDS one per dataset open, which would bury the one-line-per-interval progress.
+QUIET_PACKAGES = ("orbax", "tensorflow_datasets")
+
+
+class LibraryInfoFilter(std_logging.Filter):
+    """Drops records below WARNING that were logged from inside ``packages``."""
+
+    def __init__(self, packages: tuple[str, ...] = QUIET_PACKAGES):
+        super().__init__()
+        self.markers = tuple(f"{os.sep}{package}{os.sep}" for package in packages)
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if record.levelno >= std_logging.WARNING:
+            return True
+        return not any(marker in record.pathname for marker in self.markers)
+
+
+def quiet_library_logs() -> None:
+    """Keeps the console to our progress lines, warnings and errors: hides Orbax's and TFDS's
+    INFO lines (all kept with ``--verbosity=1``) and TensorFlow's C++ INFO banner."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    if logging.get_verbosity() >= logging.DEBUG:
+        return
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, LibraryInfoFilter) for f in handler.filters):
+        handler.addFilter(LibraryInfoFilter())
 
 
 def parse_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
@@ -67,6 +97,7 @@ def initialize_distributed(
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> None:
+    quiet_library_logs()
     if mode == "summary":
         from vgg_jax import models
 

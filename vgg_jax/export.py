@@ -230,8 +230,11 @@ def _atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
 def main(argv: list[str]) -> None:
     from absl import app, flags
 
+    from vgg_jax import cli
+
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.quiet_library_logs()
     workdir, out = flags.FLAGS.workdir, flags.FLAGS.out
     meta = export_checkpoint(workdir, out, flags.FLAGS.which)
     print(f"wrote {out}: net {meta['net']}, step {meta['step']}, from {workdir}")

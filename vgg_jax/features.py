@@ -321,8 +321,11 @@ def linear_probe(
 def main(argv: list[str]) -> None:
     from absl import app, flags
 
+    from vgg_jax import cli
+
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.quiet_library_logs()
     values = flags.FLAGS
     if values.pixel_side < 1:
         sys.exit(f"--pixel_side must be at least 1, got {values.pixel_side}.")

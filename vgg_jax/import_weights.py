@@ -221,8 +221,11 @@ def _shapes(tree: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
 def main(argv: list[str]) -> None:
     from absl import app, flags
 
+    from vgg_jax import cli
+
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.quiet_library_logs()
     values = flags.FLAGS
     try:
         summary = import_to_checkpoint(

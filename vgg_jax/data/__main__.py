@@ -16,6 +16,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from vgg_jax import cli
 from vgg_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.")
@@ -23,6 +24,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.")
 
 def main(argv: list[str]) -> None:
     del argv
+    cli.quiet_library_logs()
     config = _CONFIG.value
     start = time.perf_counter()
     pipeline.prepare(config)
