@@ -64,6 +64,12 @@ class LibraryInfoFilterTest(absltest.TestCase):
         orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "x.py")
         self.assertFalse(keep(self.record(logging.INFO, orbax_file)))
         self.assertTrue(keep(self.record(logging.WARNING, orbax_file)))
+        expected = self.record(logging.WARNING, orbax_file)
+        expected.msg = cli.EXPECTED_WARNINGS[0] + "."
+        self.assertFalse(keep(expected))
+        ours = self.record(logging.WARNING, os.path.join(ROOT, "vgg_jax", "train.py"))
+        ours.msg = cli.EXPECTED_WARNINGS[0]
+        self.assertTrue(keep(ours))
         self.assertTrue(keep(self.record(logging.INFO, os.path.join(ROOT, "vgg_jax", "train.py"))))
         # A file merely named like the package is not inside it.
         self.assertTrue(keep(self.record(logging.INFO, os.path.join(ROOT, "orbax_notes.py"))))
