@@ -47,9 +47,11 @@ def quiet_library_logs() -> None:
     INFO lines and expected warnings (all kept with ``--verbosity=1``)."""
     if logging.get_verbosity() >= logging.DEBUG:
         return
-    handler = logging.get_absl_handler()
-    if not any(isinstance(f, LibraryInfoFilter) for f in handler.filters):
-        handler.addFilter(LibraryInfoFilter())
+    # On the logger Orbax and TFDS log through (absl's), so it works under any handler: absl's
+    # in launch.py, Jupyter's in a notebook.
+    logger = logging.get_absl_logger()
+    if not any(isinstance(f, LibraryInfoFilter) for f in logger.filters):
+        logger.addFilter(LibraryInfoFilter())
 
 
 def parse_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
