@@ -9,7 +9,7 @@ import numpy as np
 from absl.testing import absltest
 
 from experiments import common
-from vgg_jax import conventions, evaluate, models
+from vgg_jax import evaluate, models
 from vgg_jax.evaluation import predict as predict_lib
 
 CROP = 32
@@ -45,9 +45,8 @@ class PredictTest(absltest.TestCase):
             self.model, self.params, self.image, normalization=self.normalization, flip=False
         )
         self.assertEqual(score_map.shape, (2, 3, 1000))  # 64x96 at stride 32, 32-pixel window
-        normalized = conventions.normalize(
-            self.image, predict_lib._full_convention({"mean": self.normalization["mean"]})
-        )
+        # The paper's convention, written out: RGB, 0-255, the mean subtracted, std 1.
+        normalized = self.image.astype(np.float32) - np.float32(self.normalization["mean"])
         _, scores = self.model.apply(
             {"params": self.params}, jnp.asarray(normalized)[None], method="dense"
         )

@@ -101,7 +101,7 @@ class TorchvisionImportTest(parameterized.TestCase):
 
         pixels = rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)  # RGB, NHWC
         # torchvision's preprocessing, written out: ToTensor then Normalize, in NCHW.
-        mean, std = np.array(conventions.TORCHVISION["mean"]), np.array([0.229, 0.224, 0.225])
+        mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
         nchw = ((pixels / 255.0 - mean) / std).transpose(0, 3, 1, 2)
         expected = reference_logits(state_dict, nchw)
 

@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy; JAX depends on it)
 import numpy as np
+from flax import traverse_util
 
 SEPARATOR = "/"
 NPZ_HEADER_KEY = "__vgg_jax_header__"
@@ -63,14 +64,8 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray
 
 
 def unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    for name, value in flat.items():
-        *path, leaf = name.split(SEPARATOR)
-        node = params
-        for key in path:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return params
+    """``{"fc1/kernel": a}`` -> ``{"fc1": {"kernel": a}}``."""
+    return traverse_util.unflatten_dict(dict(flat), sep=SEPARATOR)
 
 
 def save_npz(

@@ -59,10 +59,7 @@ def penultimate_descriptors(
         mutable=["intermediates"],
     )
     fc2_map = jax.nn.relu(state["intermediates"]["fc2"]["__call__"][0].astype(jnp.float32))
-    cells = models.score_map_size(sizes, model.crop_size // 2**models.NUM_POOLS)
-    mask = models.valid_mask(cells, fc2_map.shape[1], fc2_map.shape[2])
-    total = jnp.sum(fc2_map * mask, axis=(1, 2))
-    return total / jnp.maximum(jnp.prod(cells, axis=-1, keepdims=True), 1)
+    return models.mean_over_valid_cells(fc2_map, sizes, model.crop_size)
 
 
 def flip_averaged_descriptors(
@@ -169,10 +166,7 @@ def extract_features(
     for position, scale in enumerate(scales):
         run = (FEATURES, PIXELS) if pixel_side and position == 0 else (FEATURES,)
         outputs = runner.evaluate_scale(net, functions, batches(int(scale)), run, mesh)
-        runner._same_examples(examples, (outputs.index, outputs.labels), f"Q={scale}")
-        examples = (outputs.index, outputs.labels)
-        if outputs.index is not None and np.unique(outputs.index).size != outputs.index.size:
-            raise RuntimeError(f"Some examples came twice at Q={scale}.")
+        examples = runner.check_scale(examples, outputs, scale)
         features = outputs.probabilities[FEATURES]
         total = features if total is None else total + features
         pixels = outputs.probabilities.get(PIXELS, pixels)

@@ -103,7 +103,7 @@ def fit_model_config(net: str, params: Mapping[str, Any]) -> tuple[ml_collection
     missing = sorted({"block1_conv1", "fc1", "fc3"} - set(params))
     if missing:
         raise ValueError(f"These weights have no layers {missing}; they are not a VGG.")
-    last_conv = [n for n in models._layer_names(models.LAYOUTS[net]) if "_conv" in n][-1]
+    last_conv = models.conv_names(net)[-1]
     if last_conv not in params:
         raise ValueError(f"These weights have no layer {last_conv}: not net {net}.")
     last_channels = np.shape(params[last_conv]["kernel"])[-1]

@@ -33,10 +33,9 @@ def params_from_keras_model(keras_model: Any) -> tuple[str, dict[str, Any]]:
             f"{len(convs)} convs and {len(denses)} dense layers; build it with include_top=True."
         )
     net, _ = KERAS_NETS[len(convs)]
-    conv_names = [n for n in models._layer_names(models.LAYOUTS[net]) if "_conv" in n]
     params = {}
     for name, (kernel, bias) in zip(
-        conv_names + ["fc1", "fc2", "fc3"], convs + denses, strict=True
+        models.conv_names(net) + ["fc1", "fc2", "fc3"], convs + denses, strict=True
     ):
         params[name] = {
             "kernel": np.asarray(kernel, np.float32),

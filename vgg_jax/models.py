@@ -274,10 +274,16 @@ class VGG(nn.Module):
         score_map = self(images, train=False, fully_convolutional=True, sizes=sizes)
         if sizes is None:
             return score_map, score_map.mean(axis=(1, 2))
-        cells = score_map_size(sizes, self.crop_size // 2**NUM_POOLS)
-        mask = valid_mask(cells, score_map.shape[1], score_map.shape[2])
-        total = jnp.sum(score_map * mask, axis=(1, 2))
-        return score_map, total / jnp.maximum(jnp.prod(cells, axis=-1, keepdims=True), 1)
+        return score_map, mean_over_valid_cells(score_map, sizes, self.crop_size)
+
+
+def mean_over_valid_cells(maps: jax.Array, sizes: jax.Array, crop_size: int) -> jax.Array:
+    """``(N, C)``: each dense map ``(N, h, w, C)`` averaged over the cells of its image's valid
+    ``sizes`` only (a zero-padded image averages as the unpadded one)."""
+    cells = score_map_size(sizes, crop_size // 2**NUM_POOLS)
+    mask = valid_mask(cells, maps.shape[1], maps.shape[2])
+    total = jnp.sum(maps * mask, axis=(1, 2))
+    return total / jnp.maximum(jnp.prod(cells, axis=-1, keepdims=True), 1)
 
 
 def build_model(model_config: ml_collections.ConfigDict, crop_size: int) -> VGG:
@@ -351,6 +357,11 @@ def _layer_names(layout: Layout) -> list[str]:
                 names.append(f"block{block_index}_conv{convs}")
         names.append(f"block{block_index}_pool")
     return names + ["fc1", "fc2", "fc3"]
+
+
+def conv_names(net: str) -> list[str]:
+    """Net ``net``'s conv layers in order (``block1_conv1`` ...), as weight importers map them."""
+    return [name for name in _layer_names(LAYOUTS[net]) if "_conv" in name]
 
 
 def format_summary(model: VGG, name: str) -> str:

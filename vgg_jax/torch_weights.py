@@ -235,7 +235,7 @@ def params_from_state_dict(state_dict: Mapping[str, Any]) -> tuple[str, dict[str
     conv_indices = sorted(
         int(m.group(1)) for k in state_dict if (m := re.fullmatch(r"features\.(\d+)\.weight", k))
     )
-    nets_by_depth = {len(conv_names(net)): net for net in TORCHVISION_NETS}
+    nets_by_depth = {len(models.conv_names(net)): net for net in TORCHVISION_NETS}
     if len(conv_indices) not in nets_by_depth:
         raise ValueError(
             f"Found {len(conv_indices)} conv layers (features.<i>.weight); torchvision's "
@@ -254,7 +254,7 @@ def params_from_state_dict(state_dict: Mapping[str, Any]) -> tuple[str, dict[str
     arrays = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
     params: dict[str, Any] = {}
     channels = 3
-    for name, index in zip(conv_names(net), conv_indices, strict=True):
+    for name, index in zip(models.conv_names(net), conv_indices, strict=True):
         weight = arrays[f"features.{index}.weight"]
         if weight.ndim != 4 or weight.shape[1:] != (channels, 3, 3):
             raise ValueError(
@@ -278,12 +278,12 @@ def state_dict_from_params(net: str, params: Mapping[str, Any]) -> dict[str, np.
     if net not in TORCHVISION_NETS:
         raise ValueError(f"torchvision has no net {net!r}; it has {sorted(TORCHVISION_NETS)}.")
     state_dict: dict[str, np.ndarray] = collections.OrderedDict()
-    for name, index in zip(conv_names(net), torchvision_conv_indices(net), strict=True):
+    for name, index in zip(models.conv_names(net), torchvision_conv_indices(net), strict=True):
         kernel = np.asarray(params[name]["kernel"])
         state_dict[f"features.{index}.weight"] = _contiguous(kernel.transpose(3, 2, 0, 1))
         state_dict[f"features.{index}.bias"] = _contiguous(params[name]["bias"])
     fc1 = np.asarray(params["fc1"]["kernel"])
-    channels = np.shape(params[conv_names(net)[-1]]["kernel"])[-1]
+    channels = np.shape(params[models.conv_names(net)[-1]]["kernel"])[-1]
     window = _fc1_window(fc1.T.shape, channels)
     fc1_weight = fc1.reshape(window, window, channels, -1).transpose(3, 2, 0, 1)
     for index, name, weight in (
@@ -302,10 +302,6 @@ def load_torchvision_weights(path: str | os.PathLike) -> tuple[str, dict[str, An
     The weights expect ``TORCHVISION_INPUT``; apply it with ``conventions.normalize``.
     """
     return params_from_state_dict(read_pth(path))
-
-
-def conv_names(net: str) -> list[str]:
-    return [n for n in models._layer_names(models.LAYOUTS[net]) if "_conv" in n]
 
 
 def torchvision_conv_indices(net: str) -> list[int]:

@@ -50,11 +50,7 @@ class DatasetInfo:
 def check_input_config(input_config: ml_collections.ConfigDict) -> None:
     """Fails at start-up, saying what to change, on values the pipeline cannot honour."""
     sources.check_dataset_name(input_config.dataset)
-    if input_config.stats_source not in stats.STATS_SOURCES:
-        raise ValueError(
-            f"Unknown config.input.stats_source {input_config.stats_source!r}; "
-            f"valid: {list(stats.STATS_SOURCES)}"
-        )
+    stats.check_stats_source(input_config.stats_source)
     smin, smax, crop = (
         input_config.train_scale_min,
         input_config.train_scale_max,
@@ -64,10 +60,6 @@ def check_input_config(input_config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"Need crop_size <= train_scale_min <= train_scale_max; got {crop}, {smin}, {smax}."
         )
-
-
-def _builder(input_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    return sources.prepared_builder(input_config)
 
 
 def _split_index(builder: tfds.core.DatasetBuilder, split: str) -> index.SplitIndex:
@@ -84,27 +76,22 @@ def prepare(config: ml_collections.ConfigDict) -> None:
     for split in dict.fromkeys([input_config.train_split, input_config.eval_split]):
         sources.check_split(builder, split)
         index.ensure_index(builder, split)
-    if not _uses_published_stats(input_config):
+    if not stats.uses_published(input_config.dataset, input_config.stats_source):
         train_index = index.load_index(builder, input_config.train_split)
         stats.ensure_stats(
             builder, input_config.train_split, train_index.valid, input_config.stats_max_images
         )
 
 
-def _uses_published_stats(input_config: ml_collections.ConfigDict) -> bool:
-    return input_config.stats_source == "published" or (
-        input_config.stats_source == "auto" and input_config.dataset == "imagenet2012"
-    )
-
-
 def _stats(input_config: ml_collections.ConfigDict, builder) -> dict:
-    computed = None if _uses_published_stats(input_config) else stats.load_stats(builder)
-    return stats.choose(input_config.dataset, input_config.stats_source, computed)
+    dataset, source = input_config.dataset, input_config.stats_source
+    computed = None if stats.uses_published(dataset, source) else stats.load_stats(builder)
+    return stats.choose(dataset, source, computed)
 
 
 def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
     input_config = config.input
-    builder = _builder(input_config)
+    builder = sources.prepared_builder(input_config)
     train = _split_index(builder, input_config.train_split)
     evaluation = _split_index(builder, input_config.eval_split)
     chosen = _stats(input_config, builder)
@@ -131,7 +118,7 @@ def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
 
 
 def num_eval_examples(config: ml_collections.ConfigDict, split: str | None = None) -> int:
-    builder = _builder(config.input)
+    builder = sources.prepared_builder(config.input)
     return int(len(_split_index(builder, split or config.input.eval_split).valid))
 
 
@@ -240,7 +227,7 @@ def train_batches(
     process_index, process_count = _processes(process_index, process_count)
     batch_size = input_config.batch_size
     local = _local_size(batch_size, process_count, "batch_size")
-    builder = _builder(input_config)
+    builder = sources.prepared_builder(input_config)
     split_index = _split_index(builder, input_config.train_split)
     chosen = _stats(input_config, builder)
     norm = _normalization(normalization, chosen["mean_rgb"], input_config)
@@ -304,11 +291,9 @@ def eval_schedule(
 ) -> list[EvalBatch]:
     """The global evaluation batches at test scale ``scale`` (see the module docstring)."""
     valid = split_index.valid
-    heights, widths = transforms.eval_size(
-        split_index.height[valid], split_index.width[valid], scale
-    )
-    batches = []
     original_h, original_w = split_index.height[valid], split_index.width[valid]
+    heights, widths = transforms.eval_size(original_h, original_w, scale)
+    batches = []
     # Aspect ratio does not depend on Q, so the order (and every batch's examples) is the same at
     # every test scale, as multi-scale evaluation needs; the long side at Q grows with it.
     aspect = np.maximum(original_h, original_w) / np.maximum(np.minimum(original_h, original_w), 1)
@@ -355,7 +340,7 @@ def eval_batches(
     process_index, process_count = _processes(process_index, process_count)
     global_batch = input_config.eval_batch_size
     local = _local_size(global_batch, process_count, "eval_batch_size")
-    builder = _builder(input_config)
+    builder = sources.prepared_builder(input_config)
     split_index = _split_index(builder, split)
     norm = _normalization(normalization, _stats(input_config, builder)["mean_rgb"], input_config)
     schedule = eval_schedule(split_index, scale, global_batch, input_config.eval_bucket_step)

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from vgg_jax import conventions
 from vgg_jax.data import sources, transforms
 
 # ImageNet's published values: the Caffe VGG mean (BGR [103.939, 116.779, 123.68] as RGB) and the
 # eigen-pairs used by fb.resnet.torch and many others (columns of EIGVECS are eigenvectors).
 IMAGENET_STATS = {
-    "mean_rgb": [123.68, 116.779, 103.939],
+    "mean_rgb": list(conventions.CAFFE["mean"][::-1]),
     "eigvals": [0.2175, 0.0188, 0.0045],
     "eigvecs": [
         [-0.5675, 0.7192, 0.4009],
@@ -39,7 +41,7 @@ def stats_path(builder: tfds.core.DatasetBuilder) -> str:
     return os.path.join(os.fspath(builder.data_dir), "vgg_jax_stats.json")
 
 
-def pixel_moments(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
+def pixel_moments(images: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
     """Sum of pixels, sum of pixel outer products (float64, pixels in [0, 1]) and pixel count."""
     total, outer, count = np.zeros(3), np.zeros((3, 3)), 0
     for image in images:
@@ -77,11 +79,7 @@ def compute_stats(
         lambda: iter(reader.read(chosen)), output_signature=tf.TensorSpec([], tf.string)
     )
     ds = ds.map(transforms.no_autograph(decoded), num_parallel_calls=tf.data.AUTOTUNE)
-    total, outer, count = np.zeros(3), np.zeros((3, 3)), 0
-    for image in ds.as_numpy_iterator():
-        t, o, c = pixel_moments([image])
-        total, outer, count = total + t, outer + o, count + c
-    stats = stats_from_moments(total, outer, count)
+    stats = stats_from_moments(*pixel_moments(ds.as_numpy_iterator()))
     stats.update(num_images=int(len(chosen)), source="computed")
     return stats
 
@@ -113,16 +111,22 @@ def load_stats(builder: tfds.core.DatasetBuilder) -> dict:
         return json.load(f)
 
 
-def choose(dataset: str, stats_source: str, computed: dict | None) -> dict:
-    """The statistics the pipeline uses: ``auto`` = published for imagenet2012, else computed."""
+def check_stats_source(stats_source: str) -> None:
     if stats_source not in STATS_SOURCES:
         raise ValueError(
-            f"Unknown config.input.stats_source {stats_source!r}; valid: {STATS_SOURCES}"
+            f"Unknown config.input.stats_source {stats_source!r}; valid: {list(STATS_SOURCES)}"
         )
-    published = stats_source == "published" or (
-        stats_source == "auto" and dataset == "imagenet2012"
-    )
-    if published:
+
+
+def uses_published(dataset: str, stats_source: str) -> bool:
+    """``published``, or ``auto`` on imagenet2012: the published ImageNet values are used."""
+    return stats_source == "published" or (stats_source == "auto" and dataset == "imagenet2012")
+
+
+def choose(dataset: str, stats_source: str, computed: dict | None) -> dict:
+    """The statistics the pipeline uses: ``auto`` = published for imagenet2012, else computed."""
+    check_stats_source(stats_source)
+    if uses_published(dataset, stats_source):
         return IMAGENET_STATS
     if computed is None:
         raise ValueError("Computed statistics are missing; run data.prepare(config).")

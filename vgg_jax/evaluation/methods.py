@@ -139,8 +139,6 @@ class CompiledMethods:
     """
 
     def __init__(self, model: models.VGG, mesh: Mesh, flip: bool = True, grid: int = 5):
-        self.model = model
-        self.mesh = mesh
         self.param_shardings = sharding.param_shardings(mesh, models.abstract_params(model))
         batch = sharding.batch_sharding(mesh)
         shardings = dict(in_shardings=(self.param_shardings, batch, batch), out_shardings=batch)

@@ -52,8 +52,8 @@ def imagenet_class_names() -> tuple[str, ...] | None:
 
 
 def _full_convention(normalization: Mapping[str, Any]) -> conventions.InputConvention:
-    """The data pipeline's normalisation dicts may omit std, channel order and range (the
-    paper's defaults: std 1, RGB, 0-255)."""
+    """A caller's convention dict may omit std, channel order and range (the paper's defaults:
+    std 1, RGB, 0-255); checkpoints and ``load_for_prediction`` give all four."""
     defaults = dict(channel_order="RGB", pixel_range=255.0, std=(1.0, 1.0, 1.0))
     return conventions.validate({**defaults, **normalization})
 

@@ -283,6 +283,17 @@ def method_rows(
     return rows
 
 
+def check_scale(
+    examples: tuple[np.ndarray | None, np.ndarray] | None, outputs: ScaleOutputs, scale: int
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """One scale's ``(index, labels)``, checked against the previous scale's ``examples`` (the
+    scales are combined example by example) and for examples counted twice."""
+    _same_examples(examples, (outputs.index, outputs.labels), f"Q={scale}")
+    if outputs.index is not None and np.unique(outputs.index).size != outputs.index.size:
+        raise RuntimeError(f"Some examples came twice at Q={scale}.")
+    return outputs.index, outputs.labels
+
+
 def _same_examples(
     expected: tuple[np.ndarray | None, np.ndarray] | None,
     got: tuple[np.ndarray | None, np.ndarray],
@@ -331,18 +342,13 @@ def evaluate_net(
         outputs = evaluate_scale(
             net, functions, batches(config, scale, net.normalization), run, mesh
         )
-        _same_examples(examples, (outputs.index, outputs.labels), f"Q={scale}")
-        examples = (outputs.index, outputs.labels)
+        examples = check_scale(examples, outputs, scale)
         labels = outputs.labels
-        if outputs.index is not None and np.unique(outputs.index).size != outputs.index.size:
-            raise RuntimeError(f"Some validation examples came twice at Q={scale}.")
-        if expected_count is not None:
-            counted = len(labels)
-            if counted != expected_count:
-                raise RuntimeError(
-                    f"Counted {counted:.0f} examples at Q={scale}, the split has "
-                    f"{expected_count}: the input pipeline dropped or repeated examples."
-                )
+        if expected_count is not None and len(labels) != expected_count:
+            raise RuntimeError(
+                f"Counted {len(labels)} examples at Q={scale}, the split has "
+                f"{expected_count}: the input pipeline dropped or repeated examples."
+            )
         if scale == int(evals.single_scale):
             rows += method_rows(
                 net.name,
