@@ -62,6 +62,7 @@ def input_config(scale: dict) -> ml_collections.ConfigDict:
             shuffle_seed=0,
             num_parallel_calls=-1,  # -1: tf.data AUTOTUNE
             prefetch=2,
+            decoded_cache_mb=1024,  # training splits decoding to at most this are decoded once
         )
     )
 

@@ -26,6 +26,11 @@ JPEG, PNG, UNDECODABLE = 0, 1, 2
 # A truncated JPEG whose first ACCEPTABLE_FRACTION of rows decode is kept (the rest is grey).
 ACCEPTABLE_FRACTION = 0.25
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# libjpeg's accurate integer DCT, as PIL, torchvision and Caffe decode: TensorFlow's default (the
+# fast DCT) differs by up to ~20 grey levels per pixel, so imported nets would see other pixels
+# than their authors evaluated on. Used for every full decode (evaluation, statistics, the decoded
+# in-memory training copy); cost: bench/input_pipeline.py, docs/performance.md.
+ACCURATE_DCT = "INTEGER_ACCURATE"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +71,7 @@ def decode_full(encoded: tf.Tensor, fmt: tf.Tensor) -> tf.Tensor:
         lambda: tf.io.decode_jpeg(
             encoded,
             channels=3,
+            dct_method=ACCURATE_DCT,
             try_recover_truncated=True,
             acceptable_fraction=ACCEPTABLE_FRACTION,
         ),

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh
 
 from vgg_jax import checkpoint, models, sharding, writers
 from vgg_jax.training import init_from, optim
@@ -27,6 +26,9 @@ from vgg_jax.training.steps import (
     make_train_step,
     make_validation_step,
 )
+
+# The per-epoch validation batches stay on the device across epochs up to this size.
+VALIDATION_CACHE_BYTES = 1 << 30
 
 
 class NonFiniteLossError(RuntimeError):
@@ -47,13 +49,9 @@ def _summarise(totals: dict[str, float], prefix: str) -> dict[str, float]:
     }
 
 
-def run_validation(config: ml_collections.ConfigDict, validation_step, params, mesh: Mesh) -> dict:
-    from vgg_jax import data
-
-    sums = [
-        validation_step(params, sharding.global_batch(batch, mesh))
-        for batch in data.eval_batches(config, config.evals.single_scale)
-    ]
+def run_validation(validation_step, params, batches) -> dict:
+    """Dense evaluation at the single test scale over ``batches`` (global, on the mesh)."""
+    sums = [validation_step(params, batch) for batch in batches]
     return _summarise(_sum(sums), "val_")
 
 
@@ -99,6 +97,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains ``config`` into ``workdir`` (resuming from its newest checkpoint) and returns the
     final state. Validation runs every ``evals.every_epochs`` epochs and drives the plateau rule."""
     from vgg_jax import data
+    from vgg_jax.data import on_device
 
     _prepare_data_once(config)
     info = data.dataset_info(config)
@@ -125,7 +124,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     writer = writers.MetricWriter(workdir)
     stop = _StopSignal()
     start_step = int(state.step)
-    batches = data.train_batches(config, start_step)
+    batches = on_device.train_batches(config, start_step, mesh)
+    validation_batches = on_device.EvalBatchCache(
+        config, config.evals.single_scale, mesh, VALIDATION_CACHE_BYTES
+    )
     pending: list[dict[str, jax.Array]] = []
     last_log = time.perf_counter()
 
@@ -148,7 +150,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             lr = optim.learning_rate(
                 step, plateau, config.optim.learning_rate, config.schedule, steps_per_epoch
             )
-            batch = sharding.global_batch(next(batches), mesh)
+            batch = next(batches)
             state, sums = train_step(state, batch, np.float32(lr))
             pending.append(sums)
             done = step + 1
@@ -166,7 +168,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             validation = None
             epoch = done // steps_per_epoch
             if epoch_end and epoch % config.evals.every_epochs == 0:
-                validation = run_validation(config, validation_step, state.params, mesh)
+                validation = run_validation(validation_step, state.params, validation_batches)
                 plateau = optim.update_plateau(
                     plateau, validation["val_top1_accuracy"], config.schedule
                 )

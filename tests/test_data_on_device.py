@@ -1,0 +1,130 @@
+"""Batches on the device: the decoded in-memory copy, the jitted augmentation (same pixels as the
+``tf.data`` path's resize), exact resume, the kept validation batches and the prefetch thread."""
+
+import itertools
+
+import jax
+import numpy as np
+import tensorflow as tf
+from absl.testing import absltest
+
+from tests import fixtures
+from vgg_jax import sharding
+from vgg_jax.data import augment, decoded, index, on_device, pipeline, sources, transforms
+
+
+def take(iterator, count):
+    return [jax.device_get(b) for b in itertools.islice(iterator, count)]
+
+
+class CropResizeTest(absltest.TestCase):
+    def test_matches_tf_resize_of_the_cut_out_window(self):
+        rng = np.random.default_rng(0)
+        images = [rng.integers(0, 256, (h, w, 3), np.uint8) for h, w in [(50, 70), (64, 40)]]
+        images.append(rng.integers(0, 256, (90, 90, 3), np.uint8))
+        flat = np.concatenate([i.reshape(-1) for i in images])
+        offset = np.cumsum([0] + [i.size for i in images[:-1]]).astype(np.int32)
+        width = np.array([i.shape[1] for i in images], np.int32)
+        # Up- and downscaling, a window on the image's edge, flips.
+        windows = np.array([[3, 5, 24], [10, 2, 37], [0, 0, 90]], np.int32)
+        flips = np.array([True, False, True])
+        got = np.asarray(augment.crop_resize(flat, offset, width, windows, flips, 32))
+        for image, (top, left, size), flip, result in zip(images, windows, flips, got, strict=True):
+            window = image[top : top + size, left : left + size]
+            window = window[:, ::-1] if flip else window
+            expected = tf.image.resize(window, [32, 32], "bilinear", antialias=False).numpy()
+            np.testing.assert_allclose(result, expected, atol=1e-3)
+
+    def test_normalise_matches_the_tf_path(self):
+        norm = transforms.Normalization(mean=(120.0, 110.0, 100.0), std=(60.0, 50.0, 40.0))
+        norm_bgr = transforms.Normalization(
+            mean=(1.0, 2.0, 3.0), channel_order="BGR", pixel_range=1.0
+        )
+        image = np.random.default_rng(1).uniform(0, 255, (2, 4, 4, 3)).astype(np.float32)
+        shift = np.array([[1.0, -2.0, 3.0], [0.5, 0.0, -1.0]], np.float32)
+        for n in (norm, norm_bgr):
+            got = np.asarray(augment.normalise(image, n, shift))
+            for i in range(2):
+                expected = transforms.normalise(tf.constant(image[i]), n, tf.constant(shift[i]))
+                np.testing.assert_allclose(got[i], expected.numpy(), rtol=1e-5, atol=1e-4)
+
+
+class DecodedTrainBatchesTest(absltest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.config = fixtures.tiny_config(**{"input.shuffle_seed": 3})
+        cls.mesh = sharding.make_mesh(cls.config.mesh)
+        builder = sources.prepared_builder(cls.config.input)
+        cls.split_index = index.load_index(builder, "train")
+        cls.split = decoded.decode_split(builder, "train", cls.split_index)
+
+    def test_decoded_pixels_are_the_accurate_dct_decode(self):
+        builder = sources.prepared_builder(self.config.input)
+        reader = sources.RecordReader(builder, "train")
+        row = 7
+        encoded, label = sources.parse(reader.read([self.split_index.valid[row]])[0])
+        expected = tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
+        np.testing.assert_array_equal(self.split.image(row), expected.numpy())
+        self.assertEqual(self.split.label[row], int(label))
+
+    def test_small_splits_use_it_and_zero_turns_it_off(self):
+        self.assertTrue(on_device.uses_decoded_cache(self.config))
+        config = fixtures.tiny_config(**{"input.decoded_cache_mb": 0})
+        self.assertFalse(on_device.uses_decoded_cache(config))
+        with self.assertRaisesRegex(ValueError, "decoded_cache_mb"):
+            on_device.uses_decoded_cache(fixtures.tiny_config(**{"input.decoded_cache_mb": -1}))
+
+    def test_resume_at_any_step_is_bitwise(self):
+        # 100 examples in batches of 16: the stream crosses epoch ends at steps 6 and 12.
+        straight = take(on_device.train_batches(self.config, 0, self.mesh), 14)
+        resumed = take(on_device.train_batches(self.config, 5, self.mesh), 9)
+        for a, b in zip(straight[5:], resumed, strict=True):
+            np.testing.assert_array_equal(a["image"], b["image"])
+            np.testing.assert_array_equal(a["label"], b["label"])
+        first = straight[0]
+        self.assertEqual(first["image"].shape, (16, 32, 32, 3))
+        self.assertEqual(first["image"].dtype, np.float32)
+        self.assertFalse(np.array_equal(first["image"], straight[1]["image"]))
+
+    def test_batches_hold_the_ordered_examples_with_their_labels(self):
+        batches = take(on_device.train_batches(self.config, 0, self.mesh), 6)
+        order = pipeline.TrainOrder(len(self.split.label), self.config.input.shuffle_seed)
+        rows = order.rows(np.arange(96))
+        labels = np.concatenate([b["label"] for b in batches])
+        np.testing.assert_array_equal(labels, self.split_index.label[self.split_index.valid][rows])
+        # The demo's normalisation (mean subtracted): batch means near zero, not near 120.
+        self.assertLess(abs(float(np.mean(batches[0]["image"]))), 40.0)
+
+
+class EvalBatchCacheTest(absltest.TestCase):
+    def test_second_pass_gives_the_same_batches_from_memory(self):
+        config = fixtures.tiny_config()
+        mesh = sharding.make_mesh(config.mesh)
+        cache = on_device.EvalBatchCache(config, 48, mesh, max_bytes=1 << 30)
+        first = [jax.device_get(b) for b in cache]
+        self.assertIsNotNone(cache._kept)
+        second = [jax.device_get(b) for b in cache]
+        self.assertLen(second, len(first))
+        for a, b in zip(first, second, strict=True):
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+        too_small = on_device.EvalBatchCache(config, 48, mesh, max_bytes=1)
+        self.assertLen(list(too_small), len(first))
+        self.assertIsNone(too_small._kept)
+
+
+class PrefetchTest(absltest.TestCase):
+    def test_keeps_order_and_raises_the_producers_error(self):
+        self.assertEqual(list(on_device.prefetch(iter(range(10)), 2)), list(range(10)))
+
+        def failing():
+            yield 1
+            raise ValueError("bad record")
+
+        with self.assertRaisesRegex(ValueError, "bad record"):
+            list(on_device.prefetch(failing(), 2))
+
+
+if __name__ == "__main__":
+    absltest.main()

@@ -1,0 +1,169 @@
+"""Global batches already on the mesh, the form the training loop consumes.
+
+* Training, small splits (decoded pixels within ``config.input.decoded_cache_mb``): decoded once
+  (``decoded.py``), the buffer placed on every device, each batch cut and augmented there by one
+  jitted function (``augment.py``) from the step's stream positions. The host only computes the
+  positions and rows (``pipeline.TrainOrder``), so the input costs the step almost nothing.
+* Training, larger splits: ``pipeline.train_batches`` (``tf.data``), assembled into global arrays
+  by a background thread ``prefetch`` batches ahead, so the host work overlaps the step.
+* Evaluation at one scale (the per-epoch validation): ``eval_batches`` kept on the device after the
+  first pass when they fit, so every later epoch re-reads nothing.
+
+Either way a batch is a pure function of (seed, step), so resuming is bitwise.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from vgg_jax import sharding
+from vgg_jax.data import augment, decoded, pipeline, sources
+
+
+def uses_decoded_cache(config: ml_collections.ConfigDict) -> bool:
+    """Whether training reads the decoded in-memory copy (see the module docstring)."""
+    builder = sources.prepared_builder(config.input)
+    return decoded.fits(config.input, pipeline._split_index(builder, config.input.train_split))
+
+
+def train_batches(
+    config: ml_collections.ConfigDict,
+    start_step: int,
+    mesh: Mesh,
+    *,
+    normalization: dict | None = None,
+) -> Iterator[dict[str, jax.Array]]:
+    """Global training batches of steps start_step, start_step + 1, ... on ``mesh``:
+    {"image": float32 [B, crop, crop, 3], "label": int32 [B]}, sharded over ``data``."""
+    if uses_decoded_cache(config):
+        return _decoded_train_batches(config, start_step, mesh, normalization)
+    host = pipeline.train_batches(config, start_step, normalization=normalization)
+    return prefetch((sharding.global_batch(b, mesh) for b in host), max(1, config.input.prefetch))
+
+
+def _decoded_train_batches(config, start_step, mesh, normalization) -> Iterator[dict]:
+    input_config = config.input
+    builder = sources.prepared_builder(input_config)
+    split_index = pipeline._split_index(builder, input_config.train_split)
+    chosen = pipeline._stats(input_config, builder)
+    norm = pipeline._normalization(normalization, chosen["mean_rgb"], input_config)
+    eigvals = np.asarray(chosen["eigvals"], np.float32)
+    eigvecs = np.asarray(chosen["eigvecs"], np.float32)
+    split = decoded.decode_split(builder, input_config.train_split, split_index)
+    logging.info(
+        "Training on %d examples of %s/%s, decoded in memory; input counts: %s",
+        len(split.label),
+        builder.name,
+        input_config.train_split,
+        split_index.counts(input_config.crop_size),
+    )
+    replicated = sharding.replicated(mesh)
+    arrays = jax.device_put(
+        (split.pixels, split.offset, split.height, split.width, split.label), replicated
+    )
+    crop = input_config.crop_size
+
+    def make_batch(arrays, rows, positions):
+        pixels, offset, height, width, label = arrays
+        params = augment.draw_params(
+            input_config.shuffle_seed,
+            positions,
+            height[rows],
+            width[rows],
+            crop,
+            input_config.train_scale_min,
+            input_config.train_scale_max,
+            input_config.color_shift_std,
+            input_config.random_flip,
+        )
+        image = augment.crop_resize(
+            pixels, offset[rows], width[rows], params["window"], params["flip"], crop
+        )
+        shift = augment.pca_colour_shift(params["alpha"], eigvals, eigvecs)
+        return {"image": augment.normalise(image, norm, shift), "label": label[rows]}
+
+    batch_sharding = sharding.batch_sharding(mesh)
+    jitted = jax.jit(
+        make_batch,
+        in_shardings=(replicated, replicated, replicated),
+        out_shardings={"image": batch_sharding, "label": batch_sharding},
+    )
+    order = pipeline.TrainOrder(len(split.label), input_config.shuffle_seed)
+    batch_size = input_config.batch_size
+
+    def batches():
+        for step in range(start_step, 2**62):
+            positions = pipeline.train_positions(step, batch_size, 0, 1)
+            rows = order.rows(positions).astype(np.int32)
+            halves = np.stack([positions >> 32, positions & 0xFFFFFFFF], 1).astype(np.uint32)
+            yield jitted(arrays, rows, halves)
+
+    return batches()
+
+
+def prefetch(iterator: Iterable, size: int) -> Iterator:
+    """Runs ``iterator`` in a background thread, ``size`` items ahead (e.g. global batches put
+    on the device while the previous step runs)."""
+    items: queue.Queue = queue.Queue(maxsize=size)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        items.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put(done)
+        except BaseException as error:  # re-raised in the consumer
+            items.put(error)
+
+    thread = threading.Thread(target=produce, daemon=True, name="vgg_jax-prefetch")
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+class EvalBatchCache:
+    """The evaluation batches at one scale as global device arrays, read once and kept while
+    they fit in ``max_bytes`` (the per-epoch validation re-reads the same images every epoch)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, scale: int, mesh: Mesh, max_bytes: int):
+        self.config, self.scale, self.mesh, self.max_bytes = config, scale, mesh, max_bytes
+        self._kept: list[dict[str, jax.Array]] | None = None
+
+    def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+        if self._kept is not None:
+            yield from self._kept
+            return
+        kept, size = [], 0
+        host = pipeline.eval_batches(self.config, self.scale)
+        for batch in prefetch((sharding.global_batch(b, self.mesh) for b in host), 2):
+            size += sum(v.nbytes for v in batch.values())
+            if kept is not None and size <= self.max_bytes:
+                kept.append(batch)
+            else:
+                kept = None
+            yield batch
+        self._kept = kept
