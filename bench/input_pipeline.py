@@ -11,8 +11,10 @@ resize, flip, PCA colour shift, mean subtraction) in a ``tf.data`` map confined 
 memory, best of ``--repeats``. The headline is images per CPU-second of the process, which is the
 rate of one core of its own even on a shared, loaded machine; the wall-clock rate is printed
 beside it. For comparison it times the textbook path on the same thread: decode the whole JPEG,
-resize it to smallest side S, take a random crop. Prints one line of figures, the command, and as
-its last line ``train preprocessing: N images/s per core``.
+resize it to smallest side S, take a random crop. The windowed path is timed with libjpeg's fast
+and accurate DCTs (``transforms.TRAIN_DCT`` picks one for training); the paths alternate within
+each round. Prints one line of figures with the CPU model and vector ISA, the command, and as its
+last line ``train preprocessing: N images/s per core`` (with ``TRAIN_DCT``).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import machine  # noqa: E402
+
 _IMAGES = flags.DEFINE_integer("images", 200, "Distinct generated JPEGs.")
 _EPOCHS = flags.DEFINE_integer("epochs", 2, "Passes over them per timed repeat.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats; the best counts.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds (paths alternate); the best counts.")
 _CROP = flags.DEFINE_integer("crop", 224, "Crop size.")
 _SCALE_MIN = flags.DEFINE_integer("scale_min", 256, "Smin.")
 _SCALE_MAX = flags.DEFINE_integer("scale_max", 512, "Smax.")
@@ -44,20 +48,15 @@ def _one_thread(ds):
     return ds.with_options(options)
 
 
-def _images_per_second(ds, count: int, repeats: int) -> tuple[float, float]:
-    """Best of ``repeats`` passes: images per CPU-second of this process (all its threads) and
-    images per wall-clock second. On a shared machine the wall clock measures the share of a core
-    the pass got; CPU time measures the work, i.e. the rate of one core of its own."""
-    for _ in ds.take(16):  # warm-up: graph tracing, first allocations
-        pass
-    per_cpu_second, per_second = 0.0, 0.0
-    for _ in range(repeats):
-        cpu, wall = time.process_time(), time.perf_counter()
-        seen = sum(1 for _ in ds)
-        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-        assert seen == count, (seen, count)
-        per_cpu_second, per_second = max(per_cpu_second, count / cpu), max(per_second, count / wall)
-    return per_cpu_second, per_second
+def _one_pass(ds, count: int) -> tuple[float, float]:
+    """Images per CPU-second of this process (all its threads) and per wall-clock second. On a
+    shared machine the wall clock measures the share of a core the pass got; CPU time measures
+    the work, i.e. the rate of one core of its own."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    seen = sum(1 for _ in ds)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    assert seen == count, (seen, count)
+    return count / cpu, count / wall
 
 
 def main(argv: list[str]) -> None:
@@ -80,12 +79,17 @@ def main(argv: list[str]) -> None:
     eigvals = np.asarray(stats.IMAGENET_STATS["eigvals"], np.float32)
     eigvecs = np.asarray(stats.IMAGENET_STATS["eigvecs"], np.float32)
 
-    def windowed(position, example):
-        raw, size = example
-        params = transforms.sample_train_params(
-            transforms.example_seed(0, position), size[0], size[1], crop, smin, smax, 0.1, True
-        )
-        return transforms.train_image(raw, transforms.JPEG, params, crop, eigvals, eigvecs, norm)
+    def windowed(dct_method):
+        def preprocess(position, example):
+            raw, size = example
+            params = transforms.sample_train_params(
+                transforms.example_seed(0, position), size[0], size[1], crop, smin, smax, 0.1, True
+            )
+            return transforms.train_image(
+                raw, transforms.JPEG, params, crop, eigvals, eigvecs, norm, dct_method=dct_method
+            )
+
+        return preprocess
 
     def full_decode(position, example):
         raw, size = example
@@ -100,18 +104,31 @@ def main(argv: list[str]) -> None:
         image = tf.cond(params["flip"], lambda: image[:, ::-1], lambda: image)
         return transforms.normalise(image, norm)
 
-    fast, fast_wall = _images_per_second(_one_thread(base.map(windowed)), count, _REPEATS.value)
-    full, full_wall = _images_per_second(_one_thread(base.map(full_decode)), count, _REPEATS.value)
+    paths = {
+        "decode_and_crop, fast DCT": windowed("INTEGER_FAST"),
+        "decode_and_crop, accurate DCT": windowed(transforms.ACCURATE_DCT),
+        "full decode + resize + crop": full_decode,
+    }
+    datasets = {name: _one_thread(base.map(fn)) for name, fn in paths.items()}
+    for ds in datasets.values():  # warm-up: graph tracing, first allocations
+        for _ in ds.take(16):
+            pass
+    best = dict.fromkeys(paths, (0.0, 0.0))
+    for _ in range(_REPEATS.value):  # the paths alternate, so load hits each alike
+        for name, ds in datasets.items():
+            rate = _one_pass(ds, count)
+            best[name] = (max(best[name][0], rate[0]), max(best[name][1], rate[1]))
     kb = np.mean([len(e) for e in encoded]) / 1000
-    load = os.getloadavg()[0]
+    figures = ", ".join(f"{name} {cpu:.0f} ({wall:.0f})" for name, (cpu, wall) in best.items())
+    fast, accurate = best["decode_and_crop, fast DCT"][0], best["decode_and_crop, accurate DCT"][0]
     print(
         f"{len(encoded)} JPEGs 500x375 mean {kb:.0f} KB, crop {crop}, S in [{smin}, {smax}], "
-        f"1 thread, images per CPU-second (per wall second, load {load:.1f} on "
-        f"{os.cpu_count()} cores): decode_and_crop path {fast:.0f} ({fast_wall:.0f}), "
-        f"full decode + resize + crop {full:.0f} ({full_wall:.0f}) | "
+        f"1 thread, best of {_REPEATS.value}, images per CPU-second (per wall second): {figures}; "
+        f"accurate/fast DCT {accurate / fast:.2f} | {machine.describe()} | "
         f"python {shlex.join(sys.argv)}"
     )
-    print(f"train preprocessing: {fast:.0f} images/s per core")
+    chosen = accurate if transforms.TRAIN_DCT == transforms.ACCURATE_DCT else fast
+    print(f"train preprocessing: {chosen:.0f} images/s per core ({transforms.TRAIN_DCT or 'fast'})")
 
 
 if __name__ == "__main__":

@@ -73,12 +73,16 @@ def write_cifar_like(root: str, per_class: int, val_per_class: int) -> None:
                 drawn += 1
 
 
-def loop_rate(workdir: str, steps_per_epoch: int, batch: int) -> tuple[float, int]:
-    """Images/s of the loop over the epochs after the first two, from its metrics.jsonl."""
-    images, seconds, steps, previous = 0.0, 0.0, 0, 0
+def loop_rate(workdir: str, steps_per_epoch: int, batch: int) -> tuple[float, float, int]:
+    """Images/s of the loop over the epochs after the first two, from its metrics.jsonl, with and
+    without the time its per-epoch validations took; and the number of steps measured."""
+    images, seconds, validation_seconds, steps, previous = 0.0, 0.0, 0.0, 0, 0
+    validations = {}
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         for line in f:
             record = json.loads(line)
+            if "val_seconds" in record:
+                validations[record["step"]] = record["val_seconds"]
             if "images_per_second" not in record:
                 continue
             step = record["step"]
@@ -87,8 +91,10 @@ def loop_rate(workdir: str, steps_per_epoch: int, batch: int) -> tuple[float, in
                 images += count
                 seconds += count / record["images_per_second"]
                 steps += step - previous
+                # A validation right after the previous log falls inside this interval.
+                validation_seconds += validations.get(previous, 0.0)
             previous = step
-    return images / seconds, steps
+    return images / seconds, images / (seconds - validation_seconds), steps
 
 
 def bare_step(config):
@@ -154,31 +160,35 @@ def main(argv):
         for r in range(_ROUNDS.value):
             workdir = os.path.join(root, f"round{r}")
             loop.train(config, workdir)
-            rate, steps = loop_rate(workdir, steps_per_epoch, batch)
+            rate, training_rate, steps = loop_rate(workdir, steps_per_epoch, batch)
             shutil.rmtree(workdir)
             bare = steps * batch / run_bare(steps)
-            rounds.append((rate, bare))
+            rounds.append((rate, bare, training_rate))
             print(
-                f"round {r + 1}: loop {rate:.0f} images/s, bare step {bare:.0f} images/s, "
-                f"loop/step {rate / bare:.2f} ({machine.describe()})",
+                f"round {r + 1}: loop {rate:.0f} images/s ({training_rate:.0f} without its "
+                f"validations), bare step {bare:.0f} images/s, loop/step {rate / bare:.2f} "
+                f"({training_rate / bare:.2f}) ({machine.describe()})",
                 flush=True,
             )
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    ratios = [rate / bare for rate, bare in rounds]
+    ratios = [rate / bare for rate, bare, _ in rounds]
+    training_ratios = [training / bare for _, bare, training in rounds]
     fields = [
         f"net={config.model.name} width={config.model.width:g} crop={config.input.crop_size}",
         f"batch={batch} dataset={config.input.dataset}",
         f"decoded_in_memory={cached}",
         f"steps/epoch={steps_per_epoch} measured epochs {3}-{_EPOCHS.value} x {_ROUNDS.value}",
-        f"loop_images/s median={statistics.median(r for r, _ in rounds):.0f}",
-        f"bare_step_images/s median={statistics.median(b for _, b in rounds):.0f}",
+        f"loop_images/s median={statistics.median(r for r, _, _ in rounds):.0f}",
+        f"bare_step_images/s median={statistics.median(b for _, b, _ in rounds):.0f}",
         f"ratios={', '.join(f'{x:.2f}' for x in ratios)}",
+        f"without validation={', '.join(f'{x:.2f}' for x in training_ratios)}",
         f"prepare_s={prepare_s:.0f}",
         f"machine={machine.describe()}",
     ]
     print(" ".join(fields))
     print("reproduce: python " + " ".join(shlex.quote(a) for a in sys.argv))
+    print(f"loop/step without validation: {statistics.median(training_ratios):.2f}")
     print(f"loop/step: {statistics.median(ratios):.2f}")
 
 

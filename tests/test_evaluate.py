@@ -21,7 +21,7 @@ from absl.testing import absltest
 from jax.sharding import PartitionSpec as P
 
 from tests import fixtures
-from vgg_jax import checkpoint, metrics, models, sharding
+from vgg_jax import checkpoint, compile_cache, metrics, models, sharding
 from vgg_jax.evaluation import continuous, methods, report, runner
 
 NUM_CLASSES = 5
@@ -340,6 +340,24 @@ class RunnerTest(absltest.TestCase):
         runs = ["dense", "multi_crop"]
         runner.evaluate_scale(net.params, functions, batches + batches, runs, mesh)
         self.assertEqual(functions.compilations, 2 * len(shapes))
+
+    def test_second_evaluation_compiles_no_program(self):
+        workdir = self.create_tempdir_once()
+        save_net(workdir, self.params, self.config, step=5)
+        batches = fake_eval_batches(9, bucket_step=16)
+        counts = [compile_cache.program_counts()]
+        for _ in range(2):
+            # A fresh process's state: no in-memory executables, only the workdir's cache.
+            methods.compiled_methods.cache_clear()
+            jax.clear_caches()
+            with contextlib.redirect_stdout(io.StringIO()):
+                runner.run_evaluation(self.config, workdir, batches=batches)
+            counts.append(compile_cache.program_counts())
+        (compiled0, _), (compiled1, loaded1), (compiled2, loaded2) = counts
+        self.assertGreaterEqual(compiled1 - compiled0, 4)  # 2 methods x 2 scales at least
+        self.assertEqual(compiled2 - compiled1, 0)
+        self.assertGreaterEqual(loaded2 - loaded1, compiled1 - compiled0)
+        self.assertTrue(os.listdir(os.path.join(workdir, compile_cache.CACHE_DIR)))
 
     def test_run_evaluation_prints_and_writes_the_table(self):
         workdir = self.create_tempdir_once()

@@ -31,6 +31,9 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # than their authors evaluated on. Used for every full decode (evaluation, statistics, the decoded
 # in-memory training copy); cost: bench/input_pipeline.py, docs/performance.md.
 ACCURATE_DCT = "INTEGER_ACCURATE"
+# The per-step training decode (large datasets; small ones are decoded once, accurately): the
+# DCT chosen from bench/input_pipeline.py's figures (docs/performance.md, "JPEG decoding").
+TRAIN_DCT = ACCURATE_DCT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +81,11 @@ def decode_full(encoded: tf.Tensor, fmt: tf.Tensor) -> tf.Tensor:
     )
 
 
-def decode_window(encoded: tf.Tensor, fmt: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
-    """uint8 [h, w, 3] of the window ``[top, left, h, w]``; a JPEG decodes only that window."""
+def decode_window(
+    encoded: tf.Tensor, fmt: tf.Tensor, window: tf.Tensor, dct_method: str | None = None
+) -> tf.Tensor:
+    """uint8 [h, w, 3] of the window ``[top, left, h, w]``; a JPEG decodes only that window,
+    with ``dct_method`` (default ``TRAIN_DCT``)."""
     window = tf.cast(window, tf.int32)
 
     def from_png():
@@ -93,6 +99,7 @@ def decode_window(encoded: tf.Tensor, fmt: tf.Tensor, window: tf.Tensor) -> tf.T
             encoded,
             window,
             channels=3,
+            dct_method=TRAIN_DCT if dct_method is None else dct_method,
             try_recover_truncated=True,
             acceptable_fraction=ACCEPTABLE_FRACTION,
         ),
@@ -183,12 +190,13 @@ def train_image(
     eigvecs: np.ndarray,
     norm: Normalization,
     antialias: bool = False,
+    dct_method: str | None = None,
 ) -> tf.Tensor:
     """float32 [crop, crop, 3]: window decoded, flipped, resized, colour-shifted, normalised.
 
     The flip is done on the small uint8 window and the shift is folded into the normalisation's
     single add: full-size float passes cost as much as the resize (see bench/input_pipeline.py)."""
-    window = decode_window(encoded, fmt, params["window"])
+    window = decode_window(encoded, fmt, params["window"], dct_method)
     window = tf.cond(params["flip"], lambda: tf.reverse(window, [1]), lambda: window)
     image = resize(window, crop_size, crop_size, antialias)
     return normalise(image, norm, pca_colour_shift(params["alpha"], eigvals, eigvecs))

@@ -31,7 +31,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from vgg_jax import checkpoint, metrics, models, sharding
+from vgg_jax import checkpoint, compile_cache, metrics, models, sharding
 from vgg_jax.evaluation import methods, report
 
 METHODS = ("dense", "multi_crop", "dense+multi_crop")
@@ -566,8 +566,17 @@ def run_evaluation(
     """``--mode=evaluate``: evaluates ``evals.checkpoint`` of ``workdir`` (fused with
     ``evals.fusion_workdirs``), prints the table and writes ``results.json`` and ``results.md``
     into ``workdir`` (process 0). Returns the rows."""
+    compile_cache.use_workdir_cache(workdir)
+    compiled, loaded = compile_cache.program_counts()
     rows, about = evaluate_checkpoints(
         config, workdir, parse_checkpoint_choice(config.evals.checkpoint), batches=batches
+    )
+    compiled, loaded = np.subtract(compile_cache.program_counts(), (compiled, loaded))
+    logging.info(
+        "Evaluation compiled %d programs and loaded %d from %s.",
+        compiled,
+        loaded,
+        compile_cache.CACHE_DIR,
     )
     if jax.process_index() == 0:
         json_path, markdown_path = report.write_results(workdir, rows, about)

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vgg_jax import checkpoint, models, sharding, writers
+from vgg_jax import checkpoint, compile_cache, models, sharding, writers
 from vgg_jax.training import init_from, optim
 from vgg_jax.training.steps import (
     TrainState,
@@ -99,6 +99,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     from vgg_jax import data
     from vgg_jax.data import on_device
 
+    started = time.perf_counter()
+    compile_cache.use_workdir_cache(workdir)
     _prepare_data_once(config)
     info = data.dataset_info(config)
     _check_config(config, info.num_classes)
@@ -109,7 +111,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     mesh = sharding.make_mesh(config.mesh)
     model = models.build_model(config.model, config.input.crop_size)
     tx = optim.make_optimizer(config.optim)
+    phase = time.perf_counter()
     state, shardings = create_train_state(model, tx, mesh, config.seed)
+    logging.info("Initialised the net's state in %.1f s.", time.perf_counter() - phase)
     checkpoints = checkpoint.Checkpointer(workdir, config.ckpt.keep, config.ckpt.keep_best)
     plateau = optim.PlateauState()
 
@@ -155,6 +159,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             )
             batch = next(batches)
             state, sums = train_step(state, batch, np.float32(lr))
+            if step == start_step:
+                jax.block_until_ready(sums)
+                logging.info(
+                    "First step done %.1f s after start-up began (compiled or loaded from %s).",
+                    time.perf_counter() - started,
+                    compile_cache.CACHE_DIR,
+                )
             pending.append(sums)
             done = step + 1
             epoch_end = done % steps_per_epoch == 0
@@ -171,17 +182,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             validation = None
             epoch = done // steps_per_epoch
             if epoch_end and epoch % config.evals.every_epochs == 0:
+                phase = time.perf_counter()
                 validation = run_validation(validation_step, state.params, validation_batches)
+                validation_seconds = time.perf_counter() - phase
                 plateau = optim.update_plateau(
                     plateau, validation["val_top1_accuracy"], config.schedule
                 )
-                writer.write_scalars(done, validation)
+                writer.write_scalars(done, {**validation, "val_seconds": validation_seconds})
                 logging.info(
-                    "epoch %d validation: loss %.4f top-1 error %.2f%% top-5 error %.2f%%",
+                    "epoch %d validation: loss %.4f top-1 error %.2f%% top-5 error %.2f%% (%.1f s)",
                     epoch,
                     validation["val_loss"],
                     100 * (1 - validation["val_top1_accuracy"]),
                     100 * (1 - validation["val_top5_accuracy"]),
+                    validation_seconds,
                 )
             stopping = stop.received or _preempted(done)
             if validation or stopping or done % config.ckpt.every_steps == 0 or done == total_steps:
