@@ -9,19 +9,23 @@
 
 The loop is the project's ``training.loop.train`` (input pipeline, step, logging every
 ``log_every_steps``, per-epoch validation, checkpoints at the config's cadence) in a fresh workdir
-for ``--epochs`` epochs. Its rate is read from its own ``metrics.jsonl`` over the epochs after the
-first two of the run (the first steps and validations compile; from epoch 3 on every epoch also
-pays the previous epoch's validation and checkpoint). The bare step is the same jitted step fed one
-synthetic batch already on the device, as many steps as the loop's measured part, waited for once
-at the end. The two alternate ``--rounds`` times; each round's ratio and the median are printed,
-with the CPU model, vector ISA and load. ``--cifar_like=DIR`` trains on an image folder of 32x32
+for ``--epochs`` epochs, ``--rounds`` times. At the end of every epoch the bench runs the bare step
+(the same jitted step fed one synthetic batch already on the device, waited for once at the end)
+for one epoch's worth of steps, so loop and step alternate epoch by epoch. Each epoch after the
+first two of a run (the first steps and validations compile; from epoch 3 on an epoch also pays
+the previous epoch's validation and checkpoint) gives two ratios, bare-step time over loop time:
+by the wall clock, and by the CPU time of the process (all its threads). The headline ``loop/step``
+is the CPU-time median: on a shared machine the wall clock measures the share of the cores the
+process got (a pipeline with more threads gets a larger share of a loaded machine), CPU time the
+work per image, which is what a machine of one's own turns into speed. Each line names the CPU
+model, vector ISA and load; both medians are printed with and without the validations' time.
+``--cifar_like=DIR`` trains on an image folder of 32x32
 JPEGs generated into DIR (the built-in shapes drawn small, ``--cifar_like_train`` per class);
 ``--image_sizes=imagenet`` draws the built-in images at ImageNet-like sizes instead.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -38,8 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import machine  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. demo.py.")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternations of loop and bare step.")
-_EPOCHS = flags.DEFINE_integer("epochs", 4, "Epochs per loop run; the first two are not timed.")
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "Loop runs (fresh workdirs).")
+_EPOCHS = flags.DEFINE_integer("epochs", 5, "Epochs per loop run; the first two are not timed.")
 _CIFAR_LIKE = flags.DEFINE_string(
     "cifar_like", None, "Train on a generated folder of 32x32 JPEGs in this directory."
 )
@@ -71,30 +75,6 @@ def write_cifar_like(root: str, per_class: int, val_per_class: int) -> None:
                 small = Image.fromarray(np.asarray(image)).resize((32, 32), Image.BILINEAR)
                 small.save(os.path.join(root, split, name, f"{drawn}.jpg"), quality=90)
                 drawn += 1
-
-
-def loop_rate(workdir: str, steps_per_epoch: int, batch: int) -> tuple[float, float, int]:
-    """Images/s of the loop over the epochs after the first two, from its metrics.jsonl, with and
-    without the time its per-epoch validations took; and the number of steps measured."""
-    images, seconds, validation_seconds, steps, previous = 0.0, 0.0, 0.0, 0, 0
-    validations = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if "val_seconds" in record:
-                validations[record["step"]] = record["val_seconds"]
-            if "images_per_second" not in record:
-                continue
-            step = record["step"]
-            if previous >= 2 * steps_per_epoch:
-                count = (step - previous) * batch
-                images += count
-                seconds += count / record["images_per_second"]
-                steps += step - previous
-                # A validation right after the previous log falls inside this interval.
-                validation_seconds += validations.get(previous, 0.0)
-            previous = step
-    return images / seconds, images / (seconds - validation_seconds), steps
 
 
 def bare_step(config):
@@ -131,7 +111,7 @@ def bare_step(config):
 
 def main(argv):
     del argv
-    from vgg_jax import data
+    from vgg_jax import data, writers
     from vgg_jax.training import loop
 
     config = _CONFIG.value
@@ -154,42 +134,91 @@ def main(argv):
     run_bare = bare_step(config)
     cached = _uses_cache(config)
 
-    rounds = []
+    # At each epoch's end the bare step runs one epoch's worth of steps: loop and step alternate
+    # epoch by epoch, so a change of load on a shared machine hits both. Wall-clock and CPU time
+    # (all threads of the process) are stamped around each bare segment and each validation.
+    clock = lambda: (time.perf_counter(), time.process_time())  # noqa: E731
+    ends: list[tuple[int, tuple, tuple]] = []  # (step, before bare, after bare)
+    validations: dict[int, tuple[float, float]] = {}
+    write_scalars, run_validation = writers.MetricWriter.write_scalars, loop.run_validation
+
+    def write_then_time_the_step(self, step, scalars):
+        write_scalars(self, step, scalars)
+        if "images_per_second" in scalars and step % steps_per_epoch == 0:
+            before = clock()
+            run_bare(steps_per_epoch)
+            ends.append((step, before, clock()))
+
+    def timed_validation(*args):
+        before = clock()
+        result = run_validation(*args)
+        after = clock()
+        validations[len(ends)] = (after[0] - before[0], after[1] - before[1])
+        return result
+
+    writers.MetricWriter.write_scalars = write_then_time_the_step
+    loop.run_validation = timed_validation
+    figures = []  # per measured epoch: loop (wall, cpu), validation (wall, cpu), bare (wall, cpu)
     root = tempfile.mkdtemp(prefix="bench_train_loop_")
     try:
         for r in range(_ROUNDS.value):
             workdir = os.path.join(root, f"round{r}")
+            ends.clear()
+            validations.clear()
             loop.train(config, workdir)
-            rate, training_rate, steps = loop_rate(workdir, steps_per_epoch, batch)
             shutil.rmtree(workdir)
-            bare = steps * batch / run_bare(steps)
-            rounds.append((rate, bare, training_rate))
-            print(
-                f"round {r + 1}: loop {rate:.0f} images/s ({training_rate:.0f} without its "
-                f"validations), bare step {bare:.0f} images/s, loop/step {rate / bare:.2f} "
-                f"({training_rate / bare:.2f}) ({machine.describe()})",
-                flush=True,
-            )
+            for k in range(2, len(ends)):
+                (_, _, previous), (_, before, after) = ends[k - 1], ends[k]
+                loop_time = (before[0] - previous[0], before[1] - previous[1])
+                bare_time = (after[0] - before[0], after[1] - before[1])
+                validation = validations.get(k, (0.0, 0.0))
+                figures.append((loop_time, validation, bare_time))
+                print(
+                    f"run {r + 1} epoch {k + 1}: "
+                    + ", ".join(
+                        f"{what} loop/step {bare_time[i] / loop_time[i]:.2f} "
+                        f"({bare_time[i] / (loop_time[i] - validation[i]):.2f} without validation)"
+                        for i, what in enumerate(("wall-clock", "CPU-time"))
+                    )
+                    + f", bare step {steps_per_epoch * batch / bare_time[0]:.0f} images/s"
+                    f" | {machine.describe()}",
+                    flush=True,
+                )
     finally:
+        writers.MetricWriter.write_scalars = write_scalars
+        loop.run_validation = run_validation
         shutil.rmtree(root, ignore_errors=True)
-    ratios = [rate / bare for rate, bare, _ in rounds]
-    training_ratios = [training / bare for _, bare, training in rounds]
+
+    def median_ratio(i: int, without_validation: bool) -> float:
+        return statistics.median(
+            bare[i] / (spent[i] - (validation[i] if without_validation else 0.0))
+            for spent, validation, bare in figures
+        )
+
+    images = steps_per_epoch * batch
     fields = [
         f"net={config.model.name} width={config.model.width:g} crop={config.input.crop_size}",
         f"batch={batch} dataset={config.input.dataset}",
         f"decoded_in_memory={cached}",
-        f"steps/epoch={steps_per_epoch} measured epochs {3}-{_EPOCHS.value} x {_ROUNDS.value}",
-        f"loop_images/s median={statistics.median(r for r, _, _ in rounds):.0f}",
-        f"bare_step_images/s median={statistics.median(b for _, b, _ in rounds):.0f}",
-        f"ratios={', '.join(f'{x:.2f}' for x in ratios)}",
-        f"without validation={', '.join(f'{x:.2f}' for x in training_ratios)}",
+        f"steps/epoch={steps_per_epoch}, epochs 3-{_EPOCHS.value} of {_ROUNDS.value} runs",
+        f"loop_images/s median={statistics.median(images / f[0][0] for f in figures):.0f}",
+        f"bare_step_images/s median={statistics.median(images / f[2][0] for f in figures):.0f}",
+        f"validation share of the loop's CPU time="
+        f"{statistics.median(f[1][1] / f[0][1] for f in figures):.2f}",
         f"prepare_s={prepare_s:.0f}",
         f"machine={machine.describe()}",
     ]
     print(" ".join(fields))
     print("reproduce: python " + " ".join(shlex.quote(a) for a in sys.argv))
-    print(f"loop/step without validation: {statistics.median(training_ratios):.2f}")
-    print(f"loop/step: {statistics.median(ratios):.2f}")
+    print(
+        f"wall-clock loop/step: {median_ratio(0, False):.2f} "
+        f"({median_ratio(0, True):.2f} without validation)"
+    )
+    print(
+        f"CPU-time loop/step: {median_ratio(1, False):.2f} "
+        f"({median_ratio(1, True):.2f} without validation)"
+    )
+    print(f"loop/step: {median_ratio(1, False):.2f}")
 
 
 def _uses_cache(config) -> bool:

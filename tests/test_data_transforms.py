@@ -155,7 +155,9 @@ class DatasetLevelTest(absltest.TestCase):
         images = []
         for record in reader.read(np.arange(len(reader))):
             encoded, _ = sources.parse(tf.constant(record))
-            images.append(tf.io.decode_jpeg(encoded, channels=3).numpy())
+            images.append(
+                tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE").numpy()
+            )
         pixels = np.concatenate([i.reshape(-1, 3) for i in images]).astype(np.float64)
         np.testing.assert_allclose(self.info.mean_rgb, pixels.mean(0), rtol=1e-5)
 
