@@ -80,8 +80,9 @@ def _move_aside(builder: tfds.core.DatasetBuilder, files_dir: str) -> str:
     except OSError as e:
         return f"could not move {source} aside ({e.strerror or e}): delete it before the next run"
     if os.path.abspath(files_dir) != os.path.abspath(source):
-        for path in glob.glob(os.path.join(files_dir, "vgg_jax_*")):
-            os.remove(path)
+        for pattern in ("vgg_jax_index_*.npz", "vgg_jax_stats.json", "vgg_jax_skipped_files.txt"):
+            for path in glob.glob(os.path.join(files_dir, pattern)):
+                os.remove(path)
     return f"moved the prepared files aside to {target}, so the next run prepares them again"
 
 
