@@ -10,21 +10,21 @@ bytes overwritten in the middle prepares "successfully" into a fraction of Image
   compared with the expected class count (``classes=`` in ``input.expected_counts``, else every
   class of the dataset's labels: the ImageNet synsets, the image folder's class folders).
 
-A mismatch moves the prepared TFDS files aside (``<version dir>.bad``) and removes the project's
-index and statistics of them, so the next run prepares again once the input is fixed, and raises
-``DatasetError`` naming the likely bad input: the split's tar (with what a header walk finds in
-it), or the folder.
+A mismatch moves the prepared TFDS files aside (``<version dir>.bad``, replacing an older one)
+and removes the project's index and statistics of them, so the next run prepares again once the
+input is fixed, and raises ``DatasetError`` naming the likely bad input: the split's tar (with
+what a header walk finds in it), or the folder.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import shutil
 
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import logging
 
 from vgg_jax.data import DatasetError, index, sources
 
@@ -72,10 +72,10 @@ def _culprit(builder: tfds.core.DatasetBuilder, input_config, split: str) -> str
 def _move_aside(builder: tfds.core.DatasetBuilder, files_dir: str) -> str:
     """Moves the prepared files out of TFDS's sight; says where, or what to delete."""
     source = os.fspath(builder.data_dir)
-    target, n = f"{source}.bad", 1
-    while os.path.exists(target):
-        target, n = f"{source}.bad{n}", n + 1
+    target = f"{source}.bad"  # one bad copy at most: a partial ImageNet can be large
     try:
+        if os.path.exists(target):
+            shutil.rmtree(target)
         os.replace(source, target)
     except OSError as e:
         return f"could not move {source} aside ({e.strerror or e}): delete it before the next run"
@@ -89,7 +89,6 @@ def _move_aside(builder: tfds.core.DatasetBuilder, files_dir: str) -> str:
 def _fail(builder, input_config, files_dir: str, split: str, what: str) -> None:
     culprit = _culprit(builder, input_config, split)
     moved = _move_aside(builder, files_dir)
-    logging.error("Prepared %s is bad: %s; %s", builder.name, what, moved)
     raise DatasetError(f"{builder.name} {what}: {culprit}. {moved[0].upper()}{moved[1:]}.")
 
 
