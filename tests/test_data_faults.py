@@ -81,11 +81,17 @@ class DamagedImagenetTarTest(absltest.TestCase):
             {"train": 12, "validation": 5, "classes": 3},
         )
         self.assertIsNone(verify.parse_expected_counts("none", "imagenet2012"))
-        config = fixtures.tiny_config(with_data=False, **{"input.expected_counts": "train=lots"})
+        a_file = self.create_tempfile().full_path
+        config = fixtures.tiny_config(
+            with_data=False,
+            **{"input.expected_counts": "train=lots", "input.index_dir": a_file},
+        )
         with self.assertRaises(checks.ConfigError) as raised:
             checks.check_config(config, "train")
-        self.assertLen(raised.exception.problems, 1)
-        self.assertStartsWith(raised.exception.problems[0], "config.input.expected_counts=")
+        problems = raised.exception.problems
+        self.assertLen(problems, 2)
+        self.assertStartsWith(problems[0], "config.input.expected_counts='train=lots': must be")
+        self.assertStartsWith(problems[1], f"config.input.index_dir={a_file!r}: is a file")
 
 
 def _jpeg_bytes(seed: int) -> bytes:
@@ -168,6 +174,25 @@ class ImageFolderFaultsTest(absltest.TestCase):
             data.prepare(self.folder_config(root))  # today: a class with no examples
         self.assertIn(empty, str(raised.exception))
         self.assertNotIn("\n", str(raised.exception))
+
+    def test_class_without_a_decodable_image_is_an_error_naming_it(self):
+        root = os.path.join(self.create_tempdir().full_path, "photos")
+        testdata.write_image_folder(root, {"train": 2}, ["cat"])
+        broken = os.path.join(root, "train", "dog")
+        os.makedirs(broken)
+        for name in ("0.jpg", "1.png"):
+            with open(os.path.join(broken, name), "wb") as f:
+                f.write(b"not an image")
+        config = self.folder_config(root)
+        config.input.eval_split = "train"
+        with self.assertRaises(data.DatasetError) as raised:
+            data.prepare(config)  # today: a class the net is asked to learn with no example
+        message = str(raised.exception)
+        self.assertIn(
+            "decodable examples of 1 classes, expected 2 (none decodable in: dog)", message
+        )
+        self.assertIn(os.path.join(root, "train"), message)
+        self.assertFalse(sources.get_builder(config.input).is_prepared())
 
     def test_exif_orientation_is_applied_as_pil_does(self):
         image = np.zeros((24, 40, 3), np.uint8)
