@@ -125,15 +125,15 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else ""
 
 
-def imagenet_culprit(manual_dir: str | None, split: str | None) -> str:
+def imagenet_culprit(manual_dir: str | None, split: str | None) -> tuple[str, bool]:
     """The likely bad tar for a problem with ``split`` (both tars when the split is not known),
-    with what a header walk finds wrong in it."""
+    with what a header walk finds wrong in it; and whether the walk found anything."""
     where = os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else "manual_dir"
     names = [IMAGENET_SPLIT_TARS[split]] if split in IMAGENET_SPLIT_TARS else list(IMAGENET_TARS)
     found = [d for d in (tar_damage(os.path.join(where, n)) for n in names) if d]
     if found:
-        return "; ".join(found) + f" (in {where})"
-    return f"{' or '.join(names)} in {where} is likely damaged"
+        return "; ".join(found) + f" (in {where})", True
+    return f"{' or '.join(names)} in {where} is likely damaged", False
 
 
 def _imagenet_download_config(manual_dir: str | None) -> tfds.download.DownloadConfig:
@@ -167,11 +167,14 @@ def prepare_builder(input_config: ml_collections.ConfigDict) -> tfds.core.Datase
         if input_config.dataset != "imagenet2012":
             raise
         # TFDS reads the tars with tarfile: a truncated one ends in a 50-line traceback that
-        # names no file.
+        # names no file. Other failures (a full disk, ...) stay as they are unless a tar shows
+        # damage.
+        culprit, found = imagenet_culprit(input_config.manual_dir, None)
+        if not found and not isinstance(e, (tarfile.TarError, EOFError)):
+            raise
         raise DatasetError(
-            f"Preparing imagenet2012 failed ({type(e).__name__}: {_first_line(e)}): "
-            + imagenet_culprit(input_config.manual_dir, None)
-            + "; replace it and run again."
+            f"Preparing imagenet2012 failed ({type(e).__name__}: {_first_line(e)}): {culprit}; "
+            "replace it and run again."
         ) from e
     if input_config.dataset == "image_folder":
         _report_skipped(builder.builder_config.root, project_files)

@@ -63,7 +63,7 @@ def expected_counts_problem(spec: str) -> str | None:
 
 def _culprit(builder: tfds.core.DatasetBuilder, input_config, split: str) -> str:
     if input_config.dataset == "imagenet2012":
-        return sources.imagenet_culprit(input_config.manual_dir, split)
+        return sources.imagenet_culprit(input_config.manual_dir, split)[0]
     if input_config.dataset == "image_folder":
         return f"check the folder {os.path.join(builder.builder_config.root, split)}"
     return f"the generated files in {builder.data_dir} are damaged"
