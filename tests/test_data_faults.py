@@ -51,6 +51,11 @@ class DamagedImagenetTarTest(absltest.TestCase):
         self.assertTrue(os.path.isdir(f"{builder.data_dir}.bad"))
         self.assertIn(f"{builder.data_dir}.bad", message)
         self.write_tars()  # the good tar is back
+        self.config.input.expected_counts = "train=12,val=5"  # a typo moves nothing aside
+        with self.assertRaisesRegex(data.DatasetError, "'val', not a split of imagenet2012"):
+            data.prepare(self.config)
+        self.assertTrue(builder.is_prepared())
+        self.config.input.expected_counts = TINY_COUNTS
         data.prepare(self.config)
         info = data.dataset_info(self.config)
         self.assertEqual(info.bad_input["train"]["examples"], PER_CLASS * len(SYNSETS))

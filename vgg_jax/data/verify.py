@@ -96,12 +96,19 @@ def check_examples(
     builder: tfds.core.DatasetBuilder, input_config: ml_collections.ConfigDict, files_dir: str
 ) -> None:
     """Each split's example count (as TFDS wrote it: cheap) against ``input.expected_counts``."""
-    expected = parse_expected_counts(input_config.expected_counts, input_config.dataset)
-    for split, count in (expected or {}).items():
+    expected = parse_expected_counts(input_config.expected_counts, input_config.dataset) or {}
+    splits = builder.info.splits
+    unknown = sorted(set(expected) - set(splits) - {"classes"})
+    if unknown:  # a typo must not move a good dataset aside
+        raise DatasetError(
+            f"config.input.expected_counts={input_config.expected_counts!r} names "
+            f"{', '.join(map(repr, unknown))}, not a split of {builder.name}; valid: "
+            f"{sorted(splits)} and 'classes'"
+        )
+    for split, count in expected.items():
         if split == "classes":
             continue
-        splits = builder.info.splits
-        actual = int(splits[split].num_examples) if split in splits else 0
+        actual = int(splits[split].num_examples)
         if actual != count:
             _fail(
                 builder,
