@@ -72,7 +72,10 @@ def _split_index(
 
 def prepare(config: ml_collections.ConfigDict) -> None:
     """Makes ``config.input.dataset`` ready: TFDS files, per-split index, mean/PCA statistics.
-    Work already done is skipped; missing inputs raise an error naming the files to provide."""
+    Work already done is skipped; missing inputs raise an error naming the files to provide.
+    What was built is checked on every call (``verify``: example and class counts): a bad
+    dataset raises ``DatasetError`` naming the likely bad input and is moved aside, never reused.
+    An unwritable index location fails before any indexing."""
     input_config = config.input
     check_input_config(input_config)
     builder = sources.prepare_builder(input_config)
