@@ -86,8 +86,18 @@ def dataset_facts(input_config: ml_collections.ConfigDict) -> tuple[int, int] | 
         root = os.path.join(os.path.expanduser(input_config.folder), input_config.train_split)
         if not os.path.isdir(root):
             return None
-        classes = [e for e in os.scandir(root) if e.is_dir()]
-        files = sum(1 for c in classes for f in os.scandir(c.path) if f.is_file())
+        from vgg_jax.data import folder
+
+        def is_image(entry: os.DirEntry) -> bool:
+            name = entry.name.lower()
+            return (
+                entry.is_file()
+                and not name.startswith(".")
+                and name.endswith(folder.IMAGE_EXTENSIONS)
+            )
+
+        classes = [e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
+        files = sum(1 for c in classes for f in os.scandir(c.path) if is_image(f))
         return len(classes), files
     return None
 
