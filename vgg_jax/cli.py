@@ -121,15 +121,22 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> No
     if workdir is None:
         sys.exit(f"--mode={mode} needs --workdir (where checkpoints and results go).")
     logging.info("mode=%s workdir=%s", mode, workdir)
+    from vgg_jax import preemption
+
     if mode in ("train", "train_and_evaluate"):
         from vgg_jax import train
 
         train.train(config, workdir)
-    if mode in ("evaluate", "train_and_evaluate"):
-        from vgg_jax import evaluate
+        if preemption.stopped():
+            return  # saved after a SIGTERM: exit now, evaluation would outlast the grace period
+    try:
+        if mode in ("evaluate", "train_and_evaluate"):
+            from vgg_jax import evaluate
 
-        evaluate.run_evaluation(config, workdir)
-    if mode == "evaluate_continuously":
-        from vgg_jax import evaluate
+            evaluate.run_evaluation(config, workdir)
+        if mode == "evaluate_continuously":
+            from vgg_jax import evaluate
 
-        evaluate.watch(config, workdir)
+            evaluate.watch(config, workdir)
+    except preemption.Stopped:
+        logging.warning("Evaluation stopped after a termination signal; no results written.")
