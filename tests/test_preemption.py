@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from absl.testing import absltest
 
-from experiments import demo
+from tests import fixtures
 from vgg_jax import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,15 +63,8 @@ class TwoProcessPreemptionTest(absltest.TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        from vgg_jax import data
-
         cls.tmp = tempfile.mkdtemp()
-        cls.data_dir = os.path.join(cls.tmp, "builtin_data")
-        config = demo.get_config()
-        for key, value in overrides(cls.data_dir).items():
-            group, _, name = key.rpartition(".")
-            (config[group] if group else config)[name] = value
-        data.prepare(config)
+        cls.data_dir = fixtures.builtin_data_dir()
         cls.reference_dir = os.path.join(cls.tmp, "reference")
         processes, logs = cls.launch(cls.reference_dir, "train")
         cls.finish(processes, logs)
