@@ -40,8 +40,10 @@ def agreed_stop() -> bool:
     SIGTERM, and on every call after that. Always False on one process (its signal is handled by
     ``StopSignal`` in training and ends evaluation outright, with nothing waiting on it)."""
     global _checks, _stopped
-    if _stopped or jax.process_count() == 1 or not jax.config.jax_enable_preemption_service:
-        return _stopped
+    if jax.process_count() == 1 or not jax.config.jax_enable_preemption_service:
+        return False
+    if _stopped:
+        return True
     from jax.experimental import multihost_utils
 
     # Counted from 1 in this process: a signal that came before the first check (while compiling
