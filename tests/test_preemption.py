@@ -208,7 +208,7 @@ class TwoProcessPreemptionTest(absltest.TestCase):
         processes[1].send_signal(signal.SIGTERM)
         start = time.time()
         texts = self.finish(processes, logs)
-        self.assertLess(time.time() - start, 60)  # not the 600 s watch timeout
+        self.assertLess(time.time() - start, 120)  # not the 600 s watch timeout
         for text in texts:
             self.assertIn("Continuous evaluation stopped by a SIGTERM", text)
 
