@@ -107,7 +107,9 @@ class TwoProcessPreemptionTest(absltest.TestCase):
         super().tearDown()
 
     @classmethod
-    def launch(cls, workdir: str, mode: str) -> tuple[list[subprocess.Popen], list[str]]:
+    def launch(
+        cls, workdir: str, mode: str, *extra: str
+    ) -> tuple[list[subprocess.Popen], list[str]]:
         """Two processes of two CPU devices each, logs to files (a full pipe would block one)."""
         os.makedirs(workdir, exist_ok=True)
         with socket.socket() as s:
@@ -117,7 +119,7 @@ class TwoProcessPreemptionTest(absltest.TestCase):
         args = [sys.executable, "launch.py", "--config=experiments/demo.py"]
         args += [f"--workdir={workdir}", f"--mode={mode}"]
         args += [f"--config.{k}={v}" for k, v in overrides(cls.data_dir).items()]
-        args += [f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+        args += [*extra, f"--coordinator_address=localhost:{port}", "--num_processes=2"]
         processes, logs = [], []
         for i in range(2):
             logs.append(os.path.join(workdir, f"{mode}_{time.time_ns()}_{i}.log"))
@@ -194,6 +196,21 @@ class TwoProcessPreemptionTest(absltest.TestCase):
 
     def test_sigterm_to_both_processes_stops_both_at_one_step_and_resumes_bitwise(self):
         self.stop_and_resume(signalled=(0, 1))
+
+    def test_sigterm_to_process_0_stops_evaluation_on_both_between_batches(self):
+        # Nine test scales, each compiled on its first batch: evaluation outlasts the signal.
+        scales = "--config.evals.multi_scales=(32,40,48,56,64,72,80,88,96)"
+        results = os.path.join(self.reference_dir, "results.json")
+        processes, logs = self.launch(self.reference_dir, "evaluate", scales)
+        self.processes += processes
+        self.wait_for(
+            lambda: all("Evaluating net" in read(log) for log in logs), processes, "evaluation"
+        )
+        processes[0].send_signal(signal.SIGTERM)
+        texts = self.finish(processes, logs)
+        for text in texts:
+            self.assertIn("Evaluation stopped after a termination signal", text)
+        self.assertFalse(os.path.exists(results))
 
     def test_sigterm_to_process_1_stops_continuous_evaluation_on_both(self):
         workdir = self.create_tempdir().full_path  # no checkpoint: both poll, in step
