@@ -1,0 +1,1 @@
+"""Weights in and out: published weights, torchvision / Keras / timm import, export."""
