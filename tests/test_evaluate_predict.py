@@ -1,7 +1,6 @@
 """predict on one image (top-k, ImageNet names, score map) and the score map as a PNG."""
 
 import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -90,30 +89,94 @@ class PredictTest(absltest.TestCase):
         with self.assertRaisesRegex(ValueError, "normalization="):
             evaluate.predict(self.model, self.params, self.image)
 
-    def test_score_map_png(self):
-        import tensorflow as tf
+    def test_class_names_ship_with_the_package_in_label_order(self):
+        classes = predict_lib.imagenet_classes()
+        self.assertLen(classes, 1000)
+        self.assertEqual(classes[0], ("n01440764", "tench, Tinca tinca"))
+        self.assertEqual(classes[999][1], "toilet tissue, toilet paper, bathroom tissue")
+        wnids = [wnid for wnid, _ in classes]
+        self.assertEqual(wnids, sorted(wnids))  # TFDS's, torchvision's and Keras' label order
+        self.assertLen(set(wnids), 1000)
 
-        score_map = np.zeros((2, 3, 4), np.float32)
-        score_map[0, 2, 3] = 8.0  # class 3 at the top-right cell
-        with tempfile.TemporaryDirectory() as directory:
-            path = evaluate.save_score_map_png(score_map, 3, os.path.join(directory, "a.png"))
-            with open(path, "rb") as f:
-                decoded = tf.io.decode_png(f.read()).numpy()
-            self.assertEqual(decoded.shape, (64, 96, 3))  # one 32-pixel block per cell
-            np.testing.assert_array_equal(decoded, predict_lib.score_map_image(score_map, 3))
-            brightness = decoded.astype(int).sum(-1)
-            self.assertEqual(brightness[:32, 64:].min(), brightness.max())  # the hot cell
 
-            overlay = evaluate.save_score_map_png(
-                score_map, 3, os.path.join(directory, "b.png"), image=self.image, crop_size=CROP
-            )
-            with open(overlay, "rb") as f:
-                decoded = tf.io.decode_png(f.read()).numpy()
-            self.assertEqual(decoded.shape, self.image.shape)
-            heat = decoded.astype(int).sum(-1) - self.image.astype(int).sum(-1) // 2
-            self.assertGreater(heat[:32, 64:].mean(), heat[32:, :32].mean() + 100)
-        with self.assertRaisesRegex(ValueError, "class index below 4"):
-            predict_lib.score_map_image(score_map, 4)
+class ScoreMapPictureTest(absltest.TestCase):
+    """The pictures: each map coloured over its own range, placed on the image, with its colour
+    bar, class name, probability and Q; a grid of the top-k maps."""
+
+    def setUp(self):
+        # 1000 classes, almost uniform (as a real net's map): class 3 is most probable in the
+        # top-right cell and least in the bottom-left one, by 0.1% of the total probability.
+        self.score_map = np.zeros((2, 3, 1000), np.float32)
+        self.score_map[..., 3] = [[0.0, 0.3, 0.9], [-0.5, 0.2, 0.4]]
+        self.image = np.full((64, 96, 3), 128, np.uint8)
+
+    def test_map_is_scaled_to_its_own_range(self):
+        from vgg_jax.evaluation import score_map
+
+        values = score_map.class_probability_map(self.score_map, 3)
+        self.assertEqual(values.shape, (2, 3))
+        self.assertLess(values.max(), 0.0025)  # black on a [0, 1] scale
+        figure = score_map.render(self.image, self.score_map, 3, "goldfish, Carassius", 0.0011,
+                                  scale=64, crop_size=CROP)  # fmt: skip
+        image_axes = figure.axes[0]
+        photo, heat = image_axes.get_images()
+        self.assertEqual(heat.get_clim(), (values.min(), values.max()))
+        self.assertAlmostEqual(heat.get_alpha(), 0.5)
+        self.assertEqual(heat.get_array().shape, (64, 96))  # the map on the image's pixels
+        # The window centres carry the cell values: top-right most, bottom-left least.
+        self.assertAlmostEqual(float(heat.get_array().max()), float(values.max()), places=6)
+        self.assertAlmostEqual(float(heat.get_array().min()), float(values.min()), places=6)
+        self.assertEqual(np.unravel_index(np.argmax(heat.get_array()), (64, 96))[0], 0)
+        self.assertGreater(np.argmax(heat.get_array()) % 96, 64)
+        np.testing.assert_array_equal(photo.get_array(), self.image)
+        title = image_axes.get_title()
+        self.assertIn("goldfish: 0.1%", title)
+        self.assertIn("Q=64", title)
+        colour_bar = figure.axes[1]
+        self.assertEqual(colour_bar.get_ylim(), (values.min(), values.max()))
+        self.assertIn("probability", colour_bar.get_ylabel())
+
+    def test_png_size_and_colours(self):
+        from vgg_jax.evaluation import score_map
+
+        path = os.path.join(self.create_tempdir().full_path, "maps", "a.png")
+        figure = score_map.render(self.image, self.score_map, 3, "goldfish", 0.5, scale=64,
+                                  crop_size=CROP, width_inches=5.0, dpi=100)  # fmt: skip
+        width, height = (figure.get_size_inches() * figure.dpi).round().astype(int)
+        score_map.save(figure, path)
+        import matplotlib.image
+
+        picture = matplotlib.image.imread(path)  # float RGBA in [0, 1]
+        self.assertEqual(picture.shape[:2], (height, width))
+        self.assertEqual(width, 500)
+        # The hot corner is red (jet's top), the cold one blue, both blended with grey.
+        rgb = picture[..., :3]
+        red = rgb[..., 0] - rgb[..., 2]
+        rows, cols = np.nonzero(np.abs(red) > 0.2)
+        self.assertGreater(rows.size, 1000)  # the map covers the image area
+        hot = (red > 0.2).nonzero()
+        cold = (red < -0.2).nonzero()
+        self.assertLess(np.mean(hot[0]), np.mean(cold[0]))  # hot on top
+        self.assertGreater(np.mean(hot[1]), np.mean(cold[1]))  # hot on the right
+
+    def test_top_k_grid(self):
+        from vgg_jax.evaluation import score_map
+
+        top, _ = evaluate.predict(
+            imagenet_sized_tiny_model(), numpy_params(imagenet_sized_tiny_model()),
+            self.image, normalization=dict(mean=(120.0, 110.0, 100.0)), top_k=3, flip=False,
+        )  # fmt: skip
+        figure = score_map.render_top_k(self.image, self.score_map, top, scale=64, crop_size=CROP)
+        titles = [axes.get_title() for axes in figure.axes if axes.get_title()]
+        self.assertEqual(titles[0], "image 96x64")
+        self.assertLen(titles, 4)
+        for rank, (title, guess) in enumerate(zip(titles[1:], top, strict=True), start=1):
+            self.assertTrue(title.startswith(f"{rank}. {guess.class_name.split(',')[0]}: "))
+        self.assertLen(figure.axes, 1 + 2 * 3)  # the image, then a map and its bar per class
+        path = score_map.save(figure, os.path.join(self.create_tempdir().full_path, "g.png"))
+        self.assertTrue(os.path.getsize(path) > 1000)
+        with self.assertRaisesRegex(ValueError, "class index below 1000"):
+            score_map.class_probability_map(self.score_map, 1000)
 
 
 if __name__ == "__main__":

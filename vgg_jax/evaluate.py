@@ -5,7 +5,8 @@
 ``run_evaluation(config, workdir)``: dense, multi-crop, multi-scale, combined and fused evaluation
 of a checkpoint; prints the table and writes ``results.json`` / ``results.md``.
 ``watch(config, workdir)``: the same for each new checkpoint of a training run, to TensorBoard.
-``predict(model, params, image)`` and ``save_score_map_png``: one image's classes and score map.
+``predict(model, params, image)``: one image's classes and score map (drawn by
+``vgg_jax.evaluation.score_map``).
 """
 
 from vgg_jax.evaluation.continuous import watch
@@ -13,8 +14,9 @@ from vgg_jax.evaluation.predict import (
     ClassScore,
     imagenet_class_names,
     load_for_prediction,
+    load_predictor,
     predict,
-    save_score_map_png,
+    read_image,
 )
 from vgg_jax.evaluation.runner import evaluate_checkpoints, run_evaluation
 
@@ -23,8 +25,9 @@ __all__ = [
     "evaluate_checkpoints",
     "imagenet_class_names",
     "load_for_prediction",
+    "load_predictor",
     "predict",
+    "read_image",
     "run_evaluation",
-    "save_score_map_png",
     "watch",
 ]

@@ -138,7 +138,9 @@ def render(
     pixels = np.asarray(image)
     aspect = pixels.shape[0] / pixels.shape[1]
     figure = plt.figure(
-        figsize=(width_inches, width_inches * aspect * 0.8 + 0.8), dpi=dpi, layout="constrained"
+        figsize=_whole_pixels(width_inches, width_inches * aspect * 0.8 + 0.8, dpi),
+        dpi=dpi,
+        layout="constrained",
     )
     axes = figure.add_subplot()
     heat = _draw(
@@ -165,7 +167,7 @@ def render_top_k(
     figure, axes = plt.subplots(
         1,
         panels,
-        figsize=(panel_inches * panels, panel_inches * aspect + 0.9),
+        figsize=_whole_pixels(panel_inches * panels, panel_inches * aspect + 0.9, dpi),
         dpi=dpi,
         squeeze=False,
         layout="constrained",
@@ -180,6 +182,11 @@ def render_top_k(
         heat = _draw(panel, pixels, values, crop_size, title)
         _colour_bar(figure, heat, panel)
     return figure
+
+
+def _whole_pixels(width: float, height: float, dpi: int) -> tuple[float, float]:
+    """A figure size in inches that is a whole number of pixels at ``dpi`` (the PNG's size)."""
+    return round(width * dpi) / dpi, round(height * dpi) / dpi
 
 
 def save(figure: Figure, path: str) -> str:
