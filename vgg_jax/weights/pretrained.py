@@ -29,6 +29,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
+from vgg_jax import writers
+
 BASE_URLS = {
     "torchvision": "https://download.pytorch.org/models/",
     "keras": "https://storage.googleapis.com/tensorflow/keras-applications/",
@@ -252,17 +254,6 @@ class ProgressPrinter:
         if total:
             line += f" of {total / 1e6:,.0f} MB ({100 * received / total:.0f}%)"
             if rate > 0 and received < total:
-                line += (
-                    f", {rate / 1e6:.1f} MB/s, {format_duration((total - received) / rate)} left"
-                )
+                left = writers.format_duration((total - received) / rate)
+                line += f", {rate / 1e6:.1f} MB/s, {left} left"
         self.write(line)
-
-
-def format_duration(seconds: float) -> str:
-    """``1h02m``, ``4m05s``, ``12s``: the ETA in progress lines."""
-    seconds = max(0, round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
