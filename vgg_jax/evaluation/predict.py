@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -72,8 +73,11 @@ def read_image(path: str) -> np.ndarray:
     try:
         return transforms.decode_full(encoded, fmt).numpy()
     except tf.errors.OpError as e:
-        reason = e.message.strip().splitlines()[0] if e.message else type(e).__name__
-        raise UnreadableImageError(f"{path}: does not decode ({reason})") from None
+        # "{{function_node ...}} jpeg::Uncompress failed. Invalid JPEG data... [Op:DecodeJpeg]"
+        reason = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", e.message or "").strip().splitlines()
+        raise UnreadableImageError(
+            f"{path}: does not decode ({reason[0] if reason else type(e).__name__})"
+        ) from None
 
 
 def _full_convention(normalization: Mapping[str, Any]) -> conventions.InputConvention:

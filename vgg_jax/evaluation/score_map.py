@@ -29,8 +29,14 @@ from matplotlib.figure import Figure  # noqa: E402
 from vgg_jax import models  # noqa: E402
 
 STRIDE = 2**models.NUM_POOLS  # pixels between neighbouring score-map cells at test scale Q
-COLOUR_MAP = "jet"
-MAP_ALPHA = 0.5  # the map's weight in the blend: the image stays visible under it
+# Dark where the class is least likely, bright where most: the image glows where the net sees the
+# class (a map whose top is dark red, as jet's, reads as "low" over a photo).
+COLOUR_MAP = "inferno"
+MAP_ALPHA = 0.6  # the map's weight in the blend: the image stays visible under it
+
+
+BAR_INCHES = 1.0  # a colour bar and its labels, beside each map
+TITLE_INCHES = 0.7  # two title lines above each map
 
 
 def class_probability_map(score_map: np.ndarray, class_index: int) -> np.ndarray:
@@ -138,7 +144,9 @@ def render(
     pixels = np.asarray(image)
     aspect = pixels.shape[0] / pixels.shape[1]
     figure = plt.figure(
-        figsize=_whole_pixels(width_inches, width_inches * aspect * 0.8 + 0.8, dpi),
+        figsize=_whole_pixels(
+            width_inches, (width_inches - BAR_INCHES) * aspect + TITLE_INCHES, dpi
+        ),
         dpi=dpi,
         layout="constrained",
     )
@@ -167,7 +175,9 @@ def render_top_k(
     figure, axes = plt.subplots(
         1,
         panels,
-        figsize=_whole_pixels(panel_inches * panels, panel_inches * aspect + 0.9, dpi),
+        figsize=_whole_pixels(
+            panel_inches * panels, (panel_inches - BAR_INCHES) * aspect + TITLE_INCHES, dpi
+        ),
         dpi=dpi,
         squeeze=False,
         layout="constrained",
