@@ -7,7 +7,9 @@ import os
 from absl import logging
 from absl.testing import absltest
 
-from vgg_jax import checkpoint, cli, train, writers
+from vgg_jax import checkpoint, writers
+from vgg_jax.tools import cli
+from vgg_jax.training import loop
 
 
 def record(message, level=std_logging.WARNING, pathname="/x/orbax/checkpoint/manager.py"):
@@ -30,7 +32,7 @@ class ConsoleLinesTest(absltest.TestCase):
             images_per_second=64.0,
         )
         with self.assertLogs("absl", "INFO") as logs:
-            train._log_progress(100, 400, 50, scalars, batch_size=32)  # 2 steps/s, 300 left
+            loop._log_progress(100, 400, 50, scalars, batch_size=32)  # 2 steps/s, 300 left
         (line,) = logs.output
         self.assertIn("top-1 error 34.00% top-5 error 10.00%", line)
         self.assertIn("| 2m30s left", line)

@@ -20,8 +20,8 @@ import numpy as np
 from absl.testing import absltest
 from jax.sharding import PartitionSpec as P
 
-from experiments import common
-from vgg_jax import checkpoint, evaluate, metrics, models, sharding
+from tests import fixtures
+from vgg_jax import checkpoint, metrics, models, sharding
 from vgg_jax.evaluation import continuous, methods, report, runner
 
 NUM_CLASSES = 5
@@ -30,12 +30,9 @@ ASPECTS = (1.0, 1.5, 0.5, 1.25, 2.0)  # width / height; below 1: portrait
 
 
 def tiny_config(**evals):
-    config = common.paper_config("A", "jitter")
-    config.model.update(dict(num_classes=NUM_CLASSES, width=1 / 16, fc_width=16, init="glorot"))
-    config.input.update(
-        dict(crop_size=CROP, train_scale_min=32, train_scale_max=64, eval_batch_size=8)
-    )
-    config.evals.update({**dict(single_scale=48, multi_scales=(32, 48)), **evals})
+    config = fixtures.tiny_config(with_data=False, **{"model.num_classes": NUM_CLASSES})
+    config.input.eval_batch_size = 8
+    config.evals.update(evals)
     return config
 
 
@@ -283,12 +280,13 @@ class RunnerTest(absltest.TestCase):
     def test_compilations_are_one_per_bucket_shape(self):
         config = tiny_config()
         mesh = mesh_of(4)
-        functions = methods.CompiledMethods(self.model, mesh)
+        functions = methods.compiled_methods.__wrapped__(self.model, mesh)  # a fresh count
         net = runner.load_net(self.workdir, 7, mesh, config)
         batches = list(fake_eval_batches(24, bucket_step=16)(config, 48))
         shapes = {b["image"].shape for b in batches}
         self.assertLess(len(shapes), len(batches))  # some batches share a bucket
-        runner.evaluate_scale(net, functions, batches + batches, ["dense", "multi_crop"], mesh)
+        runs = ["dense", "multi_crop"]
+        runner.evaluate_scale(net.params, functions, batches + batches, runs, mesh)
         self.assertEqual(functions.compilations, 2 * len(shapes))
 
     def test_run_evaluation_prints_and_writes_the_table(self):
@@ -296,7 +294,7 @@ class RunnerTest(absltest.TestCase):
         save_net(workdir, self.params, self.config, step=3)
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
-            rows = evaluate.run_evaluation(self.config, workdir, batches=fake_eval_batches(9))
+            rows = runner.run_evaluation(self.config, workdir, batches=fake_eval_batches(9))
         self.assertLen(rows, 6)  # 3 methods x (Q=48, Q={32,48})
         printed = stdout.getvalue()
         self.assertIn("top-1 val. error (%)", printed)
@@ -369,7 +367,7 @@ class RunnerTest(absltest.TestCase):
             save_net(workdir, self.params, self.config, step=step)
         config = tiny_config(methods=("dense",))
         batches = fake_eval_batches(5)
-        results = evaluate.watch(config, workdir, poll_seconds=0.1, timeout=0.3, batches=batches)
+        results = continuous.watch(config, workdir, poll_seconds=0.1, timeout=0.3, batches=batches)
         self.assertEqual(sorted(results), [10, 20])
         eval_dir = os.path.join(workdir, continuous.EVAL_SUBDIR)
         self.assertEqual(continuous.evaluated_steps(eval_dir), {10, 20})
@@ -379,19 +377,19 @@ class RunnerTest(absltest.TestCase):
         self.assertEqual([entry["step"] for entry in logged], [10, 20])
         self.assertIn("dense_Q32-48/top1_error", logged[0])
         save_net(workdir, self.params, self.config, step=30)
-        again = evaluate.watch(config, workdir, poll_seconds=0.1, timeout=0.3, batches=batches)
+        again = continuous.watch(config, workdir, poll_seconds=0.1, timeout=0.3, batches=batches)
         self.assertEqual(sorted(again), [30])
 
     def test_bad_settings_fail_with_the_valid_choices(self):
         mesh = mesh_of(4)
         with self.assertRaisesRegex(ValueError, "dense\\+multi_crop"):
-            runner.validate_evals(tiny_config(methods=("dense", "multicrop")), mesh)
+            runner.check_evals(tiny_config(methods=("dense", "multicrop")), mesh)
         with self.assertRaisesRegex(ValueError, "'best'"):
-            runner.validate_evals(tiny_config(checkpoint="newest"), mesh)
+            runner.check_evals(tiny_config(checkpoint="newest"), mesh)
         config = tiny_config()
         config.input.eval_batch_size = 6
         with self.assertRaisesRegex(ValueError, "multiple of 4"):
-            runner.validate_evals(config, mesh)
+            runner.check_evals(config, mesh)
         config = tiny_config(multi_scales=(24, 48))
         net = runner.load_net(self.workdir, "latest", mesh, config)
         with self.assertRaisesRegex(ValueError, "crop size 32"):

@@ -1,4 +1,4 @@
-"""predict on one image (top-k, ImageNet names, score map) and the score map as a PNG."""
+"""predict on one image (top-k, ImageNet names, score map) and the score-map pictures."""
 
 import os
 
@@ -7,15 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
-from experiments import common
-from vgg_jax import evaluate, models
-from vgg_jax.evaluation import predict as predict_lib
+from vgg_jax import models
+from vgg_jax.configs import paper
+from vgg_jax.evaluation import predict, score_map
 
 CROP = 32
 
 
 def imagenet_sized_tiny_model():
-    config = common.model_config("A")
+    config = paper.model_config("A")
     config.update(dict(num_classes=1000, width=1 / 16, fc_width=16))
     return models.build_model(config, CROP)
 
@@ -40,7 +40,7 @@ class PredictTest(absltest.TestCase):
         cls.normalization = dict(mean=(120.0, 110.0, 100.0))
 
     def test_top_k_and_score_map_match_dense_evaluation(self):
-        top, score_map = evaluate.predict(
+        top, score_map = predict.predict(
             self.model, self.params, self.image, normalization=self.normalization, flip=False
         )
         self.assertEqual(score_map.shape, (2, 3, 1000))  # 64x96 at stride 32, 32-pixel window
@@ -57,11 +57,11 @@ class PredictTest(absltest.TestCase):
             [c.probability for c in top], np.sort(probabilities)[::-1][:5], rtol=1e-5
         )
         np.testing.assert_allclose(score_map.mean(axis=(0, 1)), scores[0], rtol=1e-4, atol=1e-5)
-        names = evaluate.imagenet_class_names()
+        names = predict.imagenet_class_names()
         self.assertEqual(names[0], "tench, Tinca tinca")
         self.assertEqual(top[0].class_name, names[top[0].class_index])
 
-        flipped_top, _ = evaluate.predict(
+        flipped_top, _ = predict.predict(
             self.model, self.params, self.image, normalization=self.normalization
         )
         _, mirrored = self.model.apply(
@@ -72,7 +72,7 @@ class PredictTest(absltest.TestCase):
 
     def test_scale_names_and_errors(self):
         small = self.image[:40, :60]
-        top, score_map = evaluate.predict(
+        top, score_map = predict.predict(
             self.model,
             self.params,
             small,
@@ -85,12 +85,12 @@ class PredictTest(absltest.TestCase):
         self.assertEqual(top[0].class_name, f"c{top[0].class_index}")
         self.assertLen(top, 3)
         with self.assertRaisesRegex(ValueError, "scale="):
-            evaluate.predict(self.model, self.params, small[:24], normalization=self.normalization)
+            predict.predict(self.model, self.params, small[:24], normalization=self.normalization)
         with self.assertRaisesRegex(ValueError, "normalization="):
-            evaluate.predict(self.model, self.params, self.image)
+            predict.predict(self.model, self.params, self.image)
 
     def test_class_names_ship_with_the_package_in_label_order(self):
-        classes = predict_lib.imagenet_classes()
+        classes = predict.imagenet_classes()
         self.assertLen(classes, 1000)
         self.assertEqual(classes[0], ("n01440764", "tench, Tinca tinca"))
         self.assertEqual(classes[999][1], "toilet tissue, toilet paper, bathroom tissue")
@@ -111,8 +111,6 @@ class ScoreMapPictureTest(absltest.TestCase):
         self.image = np.full((64, 96, 3), 128, np.uint8)
 
     def test_map_is_scaled_to_its_own_range(self):
-        from vgg_jax.evaluation import score_map
-
         values = score_map.class_probability_map(self.score_map, 3)
         self.assertEqual(values.shape, (2, 3))
         self.assertLess(values.max(), 0.0025)  # black on a [0, 1] scale
@@ -137,8 +135,6 @@ class ScoreMapPictureTest(absltest.TestCase):
         self.assertIn("probability", colour_bar.get_ylabel())
 
     def test_png_size_and_colours(self):
-        from vgg_jax.evaluation import score_map
-
         path = os.path.join(self.create_tempdir().full_path, "maps", "a.png")
         figure = score_map.render(self.image, self.score_map, 3, "goldfish", 0.5, scale=64,
                                   crop_size=CROP, width_inches=5.0, dpi=100)  # fmt: skip
@@ -163,9 +159,7 @@ class ScoreMapPictureTest(absltest.TestCase):
         self.assertLess(bottom_left, 0.35)
 
     def test_top_k_grid(self):
-        from vgg_jax.evaluation import score_map
-
-        top, _ = evaluate.predict(
+        top, _ = predict.predict(
             imagenet_sized_tiny_model(), numpy_params(imagenet_sized_tiny_model()),
             self.image, normalization=dict(mean=(120.0, 110.0, 100.0)), top_k=3, flip=False,
         )  # fmt: skip

@@ -5,9 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 from absl.testing import absltest
 
-from vgg_jax import cli
+from vgg_jax.tools import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,6 +19,7 @@ def launch(*args):
     )
 
 
+@pytest.mark.slow
 class LaunchTest(absltest.TestCase):
     def test_summary_ends_with_paper_parameter_count(self):
         result = launch("--config=experiments/vgg19.py", "--mode=summary")

@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from experiments import common
 from vgg_jax import models
+from vgg_jax.configs import paper
 
-# PAPER.md Table 2 (torchvision / Keras counts; A-LRN equals A; C is D minus three 3x3->1x1).
+# The paper's Table 2, exact (torchvision / Keras counts; A-LRN equals A; C is D minus three
+# 3x3->1x1 kernels).
 PAPER_PARAMS = {
     "A": 132_863_336,
     "A-LRN": 132_863_336,
@@ -30,7 +31,7 @@ def tiny(name="A", **kwargs):
 class ParameterCountTest(parameterized.TestCase):
     @parameterized.parameters(*PAPER_PARAMS.items())
     def test_paper_parameter_count(self, name, expected):
-        config = common.model_config(name)
+        config = paper.model_config(name)
         model = models.build_model(config, crop_size=224)
         params = models.abstract_params(model)
         self.assertEqual(models.count_params(params), expected)
@@ -42,10 +43,10 @@ class ParameterCountTest(parameterized.TestCase):
         self.assertEqual(one_by_one, ["block3_conv3", "block4_conv3", "block5_conv3"])
 
     def test_unknown_names_fail_with_valid_ones(self):
-        config = common.model_config("F")
+        config = paper.model_config("F")
         with self.assertRaisesRegex(ValueError, r"'F'.*'A-LRN'"):
             models.build_model(config, 224)
-        config = common.model_config("D")
+        config = paper.model_config("D")
         config.dtype = "float16"
         with self.assertRaisesRegex(ValueError, "bfloat16"):
             models.build_model(config, 224)

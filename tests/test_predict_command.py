@@ -4,8 +4,10 @@ through an imported 1000-class checkpoint; top-k with ImageNet names, JSON, scor
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -13,9 +15,10 @@ import tensorflow as tf
 from absl.testing import absltest
 from test_evaluate_predict import CROP, imagenet_sized_tiny_model, numpy_params
 
-from vgg_jax import conventions, export, import_weights
+from vgg_jax import conventions
 from vgg_jax.evaluation import predict
 from vgg_jax.tools import predict as predict_tool
+from vgg_jax.weights import export, importer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,8 +51,7 @@ class PredictCommandTest(absltest.TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.tmp = absltest.get_default_test_tmpdir() + "/predict_command"
-        os.makedirs(cls.tmp, exist_ok=True)
+        cls.tmp = tempfile.mkdtemp()
         cls.folder = os.path.join(cls.tmp, "images")
         cls.colour = write_folder(cls.folder)
         model = imagenet_sized_tiny_model()
@@ -57,8 +59,13 @@ class PredictCommandTest(absltest.TestCase):
         npz = os.path.join(cls.tmp, "net.npz")
         export.save_npz(npz, cls.params, {"net": "A", "normalization": conventions.TORCHVISION})
         cls.workdir = os.path.join(cls.tmp, "imported")
-        import_weights.import_to_checkpoint(npz, "npz", cls.workdir)
+        importer.import_to_checkpoint(npz, "npz", cls.workdir)
         cls.predictor = predict.load_predictor(cls.workdir)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+        super().tearDownClass()
 
     def test_folder_top_k_names_and_skipped_files(self):
         images = predict_tool.list_images([self.folder])
@@ -148,7 +155,7 @@ class PredictCommandLineTest(absltest.TestCase):
         npz = os.path.join(tmp, "net.npz")
         export.save_npz(npz, numpy_params(model), {"net": "A", "normalization": conventions.CAFFE})
         workdir = os.path.join(tmp, "imported")
-        import_weights.import_to_checkpoint(npz, "npz", workdir)
+        importer.import_to_checkpoint(npz, "npz", workdir)
         self.assertEqual(model.crop_size, CROP)
         command = [sys.executable, "-m", "vgg_jax.tools.predict", f"--workdir={workdir}"]
         result = subprocess.run(

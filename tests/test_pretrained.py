@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 from absl.testing import absltest
 
-from experiments import common
-from vgg_jax import checkpoint, conventions, keras_weights, models, torch_weights
+from vgg_jax import checkpoint, conventions, models
+from vgg_jax.configs import paper
 from vgg_jax.tools import pretrained as pretrained_tool
+from vgg_jax.weights import keras as keras_weights
 from vgg_jax.weights import pretrained
+from vgg_jax.weights import torchvision as torch_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(width=1 / 16, fc_width=32, num_classes=10)
@@ -78,7 +80,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 def random_params(net, seed=0):
-    config = common.model_config(net)
+    config = paper.model_config(net)
     config.update(TINY)
     shapes = models.abstract_params(models.build_model(config, 224))
     rng = np.random.default_rng(seed)
@@ -226,7 +228,7 @@ class FetchAndImportTest(absltest.TestCase):
         params, step, meta = checkpoint.restore_params(workdir)
         self.assertEqual(step, 0)
         jax.tree_util.tree_map(np.testing.assert_array_equal, params, self.params)
-        self.assertEqual(conventions.validate(meta["normalization"]), conventions.TORCHVISION)
+        self.assertEqual(conventions.checked(meta["normalization"]), conventions.TORCHVISION)
         self.assertIn("verified sha256", lines[-1])
         text = "\n".join(pretrained_tool.next_steps(summary, workdir))
         self.assertIn(f"python -m vgg_jax.tools.predict --workdir={workdir}", text)
@@ -272,7 +274,7 @@ class FetchAndImportTest(absltest.TestCase):
                 base_url=self.server.base_url, write=id,
             )  # fmt: skip
         _, _, meta = checkpoint.restore_params(workdir)
-        self.assertEqual(conventions.validate(meta["normalization"]), conventions.CAFFE)
+        self.assertEqual(conventions.checked(meta["normalization"]), conventions.CAFFE)
         self.assertEqual(meta["config"]["model"]["name"], "E")
 
 

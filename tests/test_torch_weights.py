@@ -10,7 +10,8 @@ import jax
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from vgg_jax import conventions, models, torch_weights
+from vgg_jax import conventions, models
+from vgg_jax.weights import torchvision as torch_weights
 
 TINY = dict(width=1 / 16, fc_width=32, num_classes=10)  # full depth and 224 crop, thin layers
 

@@ -13,10 +13,13 @@ import time
 
 import jax
 import numpy as np
+import pytest
 from absl.testing import absltest
 
 from experiments import demo
-from vgg_jax import checkpoint, train
+from tests import fixtures
+from vgg_jax import checkpoint
+from vgg_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS, BATCH, TRAIN_SIZE = 4, 20, 100  # builtin "tiny": 100 training images -> 5 steps/epoch
@@ -93,13 +96,10 @@ class TrainLoopTest(absltest.TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        from vgg_jax import data
-
         cls.tmp = tempfile.mkdtemp()
-        cls.data_dir = os.path.join(cls.tmp, "builtin_data")
-        data.prepare(loop_config(cls.data_dir))
+        cls.data_dir = fixtures.builtin_data_dir()
         cls.reference_dir = os.path.join(cls.tmp, "reference")
-        cls.reference_state = train.train(loop_config(cls.data_dir), cls.reference_dir)
+        cls.reference_state = loop.train(loop_config(cls.data_dir), cls.reference_dir)
 
     @classmethod
     def tearDownClass(cls):
@@ -118,6 +118,7 @@ class TrainLoopTest(absltest.TestCase):
         with open(os.path.join(self.reference_dir, "metrics.jsonl")) as f:
             self.assertIn("val_top1_accuracy", f.read())
 
+    @pytest.mark.slow
     def test_sigkill_then_resume_is_bitwise_identical(self):
         workdir = self.create_tempdir().full_path
         args = launch_args(self.data_dir, workdir)
@@ -136,6 +137,7 @@ class TrainLoopTest(absltest.TestCase):
         self.assertEqual(step, TOTAL_STEPS)
         assert_trees_equal(params, final_params(self.reference_dir)[0])
 
+    @pytest.mark.slow
     def test_sigterm_saves_exits_and_resumes(self):
         workdir = self.create_tempdir().full_path
         args = launch_args(self.data_dir, workdir, **{"ckpt.every_steps": 1000})
@@ -155,13 +157,14 @@ class TrainLoopTest(absltest.TestCase):
         workdir = self.create_tempdir().full_path
         config = loop_config(self.data_dir, **{"optim.learning_rate": 1e12})
         config.schedule.num_epochs = 1
-        with self.assertRaisesRegex(train.NonFiniteLossError, "last good checkpoint"):
-            train.train(config, workdir)
+        with self.assertRaisesRegex(loop.NonFiniteLossError, "last good checkpoint"):
+            loop.train(config, workdir)
         for step in checkpoint.available_steps(workdir):
             params, _, _ = checkpoint.restore_params(workdir, step)
             finite = jax.tree_util.tree_map(lambda p: bool(np.isfinite(p).all()), params)
             self.assertTrue(all(jax.tree_util.tree_leaves(finite)))
 
+    @pytest.mark.slow
     def test_two_processes_match_one(self):
         workdir = self.create_tempdir().full_path
         with socket.socket() as s:

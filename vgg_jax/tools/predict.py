@@ -163,7 +163,7 @@ def format_result(result: dict[str, Any]) -> list[str]:
 def main(argv: list[str]) -> None:
     from absl import flags
 
-    from vgg_jax import cli
+    from vgg_jax.tools import cli
 
     cli.quiet_library_logs()
     values = flags.FLAGS

@@ -36,7 +36,8 @@ def fetch_and_import(
     """Fetches (or takes ``file``), verifies and imports the published ``name`` weights of
     ``source`` into a new checkpoint in ``workdir``; returns ``import_to_checkpoint``'s summary
     with ``weights`` (the ``PublishedWeights``) and ``path`` (the verified file) added."""
-    from vgg_jax import checkpoint, import_weights
+    from vgg_jax import checkpoint
+    from vgg_jax.weights import importer
 
     weights = pretrained.lookup(name, source)
     if checkpoint.available_steps(workdir):  # before a 500 MB download, not after
@@ -53,7 +54,7 @@ def fetch_and_import(
         except pretrained.HashMismatchError as e:
             raise pretrained.HashMismatchError(
                 f"{e} To import other weights (fine-tuned, another release), use "
-                "python -m vgg_jax.import_weights."
+                "python -m vgg_jax.tools.import_weights."
             ) from None
         path = file
     else:
@@ -63,7 +64,7 @@ def fetch_and_import(
             weights, cache_dir, base_url, pretrained.ProgressPrinter(write), timeout_s=60
         )
         write(f"verified {weights.hash_name} {weights.hash_value}: {path}")
-    summary = import_weights.import_to_checkpoint(path, weights.fmt, workdir)
+    summary = importer.import_to_checkpoint(path, weights.fmt, workdir)
     if summary["net"] != weights.net:
         raise ValueError(f"{path} holds net {summary['net']}, not {weights.net} ({name}).")
     return dict(summary, weights=weights, path=path)
@@ -71,7 +72,7 @@ def fetch_and_import(
 
 def next_steps(summary: dict[str, Any], workdir: str) -> list[str]:
     """What to print after an import: the net, its convention and the commands that use it."""
-    from vgg_jax import import_weights
+    from vgg_jax.weights import importer
 
     weights = summary["weights"]
     lines = [
@@ -89,7 +90,7 @@ def next_steps(summary: dict[str, Any], workdir: str) -> list[str]:
         f"  classify images: python -m vgg_jax.tools.predict --workdir={workdir} IMAGE_OR_FOLDER"
         " [--score_maps=DIR]",
         "  evaluate on ImageNet (dense, multi-crop, multi-scale): "
-        + import_weights.evaluate_command(summary["net"], summary["config"], workdir),
+        + importer.evaluate_command(summary["net"], summary["config"], workdir),
         f"  start a training run from it: --config.init_from.workdir={workdir}",
     ]
     return lines
@@ -102,7 +103,7 @@ def source_name(weights: pretrained.PublishedWeights) -> str:
 def main(argv: list[str]) -> None:
     from absl import app, flags
 
-    from vgg_jax import cli
+    from vgg_jax.tools import cli
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")

@@ -1,4 +1,4 @@
-"""Shared defaults for every experiment: the paper's protocol (PAPER.md, sections 3.1 and 3.2).
+"""Shared defaults for every experiment: the paper's protocol (the paper, sections 3.1 and 3.2).
 
 Each paper-net config (``vgg11.py`` ... ``vgg19.py``) calls ``paper_config(net, arg)``; the demo
 shrinks the same config. Values only: the code that reads them validates names at start-up.
@@ -117,7 +117,6 @@ def paper_config(net: str, arg: str | None) -> ml_collections.ConfigDict:
     scale = SCALE_VARIANTS[variant]
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.variant = variant
     config.model = model_config(net)
     config.input = input_config(scale)
     config.optim = optim_config()
