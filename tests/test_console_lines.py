@@ -3,6 +3,7 @@ lines, and no library noise (Orbax's expected warnings, JAX's backend probes).""
 
 import logging as std_logging
 import os
+from unittest import mock
 
 from absl import logging
 from absl.testing import absltest
@@ -37,6 +38,28 @@ class ConsoleLinesTest(absltest.TestCase):
         self.assertIn("top-1 error 34.00% top-5 error 10.00%", line)
         self.assertIn("| 2m30s left", line)
         self.assertNotIn("top-1 66", line)
+
+    def test_evaluation_pass_gives_the_time_left(self):
+        from test_evaluate import fake_eval_batches, init_params, mesh_of, tiny_config, tiny_model
+
+        from vgg_jax.evaluation import methods, runner
+
+        config = tiny_config()
+        model = tiny_model(config)
+        mesh = mesh_of(4)
+        batches = list(fake_eval_batches(24)(config, 48))
+        self.assertGreater(len(batches), 1)
+        functions = methods.compiled_methods(model, mesh)
+        with (
+            mock.patch.object(runner, "PROGRESS_SECONDS", 0.0),
+            self.assertLogs("absl", "INFO") as logs,
+        ):
+            runner.evaluate_scale(
+                init_params(model), functions, batches, ["dense"], mesh, 10, total=24, scale=48
+            )
+        lines = [line for line in logs.output if "left at this scale" in line]
+        self.assertLen(lines, len(batches) - 1)  # not after the last batch: nothing is left
+        self.assertRegex(lines[0], r"Q=48: \d+/24 images, \d+s left at this scale")
 
     def test_library_use_hides_orbax_expected_warnings_only(self):
         filters = logging.get_absl_logger().filters

@@ -134,6 +134,20 @@ class ScoreMapPictureTest(absltest.TestCase):
         self.assertEqual(colour_bar.get_ylim(), (values.min(), values.max()))
         self.assertIn("probability", colour_bar.get_ylabel())
 
+    def test_cells_sit_at_their_window_centres(self):
+        # A 100-pixel input, 32-pixel windows at stride 32, ceil-mode pools: 4 cells whose
+        # windows start at 0, 32, 64, 96 (the last mostly padding); centres 16, 48, 80, 112.
+        rows = np.arange(4, dtype=float)[:, None] * np.ones((1, 4))
+        on_input = score_map.upsample(rows, 100, 100, CROP)
+        # Pixel row r is at r + 0.5: rows 16, 48, 80 lie half a pixel past centres 0, 1, 2.
+        np.testing.assert_allclose(on_input[[16, 48, 80], 0], np.array([0, 1, 2]) + 1 / 64)
+        self.assertEqual(on_input[:16, 0].max(), 0)  # above the first centre: cell 0's value
+        self.assertLess(on_input[99, 0], 3)  # the last centre (112) is past the edge
+        # The original image at half the size: the same windows, at the same fractions.
+        on_original = score_map.upsample(rows, 50, 50, CROP, input_size=(100, 100))
+        np.testing.assert_allclose(on_original[:, 0], on_input[1::2, 0], atol=1 / 64)
+        self.assertEqual(predict.rescaled_size(50, 80, 100), (100, 160))
+
     def test_png_size_and_colours(self):
         path = os.path.join(self.create_tempdir().full_path, "maps", "a.png")
         figure = score_map.render(self.image, self.score_map, 3, "goldfish", 0.5, scale=64,

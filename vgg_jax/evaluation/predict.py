@@ -88,11 +88,15 @@ def _full_convention(normalization: Mapping[str, Any]) -> conventions.InputConve
     return conventions.checked({**defaults, **normalization})
 
 
+def rescaled_size(height: int, width: int, scale: int) -> tuple[int, int]:
+    """The size of a ``height`` x ``width`` image rescaled so its smaller side is ``scale``."""
+    ratio = scale / min(height, width)
+    return max(scale, round(height * ratio)), max(scale, round(width * ratio))
+
+
 def resize_smaller_side(pixels: np.ndarray, scale: int) -> np.ndarray:
     """Isotropic rescale so the smaller side is ``scale`` (bilinear, antialiased)."""
-    height, width = pixels.shape[:2]
-    ratio = scale / min(height, width)
-    shape = (max(scale, round(height * ratio)), max(scale, round(width * ratio)), 3)
+    shape = (*rescaled_size(*pixels.shape[:2], scale), 3)
     return np.asarray(jax.image.resize(pixels, shape, "bilinear", antialias=True))
 
 

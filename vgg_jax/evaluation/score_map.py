@@ -27,6 +27,7 @@ from matplotlib import pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from vgg_jax import models  # noqa: E402
+from vgg_jax.evaluation import predict  # noqa: E402
 
 STRIDE = 2**models.NUM_POOLS  # pixels between neighbouring score-map cells at test scale Q
 # Dark where the class is least likely, bright where most: the image glows where the net sees the
@@ -60,20 +61,29 @@ def own_range(values: np.ndarray) -> tuple[float, float]:
     return low, high
 
 
-def _cell_coordinates(pixels: int, cells: int, crop_size: int) -> np.ndarray:
-    """For each pixel row (or column) of an image of ``pixels``, its fractional score-map cell:
-    cell ``i`` is the window starting at ``STRIDE * i`` of a net input ``STRIDE * (cells - 1) +
-    crop_size`` pixels long, so its centre is at that fraction of any rendering of the image."""
-    extent = STRIDE * (cells - 1) + crop_size
-    centres = (STRIDE * np.arange(cells) + crop_size / 2) / extent
+def _cell_coordinates(pixels: int, cells: int, crop_size: int, input_pixels: int) -> np.ndarray:
+    """For each pixel row (or column) of a rendering ``pixels`` long, its fractional score-map
+    cell: cell ``i`` is the window from ``STRIDE * i`` to ``STRIDE * i + crop_size`` of the net's
+    input, ``input_pixels`` long (the image at test scale Q), so its centre lies at that fraction
+    of any rendering of the image. With the pools' ceil mode the last window may reach past the
+    image (into the zero padding); its centre may then lie beyond the image's edge."""
+    centres = (STRIDE * np.arange(cells) + crop_size / 2) / input_pixels
     return np.interp((np.arange(pixels) + 0.5) / pixels, centres, np.arange(cells, dtype=float))
 
 
-def upsample(values: np.ndarray, height: int, width: int, crop_size: int) -> np.ndarray:
+def upsample(
+    values: np.ndarray,
+    height: int,
+    width: int,
+    crop_size: int,
+    input_size: tuple[int, int] | None = None,
+) -> np.ndarray:
     """Bilinear interpolation of a cell map onto an image of ``height`` x ``width`` (the original
-    or the rescaled one: cells are placed at their windows' centres, as fractions of the image)."""
-    rows = _cell_coordinates(height, values.shape[0], crop_size)
-    cols = _cell_coordinates(width, values.shape[1], crop_size)
+    or the rescaled one), each cell at its window's centre. ``input_size``: the net's input
+    (the image at test scale Q), default ``(height, width)`` (the image is the net's input)."""
+    input_height, input_width = input_size or (height, width)
+    rows = _cell_coordinates(height, values.shape[0], crop_size, input_height)
+    cols = _cell_coordinates(width, values.shape[1], crop_size, input_width)
     r0, c0 = np.floor(rows).astype(int), np.floor(cols).astype(int)
     r1, c1 = np.minimum(r0 + 1, values.shape[0] - 1), np.minimum(c0 + 1, values.shape[1] - 1)
     wr, wc = (rows - r0)[:, None], (cols - c0)[None, :]
@@ -92,14 +102,16 @@ def _draw(
     image: np.ndarray,
     values: np.ndarray,
     crop_size: int,
+    scale: int | None,
     title: str,
 ) -> Any:
     pixels = np.clip(np.asarray(image, np.float32), 0, 255).astype(np.uint8)
     height, width = pixels.shape[:2]
+    input_size = predict.rescaled_size(height, width, scale) if scale else None
     low, high = own_range(values)
     axes.imshow(pixels, interpolation="bilinear")
     heat = axes.imshow(
-        upsample(values, height, width, crop_size),
+        upsample(values, height, width, crop_size, input_size),
         cmap=COLOUR_MAP,
         vmin=low,
         vmax=high,
@@ -139,7 +151,9 @@ def render(
 ) -> Figure:
     """One class's map over ``image`` (RGB 0-255, the original or the rescaled one), coloured
     over its own range, with a colour bar; titled with the class, its image probability (as
-    ``predict`` reports it) and the test scale Q. Close the figure (``plt.close``) when done."""
+    ``predict`` reports it) and the test scale Q. ``scale``: the Q ``predict`` used (None: the
+    image is the net's input as it is), which places the windows. ``save`` (or ``plt.close``)
+    the figure when done."""
     values = class_probability_map(score_map, class_index)
     pixels = np.asarray(image)
     aspect = pixels.shape[0] / pixels.shape[1]
@@ -151,9 +165,8 @@ def render(
         layout="constrained",
     )
     axes = figure.add_subplot()
-    heat = _draw(
-        axes, pixels, values, crop_size, _title(class_name, probability, scale, values.shape)
-    )
+    title = _title(class_name, probability, scale, values.shape)
+    heat = _draw(axes, pixels, values, crop_size, scale, title)
     _colour_bar(figure, heat, axes)
     return figure
 
@@ -189,7 +202,7 @@ def render_top_k(
     for rank, (panel, guess) in enumerate(zip(axes[1:], top, strict=True), start=1):
         values = class_probability_map(score_map, guess.class_index)
         title = f"{rank}. " + _title(guess.class_name, guess.probability, scale, values.shape)
-        heat = _draw(panel, pixels, values, crop_size, title)
+        heat = _draw(panel, pixels, values, crop_size, scale, title)
         _colour_bar(figure, heat, panel)
     return figure
 

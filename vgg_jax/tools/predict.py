@@ -18,7 +18,10 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vgg_jax.evaluation.predict import Predictor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 NAME_WIDTH = 60  # class names in the table are cut there (ImageNet's run to 120 characters)
@@ -66,7 +69,7 @@ def resolve_class(chosen: str, class_names: list[str]) -> int:
 
 
 def predict_files(
-    predictor: Any,
+    predictor: Predictor,
     images: list[str],
     top_k: int = 5,
     scale: int | None = None,
