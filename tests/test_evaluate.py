@@ -440,7 +440,7 @@ class RunnerTest(absltest.TestCase):
             runner.check_evals(tiny_config(checkpoint="newest"), mesh)
         config = tiny_config()
         config.input.eval_batch_size = 6
-        with self.assertRaisesRegex(ValueError, "multiple of 4"):
+        with self.assertRaisesRegex(ValueError, "multiple of the 4 devices"):
             runner.check_evals(config, mesh)
         config = tiny_config(multi_scales=(24, 48))
         net = runner.load_net(self.workdir, "latest", mesh, config)

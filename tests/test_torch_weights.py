@@ -222,8 +222,8 @@ class TorchvisionImportTest(parameterized.TestCase):
         path = os.path.join(self.create_tempdir().full_path, "model.pth")
         with zipfile.ZipFile(path, "w") as archive:
             archive.writestr("archive/data.pkl", pickle.dumps(collections.Counter(), protocol=2))
-        with self.assertRaisesRegex(pickle.UnpicklingError, "collections.Counter"):
-            torch_weights.read_pth(path)
+        with self.assertRaisesRegex(ValueError, "collections.Counter"):
+            torch_weights.read_pth(path)  # a ValueError: the import command prints one line
         with open(path, "wb") as f:
             f.write(b"not a torch file")
         with self.assertRaisesRegex(ValueError, "not a file written by torch.save"):
@@ -260,6 +260,17 @@ class TorchvisionImportTest(parameterized.TestCase):
         images = conventions.normalize(pixels, torch_weights.TORCHVISION_INPUT)
         logits = np.asarray(jax.jit(model.apply)({"params": params}, images))
         self.assertLess(np.abs(logits - expected).max() / np.abs(expected).max(), 1e-4)
+
+    def test_a_file_cut_short_says_so(self):
+        path = os.path.join(self.create_tempdir().full_path, "vgg.pth")
+        torch_weights.save_pth(path, torchvision_state_dict("A", np.random.default_rng(6), **TINY))
+        with open(path, "rb") as f:
+            whole = f.read()
+        for keep in (len(whole) // 2, len(whole) - 30):
+            with open(path, "wb") as f:
+                f.write(whole[:keep])
+            with self.assertRaisesRegex(ValueError, "cut short"):
+                torch_weights.read_pth(path)
 
     def test_nested_and_data_parallel_state_dicts(self):
         state_dict = torchvision_state_dict("A", np.random.default_rng(5), **TINY)

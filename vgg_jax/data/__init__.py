@@ -9,6 +9,7 @@ The public interface (see ``docs/data.md``)::
     data.eval_batches(config, scale, *, split=None, normalization=None, process_index=None,
                       process_count=None)
     data.num_eval_examples(config, split=None) -> int
+    data.trained_convention(mean_rgb, input_config) -> dict  # what a net trained here sees
 
 The pipeline modules import TensorFlow; this package loads them on first use, so importing
 ``vgg_jax.data`` alone costs nothing.
@@ -24,6 +25,7 @@ _PIPELINE_NAMES = (
     "prepare",
     "steps_per_epoch",
     "train_batches",
+    "trained_convention",
 )
 __all__ = list(_PIPELINE_NAMES)
 

@@ -103,6 +103,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     _prepare_data_once(config)
     info = data.dataset_info(config)
     _check_config(config, info.num_classes)
+    # What the net sees, saved with every checkpoint: evaluation applies this, not its own config.
+    input_convention = data.trained_convention(info.mean_rgb, config.input)
     steps_per_epoch = data.steps_per_epoch(config)
     total_steps = int(config.schedule.num_epochs * steps_per_epoch)
     mesh = sharding.make_mesh(config.mesh)
@@ -135,6 +137,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             "plateau": plateau.to_dict(),
             "data": {"next_step": step, "shuffle_seed": config.input.shuffle_seed},
             "validation": validation,
+            "normalization": input_convention,
         }
         best = (
             None
