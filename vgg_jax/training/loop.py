@@ -149,7 +149,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 pending, last_log = [], now
                 _ensure_finite(scalars["train_loss"], done, checkpoints, workdir)
                 writer.write_scalars(done, scalars)
-                _log_progress(done, total_steps, steps_per_epoch, scalars)
+                _log_progress(done, total_steps, steps_per_epoch, scalars, config.input.batch_size)
             validation = None
             epoch = done // steps_per_epoch
             if epoch_end and epoch % config.evals.every_epochs == 0:
@@ -192,15 +192,23 @@ def _ensure_finite(
         )
 
 
-def _log_progress(step: int, total: int, steps_per_epoch: int, scalars: dict[str, float]) -> None:
+def _log_progress(
+    step: int, total: int, steps_per_epoch: int, scalars: dict[str, float], batch_size: int
+) -> None:
+    """The console's line per interval, in the same terms as the validation line and the
+    evaluation tables (top-k error, not accuracy), with the time left at the interval's rate."""
+    steps_per_second = scalars["images_per_second"] / batch_size
+    eta = writers.format_duration((total - step) / steps_per_second) if steps_per_second else "?"
     logging.info(
-        "step %d/%d epoch %.2f | loss %.4f top-1 %.2f%% top-5 %.2f%% | lr %.2e | %.1f img/s",
+        "step %d/%d epoch %.2f | loss %.4f top-1 error %.2f%% top-5 error %.2f%% | lr %.2e | "
+        "%.1f img/s | %s left",
         step,
         total,
         step / steps_per_epoch,
         scalars["train_loss"],
-        100 * scalars["train_top1_accuracy"],
-        100 * scalars["train_top5_accuracy"],
+        100 * (1 - scalars["train_top1_accuracy"]),
+        100 * (1 - scalars["train_top5_accuracy"]),
         scalars["learning_rate"],
         scalars["images_per_second"],
+        eta,
     )
