@@ -13,6 +13,7 @@ from the previous checkpoint. Orbax's API changes between releases; requirements
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import time
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
 SUBDIR = "checkpoints"
@@ -28,8 +30,43 @@ BEST_METRIC = "val_top1_accuracy"  # higher is better
 READ_RETRIES = 5  # listings of a directory that a running trainer is pruning (_read_only_manager)
 
 
+# Orbax's warnings about what this module does on purpose: periodic saves carry no validation
+# metrics (only the per-validation ones rank "best"), and readers open checkpoints read-only.
+EXPECTED_ORBAX_WARNINGS = (
+    "Requested `tracked_metric`; did not provide metrics",
+    "Given directory is read only",
+    "CheckpointManagerOptions.read_only=True, setting",
+)
+
+
+class ExpectedOrbaxWarnings(std_logging.Filter):
+    """Drops ``EXPECTED_ORBAX_WARNINGS`` (logged by Orbax through absl's logger); installed when
+    this module is imported, so a script or notebook using the library sees them no more than
+    the command line does. Real Orbax warnings and errors pass."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if record.levelno != std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        return not any(expected in record.getMessage() for expected in EXPECTED_ORBAX_WARNINGS)
+
+
+if not any(isinstance(f, ExpectedOrbaxWarnings) for f in logging.get_absl_logger().filters):
+    logging.get_absl_logger().addFilter(ExpectedOrbaxWarnings())
+
+
 def _directory(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), SUBDIR)
+
+
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager without its preemption queries. Orbax calls JAX's
+    ``reached_preemption_sync_point(step)`` on each save, from the saving thread and again from
+    its finalising thread; each call resets the counter the sync protocol reads, so a stale one
+    could set the sync point behind ``vgg_jax.preemption``'s checks and no process would stop. The
+    training loop decides preemption saves itself (``force=True`` saves)."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
 
 
 class Checkpointer:
@@ -59,9 +96,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(
-            _directory(workdir), item_names=ITEMS, options=options
-        )
+        self._manager = _Manager(_directory(workdir), item_names=ITEMS, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -205,7 +240,7 @@ def save_params(
     if isinstance(config, ml_collections.ConfigDict):
         config = config.to_dict()
     meta = {"config": config, "normalization": normalization, "step": step}
-    manager = ocp.CheckpointManager(
+    manager = _Manager(
         _directory(workdir),
         item_names=ITEMS,
         options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),

@@ -31,12 +31,13 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from vgg_jax import checkpoint, compile_cache, metrics, models, sharding
+from vgg_jax import checkpoint, compile_cache, metrics, models, preemption, sharding, writers
 from vgg_jax.evaluation import methods, report
 
 METHODS = ("dense", "multi_crop", "dense+multi_crop")
 CHECKPOINT_CHOICES = ("latest", "best")
 COUNT_CHUNK = 8192  # rows per top-k count on the device
+PROGRESS_SECONDS = 30.0  # a pass over the split logs its progress and time left this often
 
 # (config, test scale Q, input convention or None) -> this process's eval batches, as
 # ``vgg_jax.data.eval_batches`` yields them. Tests pass their own.
@@ -278,6 +279,8 @@ def evaluate_scale(
     run: Sequence[str],
     mesh: Mesh,
     num_classes: int | None = None,
+    total: int | None = None,
+    scale: int | None = None,
 ) -> ScaleOutputs:
     """One pass over the split at one test scale; each function in ``run`` on every batch.
 
@@ -285,11 +288,17 @@ def evaluate_scale(
     the same global rows whatever the process count, and examples that a scale's bucketing
     hands to another process or batch still line up by ``index`` across scales and nets.
     ``num_classes``: labels must be below it (a net scored on another dataset fails here).
+    With ``total`` (the split's example count), a progress line with the time left for this
+    pass (at test scale ``scale``) is logged every ``PROGRESS_SECONDS``.
     """
     kept: dict[str, list[np.ndarray]] = {m: [] for m in run}
     labels, order = [], []
     seconds = dict.fromkeys(run, 0.0)
+    started = last_report = time.perf_counter()
+    done = 0
     for local in batches:
+        if preemption.agreed_stop():  # several processes: all stop before the same batch
+            raise preemption.Stopped("Evaluation stopped by a SIGTERM.")
         if num_classes is not None and local["label"].max(initial=0) >= num_classes:
             raise ValueError(
                 f"A label {int(local['label'].max())} is out of range for a net with "
@@ -310,6 +319,18 @@ def evaluate_scale(
         labels.append(_to_host(batch["label"])[keep])
         if named:
             order.append(_to_host(batch["index"])[keep])
+        done += int(keep.sum())
+        now = time.perf_counter()
+        if total and done < total and now - last_report >= PROGRESS_SECONDS:
+            last_report = now
+            left = (now - started) / done * (total - done)
+            logging.info(
+                "Q=%s: %d/%d images, %s left at this scale",
+                scale,
+                done,
+                total,
+                writers.format_duration(left),
+            )
     stacked = {
         m: np.concatenate(v) if v else np.zeros((0, num_classes or 0), np.float32)
         for m, v in kept.items()
@@ -411,7 +432,9 @@ def evaluate_net(
     sums: dict[str, np.ndarray] = {}
     seconds = dict.fromkeys(run, 0.0)
     examples = None
-    for scale in scales_needed(evals):
+    scales = scales_needed(evals)
+    started = time.perf_counter()
+    for position, scale in enumerate(scales, start=1):
         outputs = evaluate_scale(
             net.params,
             functions,
@@ -419,6 +442,8 @@ def evaluate_net(
             run,
             mesh,
             net.model.num_classes,
+            expected_count,
+            scale,
         )
         examples = check_scale(examples, outputs, scale)
         labels = outputs.labels
@@ -442,13 +467,20 @@ def evaluate_net(
             for method in run:
                 sums[method] = sums.get(method, 0.0) + outputs.results[method]
                 seconds[method] += outputs.seconds[method]
+        elapsed = time.perf_counter() - started
         logging.info(
-            "%s step %d Q=%d: %s (%d compilations so far)",
+            "%s step %d Q=%d (scale %d/%d): %s (%d compilations so far)%s",
             net.name,
             net.step,
             scale,
+            position,
+            len(scales),
             ", ".join(f"{m} {s:.1f}s" for m, s in outputs.seconds.items()),
             functions.compilations,
+            ""
+            if position == len(scales)
+            else f"; about {writers.format_duration(elapsed / position * (len(scales) - position))}"
+            " left for this net",
         )
     multi_scale = {m: s / len(multi) for m, s in sums.items()}
     if list(multi) != [int(evals.single_scale)]:

@@ -9,7 +9,6 @@ point and restarted continues bitwise as if never stopped.
 from __future__ import annotations
 
 import math
-import signal
 import time
 
 import jax
@@ -18,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vgg_jax import checkpoint, compile_cache, models, sharding, writers
+from vgg_jax import checkpoint, compile_cache, models, preemption, sharding, writers
 from vgg_jax.training import init_from, optim
 from vgg_jax.training.steps import (
     TrainState,
@@ -53,21 +52,6 @@ def run_validation(validation_step, params, batches) -> dict:
     """Dense evaluation at the single test scale over ``batches`` (global, on the mesh)."""
     sums = [validation_step(params, batch) for batch in batches]
     return _summarise(_sum(sums), "val_")
-
-
-class _StopSignal:
-    """Remembers a SIGTERM (preemption) so the loop can checkpoint and exit between steps."""
-
-    def __init__(self):
-        self.received = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-        self.received = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
 
 
 def _prepare_data_once(config: ml_collections.ConfigDict) -> None:
@@ -128,7 +112,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     train_step = make_train_step(model, tx, mesh, shardings, config.seed)
     validation_step = make_validation_step(model, mesh, shardings.params)
     writer = writers.MetricWriter(workdir)
-    stop = _StopSignal()
+    stop = preemption.StopSignal()
     start_step = int(state.step)
     batches = on_device.train_batches(config, start_step, mesh)
     validation_batches = on_device.EvalBatchCache(
@@ -178,7 +162,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 pending, last_log = [], now
                 _ensure_finite(scalars["train_loss"], done, checkpoints, workdir)
                 writer.write_scalars(done, scalars)
-                _log_progress(done, total_steps, steps_per_epoch, scalars)
+                _log_progress(done, total_steps, steps_per_epoch, scalars, config.input.batch_size)
             validation = None
             epoch = done // steps_per_epoch
             if epoch_end and epoch % config.evals.every_epochs == 0:
@@ -197,7 +181,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                     100 * (1 - validation["val_top5_accuracy"]),
                     validation_seconds,
                 )
-            stopping = stop.received or _preempted(done)
+            stopping = stop.requested()
             if validation or stopping or done % config.ckpt.every_steps == 0 or done == total_steps:
                 _ensure_finite(float(sums["loss_sum"]), done, checkpoints, workdir)
                 save(done, validation)
@@ -224,25 +208,23 @@ def _ensure_finite(
         )
 
 
-def _preempted(step: int) -> bool:
-    """Across processes, a SIGTERM must stop every process at the same step; the JAX preemption
-    sync point (set up by ``jax.distributed``) agrees on one. On one process the signal suffices."""
-    if jax.process_count() == 1:
-        return False
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.reached_preemption_sync_point(step)
-
-
-def _log_progress(step: int, total: int, steps_per_epoch: int, scalars: dict[str, float]) -> None:
+def _log_progress(
+    step: int, total: int, steps_per_epoch: int, scalars: dict[str, float], batch_size: int
+) -> None:
+    """The console's line per interval, in the same terms as the validation line and the
+    evaluation tables (top-k error, not accuracy), with the time left at the interval's rate."""
+    steps_per_second = scalars["images_per_second"] / batch_size
+    eta = writers.format_duration((total - step) / steps_per_second) if steps_per_second else "?"
     logging.info(
-        "step %d/%d epoch %.2f | loss %.4f top-1 %.2f%% top-5 %.2f%% | lr %.2e | %.1f img/s",
+        "step %d/%d epoch %.2f | loss %.4f top-1 error %.2f%% top-5 error %.2f%% | lr %.2e | "
+        "%.1f img/s | %s left",
         step,
         total,
         step / steps_per_epoch,
         scalars["train_loss"],
-        100 * scalars["train_top1_accuracy"],
-        100 * scalars["train_top5_accuracy"],
+        100 * (1 - scalars["train_top1_accuracy"]),
+        100 * (1 - scalars["train_top5_accuracy"]),
         scalars["learning_rate"],
         scalars["images_per_second"],
+        eta,
     )
