@@ -99,7 +99,8 @@ def decode_split(
             raise ValueError(
                 f"{split} example {valid[row]} decoded to {image.shape}, but the index says "
                 f"{(height[row], width[row], 3)}: the index is stale; delete "
-                f"{index.index_path(builder, split)} and run again."
+                f"vgg_jax_index_{split}.npz (next to the data, or in input.index_dir) and run "
+                "again."
             )
         pixels[offset[row] : offset[row] + sizes[row]] = image.reshape(-1)
         label[row] = example_label

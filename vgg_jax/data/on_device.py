@@ -31,7 +31,9 @@ from vgg_jax.data import augment, decoded, pipeline, sources
 def uses_decoded_cache(config: ml_collections.ConfigDict) -> bool:
     """Whether training reads the decoded in-memory copy (see the module docstring)."""
     builder = sources.prepared_builder(config.input)
-    return decoded.fits(config.input, pipeline._split_index(builder, config.input.train_split))
+    return decoded.fits(
+        config.input, pipeline._split_index(builder, config.input.train_split, config.input)
+    )
 
 
 def train_batches(
@@ -52,7 +54,7 @@ def train_batches(
 def _decoded_train_batches(config, start_step, mesh, normalization) -> Iterator[dict]:
     input_config = config.input
     builder = sources.prepared_builder(input_config)
-    split_index = pipeline._split_index(builder, input_config.train_split)
+    split_index = pipeline._split_index(builder, input_config.train_split, input_config)
     chosen = pipeline._stats(input_config, builder)
     norm = pipeline._normalization(normalization, chosen["mean_rgb"], input_config)
     eigvals = np.asarray(chosen["eigvals"], np.float32)
