@@ -10,7 +10,16 @@ from absl.testing import absltest
 
 from tests import fixtures
 from vgg_jax import sharding
-from vgg_jax.data import augment, decoded, index, on_device, pipeline, sources, transforms
+from vgg_jax.data import (
+    augment,
+    decoded,
+    index,
+    on_device,
+    pipeline,
+    progress,
+    sources,
+    transforms,
+)
 
 
 def take(iterator, count):
@@ -112,6 +121,18 @@ class EvalBatchCacheTest(absltest.TestCase):
         too_small = on_device.EvalBatchCache(config, 48, mesh, max_bytes=1)
         self.assertLen(list(too_small), len(first))
         self.assertIsNone(too_small._kept)
+
+
+class ProgressLogTest(absltest.TestCase):
+    def test_logs_done_rate_and_time_left_but_not_the_end(self):
+        report = progress.ProgressLog("Indexing x/train", 100, every_s=0.0)
+        with self.assertLogs("absl", "INFO") as logs:
+            report.update(40)
+            report.update(100)  # the caller's own final line says it is done
+        self.assertLen(logs.output, 1)
+        self.assertRegex(
+            logs.output[0], r"Indexing x/train: 40/100 images, \d+ images/s, \d+ s left"
+        )
 
 
 class PrefetchTest(absltest.TestCase):

@@ -21,6 +21,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vgg_jax.data.progress import ProgressLog
+
 CLASS_NAMES = (
     "disk",
     "ring",
@@ -215,7 +217,9 @@ class VggJaxShapes(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(self, split: str, count: int):
+        report = ProgressLog(f"Generating the built-in {split} split", count)
         for index in range(count):
+            report.update(index)
             image, label = draw_example(self.builder_config.seed, split, index)
             yield index, {"image": encode_jpeg(image), "label": label}
 

@@ -20,6 +20,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from vgg_jax.data import index, sources, transforms
+from vgg_jax.data.progress import ProgressLog
 
 # Offsets into the flat buffer are int32 on the device.
 MAX_CACHE_MB = 2047
@@ -114,26 +115,3 @@ def decode_split(
         time.perf_counter() - start_time,
     )
     return DecodedSplit(pixels, offset.astype(np.int32), height, width, label)
-
-
-class ProgressLog:
-    """Logs ``what: done/total, rate, time left`` at most every ``every_s`` seconds."""
-
-    def __init__(self, what: str, total: int, every_s: float = 10.0):
-        self.what, self.total, self.every_s = what, total, every_s
-        self.start = self.last = time.perf_counter()
-
-    def update(self, done: int) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.every_s or done >= self.total:
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        logging.info(
-            "%s: %d/%d images, %.0f images/s, %.0f s left.",
-            self.what,
-            done,
-            self.total,
-            rate,
-            (self.total - done) / max(rate, 1e-9),
-        )

@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from vgg_jax.data import sources, transforms
+from vgg_jax.data.progress import ProgressLog
 
 _READ_CHUNK = 256
 
@@ -109,7 +110,9 @@ def build_index(builder: tfds.core.DatasetBuilder, split: str) -> SplitIndex:
     height, width = np.zeros(total, np.int32), np.zeros(total, np.int32)
     channels, truncated = np.zeros(total, np.uint8), np.zeros(total, bool)
     label = np.full(total, -1, np.int32)
-    for position, kind, shape, cut, lab in ds.as_numpy_iterator():
+    report = ProgressLog(f"Indexing {builder.name}/{split}", total)
+    for done, (position, kind, shape, cut, lab) in enumerate(ds.as_numpy_iterator(), 1):
+        report.update(done)
         fmt[position], truncated[position], label[position] = kind, cut, lab
         height[position], width[position], channels[position] = shape
     return SplitIndex(fmt, height, width, channels, truncated, label)
