@@ -35,7 +35,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _DISTRIBUTED.value or _COORDINATOR.value:
         cli.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    cli.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
+    cli.run_or_exit(_MODE.value, _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,22 @@ def check_or_exit(config: ml_collections.ConfigDict, mode: str, workdir: str | N
         sys.exit("Config error:\n  " + "\n  ".join(e.problems))
 
 
+def run_or_exit(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> None:
+    """``run``, with the faults the library explains in one line printed as that line (no
+    traceback): a busy workdir, a failed or unreadable checkpoint, a NaN or infinite state."""
+    try:
+        run(mode, config, workdir)
+    except _one_line_errors() as e:  # evaluated only when something is raised
+        sys.exit(f"{type(e).__name__}: {e}")
+
+
+def _one_line_errors() -> tuple[type[Exception], ...]:
+    from vgg_jax import checkpoint
+    from vgg_jax.training import lock, loop
+
+    return (checkpoint.CheckpointError, lock.WorkdirBusyError, loop.NonFiniteLossError)
+
+
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> None:
     """What ``launch.py`` does after parsing flags: checks the whole config, then runs ``mode``."""
     quiet_library_logs()
