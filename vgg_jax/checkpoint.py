@@ -227,7 +227,10 @@ class Checkpointer:
             except Exception:
                 if not self._failed:  # Orbax raises a failed save's error again on close
                     raise
-            if self._failed:  # now that every write of the failed save has stopped
+                with contextlib.suppress(Exception):
+                    self._manager.close()  # the first stopped at that error: close the rest
+            if self._failed:
+                self._wait_for_abandoned_writes()
                 self._remove_partial_saves()
 
     @contextlib.contextmanager
@@ -241,6 +244,17 @@ class Checkpointer:
             raise SaveError(
                 f"Saving checkpoint step {step} to {self._directory} failed: {_reason(e)}"
             ) from e
+
+    def _wait_for_abandoned_writes(self) -> None:
+        """Orbax's background commit stops at the first item that fails, leaving the others'
+        writes running (they would recreate the temporary directory after it is removed). Its
+        manager keeps their futures in a private attribute (Orbax 0.12.8; nothing to wait for
+        if a later release moves it)."""
+        checkpointer = getattr(self._manager, "_checkpointer", None)
+        async_manager = getattr(checkpointer, "_async_manager", None)
+        for write in getattr(async_manager, "_commit_futures", None) or []:
+            with contextlib.suppress(Exception):
+                write.result()
 
     def _remove_partial_saves(self) -> None:
         if jax.process_index() != 0:
