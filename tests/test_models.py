@@ -125,8 +125,8 @@ class DenseFormTest(absltest.TestCase):
         padded = jnp.full((2, 128, 160, 3), 7.0).at[:, :75, :101].set(images)
         sizes = jnp.array([[75, 101], [75, 101]])
         padded_map, padded_scores = model.apply({"params": params}, padded, sizes, method="dense")
-        self.assertEqual(score_map.shape, (2, 1, 2, 5))
-        np.testing.assert_allclose(padded_map[:, :1, :2], score_map, rtol=1e-5, atol=1e-6)
+        self.assertEqual(score_map.shape, (2, 2, 3, 5))  # ceil(75/32) - 1, ceil(101/32) - 1
+        np.testing.assert_allclose(padded_map[:, :2, :3], score_map, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(padded_scores, scores, rtol=1e-5, atol=1e-6)
         unmasked = model.apply({"params": params}, padded, method="dense")[1]
         self.assertFalse(np.allclose(unmasked, scores, rtol=1e-3))

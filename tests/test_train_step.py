@@ -28,7 +28,7 @@ def synthetic_batches(count, batch_size=8, size=32, seed=0):
     ]
 
 
-def train_steps(data: int, model: int, steps: int = 3):
+def train_steps(data: int, model: int, num_steps: int = 3):
     mesh_config = ml_collections.ConfigDict(dict(data=data, model=model))
     mesh = sharding.make_mesh(mesh_config, jax.devices()[: data * model])
     net = models.build_model(tiny_model_config(), crop_size=32)
@@ -36,7 +36,7 @@ def train_steps(data: int, model: int, steps: int = 3):
     state, shardings = steps.create_train_state(net, tx, mesh, seed=0)
     step = steps.make_train_step(net, tx, mesh, shardings, seed=0)
     losses = []
-    for batch in synthetic_batches(steps):
+    for batch in synthetic_batches(num_steps):
         state, sums = step(state, sharding.global_batch(batch, mesh), np.float32(0.05))
         losses.append(float(sums["loss_sum"]))
     return state, losses

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import logging as std_logging
 import os
 import re
 import shutil
@@ -51,6 +52,30 @@ class SaveError(CheckpointError):
 
 class UnreadableCheckpointError(CheckpointError):
     """No checkpoint that was asked for (or none at all) can be read back."""
+
+
+# Orbax's warnings about what this module does on purpose: periodic saves carry no validation
+# metrics (only the per-validation ones rank "best"), and readers open checkpoints read-only.
+EXPECTED_ORBAX_WARNINGS = (
+    "Requested `tracked_metric`; did not provide metrics",
+    "Given directory is read only",
+    "CheckpointManagerOptions.read_only=True, setting",
+)
+
+
+class ExpectedOrbaxWarnings(std_logging.Filter):
+    """Drops ``EXPECTED_ORBAX_WARNINGS`` (logged by Orbax through absl's logger); installed when
+    this module is imported, so a script or notebook using the library sees them no more than
+    the command line does. Real Orbax warnings and errors pass."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if record.levelno != std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        return not any(expected in record.getMessage() for expected in EXPECTED_ORBAX_WARNINGS)
+
+
+if not any(isinstance(f, ExpectedOrbaxWarnings) for f in logging.get_absl_logger().filters):
+    logging.get_absl_logger().addFilter(ExpectedOrbaxWarnings())
 
 
 def _directory(workdir: str) -> str:
@@ -90,6 +115,17 @@ def _restore_newest_readable(restore, steps: list[int], directory: str) -> tuple
     raise UnreadableCheckpointError(f"No committed checkpoint in {directory}.")
 
 
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager without its preemption queries. Orbax calls JAX's
+    ``reached_preemption_sync_point(step)`` on each save, from the saving thread and again from
+    its finalising thread; each call resets the counter the sync protocol reads, so a stale one
+    could set the sync point behind ``vgg_jax.preemption``'s checks and no process would stop. The
+    training loop decides preemption saves itself (``force=True`` saves)."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
+
+
 class Checkpointer:
     """The training loop's checkpoints: save asynchronously, keep the last ``keep`` and the best.
 
@@ -122,7 +158,7 @@ class Checkpointer:
         )
         self._workdir = workdir
         self._directory = _directory(workdir)
-        self._manager = ocp.CheckpointManager(self._directory, item_names=ITEMS, options=options)
+        self._manager = _Manager(self._directory, item_names=ITEMS, options=options)
         self._writing: int | None = None  # the step whose asynchronous save may still fail
         self._failed = False  # a SaveError was raised
 
@@ -365,7 +401,7 @@ def save_params(
     if isinstance(config, ml_collections.ConfigDict):
         config = config.to_dict()
     meta = {"config": config, "normalization": normalization, "step": step}
-    manager = ocp.CheckpointManager(
+    manager = _Manager(
         _directory(workdir),
         item_names=ITEMS,
         options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),

@@ -44,6 +44,14 @@ def input_config(scale: dict) -> ml_collections.ConfigDict:
             data_dir=ml_collections.FieldReference(None, field_type=str),  # TFDS data_dir
             manual_dir=ml_collections.FieldReference(None, field_type=str),  # ILSVRC2012 tars
             folder=ml_collections.FieldReference(None, field_type=str),  # root/<split>/<class>/
+            # Where the project's index and statistics go; None: next to the TFDS files. Set it
+            # when data_dir is read-only (a shared copy); files go to index_dir/<name>/<version>.
+            index_dir=ml_collections.FieldReference(None, field_type=str),
+            # What preparation must have built, else it is moved aside and named as bad:
+            # "published" (imagenet2012: 1,281,167 train / 50,000 validation, 1,000 classes;
+            # other sources: every labelled class has training examples), "none", or
+            # "train=N,validation=N,classes=N" for a subset.
+            expected_counts="published",
             builtin_size="full",  # built-in dataset: full (5000/1000), small or tiny
             builtin_seed=0,  # the built-in dataset is a pure function of this seed
             stats_source="auto",  # mean/PCA: auto (published for imagenet2012), computed, published
@@ -53,7 +61,10 @@ def input_config(scale: dict) -> ml_collections.ConfigDict:
             crop_size=224,
             train_scale_min=smin,  # S: smallest side before the random crop
             train_scale_max=smax,  # equal to train_scale_min for fixed-scale training
-            pixel_std=(1.0, 1.0, 1.0),  # 0-255 pixels divided by this after the mean (paper: 1)
+            # 0-255 pixels divided by this after the mean; None: 1 (the paper). Stored in each
+            # checkpoint with the mean as the net's input convention, which evaluation uses; an
+            # explicit value that differs from a net's stored one is an error there.
+            pixel_std=ml_collections.FieldReference(None, field_type=tuple),
             color_shift_std=0.1,  # AlexNet's PCA lighting noise: alpha ~ N(0, std^2)
             random_flip=True,
             batch_size=256,  # global batch over all devices and processes
@@ -101,6 +112,10 @@ def eval_config(scale: dict) -> ml_collections.ConfigDict:
             multi_crop_grid=5,  # crops per side at each Q: 5x5 grid x 2 flips = 50 (150 for 3 Q)
             every_epochs=1,  # validation during training
             checkpoint="latest",  # latest, best, or a step number, for --mode=evaluate
+            # A checkpoint of another net than model.* describes, or with another class count
+            # than the dataset, is an error unless this is True (then the checkpoint's net is
+            # scored as it is).
+            accept_checkpoint_net=False,
             fusion_workdirs=(),  # other nets' workdirs whose softmax is averaged with this one
             # ("path" or "path@latest|best|<step>")
             poll_seconds=60,  # continuous evaluation: how often to look for a new checkpoint

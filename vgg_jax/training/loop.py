@@ -8,7 +8,6 @@ point and restarted continues bitwise as if never stopped.
 
 from __future__ import annotations
 
-import signal
 import time
 
 import jax
@@ -18,7 +17,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from vgg_jax import checkpoint, models, sharding, writers
+from vgg_jax import checkpoint, models, preemption, sharding, writers
 from vgg_jax.training import init_from, lock, optim
 from vgg_jax.training.steps import (
     TrainState,
@@ -54,21 +53,6 @@ def run_validation(config: ml_collections.ConfigDict, validation_step, params, m
         for batch in data.eval_batches(config, config.evals.single_scale)
     ]
     return _summarise(_sum(sums), "val_")
-
-
-class _StopSignal:
-    """Remembers a SIGTERM (preemption) so the loop can checkpoint and exit between steps."""
-
-    def __init__(self):
-        self.received = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-        self.received = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
 
 
 def _prepare_data_once(config: ml_collections.ConfigDict) -> None:
@@ -108,6 +92,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     _prepare_data_once(config)
     info = data.dataset_info(config)
     _check_config(config, info.num_classes)
+    # What the net sees, saved with every checkpoint: evaluation applies this, not its own config.
+    input_convention = data.trained_convention(info.mean_rgb, config.input)
     steps_per_epoch = data.steps_per_epoch(config)
     total_steps = int(config.schedule.num_epochs * steps_per_epoch)
     mesh = sharding.make_mesh(config.mesh)
@@ -128,7 +114,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     train_step = make_train_step(model, tx, mesh, shardings, config.seed)
     validation_step = make_validation_step(model, mesh, shardings.params)
     writer = writers.MetricWriter(workdir)
-    stop = _StopSignal()
+    stop = preemption.StopSignal()
     start_step = int(state.step)
     batches = data.train_batches(config, start_step)
     pending: list[dict[str, jax.Array]] = []
@@ -141,6 +127,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             "plateau": plateau.to_dict(),
             "data": {"next_step": step, "shuffle_seed": config.input.shuffle_seed},
             "validation": validation,
+            "normalization": input_convention,
         }
         best = (
             None
@@ -169,7 +156,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 scalars["images_per_second"] = totals["count"] / (now - last_log)
                 pending, last_log = [], now
                 writer.write_scalars(done, scalars)
-                _log_progress(done, total_steps, steps_per_epoch, scalars)
+                _log_progress(done, total_steps, steps_per_epoch, scalars, config.input.batch_size)
             validation = None
             epoch = done // steps_per_epoch
             if epoch_end and epoch % config.evals.every_epochs == 0:
@@ -185,7 +172,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                     100 * (1 - validation["val_top1_accuracy"]),
                     100 * (1 - validation["val_top5_accuracy"]),
                 )
-            stopping = stop.received or _preempted(done)
+            stopping = stop.requested()
             if validation or stopping or done % config.ckpt.every_steps == 0 or done == total_steps:
                 save(done, validation)
             if stopping:
@@ -226,25 +213,23 @@ def _ensure_finite(
     )
 
 
-def _preempted(step: int) -> bool:
-    """Across processes, a SIGTERM must stop every process at the same step; the JAX preemption
-    sync point (set up by ``jax.distributed``) agrees on one. On one process the signal suffices."""
-    if jax.process_count() == 1:
-        return False
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.reached_preemption_sync_point(step)
-
-
-def _log_progress(step: int, total: int, steps_per_epoch: int, scalars: dict[str, float]) -> None:
+def _log_progress(
+    step: int, total: int, steps_per_epoch: int, scalars: dict[str, float], batch_size: int
+) -> None:
+    """The console's line per interval, in the same terms as the validation line and the
+    evaluation tables (top-k error, not accuracy), with the time left at the interval's rate."""
+    steps_per_second = scalars["images_per_second"] / batch_size
+    eta = writers.format_duration((total - step) / steps_per_second) if steps_per_second else "?"
     logging.info(
-        "step %d/%d epoch %.2f | loss %.4f top-1 %.2f%% top-5 %.2f%% | lr %.2e | %.1f img/s",
+        "step %d/%d epoch %.2f | loss %.4f top-1 error %.2f%% top-5 error %.2f%% | lr %.2e | "
+        "%.1f img/s | %s left",
         step,
         total,
         step / steps_per_epoch,
         scalars["train_loss"],
-        100 * scalars["train_top1_accuracy"],
-        100 * scalars["train_top5_accuracy"],
+        100 * (1 - scalars["train_top1_accuracy"]),
+        100 * (1 - scalars["train_top5_accuracy"]),
         scalars["learning_rate"],
         scalars["images_per_second"],
+        eta,
     )
