@@ -292,11 +292,22 @@ class Checkpointer:
             with contextlib.suppress(Exception):
                 write.result()
 
-    def _remove_partial_saves(self) -> None:
+    def _remove_partial_saves(self, settle_s: float = 0.5, limit_s: float = 10.0) -> None:
+        """Removes the failed save's temporary directories, again if a write Orbax abandoned
+        recreates one, until none has appeared for ``settle_s`` (at most ``limit_s``)."""
         if jax.process_index() != 0:
             return
-        for path in glob.glob(os.path.join(glob.escape(self._directory), f"*{TMP_MARKER}*")):
-            shutil.rmtree(path, ignore_errors=True)
+        pattern = os.path.join(glob.escape(self._directory), f"*{TMP_MARKER}*")
+        deadline = time.monotonic() + limit_s
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            if leftovers := glob.glob(pattern):
+                for path in leftovers:
+                    shutil.rmtree(path, ignore_errors=True)
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= settle_s:
+                return
+            time.sleep(0.05)
 
 
 def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
