@@ -58,6 +58,17 @@ def _directory(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), SUBDIR)
 
 
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager without its preemption queries. Orbax calls JAX's
+    ``reached_preemption_sync_point(step)`` on each save, from the saving thread and again from
+    its finalising thread; each call resets the counter the sync protocol reads, so a stale one
+    could set the sync point behind ``vgg_jax.preemption``'s checks and no process would stop. The
+    training loop decides preemption saves itself (``force=True`` saves)."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
+
+
 class Checkpointer:
     """The training loop's checkpoints: save asynchronously, keep the last ``keep`` and the best.
 
@@ -85,9 +96,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(
-            _directory(workdir), item_names=ITEMS, options=options
-        )
+        self._manager = _Manager(_directory(workdir), item_names=ITEMS, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -231,7 +240,7 @@ def save_params(
     if isinstance(config, ml_collections.ConfigDict):
         config = config.to_dict()
     meta = {"config": config, "normalization": normalization, "step": step}
-    manager = ocp.CheckpointManager(
+    manager = _Manager(
         _directory(workdir),
         item_names=ITEMS,
         options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),

@@ -31,7 +31,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from vgg_jax import checkpoint, metrics, models, sharding, writers
+from vgg_jax import checkpoint, metrics, models, preemption, sharding, writers
 from vgg_jax.evaluation import methods, report
 
 METHODS = ("dense", "multi_crop", "dense+multi_crop")
@@ -297,6 +297,8 @@ def evaluate_scale(
     started = last_report = time.perf_counter()
     done = 0
     for local in batches:
+        if preemption.agreed_stop():  # several processes: all stop before the same batch
+            raise preemption.Stopped("Evaluation stopped by a SIGTERM.")
         if num_classes is not None and local["label"].max(initial=0) >= num_classes:
             raise ValueError(
                 f"A label {int(local['label'].max())} is out of range for a net with "

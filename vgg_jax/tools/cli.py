@@ -149,15 +149,22 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> No
     if workdir is None:
         sys.exit(f"--mode={mode} needs --workdir (where checkpoints and results go).")
     logging.info("mode=%s workdir=%s", mode, workdir)
+    from vgg_jax import preemption
+
     if mode in ("train", "train_and_evaluate"):
         from vgg_jax.training import loop
 
         loop.train(config, workdir)
-    if mode in ("evaluate", "train_and_evaluate"):
-        from vgg_jax.evaluation import continuous, runner
+        if preemption.stopped():
+            return  # saved after a SIGTERM: exit now, evaluation would outlast the grace period
+    try:
+        if mode in ("evaluate", "train_and_evaluate"):
+            from vgg_jax.evaluation import runner
 
-        runner.run_evaluation(config, workdir)
-    if mode == "evaluate_continuously":
-        from vgg_jax.evaluation import continuous, runner
+            runner.run_evaluation(config, workdir)
+        if mode == "evaluate_continuously":
+            from vgg_jax.evaluation import continuous
 
-        continuous.watch(config, workdir)
+            continuous.watch(config, workdir)
+    except preemption.Stopped:
+        logging.warning("Evaluation stopped after a termination signal; no results written.")

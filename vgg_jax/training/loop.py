@@ -9,7 +9,6 @@ point and restarted continues bitwise as if never stopped.
 from __future__ import annotations
 
 import math
-import signal
 import time
 
 import jax
@@ -19,7 +18,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from vgg_jax import checkpoint, models, sharding, writers
+from vgg_jax import checkpoint, models, preemption, sharding, writers
 from vgg_jax.training import init_from, optim
 from vgg_jax.training.steps import (
     TrainState,
@@ -55,21 +54,6 @@ def run_validation(config: ml_collections.ConfigDict, validation_step, params, m
         for batch in data.eval_batches(config, config.evals.single_scale)
     ]
     return _summarise(_sum(sums), "val_")
-
-
-class _StopSignal:
-    """Remembers a SIGTERM (preemption) so the loop can checkpoint and exit between steps."""
-
-    def __init__(self):
-        self.received = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-        self.received = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
 
 
 def _prepare_data_once(config: ml_collections.ConfigDict) -> None:
@@ -125,7 +109,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     train_step = make_train_step(model, tx, mesh, shardings, config.seed)
     validation_step = make_validation_step(model, mesh, shardings.params)
     writer = writers.MetricWriter(workdir)
-    stop = _StopSignal()
+    stop = preemption.StopSignal()
     start_step = int(state.step)
     batches = data.train_batches(config, start_step)
     pending: list[dict[str, jax.Array]] = []
@@ -181,7 +165,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                     100 * (1 - validation["val_top1_accuracy"]),
                     100 * (1 - validation["val_top5_accuracy"]),
                 )
-            stopping = stop.received or _preempted(done)
+            stopping = stop.requested()
             if validation or stopping or done % config.ckpt.every_steps == 0 or done == total_steps:
                 _ensure_finite(float(sums["loss_sum"]), done, checkpoints, workdir)
                 save(done, validation)
@@ -206,16 +190,6 @@ def _ensure_finite(
             f"checkpoint is step {checkpoints.latest_step()} in {workdir}; lower "
             "optim.learning_rate or check the input."
         )
-
-
-def _preempted(step: int) -> bool:
-    """Across processes, a SIGTERM must stop every process at the same step; the JAX preemption
-    sync point (set up by ``jax.distributed``) agrees on one. On one process the signal suffices."""
-    if jax.process_count() == 1:
-        return False
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.reached_preemption_sync_point(step)
 
 
 def _log_progress(
