@@ -89,6 +89,16 @@ class PredictTest(absltest.TestCase):
         with self.assertRaisesRegex(ValueError, "normalization="):
             predict.predict(self.model, self.params, self.image)
 
+    def test_nan_image_and_bad_top_k_are_errors(self):
+        nan_image = np.full(self.image.shape, np.nan, np.float32)
+        with self.assertRaisesRegex(ValueError, "NaN or infinite"):
+            predict.predict(self.model, self.params, nan_image, normalization=self.normalization)
+        for top_k in (-1, 0):
+            with self.assertRaisesRegex(ValueError, "top_k must be"):
+                predict.predict(
+                    self.model, self.params, self.image, top_k, normalization=self.normalization
+                )
+
     def test_class_names_ship_with_the_package_in_label_order(self):
         classes = predict.imagenet_classes()
         self.assertLen(classes, 1000)

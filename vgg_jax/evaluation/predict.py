@@ -129,6 +129,12 @@ def predict(
     pixels = np.asarray(image)
     if pixels.ndim != 3 or pixels.shape[-1] != 3:
         raise ValueError(f"predict takes one (H, W, 3) RGB image, got shape {pixels.shape}.")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise ValueError(f"top_k must be a whole number >= 1, got {top_k!r}.")
+    if not np.all(np.isfinite(pixels)):
+        # NaN or inf pixels would come back as ordinary-looking probabilities.
+        bad = int(np.size(pixels) - np.count_nonzero(np.isfinite(pixels)))
+        raise ValueError(f"The image has {bad} NaN or infinite pixel values; give finite pixels.")
     if normalization is None and pixels.dtype == np.uint8:
         raise ValueError(
             "uint8 pixels need normalization= (the net's input convention; "

@@ -156,7 +156,11 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> No
 
         loop.train(config, workdir)
         if preemption.stopped():
-            return  # saved after a SIGTERM: exit now, evaluation would outlast the grace period
+            # Saved after a SIGTERM: exit now. Evaluation would outlast the grace period, and a
+            # partly trained net's results must not look final.
+            if mode == "train_and_evaluate":
+                logging.warning("Stopped early: evaluation skipped. Rerun to resume and evaluate.")
+            return
     try:
         if mode in ("evaluate", "train_and_evaluate"):
             from vgg_jax.evaluation import runner
