@@ -9,20 +9,16 @@ import sys
 import ml_collections
 from absl import flags, logging
 
-from vgg_jax import checks
+from vgg_jax import checkpoint, checks
 
 MODES = list(checks.MODES)
 
 # Packages whose INFO lines are hidden from the console: Orbax writes about ten per checkpoint
 # save and TFDS one per dataset open, which would bury the one-line-per-interval progress.
 QUIET_PACKAGES = ("orbax", "tensorflow_datasets")
-# Their warnings about what this project does on purpose (vgg_jax/checkpoint.py also drops them
-# when the library is used from Python).
-EXPECTED_WARNINGS = (
-    "Requested `tracked_metric`; did not provide metrics",
-    "Given directory is read only",
-    "CheckpointManagerOptions.read_only=True, setting",
-)
+# Their warnings about what this project does on purpose (vgg_jax/checkpoint.py drops them from
+# library use too).
+EXPECTED_WARNINGS = checkpoint.EXPECTED_ORBAX_WARNINGS
 # JAX's INFO line on every start without a TPU ("Unable to initialize backend 'tpu': ... libtpu.so")
 # is the normal case on CPU and GPU machines; absl's INFO verbosity would print it.
 JAX_BACKEND_LOGGER = "jax._src.xla_bridge"
