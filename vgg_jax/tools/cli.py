@@ -134,15 +134,19 @@ def check_or_exit(config: ml_collections.ConfigDict, mode: str, workdir: str | N
 
 def run_or_exit(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> None:
     """``run``, with the faults the library explains in one line printed as that line (no
-    traceback): a busy workdir, a failed or unreadable checkpoint, a NaN or infinite state."""
+    traceback): a bad tar or image folder, a busy workdir, a failed or unreadable checkpoint, a
+    NaN or infinite state."""
+    from vgg_jax import data
+
     try:
         run(mode, config, workdir)
+    except data.DatasetError as e:
+        sys.exit(f"Data error: {e}")
     except _one_line_errors() as e:  # evaluated only when something is raised
         sys.exit(f"{type(e).__name__}: {e}")
 
 
 def _one_line_errors() -> tuple[type[Exception], ...]:
-    from vgg_jax import checkpoint
     from vgg_jax.training import lock, loop
 
     return (checkpoint.CheckpointError, lock.WorkdirBusyError, loop.NonFiniteLossError)
