@@ -166,7 +166,8 @@ class TrainLoopTest(absltest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         self.assertIn("Resumed from step", result.stderr)
         sources = info_line_sources(result.stderr)
-        self.assertIn("loop.py", sources)  # the progress lines
+        self.assertIn("loop.py", sources)  # the progress lines (vgg_jax/training/loop.py)
+        self.assertRegex(result.stderr, r"top-1 error [\d.]+% top-5 error [\d.]+% .*\| \S+ left")
         self.assertEmpty(sources & orbax_only_file_names())  # cli.quiet_library_logs
         params, step = final_params(workdir)
         self.assertEqual(step, TOTAL_STEPS)

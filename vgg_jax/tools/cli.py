@@ -9,20 +9,16 @@ import sys
 import ml_collections
 from absl import flags, logging
 
-from vgg_jax import checks
+from vgg_jax import checkpoint, checks
 
 MODES = list(checks.MODES)
 
 # Packages whose INFO lines are hidden from the console: Orbax writes about ten per checkpoint
 # save and TFDS one per dataset open, which would bury the one-line-per-interval progress.
 QUIET_PACKAGES = ("orbax", "tensorflow_datasets")
-# Their warnings about what this project does on purpose (vgg_jax/checkpoint.py also drops them
-# when the library is used from Python).
-EXPECTED_WARNINGS = (
-    "Requested `tracked_metric`; did not provide metrics",
-    "Given directory is read only",
-    "CheckpointManagerOptions.read_only=True, setting",
-)
+# Their warnings about what this project does on purpose (vgg_jax/checkpoint.py drops them from
+# library use too).
+EXPECTED_WARNINGS = checkpoint.EXPECTED_ORBAX_WARNINGS
 # JAX's INFO line on every start without a TPU ("Unable to initialize backend 'tpu': ... libtpu.so")
 # is the normal case on CPU and GPU machines; absl's INFO verbosity would print it.
 JAX_BACKEND_LOGGER = "jax._src.xla_bridge"
@@ -134,6 +130,26 @@ def check_or_exit(config: ml_collections.ConfigDict, mode: str, workdir: str | N
         checks.check_config(config, mode, workdir)
     except checks.ConfigError as e:
         sys.exit("Config error:\n  " + "\n  ".join(e.problems))
+
+
+def run_or_exit(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> None:
+    """``run``, with the faults the library explains in one line printed as that line (no
+    traceback): a bad tar or image folder, a busy workdir, a failed or unreadable checkpoint, a
+    NaN or infinite state."""
+    from vgg_jax import data
+
+    try:
+        run(mode, config, workdir)
+    except data.DatasetError as e:
+        sys.exit(f"Data error: {e}")
+    except _one_line_errors() as e:  # evaluated only when something is raised
+        sys.exit(f"{type(e).__name__}: {e}")
+
+
+def _one_line_errors() -> tuple[type[Exception], ...]:
+    from vgg_jax.training import lock, loop
+
+    return (checkpoint.CheckpointError, lock.WorkdirBusyError, loop.NonFiniteLossError)
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> None:

@@ -23,7 +23,7 @@ def main(argv: list[str]) -> None:
     if values.pixel_side < 1:
         sys.exit(f"--pixel_side must be at least 1, got {values.pixel_side}.")
     config = values.config
-    cli.check_or_exit(config, "evaluate", values.workdir)
+    cli.check_or_exit(config, "features", values.workdir)
     try:
         probe = linear_probe(
             config,

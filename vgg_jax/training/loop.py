@@ -8,7 +8,6 @@ point and restarted continues bitwise as if never stopped.
 
 from __future__ import annotations
 
-import math
 import time
 
 import jax
@@ -18,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from vgg_jax import checkpoint, compile_cache, models, preemption, sharding, writers
-from vgg_jax.training import init_from, optim
+from vgg_jax.training import init_from, lock, optim
 from vgg_jax.training.steps import (
     TrainState,
     create_train_state,
@@ -31,7 +30,7 @@ VALIDATION_CACHE_BYTES = 1 << 30
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The state after a step (loss, parameters or optimiser state) holds a NaN or inf."""
 
 
 def _sum(sums: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -78,8 +77,14 @@ def _check_config(config: ml_collections.ConfigDict, num_classes: int) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains ``config`` into ``workdir`` (resuming from its newest checkpoint) and returns the
-    final state. Validation runs every ``evals.every_epochs`` epochs and drives the plateau rule."""
+    """Trains ``config`` into ``workdir`` (resuming from its newest checkpoint that reads) and
+    returns the final state. Validation runs every ``evals.every_epochs`` epochs and drives the
+    plateau rule. Fails at once if another trainer holds the workdir (``lock.WorkdirBusyError``)."""
+    with lock.hold(workdir):
+        return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     from vgg_jax import data
     from vgg_jax.data import on_device
 
@@ -101,8 +106,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     checkpoints = checkpoint.Checkpointer(workdir, config.ckpt.keep, config.ckpt.keep_best)
     plateau = optim.PlateauState()
 
-    if (latest := checkpoints.latest_step()) is not None:
-        params, opt_state, meta = checkpoints.restore(latest, state.params, state.opt_state)
+    if (restored := checkpoints.restore_latest(state.params, state.opt_state)) is not None:
+        latest, params, opt_state, meta = restored
         state = TrainState(jax.device_put(jnp.int32(latest), shardings.step), params, opt_state)
         plateau = optim.PlateauState.from_dict(meta.get("plateau"))
         logging.info("Resumed from step %d in %s.", latest, workdir)
@@ -122,6 +127,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     last_log = time.perf_counter()
 
     def save(step: int, validation: dict[str, float] | None = None) -> None:
+        _ensure_finite(pending, step, checkpoints, workdir)  # steps since the last log line
         meta = {
             "config": config.to_dict(),
             "plateau": plateau.to_dict(),
@@ -151,16 +157,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                     compile_cache.CACHE_DIR,
                 )
             pending.append(sums)
+            checkpoints.check()  # a failed asynchronous save stops the run now
             done = step + 1
             epoch_end = done % steps_per_epoch == 0
             if done % config.log_every_steps == 0 or epoch_end or done == total_steps:
+                _ensure_finite(pending, done, checkpoints, workdir)
                 totals = _sum(pending)
                 now = time.perf_counter()
                 scalars = _summarise(totals, "train_")
                 scalars["learning_rate"] = lr
                 scalars["images_per_second"] = totals["count"] / (now - last_log)
                 pending, last_log = [], now
-                _ensure_finite(scalars["train_loss"], done, checkpoints, workdir)
                 writer.write_scalars(done, scalars)
                 _log_progress(done, total_steps, steps_per_epoch, scalars, config.input.batch_size)
             validation = None
@@ -183,7 +190,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 )
             stopping = stop.requested()
             if validation or stopping or done % config.ckpt.every_steps == 0 or done == total_steps:
-                _ensure_finite(float(sums["loss_sum"]), done, checkpoints, workdir)
                 save(done, validation)
             if stopping:
                 logging.warning("Stopped at step %d after a termination signal.", done)
@@ -196,16 +202,31 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
 
 def _ensure_finite(
-    loss: float, step: int, checkpoints: checkpoint.Checkpointer, workdir: str
+    sums: list[dict[str, jax.Array]],
+    step: int,
+    checkpoints: checkpoint.Checkpointer,
+    workdir: str,
 ) -> None:
-    """Stops before a NaN/inf state could be logged as progress or saved over a good checkpoint."""
-    if not math.isfinite(loss):
-        checkpoints.wait()
-        raise NonFiniteLossError(
-            f"Training loss is {loss} at step {step}; stopped without saving. The last good "
-            f"checkpoint is step {checkpoints.latest_step()} in {workdir}; lower "
-            "optim.learning_rate or check the input."
-        )
+    """Stops before a NaN/inf state could be logged as progress or saved: ``sums`` are the steps
+    up to ``step`` not yet checked, each with the step's own flag over its *new* state (so every
+    saved checkpoint is finite, and the newest one is the last good state)."""
+    flags = jax.device_get([s["nonfinite_steps"] for s in sums])
+    bad = [i for i, flag in enumerate(flags) if flag]
+    if not bad:
+        return
+    first_bad = step - len(sums) + 1 + bad[0]
+    checkpoints.wait()
+    last_good = checkpoints.latest_step()
+    where = (
+        f"the last good checkpoint is step {last_good} in {workdir}"
+        if last_good is not None
+        else f"no checkpoint was saved in {workdir}"
+    )
+    raise NonFiniteLossError(
+        f"The training state (loss, parameters or optimiser state) is NaN or infinite after "
+        f"step {first_bad}; stopped without saving it, and {where}. Lower "
+        "optim.learning_rate or check the input."
+    )
 
 
 def _log_progress(
