@@ -7,7 +7,9 @@ so a stale entry is never used; delete ``<workdir>/xla_cache`` to reclaim the sp
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
@@ -15,16 +17,30 @@ from jax.experimental.compilation_cache import compilation_cache
 CACHE_DIR = "xla_cache"
 
 
-def use_workdir_cache(workdir: str) -> str:
-    """Points JAX's persistent compilation cache at ``<workdir>/xla_cache`` (every program,
-    however quick to compile: the demo's are each under a few seconds but many); returns it."""
+@contextlib.contextmanager
+def workdir_cache(workdir: str) -> Iterator[str]:
+    """While inside, JAX's persistent compilation cache is ``<workdir>/xla_cache`` (every program,
+    however quick to compile: the demo's are each under a few seconds but many); the previous
+    setting comes back on exit, so a process that later deletes the workdir (tests, notebooks)
+    does not keep writing into it."""
     path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CACHE_DIR)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    os.makedirs(path, exist_ok=True)
+    previous = (
+        jax.config.jax_compilation_cache_dir,
+        jax.config.jax_persistent_cache_min_compile_time_secs,
+    )
+    _point_at(path, 0.0)
+    try:
+        yield path
+    finally:
+        _point_at(*previous)
+
+
+def _point_at(path: str | None, min_compile_time_secs: float) -> None:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_secs)
     if jax.config.jax_compilation_cache_dir != path:
-        os.makedirs(path, exist_ok=True)
         compilation_cache.set_cache_dir(path)
         compilation_cache.reset_cache()  # the next compilation opens the new directory
-    return path
 
 
 class _Counts:

@@ -598,11 +598,11 @@ def run_evaluation(
     """``--mode=evaluate``: evaluates ``evals.checkpoint`` of ``workdir`` (fused with
     ``evals.fusion_workdirs``), prints the table and writes ``results.json`` and ``results.md``
     into ``workdir`` (process 0). Returns the rows."""
-    compile_cache.use_workdir_cache(workdir)
     compiled, loaded = compile_cache.program_counts()
-    rows, about = evaluate_checkpoints(
-        config, workdir, parse_checkpoint_choice(config.evals.checkpoint), batches=batches
-    )
+    with compile_cache.workdir_cache(workdir):
+        rows, about = evaluate_checkpoints(
+            config, workdir, parse_checkpoint_choice(config.evals.checkpoint), batches=batches
+        )
     compiled, loaded = np.subtract(compile_cache.program_counts(), (compiled, loaded))
     logging.info(
         "Evaluation compiled %d programs and loaded %d from %s.",

@@ -80,7 +80,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains ``config`` into ``workdir`` (resuming from its newest checkpoint that reads) and
     returns the final state. Validation runs every ``evals.every_epochs`` epochs and drives the
     plateau rule. Fails at once if another trainer holds the workdir (``lock.WorkdirBusyError``)."""
-    with lock.hold(workdir):
+    with lock.hold(workdir), compile_cache.workdir_cache(workdir):
         return _train(config, workdir)
 
 
@@ -89,7 +89,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     from vgg_jax.data import on_device
 
     started = time.perf_counter()
-    compile_cache.use_workdir_cache(workdir)
     _prepare_data_once(config)
     info = data.dataset_info(config)
     _check_config(config, info.num_classes)
