@@ -65,6 +65,7 @@ def main(argv: list[str]) -> None:
     import tensorflow as tf
 
     from tests import testdata
+    from vgg_jax import conventions
     from vgg_jax.data import stats, transforms
 
     crop, smin, smax = _CROP.value, _SCALE_MIN.value, _SCALE_MAX.value
@@ -75,7 +76,7 @@ def main(argv: list[str]) -> None:
         _EPOCHS.value
     )
     base = base.enumerate()
-    norm = transforms.Normalization(mean=tuple(stats.IMAGENET_STATS["mean_rgb"]))
+    convention = conventions.mean_subtracted(tuple(stats.IMAGENET_STATS["mean_rgb"]))
     eigvals = np.asarray(stats.IMAGENET_STATS["eigvals"], np.float32)
     eigvecs = np.asarray(stats.IMAGENET_STATS["eigvecs"], np.float32)
 
@@ -86,7 +87,14 @@ def main(argv: list[str]) -> None:
                 transforms.example_seed(0, position), size[0], size[1], crop, smin, smax, 0.1, True
             )
             return transforms.train_image(
-                raw, transforms.JPEG, params, crop, eigvals, eigvecs, norm, dct_method=dct_method
+                raw,
+                transforms.JPEG,
+                params,
+                crop,
+                eigvals,
+                eigvecs,
+                convention,
+                dct_method=dct_method,
             )
 
         return preprocess
@@ -102,7 +110,7 @@ def main(argv: list[str]) -> None:
         image = transforms.resize(image, new[0], new[1], antialias=False)
         image = tf.image.stateless_random_crop(image, [crop, crop, 3], seed=[0, position])
         image = tf.cond(params["flip"], lambda: image[:, ::-1], lambda: image)
-        return transforms.normalise(image, norm)
+        return transforms.normalise(image, convention)
 
     paths = {
         "decode_and_crop, fast DCT": windowed("INTEGER_FAST"),

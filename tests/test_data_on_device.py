@@ -45,9 +45,14 @@ class CropResizeTest(absltest.TestCase):
             np.testing.assert_allclose(result, expected, atol=1e-3)
 
     def test_normalise_matches_the_tf_path(self):
-        norm = transforms.Normalization(mean=(120.0, 110.0, 100.0), std=(60.0, 50.0, 40.0))
-        norm_bgr = transforms.Normalization(
-            mean=(1.0, 2.0, 3.0), channel_order="BGR", pixel_range=1.0
+        norm = dict(
+            channel_order="RGB",
+            pixel_range=255.0,
+            mean=(120.0, 110.0, 100.0),
+            std=(60.0, 50.0, 40.0),
+        )
+        norm_bgr = dict(
+            channel_order="BGR", pixel_range=1.0, mean=(1.0, 2.0, 3.0), std=(1.0, 1.0, 1.0)
         )
         image = np.random.default_rng(1).uniform(0, 255, (2, 4, 4, 3)).astype(np.float32)
         shift = np.array([[1.0, -2.0, 3.0], [0.5, 0.0, -1.0]], np.float32)

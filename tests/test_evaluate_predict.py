@@ -37,15 +37,15 @@ class PredictTest(absltest.TestCase):
         cls.params = numpy_params(cls.model)
         rng = np.random.default_rng(1)
         cls.image = rng.integers(0, 256, size=(64, 96, 3)).astype(np.uint8)
-        cls.normalization = dict(mean=(120.0, 110.0, 100.0))
+        cls.input_convention = dict(mean=(120.0, 110.0, 100.0))
 
     def test_top_k_and_score_map_match_dense_evaluation(self):
         top, score_map = predict.predict(
-            self.model, self.params, self.image, normalization=self.normalization, flip=False
+            self.model, self.params, self.image, input_convention=self.input_convention, flip=False
         )
         self.assertEqual(score_map.shape, (2, 3, 1000))  # 64x96 at stride 32, 32-pixel window
         # The paper's convention, written out: RGB, 0-255, the mean subtracted, std 1.
-        normalized = self.image.astype(np.float32) - np.float32(self.normalization["mean"])
+        normalized = self.image.astype(np.float32) - np.float32(self.input_convention["mean"])
         _, scores = self.model.apply(
             {"params": self.params}, jnp.asarray(normalized)[None], method="dense"
         )
@@ -62,7 +62,7 @@ class PredictTest(absltest.TestCase):
         self.assertEqual(top[0].class_name, names[top[0].class_index])
 
         flipped_top, _ = predict.predict(
-            self.model, self.params, self.image, normalization=self.normalization
+            self.model, self.params, self.image, input_convention=self.input_convention
         )
         _, mirrored = self.model.apply(
             {"params": self.params}, jnp.asarray(normalized)[None, :, ::-1], method="dense"
@@ -77,7 +77,7 @@ class PredictTest(absltest.TestCase):
             self.params,
             small,
             top_k=3,
-            normalization=self.normalization,
+            input_convention=self.input_convention,
             scale=64,
             class_names=[f"c{i}" for i in range(1000)],
         )
@@ -85,18 +85,26 @@ class PredictTest(absltest.TestCase):
         self.assertEqual(top[0].class_name, f"c{top[0].class_index}")
         self.assertLen(top, 3)
         with self.assertRaisesRegex(ValueError, "scale="):
-            predict.predict(self.model, self.params, small[:24], normalization=self.normalization)
-        with self.assertRaisesRegex(ValueError, "normalization="):
+            predict.predict(
+                self.model, self.params, small[:24], input_convention=self.input_convention
+            )
+        with self.assertRaisesRegex(ValueError, "input_convention="):
             predict.predict(self.model, self.params, self.image)
 
     def test_nan_image_and_bad_top_k_are_errors(self):
         nan_image = np.full(self.image.shape, np.nan, np.float32)
         with self.assertRaisesRegex(ValueError, "NaN or infinite"):
-            predict.predict(self.model, self.params, nan_image, normalization=self.normalization)
+            predict.predict(
+                self.model, self.params, nan_image, input_convention=self.input_convention
+            )
         for top_k in (-1, 0):
             with self.assertRaisesRegex(ValueError, "top_k must be"):
                 predict.predict(
-                    self.model, self.params, self.image, top_k, normalization=self.normalization
+                    self.model,
+                    self.params,
+                    self.image,
+                    top_k,
+                    input_convention=self.input_convention,
                 )
 
     def test_class_names_ship_with_the_package_in_label_order(self):
@@ -185,7 +193,7 @@ class ScoreMapPictureTest(absltest.TestCase):
     def test_top_k_grid(self):
         top, _ = predict.predict(
             imagenet_sized_tiny_model(), numpy_params(imagenet_sized_tiny_model()),
-            self.image, normalization=dict(mean=(120.0, 110.0, 100.0)), top_k=3, flip=False,
+            self.image, input_convention=dict(mean=(120.0, 110.0, 100.0)), top_k=3, flip=False,
         )  # fmt: skip
         figure = score_map.render_top_k(self.image, self.score_map, top, scale=64, crop_size=CROP)
         titles = [axes.get_title() for axes in figure.axes if axes.get_title()]

@@ -57,7 +57,7 @@ class PredictCommandTest(absltest.TestCase):
         model = imagenet_sized_tiny_model()
         cls.params = numpy_params(model)
         npz = os.path.join(cls.tmp, "net.npz")
-        export.save_npz(npz, cls.params, {"net": "A", "normalization": conventions.TORCHVISION})
+        export.save_npz(npz, cls.params, {"net": "A", "input_convention": conventions.TORCHVISION})
         cls.workdir = os.path.join(cls.tmp, "imported")
         importer.import_to_checkpoint(npz, "npz", cls.workdir)
         cls.predictor = predict.load_predictor(cls.workdir)
@@ -91,7 +91,7 @@ class PredictCommandTest(absltest.TestCase):
         image = predict.read_image(os.path.join(self.folder, "cats/a.jpg"))
         expected, _ = predict.predict(
             self.predictor.model, self.params, image, top_k=3,
-            normalization=conventions.TORCHVISION, scale=64,
+            input_convention=conventions.TORCHVISION, scale=64,
         )  # fmt: skip
         top = by_name["cats/a.jpg"]["top"]
         self.assertEqual([g["class_index"] for g in top], [g.class_index for g in expected])
@@ -153,7 +153,9 @@ class PredictCommandLineTest(absltest.TestCase):
         write_folder(folder)
         model = imagenet_sized_tiny_model()
         npz = os.path.join(tmp, "net.npz")
-        export.save_npz(npz, numpy_params(model), {"net": "A", "normalization": conventions.CAFFE})
+        export.save_npz(
+            npz, numpy_params(model), {"net": "A", "input_convention": conventions.CAFFE}
+        )
         workdir = os.path.join(tmp, "imported")
         importer.import_to_checkpoint(npz, "npz", workdir)
         self.assertEqual(model.crop_size, CROP)

@@ -228,7 +228,7 @@ class FetchAndImportTest(absltest.TestCase):
         params, step, meta = checkpoint.restore_params(workdir)
         self.assertEqual(step, 0)
         jax.tree_util.tree_map(np.testing.assert_array_equal, params, self.params)
-        self.assertEqual(conventions.checked(meta["normalization"]), conventions.TORCHVISION)
+        self.assertEqual(conventions.checked(meta["input_convention"]), conventions.TORCHVISION)
         self.assertIn("verified sha256", lines[-1])
         text = "\n".join(pretrained_tool.next_steps(summary, workdir))
         self.assertIn(f"python -m vgg_jax.tools.predict --workdir={workdir}", text)
@@ -274,7 +274,7 @@ class FetchAndImportTest(absltest.TestCase):
                 base_url=self.server.base_url, write=id,
             )  # fmt: skip
         _, _, meta = checkpoint.restore_params(workdir)
-        self.assertEqual(conventions.checked(meta["normalization"]), conventions.CAFFE)
+        self.assertEqual(conventions.checked(meta["input_convention"]), conventions.CAFFE)
         self.assertEqual(meta["config"]["model"]["name"], "E")
 
 

@@ -124,17 +124,17 @@ class TrainLoopTest(absltest.TestCase):
         evaluation config that does not set pixel_std still feeds the net what it saw."""
         _, _, meta = checkpoint.restore_params(self.reference_dir)
         config = loop_config(self.data_dir)
-        self.assertEqual(tuple(meta["normalization"]["std"]), (60.0, 60.0, 60.0))
+        self.assertEqual(tuple(meta["input_convention"]["std"]), (60.0, 60.0, 60.0))
         np.testing.assert_allclose(
-            meta["normalization"]["mean"], data.dataset_info(config).mean_rgb
+            meta["input_convention"]["mean"], data.dataset_info(config).mean_rgb
         )
         config.input.pixel_std = None
         config.evals.update(dict(methods=("dense",), single_scale=48, multi_scales=(48,)))
         seen = []
 
-        def batches(config, scale, normalization):
-            seen.append(normalization)
-            return data.eval_batches(config, scale, normalization=normalization)
+        def batches(config, scale, input_convention):
+            seen.append(input_convention)
+            return data.eval_batches(config, scale, input_convention=input_convention)
 
         runner.evaluate_checkpoints(config, self.reference_dir, "latest", batches=batches)
         self.assertEqual([tuple(n["std"]) for n in seen], [(60.0, 60.0, 60.0)])

@@ -34,6 +34,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
+from vgg_jax import conventions
+
 SUBDIR = "checkpoints"
 ITEMS = ("params", "opt_state", "meta")
 BEST_METRIC = "val_top1_accuracy"  # higher is better
@@ -211,7 +213,7 @@ class Checkpointer:
                 meta=ocp.args.JsonRestore(),
             ),
         )
-        return restored.params, restored.opt_state, dict(restored.meta)
+        return restored.params, restored.opt_state, conventions.with_current_key(restored.meta)
 
     def restore_latest(
         self, abstract_params: Any, abstract_opt_state: Any
@@ -387,7 +389,7 @@ def restore_params(
         if which in ("latest", "best"):
             candidates += [s for s in reversed(steps) if s != step]
         step, restored = _restore_newest_readable(restore, candidates, _directory(workdir))
-        return restored.params, step, dict(restored.meta)
+        return restored.params, step, conventions.with_current_key(restored.meta)
     finally:
         manager.close()
 
@@ -405,13 +407,13 @@ def save_params(
     params: Any,
     step: int = 0,
     config: ml_collections.ConfigDict | dict | None = None,
-    normalization: dict | None = None,
+    input_convention: dict | None = None,
 ) -> str:
     """Writes a params-only checkpoint (e.g. imported weights) that ``--mode=evaluate`` and
     ``init_from`` accept. Returns the checkpoint directory."""
     if isinstance(config, ml_collections.ConfigDict):
         config = config.to_dict()
-    meta = {"config": config, "normalization": normalization, "step": step}
+    meta = {"config": config, "input_convention": input_convention, "step": step}
     manager = _Manager(
         _directory(workdir),
         item_names=ITEMS,

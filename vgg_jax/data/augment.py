@@ -13,11 +13,14 @@ with the step for the cores.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vgg_jax.data import transforms
+from vgg_jax import conventions
 
 
 def draw_params(
@@ -99,13 +102,15 @@ def crop_resize(
 
 
 def normalise(
-    image: jax.Array, norm: transforms.Normalization, shift: jax.Array | None = None
+    image: jax.Array, convention: Mapping[str, Any], shift: jax.Array | None = None
 ) -> jax.Array:
     """``transforms.normalise`` for a batch: ((image + shift) * pixel_range / 255 - mean) / std,
-    in the net's channel order; ``shift`` float32 [B, 3] in RGB."""
-    scale = np.float32(norm.pixel_range / 255.0) / np.asarray(norm.std, np.float32)
-    offset = jnp.asarray(-np.asarray(norm.mean, np.float32) / np.asarray(norm.std, np.float32))
-    if norm.channel_order == "BGR":
+    in the net's channel order (``conventions.InputConvention``); ``shift`` float32 [B, 3], RGB."""
+    convention = conventions.checked(convention)
+    std = np.asarray(convention["std"], np.float32)
+    scale = np.float32(convention["pixel_range"] / 255.0) / std
+    offset = jnp.asarray(-np.asarray(convention["mean"], np.float32) / std)
+    if convention["channel_order"] == "BGR":
         image = image[..., ::-1]
         shift = None if shift is None else shift[:, ::-1]
     offset = offset if shift is None else offset + shift[:, None, None, :] * scale

@@ -41,22 +41,22 @@ def train_batches(
     start_step: int,
     mesh: Mesh,
     *,
-    normalization: dict | None = None,
+    input_convention: dict | None = None,
 ) -> Iterator[dict[str, jax.Array]]:
     """Global training batches of steps start_step, start_step + 1, ... on ``mesh``:
     {"image": float32 [B, crop, crop, 3], "label": int32 [B]}, sharded over ``data``."""
     if uses_decoded_cache(config):
-        return _decoded_train_batches(config, start_step, mesh, normalization)
-    host = pipeline.train_batches(config, start_step, normalization=normalization)
+        return _decoded_train_batches(config, start_step, mesh, input_convention)
+    host = pipeline.train_batches(config, start_step, input_convention=input_convention)
     return prefetch((sharding.global_batch(b, mesh) for b in host), max(1, config.input.prefetch))
 
 
-def _decoded_train_batches(config, start_step, mesh, normalization) -> Iterator[dict]:
+def _decoded_train_batches(config, start_step, mesh, input_convention) -> Iterator[dict]:
     input_config = config.input
     builder = sources.prepared_builder(input_config)
     split_index = pipeline._split_index(builder, input_config.train_split, input_config)
     chosen = pipeline._stats(input_config, builder)
-    norm = pipeline._normalization(normalization, chosen["mean_rgb"], input_config)
+    convention = pipeline._input_convention(input_convention, chosen["mean_rgb"], input_config)
     eigvals = np.asarray(chosen["eigvals"], np.float32)
     eigvecs = np.asarray(chosen["eigvecs"], np.float32)
     split = decoded.decode_split(builder, input_config.train_split, split_index)
@@ -90,7 +90,7 @@ def _decoded_train_batches(config, start_step, mesh, normalization) -> Iterator[
             pixels, offset[rows], width[rows], params["window"], params["flip"], crop
         )
         shift = augment.pca_colour_shift(params["alpha"], eigvals, eigvecs)
-        return {"image": augment.normalise(image, norm, shift), "label": label[rows]}
+        return {"image": augment.normalise(image, convention, shift), "label": label[rows]}
 
     batch_sharding = sharding.batch_sharding(mesh)
     jitted = jax.jit(

@@ -81,11 +81,11 @@ def read_image(path: str) -> np.ndarray:
         ) from None
 
 
-def _full_convention(normalization: Mapping[str, Any]) -> conventions.InputConvention:
+def _full_convention(input_convention: Mapping[str, Any]) -> conventions.InputConvention:
     """A caller's convention dict may omit std, channel order and range (the paper's defaults:
     std 1, RGB, 0-255); checkpoints and ``load_for_prediction`` give all four."""
     defaults = dict(channel_order="RGB", pixel_range=255.0, std=(1.0, 1.0, 1.0))
-    return conventions.checked({**defaults, **normalization})
+    return conventions.checked({**defaults, **input_convention})
 
 
 def rescaled_size(height: int, width: int, scale: int) -> tuple[int, int]:
@@ -112,7 +112,7 @@ def predict(
     image: Any,
     top_k: int = 5,
     class_names: Sequence[str] | None = None,
-    normalization: Mapping[str, Any] | None = None,
+    input_convention: Mapping[str, Any] | None = None,
     scale: int | None = None,
     flip: bool = True,
 ) -> tuple[list[ClassScore], np.ndarray]:
@@ -120,7 +120,7 @@ def predict(
     score map ``(h, w, classes)`` (raw class scores, one cell per crop-size window).
 
     ``image``: ``(H, W, 3)`` RGB pixels in [0, 255] (uint8 or float), prepared with
-    ``normalization`` (an input convention, e.g. ``load_for_prediction``'s or
+    ``input_convention`` (an input convention, e.g. ``load_for_prediction``'s or
     ``conventions.CAFFE``); ``None`` means the image is already normalised as the net expects.
     ``scale``: rescale first so the smaller side is this test scale Q (the image must end up at
     least the crop size). ``flip``: average the softmax with the flipped image's, as the evaluator.
@@ -135,9 +135,9 @@ def predict(
         # NaN or inf pixels would come back as ordinary-looking probabilities.
         bad = int(np.size(pixels) - np.count_nonzero(np.isfinite(pixels)))
         raise ValueError(f"The image has {bad} NaN or infinite pixel values; give finite pixels.")
-    if normalization is None and pixels.dtype == np.uint8:
+    if input_convention is None and pixels.dtype == np.uint8:
         raise ValueError(
-            "uint8 pixels need normalization= (the net's input convention; "
+            "uint8 pixels need input_convention= (the net's input convention; "
             "load_for_prediction returns it)."
         )
     pixels = pixels.astype(np.float32)
@@ -148,8 +148,8 @@ def predict(
             f"The image is {pixels.shape[0]}x{pixels.shape[1]}, smaller than the net's "
             f"{model.crop_size}-pixel crop; pass scale= (a test scale Q >= {model.crop_size})."
         )
-    if normalization is not None:
-        pixels = conventions.normalize(pixels, _full_convention(normalization))
+    if input_convention is not None:
+        pixels = conventions.normalize(pixels, _full_convention(input_convention))
     score_maps, probabilities = jax.device_get(
         _dense_one_image(model, flip)(params, jnp.asarray(pixels)[None])
     )
@@ -176,7 +176,7 @@ class Predictor:
 
     model: models.VGG
     params: Any
-    normalization: dict[str, Any]
+    input_convention: dict[str, Any]
     class_names: list[str] | None
     config: ml_collections.ConfigDict
 
@@ -199,22 +199,24 @@ def load_predictor(workdir: str, which: str | int = "latest") -> Predictor:
         raise ValueError(f"The checkpoint in {workdir} has no config; build the model yourself.")
     config = ml_collections.ConfigDict(meta["config"])
     model = models.build_model(config.model, config.input.crop_size)
-    normalization, class_names = meta.get("normalization"), None
-    if normalization is None or model.num_classes != NUM_IMAGENET_CLASSES:
+    input_convention, class_names = meta.get("input_convention"), None
+    if input_convention is None or model.num_classes != NUM_IMAGENET_CLASSES:
         from vgg_jax import data
         from vgg_jax.data import pipeline
 
         info = data.dataset_info(config)
-        normalization = normalization or pipeline.trained_convention(info.mean_rgb, config.input)
+        input_convention = input_convention or pipeline.trained_convention(
+            info.mean_rgb, config.input
+        )
         if model.num_classes != NUM_IMAGENET_CLASSES:
             class_names = info.class_names
-    return Predictor(model, params, dict(normalization), class_names, config)
+    return Predictor(model, params, dict(input_convention), class_names, config)
 
 
 def load_for_prediction(
     workdir: str, which: str | int = "latest"
 ) -> tuple[models.VGG, Any, dict[str, Any], list[str] | None]:
-    """``(model, params, normalization, class_names)`` of a checkpoint, for ``predict``
+    """``(model, params, input_convention, class_names)`` of a checkpoint, for ``predict``
     (``load_predictor``'s fields)."""
     loaded = load_predictor(workdir, which)
-    return loaded.model, loaded.params, loaded.normalization, loaded.class_names
+    return loaded.model, loaded.params, loaded.input_convention, loaded.class_names

@@ -54,7 +54,7 @@ class Net:
     model: models.VGG
     params: Any
     train_scale: str
-    normalization: dict | None  # the input convention it was trained with (None: not stored)
+    input_convention: dict | None  # the input convention it was trained with (None: not stored)
     train_input: dict  # the training config's input group (or the evaluation config's)
 
 
@@ -183,7 +183,7 @@ def load_net(
         model=model,
         params=params,
         train_scale=train_scale,
-        normalization=meta.get("normalization"),
+        input_convention=meta.get("input_convention"),
         train_input=dict(train_config.get("input") or fallback.input.to_dict()),
     )
 
@@ -226,9 +226,9 @@ def check_convention(net: Net, config: ml_collections.ConfigDict) -> None:
     """Each net is fed the input convention it was trained with; an explicit ``input.pixel_std``
     in the evaluation config that contradicts it is a mistake, not an instruction."""
     wanted = config.input.get("pixel_std")
-    if wanted is None or net.normalization is None:
+    if wanted is None or net.input_convention is None:
         return
-    stored = tuple(float(s) for s in net.normalization["std"])
+    stored = tuple(float(s) for s in net.input_convention["std"])
     if tuple(float(s) for s in wanted) != stored:
         raise ValueError(
             f"Net {net.name} in {net.workdir} was trained with input std {stored}, the config "
@@ -438,7 +438,7 @@ def evaluate_net(
         outputs = evaluate_scale(
             net.params,
             functions,
-            batches(config, scale, net.normalization),
+            batches(config, scale, net.input_convention),
             run,
             mesh,
             net.model.num_classes,
@@ -520,11 +520,11 @@ def fusion_rows(
 
 
 def _default_batches(
-    config: ml_collections.ConfigDict, scale: int, normalization: Any
+    config: ml_collections.ConfigDict, scale: int, input_convention: Any
 ) -> Iterable[dict[str, np.ndarray]]:
     from vgg_jax import data
 
-    return data.eval_batches(config, scale, normalization=normalization)
+    return data.eval_batches(config, scale, input_convention=input_convention)
 
 
 def _unique_names(nets: Sequence[Net]) -> None:
@@ -564,13 +564,13 @@ def evaluate_checkpoints(
         net = load_net(entry_workdir, choice, mesh, config)
         check_net_fits(net, config, num_classes, own=position == 0)
         check_convention(net, config)
-        if net.normalization is None and data_info is not None:
+        if net.input_convention is None and data_info is not None:
             # Saved before checkpoints carried their convention: rebuild it from the saved
             # training config (its pixel_std), with the dataset's mean.
             from vgg_jax import data
 
             train_input = ml_collections.ConfigDict(net.train_input)
-            net.normalization = data.trained_convention(data_info.mean_rgb, train_input)
+            net.input_convention = data.trained_convention(data_info.mean_rgb, train_input)
         logging.info("Evaluating net %s, step %d, from %s", net.name, net.step, net.workdir)
         nets.append(net)
         outputs.append(evaluate_net(config, net, mesh, batches, expected_count))

@@ -102,7 +102,7 @@ def predict_files(
                 image,
                 top_k=model.num_classes,
                 class_names=class_names,
-                normalization=predictor.normalization,
+                input_convention=predictor.input_convention,
                 scale=scale,
                 flip=flip,
             )

@@ -78,7 +78,7 @@ def next_steps(summary: dict[str, Any], workdir: str) -> list[str]:
     lines = [
         f"{source_name(weights)} -> net {summary['net']} (Table 1), "
         f"{summary['num_params']:,} parameters, checkpoint {summary['checkpoint']}",
-        f"input convention (applied for you): {conventions.describe(summary['normalization'])}",
+        f"input convention (applied for you): {conventions.describe(summary['input_convention'])}",
     ]
     if weights.top1_error is not None:
         lines.append(

@@ -132,7 +132,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             "plateau": plateau.to_dict(),
             "data": {"next_step": step, "shuffle_seed": config.input.shuffle_seed},
             "validation": validation,
-            "normalization": input_convention,
+            "input_convention": input_convention,
         }
         best = (
             None
