@@ -9,7 +9,7 @@ import sys
 import ml_collections
 from absl import flags, logging
 
-MODES = ["train_and_evaluate", "train", "evaluate", "evaluate_continuously", "summary"]
+MODES = ["train_and_evaluate", "train", "evaluate", "evaluate_continuously", "summary", "study"]
 
 # Packages whose INFO lines are hidden from the console: Orbax writes about ten per checkpoint
 # save and TFDS one per dataset open, which would bury the one-line-per-interval progress.
@@ -112,6 +112,13 @@ def initialize_distributed(
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> None:
     quiet_library_logs()
+    is_study = "scale_settings" in config
+    if is_study != (mode == "study"):
+        sys.exit(
+            "--mode=study takes a study config (experiments/study.py) and a study config only "
+            f"runs with --mode=study; got --mode={mode} with a "
+            f"{'study' if is_study else 'training'} config."
+        )
     if mode == "summary":
         from vgg_jax import models
 
@@ -129,6 +136,10 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> No
         from vgg_jax import evaluate
 
         evaluate.run_evaluation(config, workdir)
+    if mode == "study":
+        from vgg_jax.study import orchestrate
+
+        orchestrate.run_study(config, workdir)
     if mode == "evaluate_continuously":
         from vgg_jax import evaluate
 
