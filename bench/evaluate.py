@@ -43,11 +43,11 @@ def build(scales: list[int]):
     import jax
     import numpy as np
 
-    from experiments import common
     from vgg_jax import models, sharding
+    from vgg_jax.configs import paper
     from vgg_jax.evaluation import methods
 
-    config = common.model_config(_NET.value)
+    config = paper.model_config(_NET.value)
     config.update(
         dict(
             num_classes=_CLASSES.value,
@@ -57,8 +57,8 @@ def build(scales: list[int]):
         )
     )
     model = models.build_model(config, _CROP.value)
-    mesh = sharding.make_mesh(common.paper_config(_NET.value, None).mesh)
-    functions = methods.CompiledMethods(model, mesh, flip=True, grid=_GRID.value)
+    mesh = sharding.make_mesh(paper.paper_config(_NET.value, None).mesh)
+    functions = methods.compiled_methods(model, mesh, flip=True, grid=_GRID.value)
     rng = np.random.default_rng(0)
 
     def draw(leaf):  # NumPy, not model.init: no RNG program to compile

@@ -4,7 +4,7 @@
     python bench/input_pipeline.py --images=400 --crop=224 --scale_min=256 --scale_max=512
 
 Generates ``--images`` photo-like JPEGs of 500x375 (about 110 KB each, quality 95,
-``vgg_jax.data.testdata.photo_like_jpeg``), then times the project's training preprocessing
+``tests.testdata.photo_like_jpeg``), then times the project's training preprocessing
 (``transforms.sample_train_params`` + ``transforms.train_image``: decode only the crop window,
 resize, flip, PCA colour shift, mean subtraction) in a ``tf.data`` map confined to one thread
 (private thread pool of 1, intra-op parallelism 1), over ``--epochs`` passes of the images held in
@@ -65,7 +65,8 @@ def main(argv: list[str]) -> None:
     import numpy as np
     import tensorflow as tf
 
-    from vgg_jax.data import stats, testdata, transforms
+    from tests import testdata
+    from vgg_jax.data import stats, transforms
 
     crop, smin, smax = _CROP.value, _SCALE_MIN.value, _SCALE_MAX.value
     encoded = [testdata.photo_like_jpeg(seed) for seed in range(_IMAGES.value)]

@@ -7,7 +7,7 @@ plain PyTorch reference of the same net and batch trained in the same run.
     python bench/train_step.py --config=experiments/vgg16.py --batch=64 \
         --config.model.dtype=bfloat16
 
-The step is the project's: ``train.create_train_state`` and ``train.make_train_step`` (SGD with
+The step is the project's: ``steps.create_train_state`` and ``steps.make_train_step`` (SGD with
 momentum 0.9, L2 5e-4 on kernels, dropout, jitted over the mesh of ``config.mesh``), fed synthetic
 batches already on the device, so only the step is timed. Times are the median over ``--steps``
 timed steps after ``--warmup`` untimed ones, each waited for with ``block_until_ready``. With
@@ -182,13 +182,14 @@ def build_jax_step(config, image_size: int, batch_size: int, options: dict[str, 
     import jax
     import numpy as np
 
-    from vgg_jax import models, optim, sharding, train
+    from vgg_jax import models, sharding
+    from vgg_jax.training import optim, steps
 
     mesh = sharding.make_mesh(config.mesh)
     model = models.build_model(config.model, image_size)
     tx = optim.make_optimizer(config.optim)
-    state, shardings = train.create_train_state(model, tx, mesh, config.seed)
-    step = train.make_train_step(model, tx, mesh, shardings, config.seed)
+    state, shardings = steps.create_train_state(model, tx, mesh, config.seed)
+    step = steps.make_train_step(model, tx, mesh, shardings, config.seed)
     rng = np.random.default_rng(0)
     batch = sharding.global_batch(
         {

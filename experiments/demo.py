@@ -9,13 +9,12 @@ thin needs to leave chance in a few epochs; then evaluates with dense, multi-cro
 testing and prints top-1/top-5 error. Takes under 10 minutes on 2 CPU cores; see README.
 """
 
-from experiments import common
-from vgg_jax.data import settings
+from vgg_jax.configs import demo as demo_defaults
+from vgg_jax.configs import paper
 
 
 def get_config(arg=None):
-    config = common.paper_config("A", "jitter")
-    config.variant = "demo"
+    config = paper.paper_config("A", "jitter")
     config.model.num_classes = 10
     config.model.width = 1 / 8
     config.model.fc_width = 128
@@ -26,7 +25,7 @@ def get_config(arg=None):
     config.input.pixel_std = (60.0, 60.0, 60.0)
     config.optim.name = "adam"
     config.optim.learning_rate = 1e-3
-    demo_values = settings.demo_input_config()  # crop 32, S in [32, 64], Q in {32, 48, 64}
+    demo_values = demo_defaults.demo_input_config()  # crop 32, S in [32, 64], Q in {32, 48, 64}
     config.input.update(demo_values["input"])
     config.evals.update(demo_values["evals"])
     config.input.data_dir = "workdirs/data"

@@ -20,15 +20,14 @@ Argument: full (default), quick (<= 10 minutes) or smoke (the test suite's tiny 
 
 import ml_collections
 
-from experiments import common
-from vgg_jax.data import settings
+from vgg_jax.configs import demo, paper
 
 SIZES = ("full", "quick", "smoke")
 
 
 def base_config() -> ml_collections.ConfigDict:
     """One run's training config: the paper's protocol at 1/16 width on 32-pixel crops."""
-    config = common.paper_config("A", "s256")
+    config = paper.paper_config("A", "s256")
     config.model.num_classes = 10
     config.model.width = 1 / 16
     config.model.fc_width = 256  # 4096 / 16
@@ -39,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
     # plateau rule stay the paper's.
     config.model.init = "he"
     config.input.pixel_std = (60.0, 60.0, 60.0)
-    demo_values = settings.demo_input_config()
+    demo_values = demo.demo_input_config()
     config.input.update(demo_values["input"])
     config.input.data_dir = "workdirs/data"
     config.input.batch_size = 64

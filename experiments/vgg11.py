@@ -5,12 +5,12 @@
         --config.init_from.workdir=workdirs/vgg11_s384
 
 The argument picks the training scale: s256 (default), s384 or jitter (S in [256, 512]); see
-experiments/common.py. Needs ImageNet: --config.input.manual_dir=DIR holding the two
+experiments/paper.py. Needs ImageNet: --config.input.manual_dir=DIR holding the two
 ILSVRC2012 tars.
 """
 
-from experiments import common
+from vgg_jax.configs import paper
 
 
 def get_config(arg=None):
-    return common.paper_config("A", arg)
+    return paper.paper_config("A", arg)

@@ -6,12 +6,12 @@ in the paper.
         --config.init_from.workdir=workdirs/vgg16_1x1_s384
 
 The argument picks the training scale: s256 (default), s384 or jitter (S in [256, 512]); see
-experiments/common.py. Needs ImageNet: --config.input.manual_dir=DIR holding the two
+experiments/paper.py. Needs ImageNet: --config.input.manual_dir=DIR holding the two
 ILSVRC2012 tars.
 """
 
-from experiments import common
+from vgg_jax.configs import paper
 
 
 def get_config(arg=None):
-    return common.paper_config("C", arg)
+    return paper.paper_config("C", arg)

@@ -43,15 +43,15 @@ class NormalizeTest(absltest.TestCase):
 
     def test_validate_reads_json_and_names_what_is_wrong(self):
         from_json = dict(channel_order="BGR", pixel_range=255, mean=[1, 2, 3], std=[1, 1, 1])
-        self.assertEqual(conventions.validate(from_json)["mean"], (1.0, 2.0, 3.0))
+        self.assertEqual(conventions.checked(from_json)["mean"], (1.0, 2.0, 3.0))
         with self.assertRaisesRegex(ValueError, "channel_order 'GBR'; valid"):
-            conventions.validate(dict(from_json, channel_order="GBR"))
+            conventions.checked(dict(from_json, channel_order="GBR"))
         with self.assertRaisesRegex(ValueError, "pixel_range 2.0; valid"):
-            conventions.validate(dict(from_json, pixel_range=2))
+            conventions.checked(dict(from_json, pixel_range=2))
         with self.assertRaisesRegex(ValueError, "should be exactly"):
-            conventions.validate(dict(mean=(1, 2, 3)))
+            conventions.checked(dict(mean=(1, 2, 3)))
         with self.assertRaisesRegex(ValueError, "std needs 3 values"):
-            conventions.validate(dict(from_json, std=[1, 1]))
+            conventions.checked(dict(from_json, std=[1, 1]))
         with self.assertRaisesRegex(ValueError, "RGB images on the last axis"):
             conventions.normalize(np.zeros((4, 4, 1)), conventions.CAFFE)
         self.assertEqual(

@@ -10,9 +10,10 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import absltest
 
-from experiments import common
+from tests import testdata
 from vgg_jax import data
-from vgg_jax.data import testdata, transforms
+from vgg_jax.configs import paper
+from vgg_jax.data import transforms
 
 SYNSETS = ["n01440764", "n01443537", "n01484850"]  # labels 0, 1, 2 in TFDS's labels.txt
 # TFDS labels the sorted val files with the first lines of its validation_labels.txt.
@@ -20,7 +21,7 @@ FIRST_VAL_SYNSETS = ["n01751748", "n09193705", "n02105855", "n04263257", "n03125
 
 
 def imagenet_config(data_dir: str, manual_dir: str | None):
-    config = common.paper_config("D", "s256")
+    config = paper.paper_config("D", "s256")
     config.input.update(
         dict(
             data_dir=data_dir,
@@ -119,7 +120,7 @@ class ImagenetTest(absltest.TestCase):
 
     def test_unprepared_data_dir_says_how_to_prepare(self):
         config = imagenet_config(self.create_tempdir().full_path, None)
-        with self.assertRaisesRegex(FileNotFoundError, "python -m vgg_jax.data"):
+        with self.assertRaisesRegex(FileNotFoundError, "python -m vgg_jax.tools.data"):
             data.dataset_info(config)
 
 

@@ -1,15 +1,13 @@
 """Exact resume: training batches are a pure function of (seed, step), on one process and two."""
 
 import itertools
-import shutil
-import tempfile
 
 import jax
 import ml_collections
 import numpy as np
 from absl.testing import absltest
 
-from experiments import common
+from tests import fixtures
 from vgg_jax import data, sharding
 from vgg_jax.data import index, pipeline, sources
 
@@ -22,26 +20,8 @@ class ResumeTest(absltest.TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.data_dir = tempfile.mkdtemp()
-        cls.config = common.paper_config("A", "jitter")
-        cls.config.input.update(
-            dict(
-                dataset="builtin",
-                builtin_size="tiny",
-                data_dir=cls.data_dir,
-                crop_size=32,
-                train_scale_min=32,
-                train_scale_max=64,
-                batch_size=16,  # 100 examples: epochs end inside steps 6, 12, 18
-                shuffle_seed=3,
-            )
-        )
-        data.prepare(cls.config)
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.data_dir, ignore_errors=True)
-        super().tearDownClass()
+        # 100 examples in batches of 16: epochs end inside steps 6, 12, 18.
+        cls.config = fixtures.tiny_config(**{"input.shuffle_seed": 3})
 
     def batches(self, start, count, process_index=0, process_count=1, config=None):
         iterator = data.train_batches(

@@ -7,9 +7,11 @@ import tempfile
 import numpy as np
 from absl.testing import absltest
 
-from experiments import common
+from tests import testdata
 from vgg_jax import data
-from vgg_jax.data import builtin, folder, pipeline, settings, testdata
+from vgg_jax.configs import demo as demo_defaults
+from vgg_jax.configs import paper
+from vgg_jax.data import builtin, folder, pipeline
 
 
 class BuiltinTest(absltest.TestCase):
@@ -53,8 +55,8 @@ class BuiltinTest(absltest.TestCase):
             builtin.shapes_config("huge", 0)
 
     def test_demo_values_fit_the_config(self):
-        values = settings.demo_input_config()
-        config = common.paper_config("A", "jitter")
+        values = demo_defaults.demo_input_config()
+        config = paper.paper_config("A", "jitter")
         config.input.update(values["input"])  # unknown keys would raise
         config.evals.update(values["evals"])
         pipeline.check_input_config(config.input)
@@ -74,7 +76,7 @@ class ImageFolderTest(absltest.TestCase):
         image, _ = builtin.draw_example(5, "train", 5)
         with open(os.path.join(cls.folder, "train", "dog", "really_png.jpg"), "wb") as f:
             f.write(testdata.png(image))
-        cls.config = common.paper_config("A", "s256")
+        cls.config = paper.paper_config("A", "s256")
         cls.config.input.update(
             dict(
                 dataset="image_folder",
@@ -118,7 +120,7 @@ class ImageFolderTest(absltest.TestCase):
 
 class ConfigErrorTest(absltest.TestCase):
     def test_unknown_names_list_the_valid_ones(self):
-        config = common.paper_config("A", "s256")
+        config = paper.paper_config("A", "s256")
         config.input.dataset = "cifar"
         with self.assertRaisesRegex(ValueError, "imagenet2012.*image_folder.*builtin"):
             data.prepare(config)
@@ -128,7 +130,7 @@ class ConfigErrorTest(absltest.TestCase):
             data.prepare(config)
 
     def test_crop_larger_than_scale_fails_at_start(self):
-        config = common.paper_config("A", "s256")
+        config = paper.paper_config("A", "s256")
         config.input.crop_size = 300
         with self.assertRaisesRegex(ValueError, "crop_size <= train_scale_min"):
             data.train_batches(config, 0, process_index=0, process_count=1).__next__()

@@ -1,33 +1,12 @@
-"""Contracts of each preprocessing step (PAPER.md 3.1, 3.2) and of the evaluation batches."""
-
-import shutil
-import tempfile
+"""Contracts of each preprocessing step (the paper, 3.1 and 3.2) and of the evaluation batches."""
 
 import numpy as np
 import tensorflow as tf
 from absl.testing import absltest
 
-from experiments import common
+from tests import fixtures, testdata
 from vgg_jax import conventions, data
-from vgg_jax.data import index, pipeline, sources, stats, testdata, transforms
-
-
-def tiny_builtin_config(data_dir: str):
-    config = common.paper_config("A", "s256")
-    config.input.update(
-        dict(
-            dataset="builtin",
-            builtin_size="tiny",
-            data_dir=data_dir,
-            crop_size=32,
-            train_scale_min=32,
-            train_scale_max=64,
-            batch_size=16,
-            eval_batch_size=16,
-            eval_bucket_step=16,
-        )
-    )
-    return config
+from vgg_jax.data import index, pipeline, sources, stats, transforms
 
 
 def draw_params(count, height, width, crop=32, smin=32, smax=64, colour=0.1, flip=True):
@@ -167,15 +146,8 @@ class DatasetLevelTest(absltest.TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.data_dir = tempfile.mkdtemp()
-        cls.config = tiny_builtin_config(cls.data_dir)
-        data.prepare(cls.config)
+        cls.config = fixtures.tiny_config()
         cls.info = data.dataset_info(cls.config)
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.data_dir, ignore_errors=True)
-        super().tearDownClass()
 
     def test_stored_mean_is_the_training_pixels_mean(self):
         builder = sources.prepared_builder(self.config.input)
@@ -188,7 +160,7 @@ class DatasetLevelTest(absltest.TestCase):
         np.testing.assert_allclose(self.info.mean_rgb, pixels.mean(0), rtol=1e-5)
 
     def test_mean_subtraction_centres_the_data(self):
-        config = tiny_builtin_config(self.data_dir)
+        config = fixtures.tiny_config()
         config.input.color_shift_std = 0.0
         batches = data.train_batches(config, 0, process_index=0, process_count=1)
         steps = -(-self.info.num_train // config.input.batch_size) * 2

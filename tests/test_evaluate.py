@@ -20,8 +20,8 @@ import numpy as np
 from absl.testing import absltest
 from jax.sharding import PartitionSpec as P
 
-from experiments import common
-from vgg_jax import checkpoint, evaluate, metrics, models, sharding
+from tests import fixtures
+from vgg_jax import checkpoint, metrics, models, sharding
 from vgg_jax.evaluation import continuous, methods, report, runner
 
 NUM_CLASSES = 5
@@ -30,12 +30,9 @@ ASPECTS = (1.0, 1.5, 0.5, 1.25, 2.0)  # width / height; below 1: portrait
 
 
 def tiny_config(**evals):
-    config = common.paper_config("A", "jitter")
-    config.model.update(dict(num_classes=NUM_CLASSES, width=1 / 16, fc_width=16, init="glorot"))
-    config.input.update(
-        dict(crop_size=CROP, train_scale_min=32, train_scale_max=64, eval_batch_size=8)
-    )
-    config.evals.update({**dict(single_scale=48, multi_scales=(32, 48)), **evals})
+    config = fixtures.tiny_config(with_data=False, **{"model.num_classes": NUM_CLASSES})
+    config.input.eval_batch_size = 8
+    config.evals.update(evals)
     return config
 
 
@@ -129,6 +126,31 @@ def softmax(x):
     return np.asarray(jax.nn.softmax(jnp.asarray(x)))
 
 
+def caffe_dense_scores(model, params, image):
+    """Dense evaluation written independently of ``models.VGG``, as Caffe runs the converted
+    net: a conv per layer, 2x2/2 max-pools in ceil mode (``reduce_window`` over -inf padding),
+    FC1 as a VALID conv, FC2/FC3 as 1x1 convs, the score map averaged."""
+    x = jnp.asarray(image[None])
+    numbers = ("NHWC", "HWIO", "NHWC")
+    for block_index, block in enumerate(model.layout, start=1):
+        for conv_index in range(1, len(block) + 1):
+            layer = params[f"block{block_index}_conv{conv_index}"]
+            x = jax.lax.conv_general_dilated(
+                x, layer["kernel"], (1, 1), "SAME", dimension_numbers=numbers
+            )
+            x = jax.nn.relu(x + layer["bias"])
+        height, width = x.shape[1:3]
+        padding = ((0, 0), (0, height % 2), (0, width % 2), (0, 0))
+        x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), padding)
+    window = model.crop_size // 32
+    fc1 = params["fc1"]["kernel"].reshape(window, window, x.shape[-1], -1)
+    x = jax.lax.conv_general_dilated(x, fc1, (1, 1), "VALID", dimension_numbers=numbers)
+    x = jax.nn.relu(x + params["fc1"]["bias"])
+    x = jax.nn.relu(x @ params["fc2"]["kernel"] + params["fc2"]["bias"])
+    x = x @ params["fc3"]["kernel"] + params["fc3"]["bias"]
+    return np.asarray(x.mean(axis=(1, 2)))
+
+
 class DenseTest(absltest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -143,6 +165,33 @@ class DenseTest(absltest.TestCase):
         np.testing.assert_allclose(scores, logits, rtol=1e-5, atol=1e-6)
         unflipped = dense_probabilities(self.model, self.params, images, sizes, flip=False)
         np.testing.assert_allclose(unflipped, softmax(logits), rtol=1e-5, atol=1e-7)
+
+    def test_any_image_size_matches_caffe_ceil_mode_reference(self):
+        rng = np.random.default_rng(3)
+        for height, width in ((40, 56), (33, 70), (64, 45), (32, 32)):
+            image = rng.normal(size=(height, width, 3)).astype(np.float32)
+            want = caffe_dense_scores(self.model, self.params, image)
+            got = dense_scores(self.model, self.params, image[None])
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=(height, width))
+            # ... and padded into a bucket with its valid size, as the pipeline batches it.
+            bucket = np.zeros((1, 96, 96, 3), np.float32)
+            bucket[0, :height, :width] = image
+            size = np.array([[height, width]], np.int32)
+            padded = dense_scores(self.model, self.params, bucket, size)
+            np.testing.assert_allclose(padded, want, rtol=1e-5, atol=1e-5, err_msg=(height, width))
+
+    def test_the_bottom_right_pixels_reach_the_scores(self):
+        """At Q = 48 (the demo's validation scale) a 48 x 72 image's last 16 rows and 8 columns
+        are past the last full 32-pixel cell: floor-mode pooling never looked at them."""
+        image, _ = example(1, 48)  # 48 x 72
+        changed = image.copy()
+        changed[40:, :] += 5.0
+        changed[:, 66:] += 5.0
+        before = dense_scores(self.model, self.params, image[None])
+        after = dense_scores(self.model, self.params, changed[None])
+        self.assertGreater(np.abs(np.asarray(after) - np.asarray(before)).max(), 1e-3)
+        score_map, _ = self.model.apply({"params": self.params}, image[None], method="dense")
+        self.assertEqual(score_map.shape[1:3], (2, 3))  # ceil(48/32), ceil(72/32) cells
 
     def test_padded_into_bucket_equals_unpadded(self):
         image, _ = example(1, 48)  # 48 x 72
@@ -283,12 +332,13 @@ class RunnerTest(absltest.TestCase):
     def test_compilations_are_one_per_bucket_shape(self):
         config = tiny_config()
         mesh = mesh_of(4)
-        functions = methods.CompiledMethods(self.model, mesh)
+        functions = methods.compiled_methods.__wrapped__(self.model, mesh)  # a fresh count
         net = runner.load_net(self.workdir, 7, mesh, config)
         batches = list(fake_eval_batches(24, bucket_step=16)(config, 48))
         shapes = {b["image"].shape for b in batches}
         self.assertLess(len(shapes), len(batches))  # some batches share a bucket
-        runner.evaluate_scale(net, functions, batches + batches, ["dense", "multi_crop"], mesh)
+        runs = ["dense", "multi_crop"]
+        runner.evaluate_scale(net.params, functions, batches + batches, runs, mesh)
         self.assertEqual(functions.compilations, 2 * len(shapes))
 
     def test_run_evaluation_prints_and_writes_the_table(self):
@@ -296,7 +346,7 @@ class RunnerTest(absltest.TestCase):
         save_net(workdir, self.params, self.config, step=3)
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
-            rows = evaluate.run_evaluation(self.config, workdir, batches=fake_eval_batches(9))
+            rows = runner.run_evaluation(self.config, workdir, batches=fake_eval_batches(9))
         self.assertLen(rows, 6)  # 3 methods x (Q=48, Q={32,48})
         printed = stdout.getvalue()
         self.assertIn("top-1 val. error (%)", printed)
@@ -369,7 +419,7 @@ class RunnerTest(absltest.TestCase):
             save_net(workdir, self.params, self.config, step=step)
         config = tiny_config(methods=("dense",))
         batches = fake_eval_batches(5)
-        results = evaluate.watch(config, workdir, poll_seconds=0.1, timeout=0.3, batches=batches)
+        results = continuous.watch(config, workdir, poll_seconds=0.1, timeout=0.3, batches=batches)
         self.assertEqual(sorted(results), [10, 20])
         eval_dir = os.path.join(workdir, continuous.EVAL_SUBDIR)
         self.assertEqual(continuous.evaluated_steps(eval_dir), {10, 20})
@@ -379,19 +429,19 @@ class RunnerTest(absltest.TestCase):
         self.assertEqual([entry["step"] for entry in logged], [10, 20])
         self.assertIn("dense_Q32-48/top1_error", logged[0])
         save_net(workdir, self.params, self.config, step=30)
-        again = evaluate.watch(config, workdir, poll_seconds=0.1, timeout=0.3, batches=batches)
+        again = continuous.watch(config, workdir, poll_seconds=0.1, timeout=0.3, batches=batches)
         self.assertEqual(sorted(again), [30])
 
     def test_bad_settings_fail_with_the_valid_choices(self):
         mesh = mesh_of(4)
         with self.assertRaisesRegex(ValueError, "dense\\+multi_crop"):
-            runner.validate_evals(tiny_config(methods=("dense", "multicrop")), mesh)
+            runner.check_evals(tiny_config(methods=("dense", "multicrop")), mesh)
         with self.assertRaisesRegex(ValueError, "'best'"):
-            runner.validate_evals(tiny_config(checkpoint="newest"), mesh)
+            runner.check_evals(tiny_config(checkpoint="newest"), mesh)
         config = tiny_config()
         config.input.eval_batch_size = 6
-        with self.assertRaisesRegex(ValueError, "multiple of 4"):
-            runner.validate_evals(config, mesh)
+        with self.assertRaisesRegex(ValueError, "multiple of the 4 devices"):
+            runner.check_evals(config, mesh)
         config = tiny_config(multi_scales=(24, 48))
         net = runner.load_net(self.workdir, "latest", mesh, config)
         with self.assertRaisesRegex(ValueError, "crop size 32"):

@@ -8,15 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
-from experiments import common
-from vgg_jax import evaluate, models
+from vgg_jax import models
+from vgg_jax.configs import paper
+from vgg_jax.evaluation import predict
 from vgg_jax.evaluation import predict as predict_lib
 
 CROP = 32
 
 
 def imagenet_sized_tiny_model():
-    config = common.model_config("A")
+    config = paper.model_config("A")
     config.update(dict(num_classes=1000, width=1 / 16, fc_width=16))
     return models.build_model(config, CROP)
 
@@ -41,7 +42,7 @@ class PredictTest(absltest.TestCase):
         cls.normalization = dict(mean=(120.0, 110.0, 100.0))
 
     def test_top_k_and_score_map_match_dense_evaluation(self):
-        top, score_map = evaluate.predict(
+        top, score_map = predict.predict(
             self.model, self.params, self.image, normalization=self.normalization, flip=False
         )
         self.assertEqual(score_map.shape, (2, 3, 1000))  # 64x96 at stride 32, 32-pixel window
@@ -58,11 +59,11 @@ class PredictTest(absltest.TestCase):
             [c.probability for c in top], np.sort(probabilities)[::-1][:5], rtol=1e-5
         )
         np.testing.assert_allclose(score_map.mean(axis=(0, 1)), scores[0], rtol=1e-4, atol=1e-5)
-        names = evaluate.imagenet_class_names()
+        names = predict.imagenet_class_names()
         self.assertEqual(names[0], "tench, Tinca tinca")
         self.assertEqual(top[0].class_name, names[top[0].class_index])
 
-        flipped_top, _ = evaluate.predict(
+        flipped_top, _ = predict.predict(
             self.model, self.params, self.image, normalization=self.normalization
         )
         _, mirrored = self.model.apply(
@@ -73,7 +74,7 @@ class PredictTest(absltest.TestCase):
 
     def test_scale_names_and_errors(self):
         small = self.image[:40, :60]
-        top, score_map = evaluate.predict(
+        top, score_map = predict.predict(
             self.model,
             self.params,
             small,
@@ -86,9 +87,9 @@ class PredictTest(absltest.TestCase):
         self.assertEqual(top[0].class_name, f"c{top[0].class_index}")
         self.assertLen(top, 3)
         with self.assertRaisesRegex(ValueError, "scale="):
-            evaluate.predict(self.model, self.params, small[:24], normalization=self.normalization)
+            predict.predict(self.model, self.params, small[:24], normalization=self.normalization)
         with self.assertRaisesRegex(ValueError, "normalization="):
-            evaluate.predict(self.model, self.params, self.image)
+            predict.predict(self.model, self.params, self.image)
 
     def test_score_map_png(self):
         import tensorflow as tf
@@ -96,7 +97,7 @@ class PredictTest(absltest.TestCase):
         score_map = np.zeros((2, 3, 4), np.float32)
         score_map[0, 2, 3] = 8.0  # class 3 at the top-right cell
         with tempfile.TemporaryDirectory() as directory:
-            path = evaluate.save_score_map_png(score_map, 3, os.path.join(directory, "a.png"))
+            path = predict.save_score_map_png(score_map, 3, os.path.join(directory, "a.png"))
             with open(path, "rb") as f:
                 decoded = tf.io.decode_png(f.read()).numpy()
             self.assertEqual(decoded.shape, (64, 96, 3))  # one 32-pixel block per cell
@@ -104,7 +105,7 @@ class PredictTest(absltest.TestCase):
             brightness = decoded.astype(int).sum(-1)
             self.assertEqual(brightness[:32, 64:].min(), brightness.max())  # the hot cell
 
-            overlay = evaluate.save_score_map_png(
+            overlay = predict.save_score_map_png(
                 score_map, 3, os.path.join(directory, "b.png"), image=self.image, crop_size=CROP
             )
             with open(overlay, "rb") as f:

@@ -10,13 +10,14 @@ import ml_dtypes
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from experiments import common
-from vgg_jax import checkpoint, conventions, export, models
+from vgg_jax import checkpoint, conventions, models
+from vgg_jax.configs import paper
+from vgg_jax.weights import export
 
 
 def tiny_params(seed=0):
     """Random values in the shapes of a small net A (no init to compile: values do not matter)."""
-    config = common.model_config("A")
+    config = paper.model_config("A")
     config.update(dict(num_classes=5, width=1 / 16, fc_width=16))
     shapes = models.abstract_params(models.build_model(config, crop_size=32))
     rng = np.random.default_rng(seed)
@@ -111,7 +112,7 @@ class ExportTest(parameterized.TestCase):
 
     def test_export_checkpoint_carries_net_config_and_convention(self):
         workdir = os.path.join(self.tmp, "run")
-        config = common.paper_config("A", None)
+        config = paper.paper_config("A", None)
         checkpoint.save_params(
             workdir, tiny_params(2), step=4, config=config, normalization=conventions.TORCHVISION
         )
@@ -121,7 +122,7 @@ class ExportTest(parameterized.TestCase):
         assert_bitwise_equal(self, params, tiny_params(2))
         self.assertEqual(meta["net"], "A")
         self.assertEqual(meta["step"], 4)
-        self.assertEqual(conventions.validate(meta["normalization"]), conventions.TORCHVISION)
+        self.assertEqual(conventions.checked(meta["normalization"]), conventions.TORCHVISION)
         self.assertEqual(meta["config"]["model"]["name"], "A")
 
 

@@ -1,5 +1,5 @@
 """Penultimate-layer descriptors (dense FC2 averaged over cells, flips and scales, L2-normalised),
-the linear classifier, and ``python -m vgg_jax.features`` on a tiny trained demo net."""
+the linear classifier, and ``python -m vgg_jax.tools.features`` on a tiny trained demo net."""
 
 import os
 import re
@@ -11,6 +11,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import absltest
 
 from vgg_jax import features, models
@@ -171,7 +172,8 @@ ACCURACY_LINE = r"linear on {}: top-1 accuracy (\d\.\d+)"
 
 def write_shapes_folder(root: str, classes: int, per_split: dict[str, int]) -> None:
     """An image folder of built-in-dataset images filed by their true class (a real task)."""
-    from vgg_jax.data import builtin, testdata
+    from tests import testdata
+    from vgg_jax.data import builtin
 
     for split, count in per_split.items():
         found = dict.fromkeys(range(classes), 0)
@@ -188,8 +190,9 @@ def write_shapes_folder(root: str, classes: int, per_split: dict[str, int]) -> N
             found[label] += 1
 
 
+@pytest.mark.slow
 class CommandTest(absltest.TestCase):
-    """``python -m vgg_jax.features`` on an image folder, with a tiny demo-config net's
+    """``python -m vgg_jax.tools.features`` on an image folder, with a tiny demo-config net's
     checkpoint (random weights: the mechanics are tested here, the margin of a trained demo net
     is measured in docs/features.md)."""
 
@@ -223,7 +226,7 @@ class CommandTest(absltest.TestCase):
         super().tearDownClass()
 
     def test_command_on_an_image_folder_prints_both_accuracies_last(self):
-        args = [sys.executable, "-m", "vgg_jax.features", "--config=experiments/demo.py"]
+        args = [sys.executable, "-m", "vgg_jax.tools.features", "--config=experiments/demo.py"]
         args += [f"--workdir={self.workdir}", "--steps=50"]
         args += [f"--config.{k}={v}" for k, v in self.overrides.items()]
         result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -8,19 +8,15 @@ from unittest import mock
 import jax
 import ml_collections
 import numpy as np
+import pytest
 from absl.testing import absltest
 
-from experiments import common
-from vgg_jax import (
-    checkpoint,
-    conventions,
-    export,
-    import_weights,
-    init_from,
-    keras_weights,
-    models,
-    torch_weights,
-)
+from vgg_jax import checkpoint, conventions, models
+from vgg_jax.configs import paper
+from vgg_jax.training import init_from
+from vgg_jax.weights import export, importer
+from vgg_jax.weights import keras as keras_weights
+from vgg_jax.weights import torchvision as torch_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(width=1 / 16, fc_width=32, num_classes=10)
@@ -28,7 +24,7 @@ TINY = dict(width=1 / 16, fc_width=32, num_classes=10)
 
 def random_params(net, seed=0, crop_size=224, **model):
     """Random values in the shapes of ``net`` (eval_shape only: nothing to compile)."""
-    config = common.model_config(net)
+    config = paper.model_config(net)
     config.update(model or TINY)
     shapes = models.abstract_params(models.build_model(config, crop_size))
     rng = np.random.default_rng(seed)
@@ -37,7 +33,7 @@ def random_params(net, seed=0, crop_size=224, **model):
 
 def run_import(*flags):
     return subprocess.run(
-        [sys.executable, "-m", "vgg_jax.import_weights", *flags],
+        [sys.executable, "-m", "vgg_jax.tools.import_weights", *flags],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -58,13 +54,13 @@ class ImportWeightsTest(absltest.TestCase):
 
     def test_torchvision_file_becomes_a_checkpoint_init_from_accepts(self):
         workdir = os.path.join(self.tmp, "imported")
-        summary = import_weights.import_to_checkpoint(self.pth, "torchvision", workdir)
+        summary = importer.import_to_checkpoint(self.pth, "torchvision", workdir)
         self.assertEqual(summary["net"], "D")
 
         params, step, meta = checkpoint.restore_params(workdir)
         self.assertEqual(step, 0)
         assert_trees_equal(params, self.params)
-        self.assertEqual(conventions.validate(meta["normalization"]), conventions.TORCHVISION)
+        self.assertEqual(conventions.checked(meta["normalization"]), conventions.TORCHVISION)
         model_config = ml_collections.ConfigDict(meta["config"]["model"])
         self.assertEqual(model_config.name, "D")
         self.assertEqual(
@@ -78,7 +74,7 @@ class ImportWeightsTest(absltest.TestCase):
             jax.tree_util.tree_map(np.shape, params),
         )
 
-        config = common.paper_config("D", None).init_from
+        config = paper.paper_config("D", None).init_from
         config.update(dict(mode="full", workdir=workdir))
         fresh = jax.tree_util.tree_map(lambda p: jax.numpy.zeros_like(p), self.params)
         assert_trees_equal(init_from.initial_params(config, fresh), self.params)
@@ -88,58 +84,59 @@ class ImportWeightsTest(absltest.TestCase):
         path = os.path.join(self.tmp, "a.safetensors")
         export.save(path, params, {"normalization": conventions.CAFFE})  # no "net"
         workdir = os.path.join(self.tmp, "a_lrn")
-        summary = import_weights.import_to_checkpoint(path, "safetensors", workdir, net="A-LRN")
+        summary = importer.import_to_checkpoint(path, "safetensors", workdir, net="A-LRN")
         self.assertEqual(summary["net"], "A-LRN")  # A's parameters: only the file's maker knows
         restored, _, meta = checkpoint.restore_params(workdir)
         assert_trees_equal(restored, params)
         self.assertEqual(meta["config"]["model"]["name"], "A-LRN")
-        self.assertEqual(conventions.validate(meta["normalization"]), conventions.CAFFE)
+        self.assertEqual(conventions.checked(meta["normalization"]), conventions.CAFFE)
 
         with self.assertRaisesRegex(FileExistsError, "new --workdir"):
-            import_weights.import_to_checkpoint(path, "safetensors", workdir, net="A-LRN")
+            importer.import_to_checkpoint(path, "safetensors", workdir, net="A-LRN")
         mismatch = r"net B .*: block1_conv2/bias is missing in the file, \(4,\) in the model"
         with self.assertRaisesRegex(ValueError, mismatch):
-            import_weights.import_to_checkpoint(path, "safetensors", self.tmp + "/b", net="B")
+            importer.import_to_checkpoint(path, "safetensors", self.tmp + "/b", net="B")
         with self.assertRaisesRegex(ValueError, "holds net D, not --net=E"):
-            import_weights.import_to_checkpoint(self.pth, "torchvision", self.tmp + "/e", net="E")
+            importer.import_to_checkpoint(self.pth, "torchvision", self.tmp + "/e", net="E")
 
     def test_fitted_config_checks_every_shape(self):
-        config, crop_size = import_weights.fit_model_config("D", self.params)
+        config, crop_size = importer.fit_model_config("D", self.params)
         self.assertEqual((config.width, config.fc_width, config.num_classes), (1 / 16, 32, 10))
         self.assertEqual(crop_size, 224)
         full = models.abstract_params(models.VGG(models.LAYOUTS["E"]))
-        config, crop_size = import_weights.fit_model_config("E", full)
+        config, crop_size = importer.fit_model_config("E", full)
         self.assertEqual((config.width, config.fc_width, config.num_classes), (1, 4096, 1000))
         self.assertEqual(crop_size, 224)
         self.params["block3_conv2"]["kernel"] = np.zeros((3, 3, 16, 8), np.float32)
         with self.assertRaisesRegex(ValueError, r"block3_conv2/kernel is \(3, 3, 16, 8\) in the"):
-            import_weights.fit_model_config("D", self.params)
+            importer.fit_model_config("D", self.params)
 
     def test_missing_net_or_convention_is_asked_for(self):
         path = os.path.join(self.tmp, "bare.npz")
         export.save_npz(path, self.params, {})
         with self.assertRaisesRegex(ValueError, "pass --net"):
-            import_weights.import_to_checkpoint(path, "npz", self.tmp + "/x")
+            importer.import_to_checkpoint(path, "npz", self.tmp + "/x")
         with self.assertRaisesRegex(ValueError, "pass --normalization"):
-            import_weights.import_to_checkpoint(path, "npz", self.tmp + "/x", net="D")
+            importer.import_to_checkpoint(path, "npz", self.tmp + "/x", net="D")
         with self.assertRaisesRegex(ValueError, "valid: \\['caffe', 'torchvision'\\]"):
-            import_weights.import_to_checkpoint(path, "npz", self.tmp + "/x", "D", "bgr")
-        import_weights.import_to_checkpoint(path, "npz", self.tmp + "/x", "D", "torchvision")
+            importer.import_to_checkpoint(path, "npz", self.tmp + "/x", "D", "bgr")
+        importer.import_to_checkpoint(path, "npz", self.tmp + "/x", "D", "torchvision")
         _, _, meta = checkpoint.restore_params(self.tmp + "/x")
         self.assertEqual(meta["normalization"]["channel_order"], "RGB")
         with self.assertRaisesRegex(ValueError, "valid: \\['keras', 'npz'"):
-            import_weights.import_to_checkpoint(path, "pth", self.tmp + "/y")
+            importer.import_to_checkpoint(path, "pth", self.tmp + "/y")
 
     def test_keras_files_state_the_caffe_convention(self):
         params = random_params("E", seed=3, width=1 / 16, fc_width=32, num_classes=1000)
         with mock.patch.object(keras_weights, "load_keras_weights", return_value=("E", params)):
             workdir = os.path.join(self.tmp, "keras")
-            import_weights.import_to_checkpoint(self.pth, "keras", workdir)
+            importer.import_to_checkpoint(self.pth, "keras", workdir)
         restored, _, meta = checkpoint.restore_params(workdir)
         assert_trees_equal(restored, params)
-        self.assertEqual(conventions.validate(meta["normalization"]), conventions.CAFFE)
+        self.assertEqual(conventions.checked(meta["normalization"]), conventions.CAFFE)
         self.assertEqual(meta["config"]["model"]["name"], "E")
 
+    @pytest.mark.slow
     def test_command_line(self):
         workdir = os.path.join(self.tmp, "cli")
         result = run_import(f"--source={self.pth}", "--format=torchvision", f"--workdir={workdir}")

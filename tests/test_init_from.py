@@ -7,12 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
-from experiments import common, vgg16
-from vgg_jax import checkpoint, init_from, models
+from experiments import vgg16
+from vgg_jax import checkpoint, models
+from vgg_jax.configs import paper
+from vgg_jax.training import init_from
 
 
 def tiny(name):
-    config = common.model_config(name)
+    config = paper.model_config(name)
     config.update(dict(num_classes=5, width=1 / 16, fc_width=16, init="glorot"))
     return models.build_model(config, crop_size=32)
 
@@ -29,7 +31,7 @@ class InitFromTest(absltest.TestCase):
 
     def test_shallow_copies_first_four_convs_and_fcs_of_net_a(self):
         fresh = init(tiny("D"), seed=2)
-        config = common.paper_config("D", None).init_from
+        config = paper.paper_config("D", None).init_from
         config.update(dict(mode="shallow", workdir=self.workdir))
         params = init_from.initial_params(config, fresh)
         copied = set(init_from.SHALLOW_LAYERS)
@@ -48,7 +50,7 @@ class InitFromTest(absltest.TestCase):
 
     def test_fc_copies_only_the_fc_layers_into_b_5x5(self):
         fresh = init(tiny("B-5x5"), seed=2)
-        config = common.paper_config("B-5x5", None).init_from
+        config = paper.paper_config("B-5x5", None).init_from
         config.update(dict(mode="fc", workdir=self.workdir))
         params = init_from.initial_params(config, fresh)
         for name in params:
@@ -70,7 +72,7 @@ class InitFromTest(absltest.TestCase):
         jax.tree_util.tree_map(np.testing.assert_array_equal, params, self.net_a)
 
     def test_errors_name_the_problem(self):
-        config = common.paper_config("D", None).init_from
+        config = paper.paper_config("D", None).init_from
         config.mode = "deep"
         with self.assertRaisesRegex(ValueError, "shallow"):
             init_from.initial_params(config, {})

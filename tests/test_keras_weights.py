@@ -9,7 +9,8 @@ import jax
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from vgg_jax import keras_weights, models
+from vgg_jax import models
+from vgg_jax.weights import keras as keras_weights
 
 
 class KerasParityTest(parameterized.TestCase):

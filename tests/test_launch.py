@@ -4,10 +4,12 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 
+import pytest
 from absl.testing import absltest
 
-from vgg_jax import cli
+from vgg_jax.tools import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,6 +20,7 @@ def launch(*args):
     )
 
 
+@pytest.mark.slow
 class LaunchTest(absltest.TestCase):
     def test_summary_ends_with_paper_parameter_count(self):
         result = launch("--config=experiments/vgg19.py", "--mode=summary")
@@ -48,6 +51,22 @@ class LaunchTest(absltest.TestCase):
         result = launch("--config=experiments/vgg16.py", "--mode=summary", "--config.model.nme=D")
         self.assertIn("'model.nme'", result.stderr)
         self.assertIn("'name'", result.stderr)
+
+    def test_bad_values_stop_at_start_up_before_any_data_work(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            data_dir = os.path.join(tmp, "data")
+            result = launch(
+                "--config=experiments/demo.py",
+                f"--workdir={tmp}/run",
+                f"--config.input.data_dir={data_dir}",
+                "--config.evals.methods=('dnese',)",
+                "--config.input.batch_size=7",
+            )
+            self.assertFalse(os.path.exists(data_dir))  # nothing generated or prepared
+        self.assertNotEqual(result.returncode, 0)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertIn("config.evals.methods=('dnese',): unknown ['dnese']", result.stderr)
+        self.assertIn("config.input.batch_size=7: must be a positive multiple", result.stderr)
 
     def test_unknown_scale_variant(self):
         result = launch("--config=experiments/vgg16.py:s512", "--mode=summary")

@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from experiments import common
 from vgg_jax import models
+from vgg_jax.configs import paper
 
-# PAPER.md Table 2 (torchvision / Keras counts; A-LRN equals A; C is D minus three 3x3->1x1).
+# The paper's Table 2, exact (torchvision / Keras counts; A-LRN equals A; C is D minus three
+# 3x3->1x1 kernels).
 PAPER_PARAMS = {
     "A": 132_863_336,
     "A-LRN": 132_863_336,
@@ -30,7 +31,7 @@ def tiny(name="A", **kwargs):
 class ParameterCountTest(parameterized.TestCase):
     @parameterized.parameters(*PAPER_PARAMS.items())
     def test_paper_parameter_count(self, name, expected):
-        config = common.model_config(name)
+        config = paper.model_config(name)
         model = models.build_model(config, crop_size=224)
         params = models.abstract_params(model)
         self.assertEqual(models.count_params(params), expected)
@@ -45,7 +46,7 @@ class ParameterCountTest(parameterized.TestCase):
         """Section 4.1: B's ten 3x3 convs become five 5x5 convs, same channels, same FC layers.
         Expected count by hand at 224 px: the convs' 5*5*C_in*C_out + C_out (10,860,672) plus the
         three FC layers of every net (123,642,856)."""
-        config = common.model_config("B-5x5")
+        config = paper.model_config("B-5x5")
         params = models.abstract_params(models.build_model(config, crop_size=224))
         self.assertEqual(models.count_params(params), 10_860_672 + 123_642_856)
         convs = {n: p["kernel"].shape for n, p in params.items() if "conv" in n}
@@ -62,7 +63,7 @@ class ParameterCountTest(parameterized.TestCase):
         b_channels = [
             p["kernel"].shape[-1]
             for n, p in models.abstract_params(
-                models.build_model(common.model_config("B"), crop_size=224)
+                models.build_model(paper.model_config("B"), crop_size=224)
             ).items()
             if "conv" in n
         ]
@@ -70,10 +71,10 @@ class ParameterCountTest(parameterized.TestCase):
         self.assertLen(params, 8)
 
     def test_unknown_names_fail_with_valid_ones(self):
-        config = common.model_config("F")
+        config = paper.model_config("F")
         with self.assertRaisesRegex(ValueError, r"'F'.*'A-LRN'"):
             models.build_model(config, 224)
-        config = common.model_config("D")
+        config = paper.model_config("D")
         config.dtype = "float16"
         with self.assertRaisesRegex(ValueError, "bfloat16"):
             models.build_model(config, 224)
@@ -152,8 +153,8 @@ class DenseFormTest(absltest.TestCase):
         padded = jnp.full((2, 128, 160, 3), 7.0).at[:, :75, :101].set(images)
         sizes = jnp.array([[75, 101], [75, 101]])
         padded_map, padded_scores = model.apply({"params": params}, padded, sizes, method="dense")
-        self.assertEqual(score_map.shape, (2, 1, 2, 5))
-        np.testing.assert_allclose(padded_map[:, :1, :2], score_map, rtol=1e-5, atol=1e-6)
+        self.assertEqual(score_map.shape, (2, 2, 3, 5))  # ceil(75/32) - 1, ceil(101/32) - 1
+        np.testing.assert_allclose(padded_map[:, :2, :3], score_map, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(padded_scores, scores, rtol=1e-5, atol=1e-6)
         unmasked = model.apply({"params": params}, padded, method="dense")[1]
         self.assertFalse(np.allclose(unmasked, scores, rtol=1e-3))

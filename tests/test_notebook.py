@@ -8,6 +8,7 @@ import tempfile
 
 import nbclient
 import nbformat
+import pytest
 from absl.testing import absltest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,6 +29,7 @@ def text_of(output: dict) -> str:
     return data.get("text/markdown", "") + data.get("text/plain", "")
 
 
+@pytest.mark.slow
 class QuickstartNotebookTest(absltest.TestCase):
     @classmethod
     def setUpClass(cls):

@@ -6,12 +6,12 @@ import ml_collections
 import numpy as np
 from absl.testing import absltest
 
-from experiments import common
-from vgg_jax import optim
+from vgg_jax.configs import paper
+from vgg_jax.training import optim
 
 
 def schedule(**overrides):
-    config = common.schedule_config()
+    config = paper.schedule_config()
     config.update(overrides)
     return config
 
@@ -54,7 +54,7 @@ class PlateauTest(absltest.TestCase):
 
     def test_unknown_schedule(self):
         with self.assertRaisesRegex(ValueError, "plateau"):
-            optim.validate_schedule(schedule(kind="step"))
+            optim.check_schedule(schedule(kind="step"))
 
 
 class OptimizerTest(absltest.TestCase):
@@ -73,7 +73,7 @@ class OptimizerTest(absltest.TestCase):
         self.assertAlmostEqual(float(second["conv"]["bias"][0]), 1.9, places=6)
 
     def test_adam_option_and_unknown_name(self):
-        config = common.optim_config()
+        config = paper.optim_config()
         config.name = "adam"
         params = {"fc1": {"kernel": jnp.array([2.0, -1.0]), "bias": jnp.array([1.0])}}
         grads = {"fc1": {"kernel": jnp.array([1e-3, 5.0]), "bias": jnp.array([-3.0])}}

@@ -10,8 +10,8 @@ import pytest
 from absl.testing import absltest
 
 from experiments import study as study_config
-from vgg_jax import train
 from vgg_jax.study import findings, orchestrate, plan
+from vgg_jax.training import loop
 
 
 class PlanTest(absltest.TestCase):
@@ -103,7 +103,7 @@ class SmokeStudyTest(absltest.TestCase):
         first = plan.make_plan(config, resumed_dir)[0]
         partial = copy.deepcopy(first.config)
         partial.schedule.num_epochs = 1
-        train.train(partial, first.workdir)
+        loop.train(partial, first.workdir)
         self.assertFalse(orchestrate.is_finished(first))
         executed = []
 

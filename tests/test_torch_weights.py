@@ -10,7 +10,8 @@ import jax
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from vgg_jax import conventions, models, torch_weights
+from vgg_jax import conventions, models
+from vgg_jax.weights import torchvision as torch_weights
 
 TINY = dict(width=1 / 16, fc_width=32, num_classes=10)  # full depth and 224 crop, thin layers
 
@@ -187,12 +188,23 @@ class TorchvisionImportTest(parameterized.TestCase):
         path = os.path.join(self.create_tempdir().full_path, "model.pth")
         with zipfile.ZipFile(path, "w") as archive:
             archive.writestr("archive/data.pkl", pickle.dumps(collections.Counter(), protocol=2))
-        with self.assertRaisesRegex(pickle.UnpicklingError, "collections.Counter"):
-            torch_weights.read_pth(path)
+        with self.assertRaisesRegex(ValueError, "collections.Counter"):
+            torch_weights.read_pth(path)  # a ValueError: the import command prints one line
         with open(path, "wb") as f:
             f.write(b"not a torch file")
         with self.assertRaisesRegex(ValueError, "not a file written by torch.save"):
             torch_weights.read_pth(path)
+
+    def test_a_file_cut_short_says_so(self):
+        path = os.path.join(self.create_tempdir().full_path, "vgg.pth")
+        torch_weights.save_pth(path, torchvision_state_dict("A", np.random.default_rng(6), **TINY))
+        with open(path, "rb") as f:
+            whole = f.read()
+        for keep in (len(whole) // 2, len(whole) - 30):
+            with open(path, "wb") as f:
+                f.write(whole[:keep])
+            with self.assertRaisesRegex(ValueError, "cut short"):
+                torch_weights.read_pth(path)
 
     def test_nested_and_data_parallel_state_dicts(self):
         state_dict = torchvision_state_dict("A", np.random.default_rng(5), **TINY)

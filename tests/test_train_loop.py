@@ -13,10 +13,14 @@ import time
 
 import jax
 import numpy as np
+import pytest
 from absl.testing import absltest
 
 from experiments import demo
-from vgg_jax import checkpoint, train
+from tests import fixtures
+from vgg_jax import checkpoint, data, sharding
+from vgg_jax.evaluation import runner
+from vgg_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS, BATCH, TRAIN_SIZE = 4, 20, 100  # builtin "tiny": 100 training images -> 5 steps/epoch
@@ -93,13 +97,10 @@ class TrainLoopTest(absltest.TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        from vgg_jax import data
-
         cls.tmp = tempfile.mkdtemp()
-        cls.data_dir = os.path.join(cls.tmp, "builtin_data")
-        data.prepare(loop_config(cls.data_dir))
+        cls.data_dir = fixtures.builtin_data_dir()
         cls.reference_dir = os.path.join(cls.tmp, "reference")
-        cls.reference_state = train.train(loop_config(cls.data_dir), cls.reference_dir)
+        cls.reference_state = loop.train(loop_config(cls.data_dir), cls.reference_dir)
 
     @classmethod
     def tearDownClass(cls):
@@ -118,6 +119,41 @@ class TrainLoopTest(absltest.TestCase):
         with open(os.path.join(self.reference_dir, "metrics.jsonl")) as f:
             self.assertIn("val_top1_accuracy", f.read())
 
+    def test_evaluation_feeds_each_net_its_trained_convention(self):
+        """The demo trains with input.pixel_std 60: the checkpoint carries mean and std, and an
+        evaluation config that does not set pixel_std still feeds the net what it saw."""
+        _, _, meta = checkpoint.restore_params(self.reference_dir)
+        config = loop_config(self.data_dir)
+        self.assertEqual(tuple(meta["normalization"]["std"]), (60.0, 60.0, 60.0))
+        np.testing.assert_allclose(
+            meta["normalization"]["mean"], data.dataset_info(config).mean_rgb
+        )
+        config.input.pixel_std = None
+        config.evals.update(dict(methods=("dense",), single_scale=48, multi_scales=(48,)))
+        seen = []
+
+        def batches(config, scale, normalization):
+            seen.append(normalization)
+            return data.eval_batches(config, scale, normalization=normalization)
+
+        runner.evaluate_checkpoints(config, self.reference_dir, "latest", batches=batches)
+        self.assertEqual([tuple(n["std"]) for n in seen], [(60.0, 60.0, 60.0)])
+        config.input.pixel_std = (1.0, 1.0, 1.0)  # an explicit contradiction
+        with self.assertRaisesRegex(ValueError, "trained with input std \\(60.0"):
+            runner.evaluate_checkpoints(config, self.reference_dir, "latest", batches=batches)
+
+    def test_evaluating_another_net_or_class_count_fails_unless_asked(self):
+        config = loop_config(self.data_dir)
+        config.model.name = "B"
+        with self.assertRaisesRegex(ValueError, "another net .*'A' in the checkpoint vs 'B'"):
+            runner.evaluate_checkpoints(config, self.reference_dir, "latest")
+        net = runner.load_net(self.reference_dir, "latest", sharding.make_mesh(config.mesh), config)
+        with self.assertRaisesRegex(ValueError, "has 10 classes, the dataset .* has 1000"):
+            runner.check_net_fits(net, loop_config(self.data_dir), 1000)
+        config.evals.accept_checkpoint_net = True
+        runner.check_net_fits(net, config, 1000)  # asked for: no error
+
+    @pytest.mark.slow
     def test_sigkill_then_resume_is_bitwise_identical(self):
         workdir = self.create_tempdir().full_path
         args = launch_args(self.data_dir, workdir)
@@ -136,6 +172,7 @@ class TrainLoopTest(absltest.TestCase):
         self.assertEqual(step, TOTAL_STEPS)
         assert_trees_equal(params, final_params(self.reference_dir)[0])
 
+    @pytest.mark.slow
     def test_sigterm_saves_exits_and_resumes(self):
         workdir = self.create_tempdir().full_path
         args = launch_args(self.data_dir, workdir, **{"ckpt.every_steps": 1000})
@@ -155,13 +192,14 @@ class TrainLoopTest(absltest.TestCase):
         workdir = self.create_tempdir().full_path
         config = loop_config(self.data_dir, **{"optim.learning_rate": 1e12})
         config.schedule.num_epochs = 1
-        with self.assertRaisesRegex(train.NonFiniteLossError, "last good checkpoint"):
-            train.train(config, workdir)
+        with self.assertRaisesRegex(loop.NonFiniteLossError, "last good checkpoint"):
+            loop.train(config, workdir)
         for step in checkpoint.available_steps(workdir):
             params, _, _ = checkpoint.restore_params(workdir, step)
             finite = jax.tree_util.tree_map(lambda p: bool(np.isfinite(p).all()), params)
             self.assertTrue(all(jax.tree_util.tree_leaves(finite)))
 
+    @pytest.mark.slow
     def test_two_processes_match_one(self):
         workdir = self.create_tempdir().full_path
         with socket.socket() as s:

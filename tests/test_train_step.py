@@ -6,12 +6,13 @@ import numpy as np
 from absl.testing import absltest
 from jax.sharding import PartitionSpec as P
 
-from experiments import common
-from vgg_jax import models, optim, sharding, train
+from vgg_jax import models, sharding
+from vgg_jax.configs import paper
+from vgg_jax.training import optim, steps
 
 
 def tiny_model_config():
-    config = common.model_config("B")
+    config = paper.model_config("B")
     config.update(dict(num_classes=5, width=1 / 16, fc_width=16, init="glorot"))
     return config
 
@@ -27,15 +28,15 @@ def synthetic_batches(count, batch_size=8, size=32, seed=0):
     ]
 
 
-def train_steps(data: int, model: int, steps: int = 3):
+def train_steps(data: int, model: int, num_steps: int = 3):
     mesh_config = ml_collections.ConfigDict(dict(data=data, model=model))
     mesh = sharding.make_mesh(mesh_config, jax.devices()[: data * model])
     net = models.build_model(tiny_model_config(), crop_size=32)
-    tx = optim.make_optimizer(common.optim_config())
-    state, shardings = train.create_train_state(net, tx, mesh, seed=0)
-    step = train.make_train_step(net, tx, mesh, shardings, seed=0)
+    tx = optim.make_optimizer(paper.optim_config())
+    state, shardings = steps.create_train_state(net, tx, mesh, seed=0)
+    step = steps.make_train_step(net, tx, mesh, shardings, seed=0)
     losses = []
-    for batch in synthetic_batches(steps):
+    for batch in synthetic_batches(num_steps):
         state, sums = step(state, sharding.global_batch(batch, mesh), np.float32(0.05))
         losses.append(float(sums["loss_sum"]))
     return state, losses
@@ -64,8 +65,8 @@ class ShardedStepTest(absltest.TestCase):
         mesh = sharding.make_mesh(
             ml_collections.ConfigDict(dict(data=1, model=1)), jax.devices()[:1]
         )
-        fresh, _ = train.create_train_state(
-            net, optim.make_optimizer(common.optim_config()), mesh, 0
+        fresh, _ = steps.create_train_state(
+            net, optim.make_optimizer(paper.optim_config()), mesh, 0
         )
         self.assertFalse(
             np.allclose(fresh.params["fc3"]["kernel"], reference.params["fc3"]["kernel"])

@@ -117,7 +117,7 @@ def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
     if not os.path.isdir(directory):
         raise FileNotFoundError(
             f"No checkpoints in {workdir}: expected {directory}/<step>/ written by --mode=train "
-            "or by python -m vgg_jax.import_weights."
+            "or by python -m vgg_jax.tools.import_weights."
         )
     options = ocp.CheckpointManagerOptions(
         read_only=True,
@@ -166,7 +166,7 @@ def restore_params(
             if step is None or manager.metrics(step) is None:
                 step = steps[-1]  # nothing was validated yet: the newest is the best we have
         else:
-            step = int(which)
+            step = parse_step(which)
             if step not in steps:
                 raise ValueError(f"No checkpoint at step {step} in {workdir}; available: {steps}")
         restored = manager.restore(
@@ -183,6 +183,14 @@ def restore_params(
         return restored.params, step, dict(restored.meta)
     finally:
         manager.close()
+
+
+def parse_step(which: str | int) -> int:
+    """A checkpoint step given as an int or a string of digits; anything else fails naming the
+    valid choices (``latest``, ``best`` or a step number)."""
+    if isinstance(which, int) or (isinstance(which, str) and which.isdigit()):
+        return int(which)
+    raise ValueError(f"Unknown checkpoint {which!r}; valid: 'latest', 'best' or a step number.")
 
 
 def save_params(

@@ -45,7 +45,7 @@ CAFFE: InputConvention = dict(
 NAMED: dict[str, InputConvention] = {"torchvision": TORCHVISION, "caffe": CAFFE}
 
 
-def validate(convention: Mapping[str, Any]) -> InputConvention:
+def checked(convention: Mapping[str, Any]) -> InputConvention:
     """A checked copy of ``convention`` (e.g. read back from JSON, where tuples became lists)."""
     if not isinstance(convention, Mapping):
         raise TypeError(
@@ -85,7 +85,7 @@ def normalize(images: Any, convention: Mapping[str, Any]) -> Any:
     Keras' Caffe mode (flip to BGR, subtract mean), so each imported net sees bit-for-bit the
     input of its home framework.
     """
-    convention = validate(convention)
+    convention = checked(convention)
     if images.shape[-1] != 3:
         raise ValueError(f"normalize expects RGB images on the last axis, got shape {images.shape}")
     x = images.astype(np.float32)
@@ -100,7 +100,7 @@ def normalize(images: Any, convention: Mapping[str, Any]) -> Any:
 
 def describe(convention: Mapping[str, Any]) -> str:
     """One line for logs and docs, e.g. ``BGR, 0-255, mean (103.939, ...), std (1.0, ...)``."""
-    convention = validate(convention)
+    convention = checked(convention)
     top = "255" if convention["pixel_range"] == 255.0 else "1"
     return (
         f"{convention['channel_order']}, 0-{top}, mean {convention['mean']}, "

@@ -5,8 +5,8 @@ whole image at each test scale Q, the penultimate layer's (FC2, after ReLU) map 
 averaged into one descriptor, averaged with the horizontally flipped image's, averaged over the
 scales, L2-normalised, and a linear classifier is trained on the descriptors.
 
-    python -m vgg_jax.features --config=experiments/demo.py --workdir=workdirs/demo
-    python -m vgg_jax.features --config=experiments/demo.py --workdir=workdirs/demo \\
+    python -m vgg_jax.tools.features --config=experiments/demo.py --workdir=workdirs/demo
+    python -m vgg_jax.tools.features --config=experiments/demo.py --workdir=workdirs/demo \\
         --config.input.dataset=image_folder --config.input.folder=ROOT
 
 The command extracts train and eval descriptors (``input.train_split`` / ``input.eval_split`` at
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -97,23 +96,20 @@ def raw_pixels(images: jax.Array, sizes: jax.Array, side: int = 16) -> jax.Array
     return jax.vmap(one)(images, sizes)
 
 
-class FeatureMethods(methods.CompiledMethods):
-    """The evaluator's compiled methods with ``features`` (flip-averaged descriptors) and
-    ``pixels`` (the raw-pixel baseline) in place of the classifier's, so ``runner.evaluate_scale``
-    runs them: one compilation per bucket shape, sharded over the mesh's data axis."""
-
-    def __init__(self, model: models.VGG, mesh: Mesh, flip: bool = True, pixel_side: int = 16):
-        super().__init__(model, mesh, flip)
-        batch = sharding.batch_sharding(mesh)
-        shardings = dict(in_shardings=(self.param_shardings, batch, batch), out_shardings=batch)
-        self._jitted = {
-            FEATURES: jax.jit(
-                functools.partial(flip_averaged_descriptors, model, flip=flip), **shardings
-            ),
-            PIXELS: jax.jit(
-                lambda params, images, sizes: raw_pixels(images, sizes, pixel_side), **shardings
-            ),
-        }
+def feature_functions(
+    model: models.VGG, mesh: Mesh, flip: bool = True, pixel_side: int = 16
+) -> methods.CompiledFunctions:
+    """``features`` (flip-averaged descriptors) and ``pixels`` (the raw-pixel baseline) as the
+    evaluator's ``CompiledFunctions``, so ``runner.evaluate_scale`` runs them like its methods:
+    one compilation per bucket shape, sharded over the mesh's data axis."""
+    return methods.CompiledFunctions(
+        mesh,
+        methods.net_param_shardings(model, mesh),
+        {
+            FEATURES: functools.partial(flip_averaged_descriptors, model, flip=flip),
+            PIXELS: lambda params, images, sizes: raw_pixels(images, sizes, pixel_side),
+        },
+    )
 
 
 class Descriptors(NamedTuple):
@@ -157,19 +153,19 @@ def extract_features(
             "must be at least the crop size."
         )
     mesh = mesh or sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, model=1)))
-    functions = FeatureMethods(model, mesh, flip, pixel_side or 16)
+    functions = feature_functions(model, mesh, flip, pixel_side or 16)
     params = jax.device_put(params, functions.param_shardings)
-    # evaluate_scale checks labels against its net's class count: here the dataset's.
-    labels_model = model.clone(num_classes=num_classes or model.num_classes)
-    net = runner.Net("features", "", 0, labels_model, params, "-", None)
+    num_classes = num_classes or model.num_classes
     total, pixels, examples = None, None, None
     for position, scale in enumerate(scales):
         run = (FEATURES, PIXELS) if pixel_side and position == 0 else (FEATURES,)
-        outputs = runner.evaluate_scale(net, functions, batches(int(scale)), run, mesh)
+        outputs = runner.evaluate_scale(
+            params, functions, batches(int(scale)), run, mesh, num_classes
+        )
         examples = runner.check_scale(examples, outputs, scale)
-        features = outputs.probabilities[FEATURES]
+        features = outputs.results[FEATURES]
         total = features if total is None else total + features
-        pixels = outputs.probabilities.get(PIXELS, pixels)
+        pixels = outputs.results.get(PIXELS, pixels)
         logging.info("Descriptors of %d examples at Q=%d", len(outputs.labels), scale)
     features = l2_normalize(np.asarray(total, np.float32) / len(scales))
     return Descriptors(features, examples[1].astype(np.int32), pixels)
@@ -272,7 +268,7 @@ def linear_probe(
     from vgg_jax import data
 
     mesh = sharding.make_mesh(config.mesh)
-    runner.validate_evals(config, mesh)
+    runner.check_evals(config, mesh)
     data.prepare(config)
     info = data.dataset_info(config)
     net = runner.load_net(workdir, runner.parse_checkpoint_choice(which), mesh, config)
@@ -310,55 +306,3 @@ def linear_probe(
         feature_dim=train.features.shape[1],
         pixel_dim=train.pixels.shape[1],
     )
-
-
-def main(argv: list[str]) -> None:
-    from absl import app, flags
-
-    from vgg_jax import cli
-
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    cli.quiet_library_logs()
-    values = flags.FLAGS
-    if values.pixel_side < 1:
-        sys.exit(f"--pixel_side must be at least 1, got {values.pixel_side}.")
-    config = values.config
-    try:
-        probe = linear_probe(
-            config,
-            values.workdir,
-            values.checkpoint,
-            pixel_side=values.pixel_side,
-            l2=values.l2,
-            steps=values.steps,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"features: {e}")
-    scales = ", ".join(str(q) for q in config.evals.multi_scales)
-    print(
-        f"{probe.num_train} train / {probe.num_eval} eval examples of "
-        f"{config.input.dataset} ({config.input.train_split} / {config.input.eval_split}); "
-        f"descriptors: FC2 ({probe.feature_dim}-D), Q = {{{scales}}}, "
-        f"flip {bool(config.evals.flip)}; raw pixels: {values.pixel_side}x{values.pixel_side}x3 "
-        f"({probe.pixel_dim}-D); multinomial logistic regression, l2 {values.l2:g}"
-    )
-    print(f"linear on VGG features: top-1 accuracy {probe.feature_accuracy:.4f}")
-    print(f"linear on raw pixels: top-1 accuracy {probe.pixel_accuracy:.4f}", flush=True)
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    from vgg_jax import cli
-
-    # Defined here, not at import, so importing this module adds no flags to launch.py's.
-    config_flags.DEFINE_config_file("config", None, "Experiment config file[:argument].")
-    flags.DEFINE_string("workdir", None, "A training run's (or imported net's) directory.")
-    flags.DEFINE_string("checkpoint", "latest", "latest, best or a step number.")
-    flags.DEFINE_integer("pixel_side", 16, "Raw-pixel baseline: images shrunk to this squared.")
-    flags.DEFINE_float("l2", 1e-3, "L2 weight of both linear classifiers.")
-    flags.DEFINE_integer("steps", 300, "L-BFGS iterations of each linear classifier.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=lambda argv: cli.parse_flags(flags.FLAGS, argv or sys.argv))

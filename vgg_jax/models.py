@@ -106,15 +106,27 @@ def local_response_norm(
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2/2 max-pool (VALID: an odd last row or column is dropped).
+    """2x2/2 max-pool in Caffe's ceil mode: an odd last row or column is pooled on its own.
+
+    Caffe, which the paper used, rounds the pooled size up, so a dense score map sees the whole
+    image whatever its size; floor mode would drop up to 31 bottom and right pixels before the
+    score map. The odd row/column is padded with zeros, which equals Caffe's -inf padding because
+    every pool here follows a ReLU (or A-LRN's LRN of one): its inputs are >= 0. Training crops
+    are multiples of 32, so nothing is padded there.
 
     Written as a reshape and a max rather than ``nn.max_pool``: the same values and gradients, but
     XLA's CPU backward of the reshape form is about 2.5x faster than its select-and-scatter
     (docs/performance.md).
     """
     n, h, w, c = x.shape
-    x = x[:, : h // 2 * 2, : w // 2 * 2]
-    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    if h % 2 or w % 2:
+        x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+    return x.reshape(n, (h + 1) // 2, 2, (w + 1) // 2, 2, c).max(axis=(2, 4))
+
+
+def pooled_size(sizes: jax.Array | int, pools: int = 1) -> jax.Array | int:
+    """Valid height/width after ``pools`` ceil-mode 2x2/2 pools: ``ceil(size / 2**pools)``."""
+    return -(-sizes // 2**pools)
 
 
 def valid_mask(sizes: jax.Array, height: int, width: int) -> jax.Array:
@@ -125,8 +137,9 @@ def valid_mask(sizes: jax.Array, height: int, width: int) -> jax.Array:
 
 
 def score_map_size(sizes: jax.Array, window: int) -> jax.Array:
-    """Valid score-map size for images of ``sizes`` (h, w): five halvings, then FC1's window."""
-    return sizes // 2**NUM_POOLS - window + 1
+    """Valid score-map size for images of ``sizes`` (h, w): five ceil-mode halvings, then FC1's
+    window."""
+    return pooled_size(sizes, NUM_POOLS) - window + 1
 
 
 class WindowDense(nn.Module):
@@ -222,7 +235,7 @@ class VGG(nn.Module):
                 )(x)
                 x = masked(nn.relu(x), sizes)
             x = max_pool_2x2(x)
-            sizes = None if sizes is None else sizes // 2
+            sizes = None if sizes is None else pooled_size(sizes)
             x = masked(x, sizes)
             self.sow("intermediates", f"block{block_index}_pool", x)
         return x

@@ -9,10 +9,10 @@ The public interface (see ``docs/data.md``)::
     data.eval_batches(config, scale, *, split=None, normalization=None, process_index=None,
                       process_count=None)
     data.num_eval_examples(config, split=None) -> int
-    data.demo_input_config() -> dict          # the built-in dataset's recommended demo values
+    data.trained_convention(mean_rgb, input_config) -> dict  # what a net trained here sees
 
-The pipeline modules import TensorFlow; this package loads them on first use, so
-``vgg_jax.data.settings`` (and configs that read it) work without TensorFlow.
+The pipeline modules import TensorFlow; this package loads them on first use, so importing
+``vgg_jax.data`` alone costs nothing.
 """
 
 import importlib
@@ -25,13 +25,12 @@ _PIPELINE_NAMES = (
     "prepare",
     "steps_per_epoch",
     "train_batches",
+    "trained_convention",
 )
-__all__ = [*_PIPELINE_NAMES, "demo_input_config"]
+__all__ = list(_PIPELINE_NAMES)
 
 
 def __getattr__(name: str):
     if name in _PIPELINE_NAMES:
         return getattr(importlib.import_module("vgg_jax.data.pipeline"), name)
-    if name == "demo_input_config":
-        return importlib.import_module("vgg_jax.data.settings").demo_input_config
     raise AttributeError(f"module 'vgg_jax.data' has no attribute {name!r}")

@@ -122,7 +122,7 @@ def load_index(builder: tfds.core.DatasetBuilder, split: str) -> SplitIndex:
     path = index_path(builder, split)
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"No index for split {split!r} at {path}. Run `python -m vgg_jax.data "
+            f"No index for split {split!r} at {path}. Run `python -m vgg_jax.tools.data "
             "--config=<your config>` (or data.prepare(config)) first."
         )
     return _load(path, os.path.getmtime(path))

@@ -144,12 +144,13 @@ def _local_size(global_size: int, process_count: int, name: str) -> int:
 
 def trained_convention(mean_rgb, input_config: ml_collections.ConfigDict) -> dict:
     """The input convention of a net trained here: the training set's mean RGB subtracted and,
-    with ``input.pixel_std``, a division (the paper divides by nothing: std 1)."""
+    with ``input.pixel_std``, a division (the paper divides by nothing: std 1). Saved in every
+    checkpoint the loop writes, so evaluation and prediction see what training saw."""
     return dict(
         channel_order="RGB",
         pixel_range=255.0,
         mean=tuple(float(m) for m in mean_rgb),
-        std=tuple(float(s) for s in input_config.get("pixel_std", (1.0, 1.0, 1.0))),
+        std=tuple(float(s) for s in input_config.get("pixel_std") or (1.0, 1.0, 1.0)),
     )
 
 

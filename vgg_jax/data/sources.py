@@ -87,7 +87,7 @@ def prepared_builder(input_config: ml_collections.ConfigDict) -> tfds.core.Datas
     if not builder.is_prepared():
         raise FileNotFoundError(
             f"Dataset {input_config.dataset!r} is not prepared in {builder.data_dir}. Run "
-            "`python -m vgg_jax.data --config=<your config>` (or data.prepare(config)) first."
+            "`python -m vgg_jax.tools.data --config=<your config>` (or data.prepare(config)) first."
         )
     return builder
 

@@ -1,6 +1,7 @@
 """The training set's mean RGB and the eigen-pairs of its RGB covariance (AlexNet's PCA lighting).
 
-Computed by ``data.prepare`` (``python -m vgg_jax.data --config=...``) over the decodable training
+Computed by ``data.prepare`` (``python -m vgg_jax.tools.data --config=...``) over the decodable
+training
 images (at most ``max_images`` of them, a fixed random sample, at full resolution; every pixel
 counts once) and stored as ``vgg_jax_stats.json`` next to the data. The mean is in 0-255 units;
 the covariance is that of pixels scaled to [0, 1], the convention of the published ImageNet
@@ -104,7 +105,7 @@ def load_stats(builder: tfds.core.DatasetBuilder) -> dict:
     path = stats_path(builder)
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"No mean/PCA statistics at {path}. Run `python -m vgg_jax.data --config=<your "
+            f"No mean/PCA statistics at {path}. Run `python -m vgg_jax.tools.data --config=<your "
             "config>` (or data.prepare(config)) first."
         )
     with open(path) as f:

@@ -1,4 +1,4 @@
-"""Per-image preprocessing as TensorFlow ops (PAPER.md, sections 3.1 and 3.2).
+"""Per-image preprocessing as TensorFlow ops (the paper, sections 3.1 and 3.2).
 
 Training, for an image of size (h, w) and a scale S drawn uniformly from [Smin, Smax]: rescaling
 isotropically to smallest side S and cutting a crop x crop window is the same as cutting a square
@@ -41,9 +41,9 @@ class Normalization:
 
     @classmethod
     def from_dict(cls, spec: dict) -> Normalization:
-        """From an input-convention dict, checked by ``vgg_jax.conventions.validate``, the one
+        """From an input-convention dict, checked by ``vgg_jax.conventions.checked``, the one
         definition of its keys (``conventions.normalize`` is the NumPy twin of ``normalise``)."""
-        checked = conventions.validate(spec)
+        checked = conventions.checked(spec)
         return cls(
             mean=checked["mean"],
             std=checked["std"],

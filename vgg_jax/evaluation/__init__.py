@@ -1,7 +1,7 @@
 """The evaluator: the paper's testing protocol (section 3.2) over Orbax checkpoints.
 
-``methods`` (dense, multi-crop: on-device functions of a padded batch), ``runner``
-(``--mode=evaluate``: scales, combination, fusion, exact counts), ``report`` (the tables),
-``continuous`` (evaluate each new checkpoint of a training run), ``predict`` (one image, and its
-score map as a PNG). ``vgg_jax.evaluate`` gathers the public entry points.
+``methods`` (dense and multi-crop as on-device functions of a padded batch, and
+``CompiledFunctions`` that any caller reuses), ``runner`` (``run_evaluation``: scales,
+combination, fusion, exact counts), ``report`` (the tables), ``continuous`` (``watch``: evaluate
+each new checkpoint of a training run), ``predict`` (one image, and its score map as a PNG).
 """

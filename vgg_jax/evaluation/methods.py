@@ -10,13 +10,14 @@ with their valid ``sizes`` ``(N, 2)``; every function here keeps the padding out
   at the top-left corner, last at the bottom-right) plus their flips, cut on the device, each
   classified, softmax averaged over the crops (50 per scale for the paper's 5x5 grid).
 
-``CompiledMethods`` jits them once per net and mesh and compiles once per bucket shape.
+``CompiledFunctions`` jits them once per net and mesh and compiles once per bucket shape.
 Softmax outputs, never logits, are what later steps average (scales, methods, nets).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -45,16 +46,32 @@ def dense_scores(
     return scores
 
 
-def dense_probabilities(
-    model: models.VGG, params: Any, images: jax.Array, sizes: jax.Array, flip: bool = True
-) -> jax.Array:
-    """Dense evaluation's softmax ``(N, classes)``, averaged with the flipped image's when
-    ``flip`` (the paper averages the soft-max posteriors of an image and its flip)."""
-    probabilities = jax.nn.softmax(dense_scores(model, params, images, sizes))
+def dense_outputs(
+    model: models.VGG,
+    params: Any,
+    images: jax.Array,
+    sizes: jax.Array | None = None,
+    flip: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Dense evaluation of a batch: the class score maps ``(N, h, w, classes)`` and the softmax
+    ``(N, classes)`` of their average over each image's valid cells, averaged with the flipped
+    image's softmax when ``flip`` (the paper averages the soft-max posteriors of an image and its
+    flip). ``sizes=None``: every image fills the batch's shape."""
+    if sizes is None:
+        sizes = jnp.broadcast_to(jnp.asarray(images.shape[1:3], jnp.int32), (images.shape[0], 2))
+    score_map, scores = model.apply({"params": params}, images, sizes, method="dense")
+    probabilities = jax.nn.softmax(scores)
     if flip:
         flipped = dense_scores(model, params, flip_within_valid(images, sizes), sizes)
         probabilities = (probabilities + jax.nn.softmax(flipped)) / 2
-    return probabilities
+    return score_map, probabilities
+
+
+def dense_probabilities(
+    model: models.VGG, params: Any, images: jax.Array, sizes: jax.Array, flip: bool = True
+) -> jax.Array:
+    """Dense evaluation's softmax ``(N, classes)`` (``dense_outputs`` without the maps)."""
+    return dense_outputs(model, params, images, sizes, flip)[1]
 
 
 def grid_offsets(sizes: jax.Array, crop_size: int, grid: int = 5) -> jax.Array:
@@ -129,49 +146,66 @@ def multi_crop_probabilities(
     return total / (grid * grid * copies)
 
 
-class CompiledMethods:
-    """The dense and multi-crop functions of one net on one mesh, jitted once and compiled ahead
-    of time once per batch shape (the data pipeline's few bucket shapes), so compilation is
-    bounded, countable, and never inside a timed call.
+# A function the evaluator runs on padded batches: (params, images, sizes) -> per-example rows.
+BatchFunction = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
-    Calls take ``(method, params, images, sizes)`` with global arrays (``sharding.global_batch``)
-    and return softmax ``(N, classes)`` sharded over the mesh's ``data`` axis.
+
+class CompiledFunctions:
+    """Named functions of one net's parameters and a padded batch, jitted once with explicit
+    shardings (parameters as ``param_shardings``, batch and outputs split over the mesh's
+    ``data`` axis) and compiled ahead of time once per batch shape (the data pipeline's few
+    bucket shapes), so compilation is bounded, countable and never inside a timed call.
+
+    The evaluator's methods (``compiled_methods``) and the feature extractor's descriptors
+    (``vgg_jax.features``) are instances; ``runner.evaluate_scale`` runs any of them.
     """
 
-    def __init__(self, model: models.VGG, mesh: Mesh, flip: bool = True, grid: int = 5):
-        self.param_shardings = sharding.param_shardings(mesh, models.abstract_params(model))
+    def __init__(self, mesh: Mesh, param_shardings: Any, functions: Mapping[str, BatchFunction]):
+        self.param_shardings = param_shardings
         batch = sharding.batch_sharding(mesh)
-        shardings = dict(in_shardings=(self.param_shardings, batch, batch), out_shardings=batch)
         self._jitted = {
-            "dense": jax.jit(functools.partial(dense_probabilities, model, flip=flip), **shardings),
-            "multi_crop": jax.jit(
-                functools.partial(multi_crop_probabilities, model, grid=grid, flip=flip),
-                **shardings,
-            ),
+            name: jax.jit(
+                function, in_shardings=(param_shardings, batch, batch), out_shardings=batch
+            )
+            for name, function in functions.items()
         }
         self._compiled: dict[tuple, Any] = {}
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._jitted)
 
     @property
     def compilations(self) -> int:
         return len(self._compiled)
 
-    def compile(self, method: str, params: Any, images: jax.Array, sizes: jax.Array) -> Any:
-        """The executable for this method and batch shape, compiled on first use."""
-        if method not in self._jitted:
-            raise ValueError(f"Unknown evaluation method {method!r}; valid: {list(self._jitted)}")
-        key = (method, images.shape, str(images.dtype), sizes.shape)
+    def compile(self, name: str, params: Any, images: jax.Array, sizes: jax.Array) -> Any:
+        """The executable for this function and batch shape, compiled on first use."""
+        if name not in self._jitted:
+            raise ValueError(f"Unknown function {name!r}; valid: {list(self._jitted)}")
+        key = (name, images.shape, str(images.dtype), sizes.shape)
         if key not in self._compiled:
-            self._compiled[key] = self._jitted[method].lower(params, images, sizes).compile()
+            self._compiled[key] = self._jitted[name].lower(params, images, sizes).compile()
         return self._compiled[key]
 
-    def __call__(self, method: str, params: Any, images: jax.Array, sizes: jax.Array) -> jax.Array:
-        return self.compile(method, params, images, sizes)(params, images, sizes)
+    def __call__(self, name: str, params: Any, images: jax.Array, sizes: jax.Array) -> jax.Array:
+        return self.compile(name, params, images, sizes)(params, images, sizes)
+
+
+def net_param_shardings(model: models.VGG, mesh: Mesh) -> Any:
+    """Where ``model``'s parameters live on ``mesh`` (``sharding.param_shardings``)."""
+    return sharding.param_shardings(mesh, models.abstract_params(model))
 
 
 @functools.lru_cache(maxsize=8)
 def compiled_methods(
     model: models.VGG, mesh: Mesh, flip: bool = True, grid: int = 5
-) -> CompiledMethods:
-    """One ``CompiledMethods`` per (net, mesh, flip, grid), shared by every checkpoint of a net
-    (continuous evaluation reuses the executables)."""
-    return CompiledMethods(model, mesh, flip, grid)
+) -> CompiledFunctions:
+    """The paper's two base methods of one net (softmax ``(N, classes)`` each), one instance per
+    (net, mesh, flip, grid), shared by every checkpoint of a net (continuous evaluation reuses
+    the executables)."""
+    functions = {
+        "dense": functools.partial(dense_probabilities, model, flip=flip),
+        "multi_crop": functools.partial(multi_crop_probabilities, model, grid=grid, flip=flip),
+    }
+    return CompiledFunctions(mesh, net_param_shardings(model, mesh), functions)

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from vgg_jax import checkpoint, conventions, models
+from vgg_jax.evaluation import methods
 
 STRIDE = 2**models.NUM_POOLS  # pixels between neighbouring score-map cells
 NUM_IMAGENET_CLASSES = 1000
@@ -55,7 +56,7 @@ def _full_convention(normalization: Mapping[str, Any]) -> conventions.InputConve
     """A caller's convention dict may omit std, channel order and range (the paper's defaults:
     std 1, RGB, 0-255); checkpoints and ``load_for_prediction`` give all four."""
     defaults = dict(channel_order="RGB", pixel_range=255.0, std=(1.0, 1.0, 1.0))
-    return conventions.validate({**defaults, **normalization})
+    return conventions.checked({**defaults, **normalization})
 
 
 def resize_smaller_side(pixels: np.ndarray, scale: int) -> np.ndarray:
@@ -68,15 +69,8 @@ def resize_smaller_side(pixels: np.ndarray, scale: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _dense_one_image(model: models.VGG, flip: bool):
-    def run(params, image):
-        score_map, scores = model.apply({"params": params}, image[None], method="dense")
-        probabilities = jax.nn.softmax(scores[0])
-        if flip:
-            _, flipped = model.apply({"params": params}, image[None, :, ::-1], method="dense")
-            probabilities = (probabilities + jax.nn.softmax(flipped[0])) / 2
-        return score_map[0], probabilities
-
-    return jax.jit(run)
+    """The evaluator's dense method on one image, jitted once per (net, flip)."""
+    return jax.jit(lambda params, images: methods.dense_outputs(model, params, images, None, flip))
 
 
 def predict(
@@ -117,9 +111,10 @@ def predict(
         )
     if normalization is not None:
         pixels = conventions.normalize(pixels, _full_convention(normalization))
-    score_map, probabilities = jax.device_get(
-        _dense_one_image(model, flip)(params, jnp.asarray(pixels))
+    score_maps, probabilities = jax.device_get(
+        _dense_one_image(model, flip)(params, jnp.asarray(pixels)[None])
     )
+    score_map, probabilities = score_maps[0], probabilities[0]
     if class_names is None and model.num_classes == NUM_IMAGENET_CLASSES:
         class_names = imagenet_class_names()
     if class_names is not None and len(class_names) != model.num_classes:

@@ -53,7 +53,8 @@ class Net:
     model: models.VGG
     params: Any
     train_scale: str
-    normalization: dict | None
+    normalization: dict | None  # the input convention it was trained with (None: not stored)
+    train_input: dict  # the training config's input group (or the evaluation config's)
 
 
 @dataclasses.dataclass
@@ -81,33 +82,55 @@ def scales_needed(evals: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 def parse_checkpoint_choice(which: Any) -> str | int:
     """``latest``, ``best`` or a step number (an int or a string of digits)."""
-    if isinstance(which, int) or (isinstance(which, str) and which.isdigit()):
-        return int(which)
-    if which not in CHECKPOINT_CHOICES:
-        raise ValueError(
-            f"Unknown evals.checkpoint {which!r}; valid: {list(CHECKPOINT_CHOICES)} or a step."
-        )
-    return which
+    if which in CHECKPOINT_CHOICES:
+        return which
+    return checkpoint.parse_step(which)
 
 
-def validate_evals(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-    """Fails at start-up on unknown method names, empty scale sets or a batch the mesh cannot
-    split, naming what is valid."""
-    evals = config.evals
+def evals_problems(config: ml_collections.ConfigDict, data_devices: int) -> list[str]:
+    """One line per ``evals`` value (and eval batch size) that evaluation cannot run with:
+    unknown method names, empty or too small test scales, a bad grid or checkpoint choice, a
+    batch the mesh's ``data_devices`` cannot split. ``checks.check_config`` reports them at
+    start-up; ``check_evals`` raises them for library callers."""
+    evals, problems = config.evals, []
     unknown = [m for m in evals.methods if m not in METHODS]
     if unknown or not evals.methods:
-        raise ValueError(f"Unknown evals.methods {unknown or '()'}; valid: {list(METHODS)}")
-    if not evals.multi_scales:
-        raise ValueError("evals.multi_scales is empty; give at least one test scale Q.")
-    if int(evals.multi_crop_grid) < 1:
-        raise ValueError(f"evals.multi_crop_grid must be >= 1, got {evals.multi_crop_grid}.")
-    parse_checkpoint_choice(evals.checkpoint)
-    data_devices = mesh.shape[sharding.DATA]
-    if config.input.eval_batch_size % data_devices:
-        raise ValueError(
-            f"input.eval_batch_size={config.input.eval_batch_size} does not split over the "
-            f"{data_devices} devices of the mesh's data axis; use a multiple of {data_devices}."
+        problems.append(
+            f"config.evals.methods={tuple(evals.methods)!r}: unknown {unknown or 'empty'}; "
+            f"valid: {list(METHODS)}"
         )
+    if not evals.multi_scales:
+        problems.append("config.evals.multi_scales=(): give at least one test scale Q")
+    crop = int(config.input.crop_size)
+    small = [q for q in scales_needed(evals) if q < crop]
+    if small:
+        key = "single_scale" if int(evals.single_scale) in small else "multi_scales"
+        problems.append(
+            f"config.evals.{key}={evals[key]!r}: every test scale Q must be at least "
+            f"input.crop_size ({crop}); {small} are not"
+        )
+    if int(evals.multi_crop_grid) < 1:
+        problems.append(f"config.evals.multi_crop_grid={evals.multi_crop_grid}: must be >= 1")
+    try:
+        parse_checkpoint_choice(evals.checkpoint)
+    except ValueError:
+        problems.append(
+            f"config.evals.checkpoint={evals.checkpoint!r}: valid: "
+            f"{list(CHECKPOINT_CHOICES)} or a step number"
+        )
+    if config.input.eval_batch_size % data_devices:
+        problems.append(
+            f"config.input.eval_batch_size={config.input.eval_batch_size}: must be a multiple of "
+            f"the {data_devices} devices of the mesh's data axis"
+        )
+    return problems
+
+
+def check_evals(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """Raises ``ValueError`` with every ``evals_problems`` line."""
+    problems = evals_problems(config, mesh.shape[sharding.DATA])
+    if problems:
+        raise ValueError("\n".join(problems))
 
 
 def split_fusion_entry(entry: str, default: str | int) -> tuple[str, str | int]:
@@ -160,7 +183,57 @@ def load_net(
         params=params,
         train_scale=train_scale,
         normalization=meta.get("normalization"),
+        train_input=dict(train_config.get("input") or fallback.input.to_dict()),
     )
+
+
+MODEL_KEYS = ("name", "num_classes", "width", "fc_width")
+
+
+def check_net_fits(
+    net: Net, config: ml_collections.ConfigDict, num_classes: int | None, own: bool = True
+) -> None:
+    """A net whose checkpoint describes another model than ``config`` does (``own``: the
+    workdir's net, whose results the evaluation writes; fusion partners may differ), or whose
+    class count is not the dataset's, would be scored silently wrong (100% error, or another
+    net's results written over this workdir's): an error unless ``evals.accept_checkpoint_net``."""
+    if config.evals.get("accept_checkpoint_net"):
+        return
+    model = net.model
+    differ = [
+        f"{key} {getattr(model, key)!r} in the checkpoint vs {config.model[key]!r}"
+        for key in MODEL_KEYS[1:]
+        if own and getattr(model, key) != config.model[key]
+    ]
+    if own and net.name != config.model.name:
+        differ.insert(0, f"net {net.name!r} in the checkpoint vs {config.model.name!r}")
+    if differ:
+        raise ValueError(
+            f"The checkpoint in {net.workdir} (step {net.step}) is another net than the config "
+            f"describes ({'; '.join(differ)}). Evaluate it with its own config, or pass "
+            "--config.evals.accept_checkpoint_net=True to score the checkpoint's net anyway."
+        )
+    if num_classes is not None and model.num_classes != num_classes:
+        raise ValueError(
+            f"Net {net.name} in {net.workdir} has {model.num_classes} classes, the dataset "
+            f"{config.input.dataset!r} has {num_classes}. Pass "
+            "--config.evals.accept_checkpoint_net=True to score it anyway."
+        )
+
+
+def check_convention(net: Net, config: ml_collections.ConfigDict) -> None:
+    """Each net is fed the input convention it was trained with; an explicit ``input.pixel_std``
+    in the evaluation config that contradicts it is a mistake, not an instruction."""
+    wanted = config.input.get("pixel_std")
+    if wanted is None or net.normalization is None:
+        return
+    stored = tuple(float(s) for s in net.normalization["std"])
+    if tuple(float(s) for s in wanted) != stored:
+        raise ValueError(
+            f"Net {net.name} in {net.workdir} was trained with input std {stored}, the config "
+            f"sets input.pixel_std={tuple(wanted)}. Evaluation always uses the net's own input "
+            "convention: drop the override (or set it to the trained value)."
+        )
 
 
 def combine(probabilities: Sequence[np.ndarray]) -> np.ndarray:
@@ -192,33 +265,35 @@ class ScaleOutputs:
     """Every real example of the split at one scale (all processes' examples, on every host),
     in ``index`` order when the batches name their examples, else in the order they came."""
 
-    probabilities: dict[str, np.ndarray]  # base method -> (examples, classes)
+    results: dict[str, np.ndarray]  # function name -> (examples, ...), e.g. softmax per method
     labels: np.ndarray
     index: np.ndarray | None
-    seconds: dict[str, float]  # base method -> device seconds (compilation excluded)
+    seconds: dict[str, float]  # function name -> device seconds (compilation excluded)
 
 
 def evaluate_scale(
-    net: Net,
-    functions: methods.CompiledMethods,
+    params: Any,
+    functions: methods.CompiledFunctions,
     batches: Iterable[dict[str, np.ndarray]],
     run: Sequence[str],
     mesh: Mesh,
+    num_classes: int | None = None,
 ) -> ScaleOutputs:
-    """One pass over the split at one test scale; each method in ``run`` on every batch.
+    """One pass over the split at one test scale; each function in ``run`` on every batch.
 
     Outputs, labels, masks and example ids travel as one global batch, so every host gathers
     the same global rows whatever the process count, and examples that a scale's bucketing
     hands to another process or batch still line up by ``index`` across scales and nets.
+    ``num_classes``: labels must be below it (a net scored on another dataset fails here).
     """
     kept: dict[str, list[np.ndarray]] = {m: [] for m in run}
     labels, order = [], []
     seconds = dict.fromkeys(run, 0.0)
     for local in batches:
-        if local["label"].max(initial=0) >= net.model.num_classes:
+        if num_classes is not None and local["label"].max(initial=0) >= num_classes:
             raise ValueError(
-                f"A label {int(local['label'].max())} is out of range for net {net.name} with "
-                f"{net.model.num_classes} classes: evaluate it on its own dataset."
+                f"A label {int(local['label'].max())} is out of range for a net with "
+                f"{num_classes} classes: evaluate it on its own dataset."
             )
         named = "index" in local
         extra = {"index": np.asarray(local["index"], np.int32)} if named else {}
@@ -227,19 +302,17 @@ def evaluate_scale(
         )
         keep = _to_host(batch["mask"]).astype(bool)
         for method in run:
-            executable = functions.compile(method, net.params, batch["image"], batch["size"])
+            executable = functions.compile(method, params, batch["image"], batch["size"])
             start = time.perf_counter()
-            probabilities = jax.block_until_ready(
-                executable(net.params, batch["image"], batch["size"])
-            )
+            result = jax.block_until_ready(executable(params, batch["image"], batch["size"]))
             seconds[method] += time.perf_counter() - start
-            kept[method].append(_to_host(probabilities)[keep])
+            kept[method].append(_to_host(result)[keep])
         labels.append(_to_host(batch["label"])[keep])
         if named:
             order.append(_to_host(batch["index"])[keep])
-    classes = net.model.num_classes
     stacked = {
-        m: np.concatenate(v) if v else np.zeros((0, classes), np.float32) for m, v in kept.items()
+        m: np.concatenate(v) if v else np.zeros((0, num_classes or 0), np.float32)
+        for m, v in kept.items()
     }
     label_array = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
     index = None
@@ -340,7 +413,12 @@ def evaluate_net(
     examples = None
     for scale in scales_needed(evals):
         outputs = evaluate_scale(
-            net, functions, batches(config, scale, net.normalization), run, mesh
+            net.params,
+            functions,
+            batches(config, scale, net.normalization),
+            run,
+            mesh,
+            net.model.num_classes,
         )
         examples = check_scale(examples, outputs, scale)
         labels = outputs.labels
@@ -354,7 +432,7 @@ def evaluate_net(
                 net.name,
                 net.train_scale,
                 [scale],
-                outputs.probabilities,
+                outputs.results,
                 labels,
                 outputs.seconds,
                 evals.methods,
@@ -362,7 +440,7 @@ def evaluate_net(
             )
         if scale in multi:
             for method in run:
-                sums[method] = sums.get(method, 0.0) + outputs.probabilities[method]
+                sums[method] = sums.get(method, 0.0) + outputs.results[method]
                 seconds[method] += outputs.seconds[method]
         logging.info(
             "%s step %d Q=%d: %s (%d compilations so far)",
@@ -436,20 +514,31 @@ def evaluate_checkpoints(
     """Rows for the checkpoint ``which`` of ``workdir`` and (``fusion``) the fusion workdirs'
     checkpoints, and a description of what was evaluated. Nothing is printed or written."""
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-    validate_evals(config, mesh)
-    expected_count = None
+    check_evals(config, mesh)
+    expected_count, data_info = None, None
     if batches is None:
         from vgg_jax import data
 
         batches = _default_batches
         expected_count = data.num_eval_examples(config)
+        data_info = data.dataset_info(config)
     default_choice = which if which in CHECKPOINT_CHOICES else "latest"
     entries = [(workdir, which)]
     if fusion:
         entries += [split_fusion_entry(e, default_choice) for e in config.evals.fusion_workdirs]
+    num_classes = data_info.num_classes if data_info else None
     nets, outputs = [], []
-    for entry_workdir, choice in entries:
+    for position, (entry_workdir, choice) in enumerate(entries):
         net = load_net(entry_workdir, choice, mesh, config)
+        check_net_fits(net, config, num_classes, own=position == 0)
+        check_convention(net, config)
+        if net.normalization is None and data_info is not None:
+            # Saved before checkpoints carried their convention: rebuild it from the saved
+            # training config (its pixel_std), with the dataset's mean.
+            from vgg_jax import data
+
+            train_input = ml_collections.ConfigDict(net.train_input)
+            net.normalization = data.trained_convention(data_info.mean_rgb, train_input)
         logging.info("Evaluating net %s, step %d, from %s", net.name, net.step, net.workdir)
         nets.append(net)
         outputs.append(evaluate_net(config, net, mesh, batches, expected_count))

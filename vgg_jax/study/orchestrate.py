@@ -74,9 +74,10 @@ def execute(run: plan.Run) -> None:
         rows, about = runner.evaluate_checkpoints(run.config, run.fusion[0], "latest")
         eval_report.write_results(run.workdir, rows, about)
         return
-    from vgg_jax import data, train
+    from vgg_jax import data
+    from vgg_jax.training import loop
 
-    state = train.train(run.config, run.workdir)
+    state = loop.train(run.config, run.workdir)
     total_steps = int(run.config.schedule.num_epochs * data.steps_per_epoch(run.config))
     if int(state.step) < total_steps:
         raise Interrupted(f"{run.name} stopped at step {int(state.step)} of {total_steps}.")

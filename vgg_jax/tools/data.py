@@ -1,7 +1,7 @@
 """Prepares a config's dataset and prints what the pipeline will read.
 
-    python -m vgg_jax.data --config=experiments/demo.py
-    python -m vgg_jax.data --config=experiments/vgg16.py --config.input.data_dir=~/tfds \
+    python -m vgg_jax.tools.data --config=experiments/demo.py
+    python -m vgg_jax.tools.data --config=experiments/vgg16.py --config.input.data_dir=~/tfds \
         --config.input.manual_dir=~/ilsvrc2012 --config.input.stats_source=computed
 
 Generates / builds the TFDS files, indexes each split (sizes, formats, decode check) and computes
@@ -16,8 +16,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from vgg_jax import cli
 from vgg_jax.data import pipeline
+from vgg_jax.tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.")
 

@@ -2,15 +2,16 @@
 
 A file holds the parameter tree, flattened to ``"block1_conv1/kernel"``-style names, and a JSON
 ``meta`` dict. ``meta`` says what the weights are: ``net`` (a Table 1 name) and ``normalization``
-(the ``conventions.InputConvention`` they expect) are what ``python -m vgg_jax.import_weights``
-reads back; ``export_checkpoint`` also stores the run's training ``config``.
+(the ``conventions.InputConvention`` they expect) are what
+``python -m vgg_jax.tools.import_weights`` reads back; ``export_checkpoint`` also stores the run's
+training ``config``.
 
 Dtypes survive exactly, including ``bfloat16``, which NumPy's own ``.npy`` format cannot name: such
 arrays are stored as unsigned integers of the same width and viewed back on load. The safetensors
 files follow that format's specification (an 8-byte header length, a JSON header, one flat byte
 buffer) and are written and read with NumPy alone; other safetensors readers open them too.
 
-    python -m vgg_jax.export --workdir=workdirs/vgg16 --out=vgg16.safetensors
+    python -m vgg_jax.tools.export --workdir=workdirs/vgg16 --out=vgg16.safetensors
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def load_npz(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     with np.load(os.fspath(path), allow_pickle=False) as npz:
         if NPZ_HEADER_KEY not in npz.files:
             raise ValueError(
-                f"{path} was not written by vgg_jax.export.save_npz (no {NPZ_HEADER_KEY})."
+                f"{path} was not written by vgg_jax.weights.export.save_npz (no {NPZ_HEADER_KEY})."
             )
         header = json.loads(npz[NPZ_HEADER_KEY].tobytes().decode("utf-8"))
         flat = {}
@@ -220,27 +221,3 @@ def _atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def main(argv: list[str]) -> None:
-    from absl import app, flags
-
-    from vgg_jax import cli
-
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    cli.quiet_library_logs()
-    workdir, out = flags.FLAGS.workdir, flags.FLAGS.out
-    meta = export_checkpoint(workdir, out, flags.FLAGS.which)
-    print(f"wrote {out}: net {meta['net']}, step {meta['step']}, from {workdir}")
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-
-    # Defined here, not at import, so importing this module adds no flags to launch.py's.
-    flags.DEFINE_string("workdir", None, "Run directory whose checkpoint to export.")
-    flags.DEFINE_string("out", None, f"Output file; suffix one of {list(FORMATS)}.")
-    flags.DEFINE_string("which", "latest", "Checkpoint: latest, best or a step number.")
-    flags.mark_flags_as_required(["workdir", "out"])
-    app.run(main)

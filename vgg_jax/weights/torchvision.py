@@ -128,14 +128,33 @@ class _StateDictUnpickler(pickle.Unpickler):
         return self.storages[key]
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # a zip archive's first local file header
+
+
 def read_pth(path: str | os.PathLike) -> Any:
-    """The object saved in a ``.pth`` file (typically a state dict), tensors as NumPy arrays."""
+    """The object saved in a ``.pth`` file (typically a state dict), tensors as NumPy arrays.
+
+    Every problem with the file is a ``ValueError`` whose one line says what is wrong: a pickled
+    model instead of its state dict, a zip archive cut short (an interrupted download), a file
+    that is not from ``torch.save``."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No .pth file at {path}")
-    if zipfile.is_zipfile(path):
-        return _read_zip(path)
-    return _read_legacy(path)
+    with open(path, "rb") as f:
+        starts_as_zip = f.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+    try:
+        if zipfile.is_zipfile(path):
+            return _read_zip(path)
+        if starts_as_zip:
+            raise ValueError(
+                f"{path} is a zip archive cut short or damaged (no central directory): an "
+                "interrupted download? Fetch the file again."
+            )
+        return _read_legacy(path)
+    except pickle.UnpicklingError as e:
+        raise ValueError(str(e)) from None
+    except (zipfile.BadZipFile, EOFError, struct.error) as e:
+        raise ValueError(f"{path} is damaged or cut short ({e}): fetch the file again.") from None
 
 
 def _read_zip(path: str) -> Any:

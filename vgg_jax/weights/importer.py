@@ -1,6 +1,6 @@
 """Turns imported weights into a vgg_jax checkpoint that ``--mode=evaluate`` and ``init_from`` take.
 
-    python -m vgg_jax.import_weights --source=vgg16-397923af.pth --format=torchvision \\
+    python -m vgg_jax.tools.import_weights --source=vgg16-397923af.pth --format=torchvision \\
         --workdir=workdirs/torchvision_vgg16
     python launch.py --config=experiments/vgg16.py --mode=evaluate \\
         --workdir=workdirs/torchvision_vgg16
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,8 +25,9 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from experiments import common
-from vgg_jax import checkpoint, conventions, export, models
+from vgg_jax import checkpoint, conventions, models
+from vgg_jax.configs import paper
+from vgg_jax.weights import export
 
 # The experiment config of each paper net, for the evaluation command printed at the end.
 EXPERIMENTS = {
@@ -50,14 +50,14 @@ class ImportedNet:
 
 
 def _from_torchvision(path: str) -> ImportedNet:
-    from vgg_jax import torch_weights
+    from vgg_jax.weights import torchvision as torch_weights
 
     net, params = torch_weights.load_torchvision_weights(path)
     return ImportedNet(net, params, torch_weights.TORCHVISION_INPUT)
 
 
 def _from_keras(path: str) -> ImportedNet:
-    from vgg_jax import keras_weights  # TensorFlow is imported only on this path
+    from vgg_jax.weights import keras as keras_weights  # TensorFlow is imported only here
 
     net, params = keras_weights.load_keras_weights(path)
     return ImportedNet(net, params, keras_weights.KERAS_INPUT)
@@ -108,7 +108,7 @@ def fit_model_config(net: str, params: Mapping[str, Any]) -> tuple[ml_collection
         raise ValueError(f"These weights have no layer {last_conv}: not net {net}.")
     last_channels = np.shape(params[last_conv]["kernel"])[-1]
     window = round((np.shape(params["fc1"]["kernel"])[0] / last_channels) ** 0.5)
-    config = common.model_config(net)
+    config = paper.model_config(net)
     config.width = np.shape(params["block1_conv1"]["kernel"])[-1] / 64
     config.fc_width = int(np.shape(params["fc1"]["kernel"])[-1])
     config.num_classes = int(np.shape(params["fc3"]["kernel"])[-1])
@@ -130,7 +130,7 @@ def training_config(net: str, params: Mapping[str, Any]) -> ml_collections.Confi
     """The paper's config of ``net`` (scale variant s256) with the model group fitted to
     ``params``: what the checkpoint's meta records as the config it belongs to."""
     model_config, crop_size = fit_model_config(net, params)
-    config = common.paper_config(net, None)
+    config = paper.paper_config(net, None)
     config.model = model_config
     config.input.crop_size = crop_size
     return config
@@ -180,7 +180,7 @@ def import_to_checkpoint(
             f"{source} does not state the input convention its weights expect; pass "
             f"--normalization (one of {sorted(conventions.NAMED)})."
         )
-    normalization = conventions.validate(normalization)
+    normalization = conventions.checked(normalization)
     config = training_config(chosen_net, imported.params)
     params = jax.tree_util.tree_map(np.asarray, imported.params)
     directory = checkpoint.save_params(
@@ -197,7 +197,7 @@ def import_to_checkpoint(
 
 def evaluate_command(net: str, config: ml_collections.ConfigDict, workdir: str) -> str:
     """The ``launch.py`` line that evaluates the imported net (with overrides for small nets)."""
-    defaults = common.model_config(net)
+    defaults = paper.model_config(net)
     overrides = [
         f"--config.model.{key}={config.model[key]}"
         for key in ("width", "fc_width", "num_classes")
@@ -216,44 +216,3 @@ def _shapes(tree: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """``{"fc1/kernel": shape, ...}`` of a parameter tree (arrays or ``ShapeDtypeStruct``)."""
     flat = traverse_util.flatten_dict(dict(tree), sep="/")
     return {name: tuple(np.shape(leaf)) for name, leaf in flat.items()}
-
-
-def main(argv: list[str]) -> None:
-    from absl import app, flags
-
-    from vgg_jax import cli
-
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    cli.quiet_library_logs()
-    values = flags.FLAGS
-    try:
-        summary = import_to_checkpoint(
-            values.source, values.format, values.workdir, values.net, values.normalization
-        )
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        sys.exit(f"import_weights: {e}")
-    print(f"net {summary['net']}: {summary['num_params']:,} parameters")
-    print(f"input convention: {conventions.describe(summary['normalization'])}")
-    print(f"checkpoint: {summary['checkpoint']}")
-    print(f"evaluate: {evaluate_command(summary['net'], summary['config'], values.workdir)}")
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-
-    # Defined here, not at import, so importing this module adds no flags to launch.py's.
-    flags.DEFINE_string("source", None, "The weight file to import.")
-    flags.DEFINE_enum("format", None, sorted(IMPORTERS), "What the file is.")
-    flags.DEFINE_string("workdir", None, "New directory for the checkpoint.")
-    flags.DEFINE_enum(
-        "net", None, sorted(models.LAYOUTS), "The net, for a file that does not say which."
-    )
-    flags.DEFINE_enum(
-        "normalization",
-        None,
-        sorted(conventions.NAMED),
-        "Input convention (default: the one the format or file states).",
-    )
-    flags.mark_flags_as_required(["source", "format", "workdir"])
-    app.run(main)

@@ -79,7 +79,7 @@ def update_plateau(
     return PlateauState(state.best, bad, state.decays)
 
 
-def validate_schedule(schedule_config: ml_collections.ConfigDict) -> None:
+def check_schedule(schedule_config: ml_collections.ConfigDict) -> None:
     if schedule_config.kind not in SCHEDULES:
         raise ValueError(
             f"Unknown schedule.kind {schedule_config.kind!r}; valid: {list(SCHEDULES)}"
@@ -93,8 +93,8 @@ def learning_rate(
     schedule_config: ml_collections.ConfigDict,
     steps_per_epoch: int,
 ) -> float:
-    """The rate for ``step``: the schedule's value times an optional linear warmup."""
-    validate_schedule(schedule_config)
+    """The rate for ``step``: the schedule's value times an optional linear warmup (the
+    schedule's kind is checked once at start-up, ``check_schedule``)."""
     total = schedule_config.num_epochs * steps_per_epoch
     warmup = schedule_config.warmup_epochs * steps_per_epoch
     if schedule_config.kind == "plateau":

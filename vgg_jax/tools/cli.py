@@ -9,7 +9,9 @@ import sys
 import ml_collections
 from absl import flags, logging
 
-MODES = ["train_and_evaluate", "train", "evaluate", "evaluate_continuously", "summary", "study"]
+from vgg_jax import checks
+
+MODES = list(checks.MODES)
 
 # Packages whose INFO lines are hidden from the console: Orbax writes about ten per checkpoint
 # save and TFDS one per dataset open, which would bury the one-line-per-interval progress.
@@ -110,15 +112,18 @@ def initialize_distributed(
     logging.info("Process %d of %d", jax.process_index(), jax.process_count())
 
 
+def check_or_exit(config: ml_collections.ConfigDict, mode: str, workdir: str | None) -> None:
+    """``checks.check_config``, its problems printed one per line without a traceback."""
+    try:
+        checks.check_config(config, mode, workdir)
+    except checks.ConfigError as e:
+        sys.exit("Config error:\n  " + "\n  ".join(e.problems))
+
+
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> None:
+    """What ``launch.py`` does after parsing flags: checks the whole config, then runs ``mode``."""
     quiet_library_logs()
-    is_study = "scale_settings" in config
-    if is_study != (mode == "study"):
-        sys.exit(
-            "--mode=study takes a study config (experiments/study.py) and a study config only "
-            f"runs with --mode=study; got --mode={mode} with a "
-            f"{'study' if is_study else 'training'} config."
-        )
+    check_or_exit(config, mode, workdir)
     if mode == "summary":
         from vgg_jax import models
 
@@ -129,18 +134,18 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> No
         sys.exit(f"--mode={mode} needs --workdir (where checkpoints and results go).")
     logging.info("mode=%s workdir=%s", mode, workdir)
     if mode in ("train", "train_and_evaluate"):
-        from vgg_jax import train
+        from vgg_jax.training import loop
 
-        train.train(config, workdir)
+        loop.train(config, workdir)
     if mode in ("evaluate", "train_and_evaluate"):
-        from vgg_jax import evaluate
+        from vgg_jax.evaluation import continuous, runner
 
-        evaluate.run_evaluation(config, workdir)
+        runner.run_evaluation(config, workdir)
     if mode == "study":
         from vgg_jax.study import orchestrate
 
         orchestrate.run_study(config, workdir)
     if mode == "evaluate_continuously":
-        from vgg_jax import evaluate
+        from vgg_jax.evaluation import continuous, runner
 
-        evaluate.watch(config, workdir)
+        continuous.watch(config, workdir)

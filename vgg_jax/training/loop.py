@@ -1,4 +1,4 @@
-"""Training: the jitted, sharded SGD step and the loop around it (section 3.1 of the paper).
+"""Training: the loop around the jitted steps (section 3.1 of the paper).
 
 The loop resumes from the newest checkpoint in the workdir. Everything that decides the next step
 is in the checkpoint: parameters, momentum, the step (which also fixes the input pipeline's position
@@ -11,121 +11,26 @@ from __future__ import annotations
 import math
 import signal
 import time
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from vgg_jax import checkpoint, init_from, metrics, models, optim, sharding, writers
-from vgg_jax.evaluation import methods
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
+from vgg_jax import checkpoint, models, sharding, writers
+from vgg_jax.training import init_from, optim
+from vgg_jax.training.steps import (
+    TrainState,
+    create_train_state,
+    make_train_step,
+    make_validation_step,
+)
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def create_train_state(
-    model: models.VGG, tx: optax.GradientTransformation, mesh: Mesh, seed: int
-) -> tuple[TrainState, TrainState]:
-    """A fresh state created directly in its shardings; returns ``(state, shardings)``."""
-    size = model.crop_size
-
-    def init(rng):
-        params = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-
-    rng = jax.random.key(seed)
-    abstract = jax.eval_shape(init, rng)
-    shardings = TrainState(
-        sharding.replicated(mesh),
-        sharding.param_shardings(mesh, abstract.params),
-        sharding.param_shardings(mesh, abstract.opt_state),
-    )
-    return jax.jit(init, out_shardings=shardings)(rng), shardings
-
-
-def make_train_step(
-    model: models.VGG,
-    tx: optax.GradientTransformation,
-    mesh: Mesh,
-    state_shardings: TrainState,
-    seed: int,
-):
-    """``step(state, batch, lr) -> (state, sums)``: one SGD step over the global batch.
-
-    ``sums`` holds the batch's summed loss and top-1/top-5 hits (summed, so logging can average
-    over any number of steps exactly). The state's buffers are donated.
-    """
-
-    def train_step(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array):
-        dropout_rng = jax.random.fold_in(jax.random.key(seed), state.step)
-
-        def loss_fn(params):
-            logits = model.apply(
-                {"params": params}, batch["image"], train=True, rngs={"dropout": dropout_rng}
-            )
-            losses = metrics.cross_entropy(logits, batch["label"])
-            return losses.mean(), (logits, losses)
-
-        grads, (logits, losses) = jax.grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = jax.tree_util.tree_map(
-            lambda p, u: p - lr * u.astype(p.dtype), state.params, updates
-        )
-        sums = {"loss_sum": losses.sum(), **metrics.classification_counts(logits, batch["label"])}
-        return TrainState(state.step + 1, params, opt_state), sums
-
-    return jax.jit(
-        train_step,
-        in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-        compiler_options=cpu_compiler_options(),
-    )
-
-
-def cpu_compiler_options() -> dict[str, str] | None:
-    """On CPU, turns off XLA's YNNPACK convolution fusion for the train step: its kernel-gradient
-    convolutions run 4-13x slower than the forward ones, and without it the VGG16 step is 1.4-1.5x
-    faster (bench/train_step.py, docs/performance.md). Experimental option: re-measure on jaxlib
-    upgrades."""
-    if jax.default_backend() != "cpu":
-        return None
-    return {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-def make_validation_step(model: models.VGG, mesh: Mesh, param_shardings: Any):
-    """``step(params, batch) -> sums``: dense evaluation at one test scale (no flip), the cheap
-    per-epoch validation that drives the plateau rule: the evaluator's dense method at one scale.
-    Padded examples (``mask``) count nowhere."""
-
-    def validation_step(params, batch):
-        scores = methods.dense_scores(model, params, batch["image"], batch["size"])
-        mask = batch["mask"]
-        losses = metrics.cross_entropy(scores, batch["label"]) * mask
-        return {
-            "loss_sum": losses.sum(),
-            **metrics.classification_counts(scores, batch["label"], mask),
-        }
-
-    return jax.jit(
-        validation_step,
-        in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
-        out_shardings=sharding.replicated(mesh),
-    )
 
 
 def _sum(sums: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -142,7 +47,7 @@ def _summarise(totals: dict[str, float], prefix: str) -> dict[str, float]:
     }
 
 
-def validate(config: ml_collections.ConfigDict, validation_step, params, mesh: Mesh) -> dict:
+def run_validation(config: ml_collections.ConfigDict, validation_step, params, mesh: Mesh) -> dict:
     from vgg_jax import data
 
     sums = [
@@ -182,7 +87,7 @@ def _prepare_data_once(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_config(config: ml_collections.ConfigDict, num_classes: int) -> None:
-    optim.validate_schedule(config.schedule)
+    optim.check_schedule(config.schedule)
     if config.model.num_classes != num_classes:
         raise ValueError(
             f"model.num_classes={config.model.num_classes} but dataset {config.input.dataset!r} "
@@ -198,6 +103,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     _prepare_data_once(config)
     info = data.dataset_info(config)
     _check_config(config, info.num_classes)
+    # What the net sees, saved with every checkpoint: evaluation applies this, not its own config.
+    input_convention = data.trained_convention(info.mean_rgb, config.input)
     steps_per_epoch = data.steps_per_epoch(config)
     total_steps = int(config.schedule.num_epochs * steps_per_epoch)
     mesh = sharding.make_mesh(config.mesh)
@@ -230,6 +137,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             "plateau": plateau.to_dict(),
             "data": {"next_step": step, "shuffle_seed": config.input.shuffle_seed},
             "validation": validation,
+            "normalization": input_convention,
         }
         best = (
             None
@@ -261,7 +169,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             validation = None
             epoch = done // steps_per_epoch
             if epoch_end and epoch % config.evals.every_epochs == 0:
-                validation = validate(config, validation_step, state.params, mesh)
+                validation = run_validation(config, validation_step, state.params, mesh)
                 plateau = optim.update_plateau(
                     plateau, validation["val_top1_accuracy"], config.schedule
                 )

@@ -1,4 +1,4 @@
-"""Shared defaults for every experiment: the paper's protocol (PAPER.md, sections 3.1 and 3.2).
+"""Shared defaults for every experiment: the paper's protocol (the paper, sections 3.1 and 3.2).
 
 Each paper-net config (``vgg11.py`` ... ``vgg19.py``) calls ``paper_config(net, arg)``; the demo
 shrinks the same config. Values only: the code that reads them validates names at start-up.
@@ -53,7 +53,10 @@ def input_config(scale: dict) -> ml_collections.ConfigDict:
             crop_size=224,
             train_scale_min=smin,  # S: smallest side before the random crop
             train_scale_max=smax,  # equal to train_scale_min for fixed-scale training
-            pixel_std=(1.0, 1.0, 1.0),  # 0-255 pixels divided by this after the mean (paper: 1)
+            # 0-255 pixels divided by this after the mean; None: 1 (the paper). Stored in each
+            # checkpoint with the mean as the net's input convention, which evaluation uses; an
+            # explicit value that differs from a net's stored one is an error there.
+            pixel_std=ml_collections.FieldReference(None, field_type=tuple),
             color_shift_std=0.1,  # AlexNet's PCA lighting noise: alpha ~ N(0, std^2)
             random_flip=True,
             batch_size=256,  # global batch over all devices and processes
@@ -101,6 +104,10 @@ def eval_config(scale: dict) -> ml_collections.ConfigDict:
             multi_crop_grid=5,  # crops per side at each Q: 5x5 grid x 2 flips = 50 (150 for 3 Q)
             every_epochs=1,  # validation during training
             checkpoint="latest",  # latest, best, or a step number, for --mode=evaluate
+            # A checkpoint of another net than model.* describes, or with another class count
+            # than the dataset, is an error unless this is True (then the checkpoint's net is
+            # scored as it is).
+            accept_checkpoint_net=False,
             fusion_workdirs=(),  # other nets' workdirs whose softmax is averaged with this one
             # ("path" or "path@latest|best|<step>")
             poll_seconds=60,  # continuous evaluation: how often to look for a new checkpoint
@@ -117,7 +124,6 @@ def paper_config(net: str, arg: str | None) -> ml_collections.ConfigDict:
     scale = SCALE_VARIANTS[variant]
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.variant = variant
     config.model = model_config(net)
     config.input = input_config(scale)
     config.optim = optim_config()

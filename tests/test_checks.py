@@ -1,0 +1,92 @@
+"""``checks.check_config``: every bad value is one line naming the key, the value and what is
+valid, found before any data preparation or compilation."""
+
+import os
+import tempfile
+
+from absl.testing import absltest
+
+from experiments import demo
+from tests import fixtures
+from vgg_jax import checks
+
+
+def problems(config, mode="train", workdir=None) -> list[str]:
+    try:
+        checks.check_config(config, mode, workdir)
+    except checks.ConfigError as e:
+        return e.problems
+    return []
+
+
+class CheckConfigTest(absltest.TestCase):
+    def test_the_shipped_configs_pass(self):
+        self.assertEmpty(problems(demo.get_config(), "train_and_evaluate"))
+        self.assertEmpty(problems(fixtures.tiny_config(with_data=False), "evaluate"))
+
+    def test_each_bad_value_is_one_line_with_key_value_and_valid_range(self):
+        config = fixtures.tiny_config(
+            with_data=False,
+            **{
+                "input.crop_size": 33,
+                "optim.learning_rate": 1e39,
+                "schedule.num_epochs": 0,
+                "evals.methods": ("dnese",),
+                "model.name": "F",
+                "input.batch_size": 6,  # 4 fake devices (conftest)
+            },
+        )
+        lines = problems(config)
+        expected = {
+            "config.input.crop_size=33": "multiple of 32",
+            "config.optim.learning_rate=1e+39": "(0, 10]",
+            "config.schedule.num_epochs=0": "> 0",
+            "config.evals.methods=('dnese',)": "dense+multi_crop",
+            "config.model.name='F'": "'E'",
+            "config.input.batch_size=6": "4 devices",
+        }
+        for start, valid in expected.items():
+            line = [x for x in lines if x.startswith(start)]
+            self.assertLen(line, 1, (start, lines))
+            self.assertIn(valid, line[0])
+        self.assertTrue(all("\n" not in x for x in lines))
+
+    def test_dataset_rules_use_its_known_size_and_classes(self):
+        config = fixtures.tiny_config(with_data=False, **{"model.num_classes": 1000})
+        config.input.batch_size = 128  # the tiny built-in set has 100 training images
+        lines = problems(config)
+        self.assertTrue(any("has 10 classes" in x for x in lines), lines)
+        self.assertTrue(any(x.startswith("config.input.batch_size=128") for x in lines), lines)
+        # Evaluation takes any batch size: it only needs the class count to match.
+        self.assertLen(problems(config, "evaluate"), 1)
+
+    def test_test_scale_below_the_crop_is_caught_before_training(self):
+        config = fixtures.tiny_config(with_data=False, **{"evals.single_scale": 16})
+        (line,) = problems(config)
+        self.assertStartsWith(line, "config.evals.single_scale=16")
+        self.assertIn("at least input.crop_size (32)", line)
+
+    def test_workdir_that_is_a_file_and_unknown_mode(self):
+        with tempfile.NamedTemporaryFile() as f:
+            (line,) = problems(fixtures.tiny_config(with_data=False), "train", f.name)
+        self.assertIn("is a file", line)
+        with self.assertRaisesRegex(checks.ConfigError, "valid: .*'summary'"):
+            checks.check_config(fixtures.tiny_config(with_data=False), "trian")
+
+    def test_image_folder_classes_are_counted_from_its_directories(self):
+        with tempfile.TemporaryDirectory() as root:
+            for name in ("cat", "dog", "fox"):
+                os.makedirs(os.path.join(root, "train", name))
+                open(os.path.join(root, "train", name, "1.jpg"), "wb").close()
+            config = fixtures.tiny_config(
+                with_data=False,
+                **{"input.dataset": "image_folder", "input.folder": root, "input.batch_size": 4},
+            )
+            self.assertEqual(checks.dataset_facts(config.input), (3, 3))
+            lines = problems(config)
+        self.assertTrue(any("has 3 classes" in x for x in lines), lines)
+        self.assertTrue(any(x.startswith("config.input.batch_size=4") for x in lines), lines)
+
+
+if __name__ == "__main__":
+    absltest.main()

@@ -1,0 +1,254 @@
+"""``check_config(config, mode)``: the whole config against the dataset and devices, at start-up.
+
+Every mode of ``launch.py`` (and each ``python -m vgg_jax.tools`` program) runs it before any
+data preparation or compilation, so a typo or an impossible value costs a second, not a training
+run: a method name misspelled in ``evals.methods`` used to fail only after all of training. Each
+problem is one line naming the key, the bad value and what is valid; all of them are reported at
+once (``ConfigError``), and the command line prints them without a traceback.
+
+The rules live here, in one place, but the names they check against live with the code that
+uses them (``models.LAYOUTS``, ``optim.OPTIMIZERS``, ``methods``' method names, ...), so a new
+name is valid as soon as the code supports it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+
+from vgg_jax import models
+from vgg_jax.evaluation import runner
+from vgg_jax.training import init_from, optim
+
+MODES = ("train_and_evaluate", "train", "evaluate", "evaluate_continuously", "summary", "study")
+TRAINING_MODES = ("train", "train_and_evaluate")
+# Above this the SGD update is certain to overflow float32 within a step or two.
+MAX_LEARNING_RATE = 10.0
+
+
+class ConfigError(ValueError):
+    """One or more config values that cannot work; ``problems`` holds one line per value."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class _Problems:
+    """Collects one line per bad value: ``config.<key>=<value>: <what is valid>``."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.lines: list[str] = []
+
+    def value(self, key: str) -> Any:
+        node: Any = self.config
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    def add(self, key: str, why: str) -> None:
+        self.lines.append(f"config.{key}={self.value(key)!r}: {why}")
+
+    def one_of(self, key: str, valid: Iterable[str]) -> None:
+        valid = list(valid)
+        if self.value(key) not in valid:
+            self.add(key, f"unknown name; valid: {valid}")
+
+    def number(self, key: str, ok: Callable[[float], bool], why: str) -> None:
+        value = self.value(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            self.add(key, why)
+
+
+def _positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+def dataset_facts(input_config: ml_collections.ConfigDict) -> tuple[int, int] | None:
+    """``(classes, training examples)`` of the configured dataset when known without preparing
+    it (built-in sizes, ImageNet's published counts, an image folder's directory listing); None
+    when it cannot be known cheaply."""
+    if input_config.dataset == "imagenet2012":
+        return 1000, 1_281_167
+    if input_config.dataset == "builtin":
+        from vgg_jax.data import builtin
+
+        if input_config.builtin_size not in builtin.SIZES:
+            return None
+        return len(builtin.CLASS_NAMES), builtin.SIZES[input_config.builtin_size][0]
+    if input_config.dataset == "image_folder" and input_config.folder:
+        root = os.path.join(os.path.expanduser(input_config.folder), input_config.train_split)
+        if not os.path.isdir(root):
+            return None
+        classes = [e for e in os.scandir(root) if e.is_dir()]
+        files = sum(1 for c in classes for f in os.scandir(c.path) if f.is_file())
+        return len(classes), files
+    return None
+
+
+def _check_model(p: _Problems) -> None:
+    p.one_of("model.name", sorted(models.LAYOUTS))
+    p.one_of("model.dtype", sorted(models.DTYPES))
+    p.one_of("model.init", models.INITIALIZERS)
+    p.number("model.num_classes", lambda x: int(x) == x and x >= 1, "must be a whole number >= 1")
+    p.number("model.width", _positive, "must be > 0 (1.0 is the paper's width)")
+    p.number("model.fc_width", lambda x: int(x) == x and x >= 1, "must be a whole number >= 1")
+    p.number("model.dropout_rate", lambda x: 0 <= x < 1, "must be in [0, 1)")
+    p.number("model.init_std", _positive, "must be > 0")
+
+
+def _check_input(p: _Problems, mode: str, data_devices: int) -> tuple[int, int] | None:
+    from vgg_jax.data import sources, stats
+
+    p.one_of("input.dataset", sources.DATASETS)
+    p.one_of("input.stats_source", stats.STATS_SOURCES)
+    cell = 2**models.NUM_POOLS
+    crop = p.value("input.crop_size")
+    p.number(
+        "input.crop_size", lambda x: x >= cell and x % cell == 0, f"must be a multiple of {cell}"
+    )
+    if p.value("input.dataset") == "image_folder" and not p.value("input.folder"):
+        p.add("input.folder", "input.dataset='image_folder' needs the folder ROOT/<split>/<class>/")
+    for key in ("input.batch_size", "input.eval_batch_size"):
+        p.number(
+            key,
+            lambda x: int(x) == x and x >= 1 and x % data_devices == 0,
+            f"must be a positive multiple of the {data_devices} devices of the mesh's data axis",
+        )
+    smin, smax = p.value("input.train_scale_min"), p.value("input.train_scale_max")
+    if mode in TRAINING_MODES and not crop <= smin <= smax:
+        p.add(
+            "input.train_scale_min",
+            f"training needs crop_size ({crop}) <= train_scale_min <= train_scale_max ({smax})",
+        )
+    p.number("input.eval_bucket_step", lambda x: int(x) == x and x >= 1, "must be >= 1")
+    facts = dataset_facts(p.config.input)
+    if facts is None:
+        return None
+    classes, num_train = facts
+    if classes != p.value("model.num_classes"):
+        p.add(
+            "model.num_classes",
+            f"dataset {p.value('input.dataset')!r} has {classes} classes; "
+            f"set --config.model.num_classes={classes}",
+        )
+    if mode in TRAINING_MODES and num_train < p.value("input.batch_size"):
+        p.add(
+            "input.batch_size",
+            f"larger than the {num_train} training examples: an epoch would have no step",
+        )
+    return facts
+
+
+def _check_training(p: _Problems) -> None:
+    p.one_of("optim.name", optim.OPTIMIZERS)
+    p.one_of("schedule.kind", optim.SCHEDULES)
+    p.one_of("init_from.mode", init_from.MODES)
+    if p.value("init_from.mode") != "none" and not p.value("init_from.workdir"):
+        p.add("init_from.workdir", f"init_from.mode={p.value('init_from.mode')!r} needs it")
+    p.number(
+        "optim.learning_rate",
+        lambda x: _positive(x) and x <= MAX_LEARNING_RATE,
+        f"must be in (0, {MAX_LEARNING_RATE:g}] (the paper: 1e-2)",
+    )
+    p.number("optim.weight_decay", lambda x: math.isfinite(x) and x >= 0, "must be >= 0")
+    p.number("optim.momentum", lambda x: 0 <= x < 1, "must be in [0, 1)")
+    p.number("schedule.num_epochs", _positive, "must be > 0")
+    p.number("schedule.plateau_patience", lambda x: x >= 1, "must be >= 1")
+    p.number("schedule.plateau_factor", lambda x: 0 < x <= 1, "must be in (0, 1]")
+    p.number("schedule.warmup_epochs", lambda x: x >= 0, "must be >= 0")
+    p.number("evals.every_epochs", lambda x: int(x) == x and x >= 1, "must be a whole number >= 1")
+    p.number("ckpt.every_steps", lambda x: int(x) == x and x >= 1, "must be a whole number >= 1")
+    p.number("ckpt.keep", lambda x: int(x) == x and x >= 1, "must be a whole number >= 1")
+    p.number("log_every_steps", lambda x: int(x) == x and x >= 1, "must be a whole number >= 1")
+
+
+def _check_evals(p: _Problems, data_devices: int) -> None:
+    p.lines += [
+        line
+        for line in runner.evals_problems(p.config, data_devices)
+        if not line.startswith("config.input.eval_batch_size")  # _check_input's rule
+    ]
+
+
+def check_config(
+    config: ml_collections.ConfigDict, mode: str, workdir: str | None = None
+) -> tuple[int, int] | None:
+    """Raises ``ConfigError`` listing every value of ``config`` that ``mode`` cannot run with.
+
+    Checks names against the valid ones, numbers against their ranges, batch sizes against the
+    devices, test scales against the crop size, the class count and batch size against the
+    dataset (when its facts are known without preparing it) and the workdir. Returns the dataset's
+    ``(classes, training examples)`` when known. Touches no data and compiles nothing.
+    """
+    if mode not in MODES:
+        raise ConfigError([f"--mode={mode!r}: unknown; valid: {list(MODES)}"])
+    if _is_study(config) != (mode == "study"):
+        kind = "a study config" if _is_study(config) else "a training config"
+        raise ConfigError(
+            [
+                f"--mode={mode}: got {kind}; a study config (experiments/study.py) runs with "
+                "--mode=study and only there"
+            ]
+        )
+    if mode == "study":
+        return _check_study(config, workdir)
+    p = _Problems(config)
+    _check_model(p)
+    if mode == "summary":
+        cell = 2**models.NUM_POOLS
+        p.number("input.crop_size", lambda x: x >= cell and x % cell == 0, f"a multiple of {cell}")
+        if p.lines:
+            raise ConfigError(p.lines)
+        return None
+    mesh = config.mesh
+    devices = jax.device_count()
+    data, model = int(mesh.data), int(mesh.model)
+    fits = (data == -1 and model >= 1 and devices % model == 0) or (
+        model == -1 and data >= 1 and devices % data == 0
+    )
+    if not (fits or (data >= 1 and model >= 1 and data * model == devices)):
+        p.lines.append(
+            f"config.mesh.data={data} x config.mesh.model={model}: does not fit the {devices} "
+            "devices (use -1 for one axis to take the rest)"
+        )
+        data_devices = 1
+    else:
+        data_devices = data if data != -1 else devices // model
+    facts = _check_input(p, mode, data_devices)
+    if mode in TRAINING_MODES:
+        _check_training(p)
+    _check_evals(p, data_devices)
+    if workdir is not None and os.path.exists(workdir) and not os.path.isdir(workdir):
+        p.lines.append(f"--workdir={workdir}: is a file, not a directory")
+    if p.lines:
+        raise ConfigError(p.lines)
+    return facts
+
+
+def _is_study(config: ml_collections.ConfigDict) -> bool:
+    return "scale_settings" in config
+
+
+def _check_study(config: ml_collections.ConfigDict, workdir: str | None) -> None:
+    """A study: its plan (names of nets, scales, arms) and every run's training config."""
+    from vgg_jax.study import plan
+
+    try:
+        runs = plan.make_plan(config, workdir or "workdir")
+    except (ValueError, KeyError, AttributeError) as e:
+        raise ConfigError([f"study config: {e}"]) from None
+    problems: dict[str, None] = {}
+    for run in runs:
+        try:
+            check_config(run.config, "evaluate" if run.is_fusion else "train_and_evaluate")
+        except ConfigError as e:
+            problems.update({f"{run.name}: {line}": None for line in e.problems})
+    if problems:
+        raise ConfigError(list(problems))

@@ -1,0 +1,117 @@
+"""The jitted, sharded steps of training (section 3.1 of the paper): the train state, the SGD
+step, and the per-epoch validation step that drives the plateau rule.
+
+Pure functions of their inputs with explicit shardings: the step count lives in the state and is
+folded into the dropout RNG (``fold_in(seed, step)``), so a resumed run draws the same masks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from vgg_jax import metrics, models, sharding
+from vgg_jax.evaluation import methods
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def create_train_state(
+    model: models.VGG, tx: optax.GradientTransformation, mesh: Mesh, seed: int
+) -> tuple[TrainState, TrainState]:
+    """A fresh state created directly in its shardings; returns ``(state, shardings)``."""
+    size = model.crop_size
+
+    def init(rng):
+        params = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+    rng = jax.random.key(seed)
+    abstract = jax.eval_shape(init, rng)
+    shardings = TrainState(
+        sharding.replicated(mesh),
+        sharding.param_shardings(mesh, abstract.params),
+        sharding.param_shardings(mesh, abstract.opt_state),
+    )
+    return jax.jit(init, out_shardings=shardings)(rng), shardings
+
+
+def make_train_step(
+    model: models.VGG,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    state_shardings: TrainState,
+    seed: int,
+):
+    """``step(state, batch, lr) -> (state, sums)``: one SGD step over the global batch.
+
+    ``sums`` holds the batch's summed loss and top-1/top-5 hits (summed, so logging can average
+    over any number of steps exactly). The state's buffers are donated.
+    """
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array):
+        dropout_rng = jax.random.fold_in(jax.random.key(seed), state.step)
+
+        def loss_fn(params):
+            logits = model.apply(
+                {"params": params}, batch["image"], train=True, rngs={"dropout": dropout_rng}
+            )
+            losses = metrics.cross_entropy(logits, batch["label"])
+            return losses.mean(), (logits, losses)
+
+        grads, (logits, losses) = jax.grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = jax.tree_util.tree_map(
+            lambda p, u: p - lr * u.astype(p.dtype), state.params, updates
+        )
+        sums = {"loss_sum": losses.sum(), **metrics.classification_counts(logits, batch["label"])}
+        return TrainState(state.step + 1, params, opt_state), sums
+
+    return jax.jit(
+        train_step,
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+        compiler_options=cpu_compiler_options(),
+    )
+
+
+def cpu_compiler_options() -> dict[str, str] | None:
+    """On CPU, turns off XLA's YNNPACK convolution fusion for the train step: its kernel-gradient
+    convolutions run 4-13x slower than the forward ones, and without it the VGG16 step is 1.4-1.5x
+    faster (bench/train_step.py, docs/performance.md). Experimental option: re-measure on jaxlib
+    upgrades."""
+    if jax.default_backend() != "cpu":
+        return None
+    return {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def make_validation_step(model: models.VGG, mesh: Mesh, param_shardings: Any):
+    """``step(params, batch) -> sums``: dense evaluation at one test scale (no flip), the cheap
+    per-epoch validation that drives the plateau rule: the evaluator's dense method at one scale.
+    Padded examples (``mask``) count nowhere."""
+
+    def validation_step(params, batch):
+        scores = methods.dense_scores(model, params, batch["image"], batch["size"])
+        mask = batch["mask"]
+        losses = metrics.cross_entropy(scores, batch["label"]) * mask
+        return {
+            "loss_sum": losses.sum(),
+            **metrics.classification_counts(scores, batch["label"], mask),
+        }
+
+    return jax.jit(
+        validation_step,
+        in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh),
+    )
