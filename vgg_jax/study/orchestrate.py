@@ -22,6 +22,7 @@ from vgg_jax.study import plan, report
 
 DONE_FILE = "study_run.json"
 CACHE_DIR = "jax_cache"
+PLOT_EVERY_RUNS = 5  # the tables are rewritten after every run, the plots after every 5th
 
 
 class Interrupted(RuntimeError):
@@ -133,7 +134,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, executor=execute) 
         units_left -= cost_units(run)
         spent_units += cost_units(run)
         _progress(f"study: run {index}/{len(runs)} {run.name} done in {_format_seconds(seconds)}")
-        report.write_report(study, runs, workdir)
+        report.write_report(study, runs, workdir, plots=index % PLOT_EVERY_RUNS == 0)
     data = report.write_report(study, runs, workdir)
     _progress(
         f"study: all {len(runs)} runs finished; this invocation took "

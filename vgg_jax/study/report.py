@@ -372,16 +372,20 @@ def plot_curves(study, runs: Sequence[plan.Run], path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- report
-def write_report(study, runs: Sequence[plan.Run], workdir: str) -> dict[str, Any]:
-    """Writes ``study.md``, ``study.json``, ``error_vs_depth.png`` and ``curves.png``."""
+def write_report(
+    study, runs: Sequence[plan.Run], workdir: str, plots: bool = True
+) -> dict[str, Any]:
+    """Writes ``study.md``, ``study.json`` and (``plots``) ``error_vs_depth.png`` and
+    ``curves.png``."""
     from vgg_jax.study import orchestrate
 
     results = collect(runs)
     records = findings.judge(study, results)
     finished = [run for run in runs if run.name in results]
     seconds = [orchestrate.run_seconds(run) or 0.0 for run in finished]
-    plot_depth(study, results, os.path.join(workdir, "error_vs_depth.png"))
-    plot_curves(study, runs, os.path.join(workdir, "curves.png"))
+    if plots:
+        plot_depth(study, results, os.path.join(workdir, "error_vs_depth.png"))
+        plot_curves(study, runs, os.path.join(workdir, "curves.png"))
     data = dict(
         runs_finished=len(finished),
         runs_total=len(runs),
