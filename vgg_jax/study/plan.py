@@ -80,7 +80,6 @@ def run_config(
     config.model.name = net
     config.seed = seed
     config.input.shuffle_seed = seed
-    config.variant = scale
     config.input.train_scale_min, config.input.train_scale_max = setting.train_scale
     config.evals.single_scale = setting.single_scale
     config.evals.multi_scales = tuple(setting.multi_scales)
