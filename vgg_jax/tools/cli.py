@@ -144,7 +144,10 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> No
     if mode == "study":
         from vgg_jax.study import orchestrate
 
-        orchestrate.run_study(config, workdir)
+        try:
+            orchestrate.run_study(config, workdir)
+        except orchestrate.Interrupted as stop:
+            sys.exit(f"Study stopped: {stop} Rerun the same command to resume.")
     if mode == "evaluate_continuously":
         from vgg_jax.evaluation import continuous, runner
 
