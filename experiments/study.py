@@ -6,9 +6,10 @@
 Trains nets A, A-LRN, B, B-5x5, C, D, E at 1/8 width on 32-pixel crops of the built-in dataset
 at a small fixed S, a large fixed S (fine-tuned from the small-S net) and jittered S (fine-tuned
 from the large-S net), three seeds each, with the paper's protocol (momentum SGD 0.9, L2 5e-4,
-dropout 0.5, the plateau rule, B-E initialised from the trained A); plus section 3.1's arms (the
-deepest nets from random N(0, 0.01^2) and from Glorot's init) and Adam for A as an extra arm. Then
-evaluates every run with dense, multi-crop and multi-scale testing, fuses D and E, and writes
+the plateau rule, B-E initialised from the trained A) but He's init on unit-range inputs and no
+dropout, without which net A stays at chance at this size (docs/study.md); plus section 3.1's arms
+(the deepest nets from random N(0, 0.01^2) and from Glorot's init) and Adam for A as an extra arm.
+Then evaluates every run with dense, multi-crop and multi-scale testing, fuses D and E, and writes
 study.md / study.json / PNG plots with one verdict per finding (docs/study.md).
 
 Rerun the same command at any time: finished runs are skipped, an interrupted run resumes from
