@@ -8,7 +8,7 @@ at a small fixed S, a large fixed S (fine-tuned from the small-S net) and jitter
 from the large-S net), three seeds each, with the paper's protocol (momentum SGD 0.9, L2 5e-4,
 the plateau rule, B-E initialised from the trained A) but He's init on unit-range inputs and no
 dropout, without which net A stays at chance at this size (docs/study.md); plus section 3.1's arms
-(the deepest nets from random N(0, 0.01^2) and from Glorot's init) and Adam for A as an extra arm.
+(the deepest net from random N(0, 0.01^2) and from Glorot's init; Adam for A as an optional arm).
 Then evaluates every run with dense, multi-crop and multi-scale testing, fuses D and E, and writes
 study.md / study.json / PNG plots with one verdict per finding (docs/study.md).
 
@@ -114,16 +114,14 @@ def get_config(arg=None):
     config.init_from_a = ml_collections.ConfigDict(
         {"B": "shallow", "C": "shallow", "D": "shallow", "E": "shallow", "B-5x5": "fc"}
     )
-    config.arms = ("random", "glorot", "adam")
+    config.arms = ("random", "glorot")  # add "adam" for the extra Adam arm
     config.arm_settings = ml_collections.ConfigDict(
         dict(
             # The paper's N(0, 0.01^2) from scratch, and Glorot's init (section 3.1).
             random=dict(
-                nets=("D", "E"), scales=("small",), overrides=dict(model=dict(init="paper_normal"))
+                nets=("E",), scales=("small",), overrides=dict(model=dict(init="paper_normal"))
             ),
-            glorot=dict(
-                nets=("D", "E"), scales=("small",), overrides=dict(model=dict(init="glorot"))
-            ),
+            glorot=dict(nets=("E",), scales=("small",), overrides=dict(model=dict(init="glorot"))),
             adam=dict(
                 nets=("A",),
                 scales=("small",),

@@ -3,11 +3,11 @@
 A study config (``experiments/study.py``) holds ``base`` (one run's full training config), the
 nets, seeds and training-scale settings of Table 3, how each net is initialised from net A
 (section 3.1), extra ``arms`` (other initialisations or optimisers for some nets) and the nets to
-fuse (Table 6). ``make_plan`` turns it into runs in an order that respects every dependency: for
-each seed, the small-S nets (A first, since B-E start from it), then the large-S nets (fine-tuned
-from the small-S ones), then the jittered ones (fine-tuned from the large-S ones), then the arms
-and the fusions. Seed by seed, so a partly finished study already has whole tables for its first
-seeds.
+fuse (Table 6). ``make_plan`` turns it into runs in an order that respects every dependency: scale
+setting by scale setting (small S, then large S fine-tuned from it, then jittered S fine-tuned
+from that), and within each, seed by seed with A first (B-E start from it); the arms come after
+the scale they train at, the fusions after the scale they fuse. So a study stopped early has
+whole columns of Table 3, over every seed, for its first scale settings.
 """
 
 from __future__ import annotations
@@ -110,14 +110,15 @@ def make_plan(study: ml_collections.ConfigDict, workdir: str) -> list[Run]:
         if source and source not in scales:
             raise ValueError(f"Scale {scale!r} is fine-tuned from {source!r}, not in study.scales.")
     runs: list[Run] = []
-    for seed in study.seeds:
-        for scale in scales:
+    for scale in scales:
+        for seed in study.seeds:
             for net in nets:
                 runs.append(_main_run(study, workdir, net, scale, seed))
-        for arm in study.arms:
-            runs += _arm_runs(study, workdir, arm, seed)
-        for fused in study.fusion:
-            runs.append(_fusion_run(study, workdir, tuple(fused), seed))
+        for seed in study.seeds:
+            for arm in study.arms:
+                runs += [r for r in _arm_runs(study, workdir, arm, seed) if r.scale == scale]
+            if scale == study.fusion_scale:
+                runs += [_fusion_run(study, workdir, tuple(f), seed) for f in study.fusion]
     return runs
 
 
