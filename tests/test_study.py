@@ -5,11 +5,16 @@ tables, writing tables, verdicts and plots. It checks the mechanism, not accurac
 import copy
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from absl.testing import absltest
 
 from experiments import study as study_config
+from tests import fixtures
 from vgg_jax.study import findings, orchestrate, plan
 from vgg_jax.training import loop
 
@@ -73,9 +78,12 @@ class VerdictTest(absltest.TestCase):
         self.assertAlmostEqual(se, 1.0 / 3**0.5)
 
 
-def smoke_study(data_dir: str):
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_study():
     config = study_config.get_config("smoke")
-    config.base.input.data_dir = data_dir
+    config.base.input.data_dir = fixtures.builtin_data_dir()
     config.seeds = (0, 1)
     config.scales = ("small",)
     config.scale_settings.small.num_epochs = 2
@@ -90,7 +98,7 @@ def smoke_study(data_dir: str):
 class SmokeStudyTest(absltest.TestCase):
     def test_skip_resume_and_report(self):
         root = self.create_tempdir().full_path
-        config = smoke_study(os.path.join(root, "data"))
+        config = smoke_study()
 
         # An uninterrupted study.
         whole = orchestrate.run_study(config, os.path.join(root, "whole"))
@@ -145,7 +153,7 @@ class SmokeStudyTest(absltest.TestCase):
 
     def test_a_run_stopped_by_sigterm_is_not_finished(self):
         root = self.create_tempdir().full_path
-        config = smoke_study(os.path.join(root, "data"))
+        config = smoke_study()
 
         def stopped(run):
             raise orchestrate.Interrupted(f"{run.name} stopped at step 3 of 10.")
@@ -154,6 +162,63 @@ class SmokeStudyTest(absltest.TestCase):
             orchestrate.run_study(config, root, executor=stopped)
         self.assertFalse(orchestrate.is_finished(plan.make_plan(config, root)[0]))
         self.assertTrue(os.path.exists(os.path.join(root, "study.md")))
+
+
+def _text(path: str) -> str:
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        return f.read()
+
+
+@pytest.mark.slow
+class SigkillTest(absltest.TestCase):
+    def test_sigkilled_study_resumes_to_the_same_tables(self):
+        """launch.py --mode=study killed with SIGKILL after the first epoch of a run, then
+        rerun: the same figures as the study run without interruption."""
+        root = self.create_tempdir().full_path
+        overrides = {
+            "nets": ("A",),
+            "seeds": (0,),
+            "scales": ("small",),
+            "arms": (),
+            "fusion": (),
+            "scale_settings.small.num_epochs": 4,
+            "base.ckpt.every_steps": 2,
+        }
+        config = smoke_study()
+        fixtures.set_values(config, overrides)
+        whole = orchestrate.run_study(config, os.path.join(root, "whole"))
+
+        workdir = os.path.join(root, "killed")
+        args = [
+            sys.executable,
+            "launch.py",
+            "--config=experiments/study.py:smoke",
+            f"--workdir={workdir}",
+            "--mode=study",
+            f"--config.base.input.data_dir={fixtures.builtin_data_dir()}",
+        ] + [f"--config.{key}={value!r}" for key, value in overrides.items()]
+        run = plan.make_plan(config, workdir)[0]
+        metrics = os.path.join(run.workdir, "metrics.jsonl")
+        process = subprocess.Popen(
+            args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.time() + 240
+        while time.time() < deadline and process.poll() is None:
+            if '"val_loss"' in _text(metrics):
+                break  # epoch 1 of 4 validated and saved: the run is in its middle
+            time.sleep(0.05)
+        self.assertIsNone(process.poll(), "the study ended before it could be killed")
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        self.assertFalse(orchestrate.is_finished(run))
+        result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertIn("Resumed from step", result.stderr)
+        with open(os.path.join(workdir, "study.json")) as f:
+            resumed = json.load(f)
+        self.assertEqual(resumed["results"], json.loads(json.dumps(whole["results"])))
 
 
 if __name__ == "__main__":

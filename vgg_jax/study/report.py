@@ -83,7 +83,7 @@ def _rows_by(rows: list[dict], scales: Sequence[int]) -> dict[str, dict]:
     return {r["method"]: r for r in rows if sorted(r["test_scales"]) == wanted}
 
 
-def run_figures(run: plan.Run) -> dict[str, float]:
+def run_figures(run: plan.Run) -> dict[str, float | None]:
     """A finished run's figures: ``{method}@single`` / ``{method}@multi`` top-1 error (and
     ``.../top5``), ``best_method@multi``, and for fusions ``fused@fusion`` and
     ``best_member@fusion``."""
@@ -116,8 +116,8 @@ def run_figures(run: plan.Run) -> dict[str, float]:
         figures["best_method@multi"] = min(figures["dense@multi"], figures["multi_crop@multi"])
     curve = validation_curve(run.workdir)
     left = steps_to_leave_chance(curve, run.config.model.num_classes)
-    figures["steps_to_leave_chance"] = math.nan if left is None else float(left)
-    figures["final_step"] = float(curve[-1][0]) if curve else math.nan
+    figures["steps_to_leave_chance"] = left  # None: it never did
+    figures["final_step"] = curve[-1][0] if curve else None
     return figures
 
 
@@ -249,8 +249,8 @@ def init_table(study, results) -> str:
                 done = [results[n] for n in names if n in results]
                 if not done:
                     continue
-                left = [r["steps_to_leave_chance"] for r in done]
-                left_ok = [v for v in left if not math.isnan(v)]
+                left_ok = [r["steps_to_leave_chance"] for r in done]
+                left_ok = [v for v in left_ok if v is not None]
                 steps = f"{np.mean(left_ok):.0f}" if left_ok else "never"
                 rows.append(
                     [
