@@ -3,11 +3,15 @@
 A study config (``experiments/study.py``) holds ``base`` (one run's full training config), the
 nets, seeds and training-scale settings of Table 3, how each net is initialised from net A
 (section 3.1), extra ``arms`` (other initialisations or optimisers for some nets) and the nets to
-fuse (Table 6). ``make_plan`` turns it into runs in an order that respects every dependency: scale
-setting by scale setting (small S, then large S fine-tuned from it, then jittered S fine-tuned
-from that), and within each, seed by seed with A first (B-E start from it); the arms come after
-the scale they train at, the fusions after the scale they fuse. So a study stopped early has
-whole columns of Table 3, over every seed, for its first scale settings.
+fuse (Table 6). ``make_plan`` turns it into runs in an order that respects every dependency and
+gives a study stopped early the most findings:
+
+1. every net at the scale settings trained from scratch (small S), seed by seed, A first (B-E
+   start from it): Table 3's first column over every seed;
+2. the fused nets' fine-tunes (large S from small S, jittered from large) and their fusions:
+   Tables 5 and 6;
+3. the arms (section 3.1's inits);
+4. the other nets' fine-tunes: the rest of Tables 3 and 4.
 """
 
 from __future__ import annotations
@@ -105,20 +109,33 @@ def make_plan(study: ml_collections.ConfigDict, workdir: str) -> list[Run]:
             raise ValueError(
                 f"Net {net} starts from net A (study.init_from_a) but A is not in study.nets."
             )
-    for scale in scales:
+    for index, scale in enumerate(scales):
         source = _scale_setting(study, scale).fine_tune_from
-        if source and source not in scales:
-            raise ValueError(f"Scale {scale!r} is fine-tuned from {source!r}, not in study.scales.")
+        if source and source not in scales[:index]:
+            raise ValueError(
+                f"Scale {scale!r} is fine-tuned from {source!r}, which must come before it in "
+                f"study.scales {list(scales)}."
+            )
+    from_scratch = [s for s in scales if not _scale_setting(study, s).fine_tune_from]
+    fine_tuned = [s for s in scales if _scale_setting(study, s).fine_tune_from]
+    fused_nets = {net for fused in study.fusion for net in fused}
     runs: list[Run] = []
-    for scale in scales:
+    for scale in from_scratch:
         for seed in study.seeds:
-            for net in nets:
-                runs.append(_main_run(study, workdir, net, scale, seed))
+            runs += [_main_run(study, workdir, net, scale, seed) for net in nets]
+    first = [net for net in nets if net in fused_nets]
+    rest = [net for net in nets if net not in fused_nets]
+    for scale in fine_tuned:
         for seed in study.seeds:
-            for arm in study.arms:
-                runs += [r for r in _arm_runs(study, workdir, arm, seed) if r.scale == scale]
-            if scale == study.fusion_scale:
-                runs += [_fusion_run(study, workdir, tuple(f), seed) for f in study.fusion]
+            runs += [_main_run(study, workdir, net, scale, seed) for net in first]
+    for seed in study.seeds:
+        runs += [_fusion_run(study, workdir, tuple(fused), seed) for fused in study.fusion]
+    for seed in study.seeds:
+        for arm in study.arms:
+            runs += _arm_runs(study, workdir, arm, seed)
+    for scale in fine_tuned:
+        for seed in study.seeds:
+            runs += [_main_run(study, workdir, net, scale, seed) for net in rest]
     return runs
 
 
