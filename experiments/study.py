@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.input.data_dir = "workdirs/data"
     # Smaller than the paper's 256: a run has only a few epochs, and leaving chance takes steps.
     config.input.batch_size = 32
-    config.input.eval_batch_size = 250
+    config.input.eval_batch_size = 256  # a multiple of any power-of-two device count
     config.evals.multi_crop_grid = (
         3  # 3x3 crops x 2 flips per Q: images are barely larger than crops
     )

@@ -15,6 +15,7 @@ from absl.testing import absltest
 
 from experiments import study as study_config
 from tests import fixtures
+from vgg_jax import checks
 from vgg_jax.study import findings, orchestrate, plan
 from vgg_jax.training import loop
 
@@ -37,7 +38,7 @@ class PlanTest(absltest.TestCase):
         self.assertEqual(d_small.init_from.workdir, "/study/runs/paper/A/small/seed1")
         self.assertEqual(d_small.optim.name, "sgd")
         self.assertEqual((d_small.optim.momentum, d_small.optim.weight_decay), (0.9, 5e-4))
-        self.assertEqual(d_small.model.dropout_rate, 0.5)
+        self.assertEqual((d_small.model.init, d_small.model.dropout_rate), ("he", 0.0))  # docs
         self.assertEqual(d_small.seed, 1)
         self.assertEqual(by_name["paper/B-5x5/small/seed0"].config.init_from.mode, "fc")
         self.assertEqual(by_name["paper/A/small/seed0"].config.init_from.mode, "none")
@@ -61,6 +62,17 @@ class PlanTest(absltest.TestCase):
             plan.make_plan(config, "/s")
         with self.assertRaisesRegex(ValueError, "valid"):
             study_config.get_config("huge")
+
+    def test_check_config_checks_the_plan_and_every_run(self):
+        config = study_config.get_config("quick")
+        checks.check_config(config, "study")
+        with self.assertRaisesRegex(checks.ConfigError, "--mode=study"):
+            checks.check_config(config, "train")
+        with self.assertRaisesRegex(checks.ConfigError, "--mode=study"):
+            checks.check_config(study_config.base_config(), "study")
+        config.base.optim.name = "adagrad"
+        with self.assertRaisesRegex(checks.ConfigError, "paper/A/small/seed0: config.optim.name"):
+            checks.check_config(config, "study")
 
 
 class VerdictTest(absltest.TestCase):

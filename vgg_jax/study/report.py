@@ -365,7 +365,8 @@ def plot_curves(study, runs: Sequence[plan.Run], path: str) -> None:
         ax.set_xlabel("step")
         ax.set_ylabel("validation top-1 error (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
