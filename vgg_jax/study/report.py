@@ -328,7 +328,8 @@ def plot_depth(study, results, path: str) -> None:
     ax.set_ylabel("top-1 error (%), dense, one test scale")
     ax.set_title("Error against depth (mean ± std over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
