@@ -18,6 +18,9 @@ from vgg_jax.data import transforms
 SYNSETS = ["n01440764", "n01443537", "n01484850"]  # labels 0, 1, 2 in TFDS's labels.txt
 # TFDS labels the sorted val files with the first lines of its validation_labels.txt.
 FIRST_VAL_SYNSETS = ["n01751748", "n09193705", "n02105855", "n04263257", "n03125729"]
+PER_CLASS, NUM_VAL = 4, 5
+# What the tiny tars hold, in place of ImageNet's published counts.
+TINY_COUNTS = f"train={PER_CLASS * len(SYNSETS)},validation={NUM_VAL},classes={len(SYNSETS)}"
 
 
 def imagenet_config(data_dir: str, manual_dir: str | None):
@@ -32,6 +35,7 @@ def imagenet_config(data_dir: str, manual_dir: str | None):
             batch_size=4,
             eval_batch_size=4,
             eval_bucket_step=16,
+            expected_counts=TINY_COUNTS,
         )
     )
     return config
@@ -43,7 +47,9 @@ class ImagenetTest(absltest.TestCase):
         super().setUpClass()
         cls.root = tempfile.mkdtemp()
         manual_dir = os.path.join(cls.root, "manual")
-        cls.placed = testdata.write_ilsvrc_tars(manual_dir, SYNSETS, per_class=4, num_val=5)
+        cls.placed = testdata.write_ilsvrc_tars(
+            manual_dir, SYNSETS, per_class=PER_CLASS, num_val=NUM_VAL
+        )
         cls.config = imagenet_config(os.path.join(cls.root, "tfds"), manual_dir)
         data.prepare(cls.config)
         cls.info = data.dataset_info(cls.config)

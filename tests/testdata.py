@@ -1,5 +1,6 @@
 """Generated files for tests and benchmarks: odd JPEGs as ImageNet holds them, tiny ILSVRC-2012
-tars, an image folder, and real-size photo-like JPEGs. No downloads, no PIL."""
+tars (and damaged ones), an image folder, JPEGs with an EXIF orientation, and real-size
+photo-like JPEGs. No downloads, no PIL."""
 
 from __future__ import annotations
 
@@ -92,6 +93,36 @@ def odd_images(seed: int = 0) -> dict[str, bytes]:
         "corrupt": b"\xff\xd8\xff\xe0 this is not image data " * 4,
         "small": jpeg(image[:20, :24]),
     }
+
+
+def exif_jpeg(image: np.ndarray, orientation: int) -> bytes:
+    """A JPEG of ``image`` (as stored, before any turn) carrying an EXIF Orientation tag
+    (0x0112), as cameras write it: an APP1 "Exif" segment, big-endian TIFF, one IFD entry."""
+    tiff = b"MM\x00\x2a" + struct.pack(">I", 8)  # byte order, magic 42, first IFD at 8
+    tiff += struct.pack(">H", 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0)
+    tiff += struct.pack(">I", 0)  # no next IFD
+    encoded = jpeg(image)
+    return encoded[:2] + _segment(0xE1, b"Exif\x00\x00" + tiff) + encoded[2:]
+
+
+def damage_tar_middle(path: str, length: int = 512) -> int:
+    """Overwrites ``length`` bytes from the header of the member nearest the middle of the tar
+    at ``path`` (random bytes, as a bad disk block would): Python's tarfile then stops there
+    without an error, so the tar reads as a shorter one. Returns the damaged offset."""
+    with tarfile.open(path) as tar:
+        offsets = [member.offset for member in tar.getmembers()]
+    middle = os.path.getsize(path) // 2
+    offset = min(offsets[1:], key=lambda o: abs(o - middle))
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(np.random.default_rng(0).integers(1, 256, length, dtype=np.uint8).tobytes())
+    return offset
+
+
+def truncate_file(path: str, keep: float = 0.6) -> None:
+    """Cuts the file at ``path`` to its first ``keep`` fraction (an interrupted copy)."""
+    with open(path, "r+b") as f:
+        f.truncate(int(os.path.getsize(path) * keep))
 
 
 def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:

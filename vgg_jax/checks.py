@@ -86,8 +86,18 @@ def dataset_facts(input_config: ml_collections.ConfigDict) -> tuple[int, int] | 
         root = os.path.join(os.path.expanduser(input_config.folder), input_config.train_split)
         if not os.path.isdir(root):
             return None
-        classes = [e for e in os.scandir(root) if e.is_dir()]
-        files = sum(1 for c in classes for f in os.scandir(c.path) if f.is_file())
+        from vgg_jax.data import folder
+
+        def is_image(entry: os.DirEntry) -> bool:
+            name = entry.name.lower()
+            return (
+                entry.is_file()
+                and not name.startswith(".")
+                and name.endswith(folder.IMAGE_EXTENSIONS)
+            )
+
+        classes = [e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
+        files = sum(1 for c in classes for f in os.scandir(c.path) if is_image(f))
         return len(classes), files
     return None
 
@@ -128,6 +138,7 @@ def _check_input(p: _Problems, mode: str, data_devices: int) -> tuple[int, int] 
             f"training needs crop_size ({crop}) <= train_scale_min <= train_scale_max ({smax})",
         )
     p.number("input.eval_bucket_step", lambda x: int(x) == x and x >= 1, "must be >= 1")
+    _check_data_files(p)
     facts = dataset_facts(p.config.input)
     if facts is None:
         return None
@@ -144,6 +155,19 @@ def _check_input(p: _Problems, mode: str, data_devices: int) -> tuple[int, int] 
             f"larger than the {num_train} training examples: an epoch would have no step",
         )
     return facts
+
+
+def _check_data_files(p: _Problems) -> None:
+    """``input.expected_counts``' form and ``input.index_dir`` (writability is tried at
+    preparation, where the directory is known in full)."""
+    from vgg_jax.data import verify
+
+    why = verify.expected_counts_problem(p.value("input.expected_counts"))
+    if why:
+        p.add("input.expected_counts", why)
+    index_dir = p.value("input.index_dir")
+    if index_dir and os.path.isfile(os.path.expanduser(index_dir)):
+        p.add("input.index_dir", "is a file; needs a directory (created if missing)")
 
 
 def _check_training(p: _Problems) -> None:

@@ -44,6 +44,14 @@ def input_config(scale: dict) -> ml_collections.ConfigDict:
             data_dir=ml_collections.FieldReference(None, field_type=str),  # TFDS data_dir
             manual_dir=ml_collections.FieldReference(None, field_type=str),  # ILSVRC2012 tars
             folder=ml_collections.FieldReference(None, field_type=str),  # root/<split>/<class>/
+            # Where the project's index and statistics go; None: next to the TFDS files. Set it
+            # when data_dir is read-only (a shared copy); files go to index_dir/<name>/<version>.
+            index_dir=ml_collections.FieldReference(None, field_type=str),
+            # What preparation must have built, else it is moved aside and named as bad:
+            # "published" (imagenet2012: 1,281,167 train / 50,000 validation, 1,000 classes;
+            # other sources: every labelled class has training examples), "none", or
+            # "train=N,validation=N,classes=N" for a subset.
+            expected_counts="published",
             builtin_size="full",  # built-in dataset: full (5000/1000), small or tiny
             builtin_seed=0,  # the built-in dataset is a pure function of this seed
             stats_source="auto",  # mean/PCA: auto (published for imagenet2012), computed, published

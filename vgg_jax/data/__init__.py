@@ -10,12 +10,21 @@ The public interface (see ``docs/data.md``)::
                       process_count=None)
     data.num_eval_examples(config, split=None) -> int
     data.trained_convention(mean_rgb, input_config) -> dict  # what a net trained here sees
+    data.DatasetError                         # bad data on disk, said in one line
 
 The pipeline modules import TensorFlow; this package loads them on first use, so importing
 ``vgg_jax.data`` alone costs nothing.
 """
 
 import importlib
+
+
+class DatasetError(ValueError):
+    """The data on disk cannot be used as it is: a damaged tar, a prepared dataset that does not
+    hold what it should, an empty class folder, an index location that cannot be written. The
+    message is one line naming what to fix; the command-line tools print it without a traceback
+    (a traceback through TFDS would hide which file is bad)."""
+
 
 _PIPELINE_NAMES = (
     "DatasetInfo",
@@ -27,7 +36,7 @@ _PIPELINE_NAMES = (
     "train_batches",
     "trained_convention",
 )
-__all__ = list(_PIPELINE_NAMES)
+__all__ = ["DatasetError", *_PIPELINE_NAMES]
 
 
 def __getattr__(name: str):

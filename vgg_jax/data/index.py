@@ -2,7 +2,8 @@
 format (JPEG or PNG, whatever the file is named), height, width, colour channels, whether the
 file is truncated, and whether it decodes at all.
 
-Stored as ``vgg_jax_index_<split>.npz`` next to the TFDS files and read by the pipeline: training
+Stored as ``vgg_jax_index_<split>.npz`` next to the TFDS files (or under ``input.index_dir``, see
+``sources.files_dir``) and read by the pipeline: training
 crop windows and evaluation buckets are planned from these sizes, and examples that do not decode
 are left out of every order (skipped and counted, never a crash). The decode check uses libjpeg's
 1/8-scale DCT decoding: it still entropy-decodes the whole file, so corruption shows, at a fraction
@@ -56,8 +57,10 @@ class SplitIndex:
         return counts
 
 
-def index_path(builder: tfds.core.DatasetBuilder, split: str) -> str:
-    return os.path.join(os.fspath(builder.data_dir), f"vgg_jax_index_{split}.npz")
+def index_path(builder: tfds.core.DatasetBuilder, split: str, files_dir: str | None = None) -> str:
+    """``files_dir``: where the project's files for this dataset live (``sources.files_dir``);
+    next to the TFDS files when None."""
+    return os.path.join(files_dir or os.fspath(builder.data_dir), f"vgg_jax_index_{split}.npz")
 
 
 def _probe(position: tf.Tensor, serialized: tf.Tensor):
@@ -113,13 +116,16 @@ def build_index(builder: tfds.core.DatasetBuilder, split: str) -> SplitIndex:
 
 
 def _save(path: str, split_index: SplitIndex) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = path + ".tmp.npz"
     np.savez(temporary, **dataclasses.asdict(split_index))
     os.replace(temporary, path)
 
 
-def load_index(builder: tfds.core.DatasetBuilder, split: str) -> SplitIndex:
-    path = index_path(builder, split)
+def load_index(
+    builder: tfds.core.DatasetBuilder, split: str, files_dir: str | None = None
+) -> SplitIndex:
+    path = index_path(builder, split, files_dir)
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"No index for split {split!r} at {path}. Run `python -m vgg_jax.tools.data "
@@ -135,11 +141,13 @@ def _load(path: str, mtime: float) -> SplitIndex:
         return SplitIndex(**{f.name: stored[f.name] for f in dataclasses.fields(SplitIndex)})
 
 
-def ensure_index(builder: tfds.core.DatasetBuilder, split: str) -> SplitIndex:
+def ensure_index(
+    builder: tfds.core.DatasetBuilder, split: str, files_dir: str | None = None
+) -> SplitIndex:
     """The split's index, built and saved on first use."""
-    path = index_path(builder, split)
+    path = index_path(builder, split, files_dir)
     if os.path.exists(path):
-        return load_index(builder, split)
+        return load_index(builder, split, files_dir)
     logging.info("Indexing %s/%s (sizes, formats, decode check).", builder.name, split)
     split_index = build_index(builder, split)
     _save(path, split_index)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from collections.abc import Iterator
 
 import ml_collections
@@ -30,7 +31,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from vgg_jax.data import index, sources, stats, transforms
+from vgg_jax.data import index, sources, stats, transforms, verify
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,38 +63,60 @@ def check_input_config(input_config: ml_collections.ConfigDict) -> None:
         )
 
 
-def _split_index(builder: tfds.core.DatasetBuilder, split: str) -> index.SplitIndex:
+def _split_index(
+    builder: tfds.core.DatasetBuilder, split: str, input_config: ml_collections.ConfigDict
+) -> index.SplitIndex:
     sources.check_split(builder, split)
-    return index.load_index(builder, split)
+    return index.load_index(builder, split, sources.files_dir(builder, input_config))
 
 
 def prepare(config: ml_collections.ConfigDict) -> None:
     """Makes ``config.input.dataset`` ready: TFDS files, per-split index, mean/PCA statistics.
-    Work already done is skipped; missing inputs raise an error naming the files to provide."""
+    Work already done is skipped; missing inputs raise an error naming the files to provide.
+    What was built is checked on every call (``verify``: example and class counts): a bad
+    dataset raises ``DatasetError`` naming the likely bad input and is moved aside, never reused.
+    An unwritable index location fails before any indexing."""
     input_config = config.input
     check_input_config(input_config)
     builder = sources.prepare_builder(input_config)
-    for split in dict.fromkeys([input_config.train_split, input_config.eval_split]):
+    files_dir = sources.files_dir(builder, input_config)
+    splits = list(dict.fromkeys([input_config.train_split, input_config.eval_split]))
+    for split in splits:
         sources.check_split(builder, split)
-        index.ensure_index(builder, split)
-    if not stats.uses_published(input_config.dataset, input_config.stats_source):
-        train_index = index.load_index(builder, input_config.train_split)
+    computed_stats = not stats.uses_published(input_config.dataset, input_config.stats_source)
+    if not all(os.path.exists(index.index_path(builder, s, files_dir)) for s in splits) or (
+        computed_stats and not os.path.exists(stats.stats_path(builder, files_dir))
+    ):
+        sources.check_writable(files_dir)  # at once, not after indexing (45 min on ImageNet)
+    verify.check_examples(builder, input_config, files_dir)
+    for split in splits:
+        index.ensure_index(builder, split, files_dir)
+    train_index = index.load_index(builder, input_config.train_split, files_dir)
+    verify.check_classes(builder, input_config, train_index, files_dir)
+    if computed_stats:
         stats.ensure_stats(
-            builder, input_config.train_split, train_index.valid, input_config.stats_max_images
+            builder,
+            input_config.train_split,
+            train_index.valid,
+            input_config.stats_max_images,
+            files_dir,
         )
 
 
 def _stats(input_config: ml_collections.ConfigDict, builder) -> dict:
     dataset, source = input_config.dataset, input_config.stats_source
-    computed = None if stats.uses_published(dataset, source) else stats.load_stats(builder)
+    files_dir = sources.files_dir(builder, input_config)
+    computed = (
+        None if stats.uses_published(dataset, source) else stats.load_stats(builder, files_dir)
+    )
     return stats.choose(dataset, source, computed)
 
 
 def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
     input_config = config.input
     builder = sources.prepared_builder(input_config)
-    train = _split_index(builder, input_config.train_split)
-    evaluation = _split_index(builder, input_config.eval_split)
+    train = _split_index(builder, input_config.train_split, input_config)
+    evaluation = _split_index(builder, input_config.eval_split, input_config)
     chosen = _stats(input_config, builder)
     label = builder.info.features["label"]
     return DatasetInfo(
@@ -119,7 +142,7 @@ def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
 
 def num_eval_examples(config: ml_collections.ConfigDict, split: str | None = None) -> int:
     builder = sources.prepared_builder(config.input)
-    return int(len(_split_index(builder, split or config.input.eval_split).valid))
+    return int(len(_split_index(builder, split or config.input.eval_split, config.input).valid))
 
 
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -229,7 +252,7 @@ def train_batches(
     batch_size = input_config.batch_size
     local = _local_size(batch_size, process_count, "batch_size")
     builder = sources.prepared_builder(input_config)
-    split_index = _split_index(builder, input_config.train_split)
+    split_index = _split_index(builder, input_config.train_split, input_config)
     chosen = _stats(input_config, builder)
     norm = _normalization(normalization, chosen["mean_rgb"], input_config)
     eigvals = np.asarray(chosen["eigvals"], np.float32)
@@ -342,7 +365,7 @@ def eval_batches(
     global_batch = input_config.eval_batch_size
     local = _local_size(global_batch, process_count, "eval_batch_size")
     builder = sources.prepared_builder(input_config)
-    split_index = _split_index(builder, split)
+    split_index = _split_index(builder, split, input_config)
     norm = _normalization(normalization, _stats(input_config, builder)["mean_rgb"], input_config)
     schedule = eval_schedule(split_index, scale, global_batch, input_config.eval_bucket_step)
     reader = sources.RecordReader(builder, split)

@@ -10,11 +10,17 @@
 Every source has the features ``image`` (encoded bytes) and ``label``. Records are read as raw
 serialized examples by index (``as_data_source``), which is what makes the training order a pure
 function of (seed, step).
+
+The project's own files for a dataset (per-split index, statistics, the image folder's list of
+skipped files) go next to the TFDS files, or under ``config.input.index_dir`` when the TFDS
+data_dir is read-only (a shared cluster copy): ``files_dir``.
 """
 
 from __future__ import annotations
 
 import os
+import tarfile
+import tempfile
 
 import ml_collections
 import numpy as np
@@ -22,10 +28,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from vgg_jax.data import builtin, folder
+from vgg_jax.data import DatasetError, builtin, folder
 
 DATASETS = ("imagenet2012", "image_folder", "builtin")
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+IMAGENET_SPLIT_TARS = dict(zip(("train", "validation"), IMAGENET_TARS, strict=True))
 FILE_FORMAT = "array_record"
 
 
@@ -55,6 +62,80 @@ def get_builder(input_config: ml_collections.ConfigDict) -> tfds.core.DatasetBui
     return tfds.builder("imagenet2012", data_dir=data_dir(input_config), file_format=FILE_FORMAT)
 
 
+def files_dir(builder: tfds.core.DatasetBuilder, input_config: ml_collections.ConfigDict) -> str:
+    """Where the project's files for this dataset live: ``input.index_dir/<dataset>/<config>/
+    <version>`` when ``input.index_dir`` is set, else the TFDS files' own directory."""
+    index_dir = input_config.get("index_dir")
+    if not index_dir:
+        return os.fspath(builder.data_dir)
+    return os.path.join(os.path.expanduser(index_dir), builder.info.full_name)
+
+
+def check_writable(directory: str) -> None:
+    """Fails at once, before hours of indexing, when ``directory`` cannot take the index. Tries a
+    real write: permission bits do not tell (root, read-only mounts, quotas)."""
+    existing = os.path.abspath(directory)
+    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)  # what is missing is made at the first write
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".vgg_jax_write_test_"):
+            pass
+    except OSError as e:
+        raise DatasetError(
+            f"Cannot write the project's index and statistics to {directory} ({e.strerror or e}); "
+            "the prepared TFDS files can stay read-only: set --config.input.index_dir=DIR to a "
+            "writable directory."
+        ) from e
+
+
+def tar_damage(path: str) -> str | None:
+    """What is wrong with the tar at ``path`` as a sequence of headers, or None if nothing shows.
+
+    Walks the member headers only (seeking over the data, seconds even for ImageNet's 140 GB):
+    Python's ``tarfile`` stops silently at a bad header after the first, so a tar with damaged
+    bytes in the middle reads as a shorter tar; here the bytes after the last readable header are
+    looked at, and a member running past the end of the file shows a truncated tar."""
+    name = os.path.basename(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
+                end = member.offset_data + member.size
+                if end > size:
+                    return (
+                        f"{name} is truncated: member {member.name} ends at byte {end:,}, the "
+                        f"file has {size:,}"
+                    )
+            f.seek(tar.offset)
+            tail = f.read(2 * tarfile.BLOCKSIZE)
+    except (OSError, tarfile.TarError) as e:
+        return f"{name} is not a readable tar ({type(e).__name__}: {e})"
+    if len(tail) < 2 * tarfile.BLOCKSIZE:
+        return f"{name} is truncated: it ends at byte {size:,} without the end-of-archive blocks"
+    if tail.strip(b"\0"):
+        return (
+            f"{name} has a bad tar header at byte {tar.offset:,} of {size:,} (Python's tarfile "
+            "stops reading there without an error)"
+        )
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def imagenet_culprit(manual_dir: str | None, split: str | None) -> tuple[str, bool]:
+    """The likely bad tar for a problem with ``split`` (both tars when the split is not known),
+    with what a header walk finds wrong in it; and whether the walk found anything."""
+    where = os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else "manual_dir"
+    names = [IMAGENET_SPLIT_TARS[split]] if split in IMAGENET_SPLIT_TARS else list(IMAGENET_TARS)
+    found = [d for d in (tar_damage(os.path.join(where, n)) for n in names) if d]
+    if found:
+        return "; ".join(found) + f" (in {where})", True
+    return f"{' or '.join(names)} in {where} is likely damaged", False
+
+
 def _imagenet_download_config(manual_dir: str | None) -> tfds.download.DownloadConfig:
     where = os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else None
     missing = [n for n in IMAGENET_TARS if where is None or not os.path.exists(f"{where}/{n}")]
@@ -74,12 +155,43 @@ def prepare_builder(input_config: ml_collections.ConfigDict) -> tfds.core.Datase
     builder = get_builder(input_config)
     if builder.is_prepared():
         return builder
+    project_files = files_dir(builder, input_config)
+    check_writable(project_files)  # the index follows; better to know before TFDS's hours
     logging.info("Preparing %s into %s.", builder.name, builder.data_dir)
     download_config = None
     if input_config.dataset == "imagenet2012":
         download_config = _imagenet_download_config(input_config.manual_dir)
-    builder.download_and_prepare(download_config=download_config, file_format=FILE_FORMAT)
+    try:
+        builder.download_and_prepare(download_config=download_config, file_format=FILE_FORMAT)
+    except Exception as e:
+        if input_config.dataset != "imagenet2012":
+            raise
+        # TFDS reads the tars with tarfile: a truncated one ends in a 50-line traceback that
+        # names no file. Other failures (a full disk, ...) stay as they are unless a tar shows
+        # damage.
+        culprit, found = imagenet_culprit(input_config.manual_dir, None)
+        if not found and not isinstance(e, (tarfile.TarError, EOFError)):
+            raise
+        raise DatasetError(
+            f"Preparing imagenet2012 failed ({type(e).__name__}: {_first_line(e)}): {culprit}; "
+            "replace it and run again."
+        ) from e
+    if input_config.dataset == "image_folder":
+        _report_skipped(builder.builder_config.root, project_files)
     return builder
+
+
+def _report_skipped(root: str, directory: str) -> None:
+    """One line in the log; every skipped entry named in a file beside the index."""
+    folder_scan = folder.scan(root)
+    if folder_scan.skipped:
+        path = folder.write_skipped_list(folder_scan, directory)
+        logging.warning(
+            "Image folder %s: skipped %s; listed in %s",
+            root,
+            folder_scan.skipped_summary(),
+            path,
+        )
 
 
 def prepared_builder(input_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:

@@ -38,8 +38,10 @@ IMAGENET_STATS = {
 STATS_SOURCES = ("auto", "computed", "published")
 
 
-def stats_path(builder: tfds.core.DatasetBuilder) -> str:
-    return os.path.join(os.fspath(builder.data_dir), "vgg_jax_stats.json")
+def stats_path(builder: tfds.core.DatasetBuilder, files_dir: str | None = None) -> str:
+    """``files_dir``: where the project's files for this dataset live (``sources.files_dir``);
+    next to the TFDS files when None."""
+    return os.path.join(files_dir or os.fspath(builder.data_dir), "vgg_jax_stats.json")
 
 
 def pixel_moments(images: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
@@ -86,13 +88,18 @@ def compute_stats(
 
 
 def ensure_stats(
-    builder: tfds.core.DatasetBuilder, split: str, valid: np.ndarray, max_images: int
+    builder: tfds.core.DatasetBuilder,
+    split: str,
+    valid: np.ndarray,
+    max_images: int,
+    files_dir: str | None = None,
 ) -> dict:
-    path = stats_path(builder)
+    path = stats_path(builder, files_dir)
     if os.path.exists(path):
-        return load_stats(builder)
+        return load_stats(builder, files_dir)
     logging.info("Computing mean RGB and PCA of %s/%s.", builder.name, split)
     stats = compute_stats(builder, split, valid, max_images)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = path + ".tmp"
     with open(temporary, "w") as f:
         json.dump(stats, f, indent=2)
@@ -101,8 +108,8 @@ def ensure_stats(
     return stats
 
 
-def load_stats(builder: tfds.core.DatasetBuilder) -> dict:
-    path = stats_path(builder)
+def load_stats(builder: tfds.core.DatasetBuilder, files_dir: str | None = None) -> dict:
+    path = stats_path(builder, files_dir)
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"No mean/PCA statistics at {path}. Run `python -m vgg_jax.tools.data --config=<your "

@@ -11,12 +11,13 @@ the training set's mean RGB and PCA eigen-pairs, skipping whatever is already do
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from vgg_jax.data import pipeline
+from vgg_jax import data
 from vgg_jax.tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.")
@@ -27,8 +28,11 @@ def main(argv: list[str]) -> None:
     cli.quiet_library_logs()
     config = _CONFIG.value
     start = time.perf_counter()
-    pipeline.prepare(config)
-    info = pipeline.dataset_info(config)
+    try:
+        data.prepare(config)
+    except data.DatasetError as e:
+        sys.exit(f"Data error: {e}")
+    info = data.dataset_info(config)
     print(f"prepared {info.name} in {info.data_dir} ({time.perf_counter() - start:.1f} s)")
     print(f"classes {info.num_classes}, train {info.num_train}, eval {info.num_eval}")
     print(f"mean RGB {info.mean_rgb.round(3).tolist()}")
@@ -39,4 +43,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: cli.parse_flags(flags.FLAGS, argv or sys.argv))

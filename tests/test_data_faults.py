@@ -1,0 +1,331 @@
+"""Faults in the data a user provides (issue 13, points 3, 11 and 14): damaged ILSVRC tars are
+named in one line and never reused, image folders skip and name what is not an image, reject empty
+class folders and turn EXIF-rotated photos upright, and a read-only prepared data_dir takes its
+index elsewhere, refused at once when it cannot."""
+
+import contextlib
+import glob
+import io
+import os
+import shutil
+import subprocess
+import sys
+from unittest import mock
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl.testing import absltest
+
+from tests import fixtures, testdata
+from tests.test_data_imagenet import NUM_VAL, PER_CLASS, SYNSETS, TINY_COUNTS, imagenet_config
+from vgg_jax import checks, data
+from vgg_jax.configs import paper
+from vgg_jax.data import folder, index, sources, verify
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_TAR = "ILSVRC2012_img_train.tar"
+
+
+class DamagedImagenetTarTest(absltest.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.manual_dir = self.create_tempdir().full_path
+        self.config = imagenet_config(self.create_tempdir().full_path, self.manual_dir)
+
+    def write_tars(self):
+        testdata.write_ilsvrc_tars(self.manual_dir, SYNSETS, per_class=PER_CLASS, num_val=NUM_VAL)
+
+    def test_corrupt_train_tar_is_named_moved_aside_and_rebuilt_with_the_good_tar(self):
+        self.write_tars()
+        offset = testdata.damage_tar_middle(os.path.join(self.manual_dir, TRAIN_TAR))
+        with self.assertRaises(data.DatasetError) as raised:
+            data.prepare(self.config)  # today: 4 of 12 images, 1 of 3 classes, no error
+        message = str(raised.exception)
+        self.assertNotIn("\n", message)
+        self.assertIn(TRAIN_TAR, message)
+        self.assertIn("split 'train' has 4 examples, expected 12", message)
+        self.assertIn(f"bad tar header at byte {offset:,}", message)
+        builder = sources.get_builder(self.config.input)
+        self.assertFalse(builder.is_prepared())  # not reused by the next run
+        self.assertTrue(os.path.isdir(f"{builder.data_dir}.bad"))
+        self.assertIn(f"{builder.data_dir}.bad", message)
+        self.write_tars()  # the good tar is back
+        self.config.input.expected_counts = "train=12,val=5"  # a typo moves nothing aside
+        with self.assertRaisesRegex(data.DatasetError, "'val', not a split of imagenet2012"):
+            data.prepare(self.config)
+        self.assertTrue(builder.is_prepared())
+        self.config.input.expected_counts = TINY_COUNTS
+        data.prepare(self.config)
+        info = data.dataset_info(self.config)
+        self.assertEqual(info.bad_input["train"]["examples"], PER_CLASS * len(SYNSETS))
+        self.assertEqual(info.num_train, 11)  # the one corrupt image is skipped, as always
+
+    def test_truncated_tar_is_one_line_naming_it(self):
+        self.write_tars()
+        testdata.truncate_file(os.path.join(self.manual_dir, TRAIN_TAR), keep=0.6)
+        with self.assertRaises(data.DatasetError) as raised:
+            data.prepare(self.config)  # today: tarfile.ReadError deep in a TFDS traceback
+        message = str(raised.exception)
+        self.assertNotIn("\n", message)
+        self.assertIn(f"{TRAIN_TAR} is truncated", message)
+        self.assertIn(self.manual_dir, message)
+        self.assertNotIn("ILSVRC2012_img_val.tar", message)  # that one is fine
+        self.assertFalse(sources.get_builder(self.config.input).is_prepared())
+
+    def test_expected_counts_default_to_imagenets_published_ones(self):
+        config = paper.paper_config("D", "s256")
+        self.assertEqual(config.input.expected_counts, "published")
+        self.assertEqual(
+            verify.parse_expected_counts("published", "imagenet2012"),
+            {"train": 1_281_167, "validation": 50_000, "classes": 1000},
+        )
+        self.assertEqual(verify.parse_expected_counts("published", "builtin"), {})
+        self.assertEqual(
+            verify.parse_expected_counts(TINY_COUNTS, "imagenet2012"),
+            {"train": 12, "validation": 5, "classes": 3},
+        )
+        self.assertIsNone(verify.parse_expected_counts("none", "imagenet2012"))
+        a_file = self.create_tempfile().full_path
+        config = fixtures.tiny_config(
+            with_data=False,
+            **{"input.expected_counts": "train=lots", "input.index_dir": a_file},
+        )
+        with self.assertRaises(checks.ConfigError) as raised:
+            checks.check_config(config, "train")
+        problems = raised.exception.problems
+        self.assertLen(problems, 2)
+        self.assertStartsWith(problems[0], "config.input.expected_counts='train=lots': must be")
+        self.assertStartsWith(problems[1], f"config.input.index_dir={a_file!r}: is a file")
+
+
+def _jpeg_bytes(seed: int) -> bytes:
+    image, _ = testdata.builtin.draw_example(seed, "train", seed)
+    return testdata.jpeg(image)
+
+
+class ImageFolderFaultsTest(absltest.TestCase):
+    def make_folder(self) -> str:
+        root = os.path.join(self.create_tempdir().full_path, "photos")
+        testdata.write_image_folder(root, {"train": 3, "validation": 1}, ["cat", "dog"])
+        return root
+
+    def folder_config(self, root: str):
+        config = fixtures.tiny_config(
+            **{
+                "input.dataset": "image_folder",
+                "input.folder": root,
+                "input.data_dir": self.create_tempdir().full_path,
+                "model.num_classes": 3,
+            }
+        )
+        return config
+
+    def test_links_and_non_images_are_skipped_counted_and_named(self):
+        root = self.make_folder()
+        cat = os.path.join(root, "train", "cat")
+        os.symlink(os.path.join(root, "gone.jpg"), os.path.join(cat, "dangling.jpg"))
+        for name, payload in {
+            "notes.txt": b"a note",
+            ".DS_Store": b"\x00\x00\x00\x01Bud1",
+            "photo.webp": b"RIFF\x1a\x00\x00\x00WEBPVP8 ",
+        }.items():
+            with open(os.path.join(cat, name), "wb") as f:
+                f.write(payload)
+        os.makedirs(os.path.join(cat, "thumbnails"))
+        # An upright photo 48 wide and 80 tall, stored sideways (80 x 48) with orientation 6.
+        sideways = np.zeros((48, 80, 3), np.uint8)
+        os.makedirs(os.path.join(root, "train", "tall"))
+        os.makedirs(os.path.join(root, "validation", "tall"))
+        for split in ("train", "validation"):
+            with open(os.path.join(root, split, "tall", "rotated.jpg"), "wb") as f:
+                f.write(testdata.exif_jpeg(sideways, 6))
+        config = self.folder_config(root)
+        with self.assertLogs(level="WARNING") as logs:
+            data.prepare(config)  # today: the dangling link aborts the whole import
+        builder = sources.prepared_builder(config.input)
+        listed = os.path.join(os.fspath(builder.data_dir), folder.SKIPPED_FILES_NAME)
+        summary = [line for line in logs.output if ":absl:Image folder" in line]
+        self.assertLen(summary, 1)
+        self.assertIn("5 files", summary[0])
+        self.assertIn("1 dangling link", summary[0])
+        self.assertIn(listed, summary[0])
+        with open(listed) as f:
+            rows = dict(reversed(line.rstrip("\n").split("\t")) for line in f)
+        self.assertEqual(
+            rows,
+            {
+                os.path.join(cat, "dangling.jpg"): "dangling link",
+                os.path.join(cat, ".DS_Store"): "hidden file",
+                os.path.join(cat, "notes.txt"): "not .jpg/.jpeg/.png",
+                os.path.join(cat, "photo.webp"): "not .jpg/.jpeg/.png",
+                os.path.join(cat, "thumbnails"): "nested directory",
+            },
+        )
+        info = data.dataset_info(config)
+        self.assertEqual(info.class_names, ["cat", "dog", "tall"])
+        self.assertEqual(info.num_train, 7)
+        split_index = index.load_index(builder, "train")
+        tall = split_index.label == info.class_names.index("tall")
+        self.assertEqual((split_index.height[tall][0], split_index.width[tall][0]), (80, 48))
+
+    def test_empty_class_folder_is_an_error_naming_it(self):
+        root = self.make_folder()
+        empty = os.path.join(root, "train", "bird")
+        os.makedirs(empty)
+        with open(os.path.join(empty, "readme.txt"), "w") as f:
+            f.write("images to come")
+        with self.assertRaises(data.DatasetError) as raised:
+            data.prepare(self.folder_config(root))  # today: a class with no examples
+        self.assertIn(empty, str(raised.exception))
+        self.assertNotIn("\n", str(raised.exception))
+
+    def test_class_without_a_decodable_image_is_an_error_naming_it(self):
+        root = os.path.join(self.create_tempdir().full_path, "photos")
+        testdata.write_image_folder(root, {"train": 2}, ["cat"])
+        broken = os.path.join(root, "train", "dog")
+        os.makedirs(broken)
+        for name in ("0.jpg", "1.png"):
+            with open(os.path.join(broken, name), "wb") as f:
+                f.write(b"not an image")
+        config = self.folder_config(root)
+        config.input.eval_split = "train"
+        with self.assertRaises(data.DatasetError) as raised:
+            data.prepare(config)  # today: a class the net is asked to learn with no example
+        message = str(raised.exception)
+        self.assertIn(
+            "decodable examples of 1 classes, expected 2 (none decodable in: dog)", message
+        )
+        self.assertIn(os.path.join(root, "train"), message)
+        self.assertFalse(sources.get_builder(config.input).is_prepared())
+
+    def test_exif_orientation_is_applied_as_pil_does(self):
+        image = np.zeros((24, 40, 3), np.uint8)
+        image[:6, :10] = (255, 0, 0)  # a red top-left corner shows every turn and mirror
+        image[-6:, :] = (0, 0, 255)
+        try:
+            from PIL import Image, ImageOps
+        except ImportError:
+            Image = None
+        stored = tf.io.decode_jpeg(testdata.jpeg(image)).numpy().astype(int)
+        transposed = np.swapaxes(stored, 0, 1)
+        shown = {  # what a viewer shows for each EXIF orientation (the EXIF 2.32 spec, Table 6)
+            1: stored,
+            2: np.flip(stored, 1),
+            3: np.flip(stored, (0, 1)),
+            4: np.flip(stored, 0),
+            5: transposed,
+            6: np.flip(transposed, 1),  # 90 degrees clockwise
+            7: np.flip(transposed, (0, 1)),
+            8: np.flip(transposed, 0),  # 90 degrees counter-clockwise
+        }
+        for orientation, expected in shown.items():
+            encoded = testdata.exif_jpeg(image, orientation)
+            self.assertEqual(folder.exif_orientation(encoded), orientation)
+            turned = tf.io.decode_jpeg(folder.upright(encoded)).numpy().astype(int)
+            self.assertEqual(turned.shape, expected.shape, orientation)
+            # One JPEG re-encode of sharp colour edges costs ~2; any wrong turn costs > 10.
+            self.assertLess(np.abs(turned - expected).mean(), 5, orientation)
+            if Image is not None:  # an independent reader of the same tag
+                reference = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(encoded))))
+                self.assertLess(np.abs(turned - reference).mean(), 5, orientation)
+        # Written by another writer, read by ours.
+        if Image is not None:
+            buffer, exif = io.BytesIO(), Image.Exif()
+            exif[0x0112] = 8
+            Image.fromarray(image).save(buffer, "JPEG", exif=exif)
+            self.assertEqual(folder.exif_orientation(buffer.getvalue()), 8)
+        upright_bytes = testdata.jpeg(image)
+        self.assertIs(folder.upright(upright_bytes), upright_bytes)  # stored unchanged
+
+
+def project_files(data_dir: str) -> list[str]:
+    return [
+        path
+        for pattern in ("vgg_jax_index_*.npz", "vgg_jax_stats.json")
+        for path in glob.glob(os.path.join(data_dir, "**", pattern), recursive=True)
+    ]
+
+
+@contextlib.contextmanager
+def read_only(path: str):
+    """``path``'s tree made read-only for this process: write bits dropped and, as root (whom
+    permission bits do not stop), the effective user switched to nobody for the block."""
+    for directory, _, files in os.walk(path):
+        os.chmod(directory, 0o555)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o444)
+    as_root = os.geteuid() == 0
+    if as_root:
+        os.seteuid(65534)
+    try:
+        yield
+    finally:
+        if as_root:
+            os.seteuid(0)
+        for directory, _, _ in os.walk(path):
+            os.chmod(directory, 0o755)
+
+
+class ReadOnlyDataDirTest(absltest.TestCase):
+    def test_index_goes_to_index_dir_and_an_unwritable_one_fails_before_indexing(self):
+        # A copy of the shared prepared dataset without the project's files, as a cluster's
+        # shared TFDS copy would be.
+        shared = self.create_tempdir().full_path
+        os.chmod(shared, 0o755)
+        data_dir = os.path.join(shared, "tfds")
+        shutil.copytree(fixtures.builtin_data_dir(), data_dir)
+        for path in project_files(data_dir):
+            os.remove(path)
+        index_dir = os.path.join(shared, "index")
+        os.makedirs(index_dir, mode=0o777)
+        os.chmod(index_dir, 0o777)
+        config = fixtures.tiny_config(**{"input.data_dir": data_dir})
+        with (
+            read_only(data_dir),
+            mock.patch.object(index, "build_index", wraps=index.build_index) as build,
+        ):
+            with self.assertRaises(data.DatasetError) as raised:
+                data.prepare(config)  # today: indexes every split, then fails writing
+            self.assertEqual(build.call_count, 0)
+            self.assertIn("--config.input.index_dir=", str(raised.exception))
+            self.assertNotIn("\n", str(raised.exception))
+            config.input.index_dir = index_dir
+            data.prepare(config)
+            info = data.dataset_info(config)
+        self.assertEqual(info.num_train, 100)
+        builder = sources.prepared_builder(config.input)
+        where = os.path.join(index_dir, builder.info.full_name)
+        self.assertEqual(sources.files_dir(builder, config.input), where)
+        self.assertCountEqual(
+            os.listdir(where),
+            ["vgg_jax_index_train.npz", "vgg_jax_index_validation.npz", "vgg_jax_stats.json"],
+        )
+        self.assertEmpty(project_files(data_dir))
+
+
+@pytest.mark.slow
+class DataToolTest(absltest.TestCase):
+    def test_mistyped_key_is_one_line(self):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "vgg_jax.tools.data",
+                "--config=experiments/demo.py",
+                "--config.input.data_dri=/tmp/x",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertNotIn("Traceback", result.stderr)
+        last = result.stderr.strip().splitlines()[-1]
+        self.assertIn("Unknown config key 'input.data_dri'", last)
+        self.assertIn("'data_dir'", last)
+
+
+if __name__ == "__main__":
+    absltest.main()

@@ -1,0 +1,142 @@
+"""Preparation checks what it built before anything trains on it.
+
+Python's ``tarfile`` stops at a damaged header without an error, so an ILSVRC-2012 train tar with
+bytes overwritten in the middle prepares "successfully" into a fraction of ImageNet (seen: 548 of
+2,000 images, 274 of 1,000 classes), and TFDS then reuses it forever. So after preparation:
+
+* each split's example count is compared with the expected one (``input.expected_counts``;
+  ``published``: ImageNet's 1,281,167 train and 50,000 validation examples), and
+* the classes that have decodable training examples are counted from the training index and
+  compared with the expected class count (``classes=`` in ``input.expected_counts``, else every
+  class of the dataset's labels: the ImageNet synsets, the image folder's class folders).
+
+A mismatch moves the prepared TFDS files aside (``<version dir>.bad``, replacing an older one)
+and removes the project's index and statistics of them, so the next run prepares again once the
+input is fixed, and raises ``DatasetError`` naming the likely bad input: the split's tar (with
+what a header walk finds in it), or the folder.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from vgg_jax.data import DatasetError, index, sources
+
+# Published sizes (ILSVRC-2012: Russakovsky et al., 2015; TFDS's imagenet2012 builder).
+PUBLISHED_COUNTS = {"imagenet2012": {"train": 1_281_167, "validation": 50_000, "classes": 1000}}
+EXPECTED_COUNTS_FORMS = (
+    "'published' (ImageNet's published counts for imagenet2012; every labelled class present "
+    "otherwise), 'none', or 'SPLIT=N,...[,classes=N]' such as 'train=12,validation=5,classes=3'"
+)
+
+
+def parse_expected_counts(spec: str, dataset: str) -> dict[str, int] | None:
+    """``{split or "classes": count}`` from ``input.expected_counts``; None for ``none``.
+    Raises ``ValueError`` on any other form."""
+    if spec == "none":
+        return None
+    if spec == "published":
+        return dict(PUBLISHED_COUNTS.get(dataset, {}))
+    counts = {}
+    for item in str(spec).split(","):
+        key, equals, value = (part.strip() for part in item.partition("="))
+        if not key or not equals or not value.isdigit():
+            raise ValueError(f"{item!r} is not SPLIT=N; valid forms: {EXPECTED_COUNTS_FORMS}")
+        counts[key] = int(value)
+    return counts
+
+
+def expected_counts_problem(spec: str) -> str | None:
+    """Why ``spec`` is not a valid ``input.expected_counts``, for ``checks.check_config``."""
+    try:
+        parse_expected_counts(spec, "")
+    except (ValueError, TypeError):
+        return f"must be {EXPECTED_COUNTS_FORMS}"
+    return None
+
+
+def _culprit(builder: tfds.core.DatasetBuilder, input_config, split: str) -> str:
+    if input_config.dataset == "imagenet2012":
+        return sources.imagenet_culprit(input_config.manual_dir, split)[0]
+    if input_config.dataset == "image_folder":
+        return f"check the folder {os.path.join(builder.builder_config.root, split)}"
+    return f"the generated files in {builder.data_dir} are damaged"
+
+
+def _move_aside(builder: tfds.core.DatasetBuilder, files_dir: str) -> str:
+    """Moves the prepared files out of TFDS's sight; says where, or what to delete."""
+    source = os.fspath(builder.data_dir)
+    target = f"{source}.bad"  # one bad copy at most: a partial ImageNet can be large
+    try:
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.replace(source, target)
+    except OSError as e:
+        return f"could not move {source} aside ({e.strerror or e}): delete it before the next run"
+    if os.path.abspath(files_dir) != os.path.abspath(source):
+        for pattern in ("vgg_jax_index_*.npz", "vgg_jax_stats.json", "vgg_jax_skipped_files.txt"):
+            for path in glob.glob(os.path.join(files_dir, pattern)):
+                os.remove(path)
+    return f"moved the prepared files aside to {target}, so the next run prepares them again"
+
+
+def _fail(builder, input_config, files_dir: str, split: str, what: str) -> None:
+    culprit = _culprit(builder, input_config, split)
+    moved = _move_aside(builder, files_dir)
+    raise DatasetError(f"{builder.name} {what}: {culprit}. {moved[0].upper()}{moved[1:]}.")
+
+
+def check_examples(
+    builder: tfds.core.DatasetBuilder, input_config: ml_collections.ConfigDict, files_dir: str
+) -> None:
+    """Each split's example count (as TFDS wrote it: cheap) against ``input.expected_counts``."""
+    expected = parse_expected_counts(input_config.expected_counts, input_config.dataset) or {}
+    splits = builder.info.splits
+    unknown = sorted(set(expected) - set(splits) - {"classes"})
+    if unknown:  # a typo must not move a good dataset aside
+        raise DatasetError(
+            f"config.input.expected_counts={input_config.expected_counts!r} names "
+            f"{', '.join(map(repr, unknown))}, not a split of {builder.name}; valid: "
+            f"{sorted(splits)} and 'classes'"
+        )
+    for split, count in expected.items():
+        if split == "classes":
+            continue
+        actual = int(splits[split].num_examples)
+        if actual != count:
+            _fail(
+                builder,
+                input_config,
+                files_dir,
+                split,
+                f"split {split!r} has {actual:,} examples, expected {count:,}",
+            )
+
+
+def check_classes(
+    builder: tfds.core.DatasetBuilder,
+    input_config: ml_collections.ConfigDict,
+    train_index: index.SplitIndex,
+    files_dir: str,
+) -> None:
+    """How many classes have decodable training examples, against the expected class count."""
+    expected = parse_expected_counts(input_config.expected_counts, input_config.dataset)
+    if expected is None:
+        return
+    label = builder.info.features["label"]
+    want = expected.get("classes", int(label.num_classes))
+    present = np.unique(train_index.label[train_index.label >= 0])
+    if len(present) == want:
+        return
+    split = input_config.train_split
+    what = f"split {split!r} has decodable examples of {len(present):,} classes, expected {want:,}"
+    if input_config.dataset == "image_folder":
+        missing = sorted(set(range(int(label.num_classes))) - set(present.tolist()))
+        what += f" (none decodable in: {', '.join(label.names[i] for i in missing[:10])})"
+    _fail(builder, input_config, files_dir, split, what)
