@@ -282,7 +282,7 @@ def findings_table(records: list[dict]) -> str:
                     if not math.isnan(r["standard_error"])
                     else ""
                 )
-                + f" ({r['pairs']} pairs)"
+                + f" ({r['pairs']} pair{'s' if r['pairs'] != 1 else ''})"
             )
         else:
             ours = "no finished pairs yet"
