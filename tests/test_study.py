@@ -198,7 +198,8 @@ class SigkillTest(absltest.TestCase):
             "scale_settings.small.num_epochs": 4,
             "base.ckpt.every_steps": 2,
         }
-        config = smoke_study()
+        config = study_config.get_config("smoke")  # as launch.py builds it, with the overrides
+        config.base.input.data_dir = fixtures.builtin_data_dir()
         fixtures.set_values(config, overrides)
         whole = orchestrate.run_study(config, os.path.join(root, "whole"))
 
