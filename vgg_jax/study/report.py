@@ -295,35 +295,42 @@ def weight_layers(net: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------- plots
+DEPTH_SERIES = ("A", "B", "D", "E")  # 11, 13, 16, 19 weight layers: the line; others are marks
+
+
 def plot_depth(study, results, path: str) -> None:
+    """Top-1 error against weight layers, one line per S setting through A, B, D, E; A-LRN, B-5x5
+    and C as unconnected marks beside them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for scale in study.scales:
+    for index, scale in enumerate(study.scales):
+        colour = f"C{index}"
         points = []
         for net in study.nets:
             mean, std, n = _stats(_seed_values(study, results, "paper", net, scale, "dense@single"))
             if n:
-                points.append((weight_layers(net), mean, 0.0 if math.isnan(std) else std, net))
-        if not points:
-            continue
-        points.sort()
-        xs, ys, es, names = zip(*points, strict=True)
-        ax.errorbar(
-            np.array(xs) + 0.1 * list(study.scales).index(scale),
-            ys,
-            yerr=es,
-            marker="o",
-            capsize=3,
-            linestyle="-",
-            label=scale_title(study, scale),
-        )
-        for x, y, name in zip(xs, ys, names, strict=True):
-            if name in ("A-LRN", "B-5x5", "C"):
-                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                std = 0.0 if math.isnan(std) else std
+                points.append((weight_layers(net) + 0.15 * index, mean, std, net))
+        line = sorted(p for p in points if p[3] in DEPTH_SERIES)
+        marks = [p for p in points if p[3] not in DEPTH_SERIES]
+        if line:
+            xs, ys, es, _ = zip(*line, strict=True)
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=es,
+                marker="o",
+                capsize=3,
+                color=colour,
+                label=scale_title(study, scale),
+            )
+        for x, y, e, name in marks:
+            ax.errorbar([x], [y], yerr=[e], marker="s", capsize=3, color=colour, alpha=0.6)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("weight layers")
     ax.set_ylabel("top-1 error (%), dense, one test scale")
     ax.set_title("Error against depth (mean ± std over seeds)")
@@ -336,38 +343,41 @@ def plot_depth(study, results, path: str) -> None:
 
 
 def plot_curves(study, runs: Sequence[plan.Run], path: str) -> None:
+    """Validation top-1 error against step: one panel per S setting and per arm, one colour per
+    net; thin lines are seeds, the thick line their mean."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [("paper", s) for s in study.scales] + [(a, None) for a in study.arms]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.6 * rows), squeeze=False)
     colours = {net: f"C{i}" for i, net in enumerate(study.nets)}
-    for ax, (arm, scale) in zip(axes[0], panels, strict=True):
+    for ax, (arm, scale) in zip(axes.flat, panels, strict=False):
+        by_net: dict[str, list] = {}
         for run in runs:
             if run.arm != arm or run.is_fusion or (scale and run.scale != scale):
                 continue
             curve = validation_curve(run.workdir)
             if curve:
+                by_net.setdefault(run.net, []).append(dict(curve))
                 steps, errors = zip(*curve, strict=True)
-                first_seed = run.seed == study.seeds[0]
-                ax.plot(
-                    steps,
-                    errors,
-                    color=colours.get(run.net, "k"),
-                    alpha=0.7,
-                    lw=1,
-                    label=run.net if first_seed else None,
-                )
-        ax.set_title(
-            scale_title(study, scale) if scale else f"arm: {ARM_TITLES.get(arm, arm)}", fontsize=9
-        )
+                ax.plot(steps, errors, color=colours.get(run.net, "k"), alpha=0.25, lw=0.8)
+        for net, curves in by_net.items():
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            mean = [np.mean([c[step] for c in curves]) for step in steps]
+            ax.plot(steps, mean, color=colours.get(net, "k"), lw=2, label=net)
+        title = scale_title(study, scale) if scale else f"arm: {ARM_TITLES.get(arm, arm)}"
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("validation top-1 error (%)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
