@@ -13,7 +13,6 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from vgg_jax.data import DatasetError
 from vgg_jax.tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:argument].")
@@ -36,10 +35,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _DISTRIBUTED.value or _COORDINATOR.value:
         cli.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    try:
-        cli.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
-    except DatasetError as e:  # a bad tar or folder: one line naming it, not a TFDS traceback
-        sys.exit(f"Data error: {e}")
+    cli.run_or_exit(_MODE.value, _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ def main(argv: list[str]) -> None:
     import tensorflow as tf
 
     from tests import testdata
+    from vgg_jax import conventions
     from vgg_jax.data import stats, transforms
 
     crop, smin, smax = _CROP.value, _SCALE_MIN.value, _SCALE_MAX.value
@@ -76,7 +77,7 @@ def main(argv: list[str]) -> None:
         _EPOCHS.value
     )
     base = base.enumerate()
-    norm = transforms.Normalization(mean=tuple(stats.IMAGENET_STATS["mean_rgb"]))
+    convention = conventions.mean_subtracted(tuple(stats.IMAGENET_STATS["mean_rgb"]))
     eigvals = np.asarray(stats.IMAGENET_STATS["eigvals"], np.float32)
     eigvecs = np.asarray(stats.IMAGENET_STATS["eigvecs"], np.float32)
 
@@ -85,7 +86,9 @@ def main(argv: list[str]) -> None:
         params = transforms.sample_train_params(
             transforms.example_seed(0, position), size[0], size[1], crop, smin, smax, 0.1, True
         )
-        return transforms.train_image(raw, transforms.JPEG, params, crop, eigvals, eigvecs, norm)
+        return transforms.train_image(
+            raw, transforms.JPEG, params, crop, eigvals, eigvecs, convention
+        )
 
     def full_decode(position, example):
         raw, size = example
@@ -98,7 +101,7 @@ def main(argv: list[str]) -> None:
         image = transforms.resize(image, new[0], new[1], antialias=False)
         image = tf.image.stateless_random_crop(image, [crop, crop, 3], seed=[0, position])
         image = tf.cond(params["flip"], lambda: image[:, ::-1], lambda: image)
-        return transforms.normalise(image, norm)
+        return transforms.normalise(image, convention)
 
     fast, fast_wall = _images_per_second(_one_thread(base.map(windowed)), count, _REPEATS.value)
     full, full_wall = _images_per_second(_one_thread(base.map(full_decode)), count, _REPEATS.value)

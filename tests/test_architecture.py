@@ -21,6 +21,7 @@ LEVELS = {
     "vgg_jax.metrics": 0,
     "vgg_jax.models": 1,
     "vgg_jax.sharding": 1,
+    "vgg_jax.preemption": 1,
     "vgg_jax.checkpoint": 1,
     "vgg_jax.writers": 1,
     "vgg_jax.data": 2,

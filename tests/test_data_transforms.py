@@ -55,13 +55,15 @@ class TrainTransformTest(absltest.TestCase):
         ys, xs = np.mgrid[0:90, 0:140]
         image = np.stack([ys * 1.0, xs * 0.8, (ys + xs) * 0.5], -1).astype(np.uint8)
         encoded = testdata.png(image)
-        norm = transforms.Normalization(mean=(0.0, 0.0, 0.0))
+        convention = conventions.mean_subtracted((0.0, 0.0, 0.0))
         vals, vecs = np.ones(3, np.float32), np.eye(3, dtype=np.float32)
         for position in range(5):
             params = transforms.sample_train_params(
                 transforms.example_seed(3, position), 90, 140, 32, 40, 80, 0.0, False
             )
-            got = transforms.train_image(encoded, transforms.PNG, params, 32, vals, vecs, norm)
+            got = transforms.train_image(
+                encoded, transforms.PNG, params, 32, vals, vecs, convention
+            )
             scale = int(params["scale"])
             top, left, size, _ = params["window"].numpy()
             factor = 32 / size  # what the window resize applies
@@ -81,11 +83,13 @@ class TrainTransformTest(absltest.TestCase):
         params = transforms.sample_train_params(
             transforms.example_seed(1, 2), *image.shape[:2], 32, 32, 64, 0.0, False
         )
-        norm = transforms.Normalization(mean=(0.0, 0.0, 0.0))
+        convention = conventions.mean_subtracted((0.0, 0.0, 0.0))
         vals, vecs = np.ones(3, np.float32), np.eye(3, dtype=np.float32)
-        plain = transforms.train_image(encoded, transforms.JPEG, params, 32, vals, vecs, norm)
+        plain = transforms.train_image(encoded, transforms.JPEG, params, 32, vals, vecs, convention)
         params["flip"] = tf.constant(True)
-        flipped = transforms.train_image(encoded, transforms.JPEG, params, 32, vals, vecs, norm)
+        flipped = transforms.train_image(
+            encoded, transforms.JPEG, params, 32, vals, vecs, convention
+        )
         np.testing.assert_allclose(flipped.numpy(), plain.numpy()[:, ::-1], atol=1e-3)
 
     def test_colour_shift_has_configured_strength(self):
@@ -98,32 +102,34 @@ class TrainTransformTest(absltest.TestCase):
         eigvals = np.asarray(stats.IMAGENET_STATS["eigvals"], np.float32)
         eigvecs = np.asarray(stats.IMAGENET_STATS["eigvecs"], np.float32)
         encoded = testdata.png(np.full((50, 60, 3), 120, np.uint8))
-        norm = transforms.Normalization(mean=(120.0, 120.0, 120.0))
+        convention = conventions.mean_subtracted((120.0, 120.0, 120.0))
         params = transforms.sample_train_params(
             transforms.example_seed(0, 9), 50, 60, 32, 32, 64, 0.1, True
         )
-        out = transforms.train_image(encoded, transforms.PNG, params, 32, eigvals, eigvecs, norm)
+        out = transforms.train_image(
+            encoded, transforms.PNG, params, 32, eigvals, eigvecs, convention
+        )
         shift = out.numpy().reshape(-1, 3)
         np.testing.assert_allclose(shift, shift[:1].repeat(len(shift), 0), atol=1e-3)
         recovered = eigvecs.T @ (shift[0] / 255.0) / eigvals
         np.testing.assert_allclose(recovered, params["alpha"].numpy(), rtol=1e-3, atol=1e-4)
 
-    def test_normalization_dict(self):
+    def test_input_convention_dict(self):
         image = tf.fill([4, 4, 3], 51.0) + tf.constant([0.0, 51.0, 102.0])  # RGB 51, 102, 153
-        norm = transforms.Normalization.from_dict(
+        convention = conventions.checked(
             dict(channel_order="BGR", pixel_range=1.0, mean=(0.6, 0.4, 0.2), std=(0.5, 0.5, 0.5))
         )
         np.testing.assert_allclose(
-            transforms.normalise(image, norm)[0, 0], [0.0, 0.0, 0.0], atol=1e-6
+            transforms.normalise(image, convention)[0, 0], [0.0, 0.0, 0.0], atol=1e-6
         )
         with self.assertRaisesRegex(ValueError, "should be exactly"):
-            transforms.Normalization.from_dict(dict(mean=(0, 0, 0), colour="RGB"))
+            conventions.checked(dict(mean=(0, 0, 0), colour="RGB"))
         # The same rule as the NumPy/JAX one the evaluator and importers use.
         pixels = np.random.default_rng(0).uniform(0, 255, size=(5, 7, 3)).astype(np.float32)
         for convention in conventions.NAMED.values():
-            norm = transforms.Normalization.from_dict(convention)
+            convention = conventions.checked(convention)
             np.testing.assert_allclose(
-                transforms.normalise(tf.constant(pixels), norm).numpy(),
+                transforms.normalise(tf.constant(pixels), convention).numpy(),
                 conventions.normalize(pixels, convention),
                 rtol=1e-5,
                 atol=1e-4,

@@ -76,7 +76,7 @@ def fake_eval_batches(num_examples: int, shuffle: bool = False, bucket_step: int
     sides rounded up to ``bucket_step``, or one ``2Q x 2Q`` bucket for all (fewer compilations).
     ``shuffle`` gives each scale its own example order and an ``index`` field."""
 
-    def batches(config, scale, normalization=None):
+    def batches(config, scale, input_convention=None):
         batch_size = config.input.eval_batch_size
         ids = np.arange(num_examples)
         if shuffle:
@@ -374,7 +374,7 @@ class RunnerTest(absltest.TestCase):
         config = tiny_config(fusion_workdirs=(f"{second}@latest",))
         every_label_0 = fake_eval_batches(2 * NUM_CLASSES)
 
-        def label_0_batches(config, scale, normalization=None):
+        def label_0_batches(config, scale, input_convention=None):
             for batch in every_label_0(config, scale):
                 yield {**batch, "label": np.zeros_like(batch["label"])}
 

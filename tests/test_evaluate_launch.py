@@ -127,15 +127,22 @@ class EvaluateModeTest(absltest.TestCase):
         np.testing.assert_allclose([r[2:4] for r in one], [r[2:4] for r in two], atol=1e-6)
 
     def test_load_for_prediction_brings_convention_and_class_names(self):
-        model, params, normalization, class_names = predict.load_for_prediction(f"{self.tmp}/one")
+        model, params, input_convention, class_names = predict.load_for_prediction(
+            f"{self.tmp}/one"
+        )
         self.assertEqual(model.crop_size, 32)
         info = data.dataset_info(self.config)
-        np.testing.assert_allclose(normalization["mean"], info.mean_rgb)
-        self.assertEqual(normalization["std"], tuple(self.config.input.pixel_std))
+        np.testing.assert_allclose(input_convention["mean"], info.mean_rgb)
+        self.assertEqual(input_convention["std"], tuple(self.config.input.pixel_std))
         self.assertEqual(class_names, list(builtin.CLASS_NAMES))
         image, _ = builtin.draw_example(0, "validation", 0)
         top, score_map = predict.predict(
-            model, params, image, class_names=class_names, normalization=normalization, scale=48
+            model,
+            params,
+            image,
+            class_names=class_names,
+            input_convention=input_convention,
+            scale=48,
         )
         self.assertIn(top[0].class_name, builtin.CLASS_NAMES)
         self.assertEqual(score_map.shape[-1], 10)

@@ -1,7 +1,6 @@
-"""predict on one image (top-k, ImageNet names, score map) and the score map as a PNG."""
+"""predict on one image (top-k, ImageNet names, score map) and the score-map pictures."""
 
 import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +9,7 @@ from absl.testing import absltest
 
 from vgg_jax import models
 from vgg_jax.configs import paper
-from vgg_jax.evaluation import predict
-from vgg_jax.evaluation import predict as predict_lib
+from vgg_jax.evaluation import predict, score_map
 
 CROP = 32
 
@@ -39,15 +37,15 @@ class PredictTest(absltest.TestCase):
         cls.params = numpy_params(cls.model)
         rng = np.random.default_rng(1)
         cls.image = rng.integers(0, 256, size=(64, 96, 3)).astype(np.uint8)
-        cls.normalization = dict(mean=(120.0, 110.0, 100.0))
+        cls.input_convention = dict(mean=(120.0, 110.0, 100.0))
 
     def test_top_k_and_score_map_match_dense_evaluation(self):
         top, score_map = predict.predict(
-            self.model, self.params, self.image, normalization=self.normalization, flip=False
+            self.model, self.params, self.image, input_convention=self.input_convention, flip=False
         )
         self.assertEqual(score_map.shape, (2, 3, 1000))  # 64x96 at stride 32, 32-pixel window
         # The paper's convention, written out: RGB, 0-255, the mean subtracted, std 1.
-        normalized = self.image.astype(np.float32) - np.float32(self.normalization["mean"])
+        normalized = self.image.astype(np.float32) - np.float32(self.input_convention["mean"])
         _, scores = self.model.apply(
             {"params": self.params}, jnp.asarray(normalized)[None], method="dense"
         )
@@ -64,7 +62,7 @@ class PredictTest(absltest.TestCase):
         self.assertEqual(top[0].class_name, names[top[0].class_index])
 
         flipped_top, _ = predict.predict(
-            self.model, self.params, self.image, normalization=self.normalization
+            self.model, self.params, self.image, input_convention=self.input_convention
         )
         _, mirrored = self.model.apply(
             {"params": self.params}, jnp.asarray(normalized)[None, :, ::-1], method="dense"
@@ -79,7 +77,7 @@ class PredictTest(absltest.TestCase):
             self.params,
             small,
             top_k=3,
-            normalization=self.normalization,
+            input_convention=self.input_convention,
             scale=64,
             class_names=[f"c{i}" for i in range(1000)],
         )
@@ -87,34 +85,127 @@ class PredictTest(absltest.TestCase):
         self.assertEqual(top[0].class_name, f"c{top[0].class_index}")
         self.assertLen(top, 3)
         with self.assertRaisesRegex(ValueError, "scale="):
-            predict.predict(self.model, self.params, small[:24], normalization=self.normalization)
-        with self.assertRaisesRegex(ValueError, "normalization="):
+            predict.predict(
+                self.model, self.params, small[:24], input_convention=self.input_convention
+            )
+        with self.assertRaisesRegex(ValueError, "input_convention="):
             predict.predict(self.model, self.params, self.image)
 
-    def test_score_map_png(self):
-        import tensorflow as tf
-
-        score_map = np.zeros((2, 3, 4), np.float32)
-        score_map[0, 2, 3] = 8.0  # class 3 at the top-right cell
-        with tempfile.TemporaryDirectory() as directory:
-            path = predict.save_score_map_png(score_map, 3, os.path.join(directory, "a.png"))
-            with open(path, "rb") as f:
-                decoded = tf.io.decode_png(f.read()).numpy()
-            self.assertEqual(decoded.shape, (64, 96, 3))  # one 32-pixel block per cell
-            np.testing.assert_array_equal(decoded, predict_lib.score_map_image(score_map, 3))
-            brightness = decoded.astype(int).sum(-1)
-            self.assertEqual(brightness[:32, 64:].min(), brightness.max())  # the hot cell
-
-            overlay = predict.save_score_map_png(
-                score_map, 3, os.path.join(directory, "b.png"), image=self.image, crop_size=CROP
+    def test_nan_image_and_bad_top_k_are_errors(self):
+        nan_image = np.full(self.image.shape, np.nan, np.float32)
+        with self.assertRaisesRegex(ValueError, "NaN or infinite"):
+            predict.predict(
+                self.model, self.params, nan_image, input_convention=self.input_convention
             )
-            with open(overlay, "rb") as f:
-                decoded = tf.io.decode_png(f.read()).numpy()
-            self.assertEqual(decoded.shape, self.image.shape)
-            heat = decoded.astype(int).sum(-1) - self.image.astype(int).sum(-1) // 2
-            self.assertGreater(heat[:32, 64:].mean(), heat[32:, :32].mean() + 100)
-        with self.assertRaisesRegex(ValueError, "class index below 4"):
-            predict_lib.score_map_image(score_map, 4)
+        for top_k in (-1, 0):
+            with self.assertRaisesRegex(ValueError, "top_k must be"):
+                predict.predict(
+                    self.model,
+                    self.params,
+                    self.image,
+                    top_k,
+                    input_convention=self.input_convention,
+                )
+
+    def test_class_names_ship_with_the_package_in_label_order(self):
+        classes = predict.imagenet_classes()
+        self.assertLen(classes, 1000)
+        self.assertEqual(classes[0], ("n01440764", "tench, Tinca tinca"))
+        self.assertEqual(classes[999][1], "toilet tissue, toilet paper, bathroom tissue")
+        wnids = [wnid for wnid, _ in classes]
+        self.assertEqual(wnids, sorted(wnids))  # TFDS's, torchvision's and Keras' label order
+        self.assertLen(set(wnids), 1000)
+
+
+class ScoreMapPictureTest(absltest.TestCase):
+    """The pictures: each map coloured over its own range, placed on the image, with its colour
+    bar, class name, probability and Q; a grid of the top-k maps."""
+
+    def setUp(self):
+        # 1000 classes, almost uniform (as a real net's map): class 3 is most probable in the
+        # top-right cell and least in the bottom-left one, by 0.1% of the total probability.
+        self.score_map = np.zeros((2, 3, 1000), np.float32)
+        self.score_map[..., 3] = [[0.0, 0.3, 0.9], [-0.5, 0.2, 0.4]]
+        self.image = np.full((64, 96, 3), 128, np.uint8)
+
+    def test_map_is_scaled_to_its_own_range(self):
+        values = score_map.class_probability_map(self.score_map, 3)
+        self.assertEqual(values.shape, (2, 3))
+        self.assertLess(values.max(), 0.0025)  # black on a [0, 1] scale
+        figure = score_map.render(self.image, self.score_map, 3, "goldfish, Carassius", 0.0011,
+                                  scale=64, crop_size=CROP)  # fmt: skip
+        image_axes = figure.axes[0]
+        photo, heat = image_axes.get_images()
+        self.assertEqual(heat.get_clim(), (values.min(), values.max()))
+        self.assertAlmostEqual(heat.get_alpha(), score_map.MAP_ALPHA)
+        self.assertEqual(heat.get_array().shape, (64, 96))  # the map on the image's pixels
+        # The window centres carry the cell values: top-right most, bottom-left least.
+        self.assertAlmostEqual(float(heat.get_array().max()), float(values.max()), places=6)
+        self.assertAlmostEqual(float(heat.get_array().min()), float(values.min()), places=6)
+        self.assertEqual(np.unravel_index(np.argmax(heat.get_array()), (64, 96))[0], 0)
+        self.assertGreater(np.argmax(heat.get_array()) % 96, 64)
+        np.testing.assert_array_equal(photo.get_array(), self.image)
+        title = image_axes.get_title()
+        self.assertIn("goldfish: 0.1%", title)
+        self.assertIn("Q=64", title)
+        colour_bar = figure.axes[1]
+        self.assertEqual(colour_bar.get_ylim(), (values.min(), values.max()))
+        self.assertIn("probability", colour_bar.get_ylabel())
+
+    def test_cells_sit_at_their_window_centres(self):
+        # A 100-pixel input, 32-pixel windows at stride 32, ceil-mode pools: 4 cells whose
+        # windows start at 0, 32, 64, 96 (the last mostly padding); centres 16, 48, 80, 112.
+        rows = np.arange(4, dtype=float)[:, None] * np.ones((1, 4))
+        on_input = score_map.upsample(rows, 100, 100, CROP)
+        # Pixel row r is at r + 0.5: rows 16, 48, 80 lie half a pixel past centres 0, 1, 2.
+        np.testing.assert_allclose(on_input[[16, 48, 80], 0], np.array([0, 1, 2]) + 1 / 64)
+        self.assertEqual(on_input[:16, 0].max(), 0)  # above the first centre: cell 0's value
+        self.assertLess(on_input[99, 0], 3)  # the last centre (112) is past the edge
+        # The original image at half the size: the same windows, at the same fractions.
+        on_original = score_map.upsample(rows, 50, 50, CROP, input_size=(100, 100))
+        np.testing.assert_allclose(on_original[:, 0], on_input[1::2, 0], atol=1 / 64)
+        self.assertEqual(predict.rescaled_size(50, 80, 100), (100, 160))
+
+    def test_png_size_and_colours(self):
+        path = os.path.join(self.create_tempdir().full_path, "maps", "a.png")
+        figure = score_map.render(self.image, self.score_map, 3, "goldfish", 0.5, scale=64,
+                                  crop_size=CROP, width_inches=5.0, dpi=100)  # fmt: skip
+        width, height = (figure.get_size_inches() * figure.dpi).round().astype(int)
+        figure.canvas.draw()
+        box = figure.axes[0].get_window_extent()  # the map's pixels, from the bottom left
+        score_map.save(figure, path)
+        import matplotlib.image
+
+        picture = matplotlib.image.imread(path)  # float RGBA in [0, 1]
+        self.assertEqual(picture.shape[:2], (height, width))
+        self.assertEqual(width, 500)
+        rows = slice(height - int(box.y1) + 2, height - int(box.y0) - 2)
+        shown = picture[rows, int(box.x0) + 2 : int(box.x1) - 2, :3].mean(-1)
+        self.assertGreater(shown.shape[0] * shown.shape[1], 250 * 200)
+        # Bright where the class is most probable (top right), dark where least (bottom left),
+        # though all cells lie within 0.1% of each other.
+        h, w = shown.shape
+        top_right = shown[: h // 4, -w // 4 :].mean()
+        bottom_left = shown[-h // 4 :, : w // 4].mean()
+        self.assertGreater(top_right, 0.6)
+        self.assertLess(bottom_left, 0.35)
+
+    def test_top_k_grid(self):
+        top, _ = predict.predict(
+            imagenet_sized_tiny_model(), numpy_params(imagenet_sized_tiny_model()),
+            self.image, input_convention=dict(mean=(120.0, 110.0, 100.0)), top_k=3, flip=False,
+        )  # fmt: skip
+        figure = score_map.render_top_k(self.image, self.score_map, top, scale=64, crop_size=CROP)
+        titles = [axes.get_title() for axes in figure.axes if axes.get_title()]
+        self.assertEqual(titles[0], "image 96x64")
+        self.assertLen(titles, 4)
+        for rank, (title, guess) in enumerate(zip(titles[1:], top, strict=True), start=1):
+            self.assertTrue(title.startswith(f"{rank}. {guess.class_name.split(',')[0]}: "))
+        self.assertLen(figure.axes, 1 + 2 * 3)  # the image, then a map and its bar per class
+        path = score_map.save(figure, os.path.join(self.create_tempdir().full_path, "g.png"))
+        self.assertTrue(os.path.getsize(path) > 1000)
+        with self.assertRaisesRegex(ValueError, "class index below 1000"):
+            score_map.class_probability_map(self.score_map, 1000)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ class ExportTest(parameterized.TestCase):
             "half": np.array([np.nan, -0.0], np.float16),
             "ints": np.arange(6, dtype=np.int64).reshape(2, 3),
         }
-        self.meta = {"net": "A", "normalization": dict(conventions.CAFFE), "note": "é"}
+        self.meta = {"net": "A", "input_convention": dict(conventions.CAFFE), "note": "é"}
 
     @parameterized.parameters(".npz", ".safetensors")
     def test_round_trip_is_bitwise(self, suffix):
@@ -114,7 +114,7 @@ class ExportTest(parameterized.TestCase):
         workdir = os.path.join(self.tmp, "run")
         config = paper.paper_config("A", None)
         checkpoint.save_params(
-            workdir, tiny_params(2), step=4, config=config, normalization=conventions.TORCHVISION
+            workdir, tiny_params(2), step=4, config=config, input_convention=conventions.TORCHVISION
         )
         path = os.path.join(self.tmp, "run.safetensors")
         export.export_checkpoint(workdir, path)
@@ -122,7 +122,7 @@ class ExportTest(parameterized.TestCase):
         assert_bitwise_equal(self, params, tiny_params(2))
         self.assertEqual(meta["net"], "A")
         self.assertEqual(meta["step"], 4)
-        self.assertEqual(conventions.checked(meta["normalization"]), conventions.TORCHVISION)
+        self.assertEqual(conventions.checked(meta["input_convention"]), conventions.TORCHVISION)
         self.assertEqual(meta["config"]["model"]["name"], "A")
 
 

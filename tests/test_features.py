@@ -167,7 +167,7 @@ class LinearClassifierTest(absltest.TestCase):
             features.fit_linear_classifier(np.zeros((3, 2)), np.array([0, 1, 2]), 2)
 
 
-ACCURACY_LINE = r"linear on {}: top-1 accuracy (\d\.\d+)"
+ERROR_LINE = r"linear on {}: top-1 error (\d+\.\d\d)%"
 
 
 def write_shapes_folder(root: str, classes: int, per_split: dict[str, int]) -> None:
@@ -225,7 +225,7 @@ class CommandTest(absltest.TestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
         super().tearDownClass()
 
-    def test_command_on_an_image_folder_prints_both_accuracies_last(self):
+    def test_command_on_an_image_folder_prints_both_errors_last(self):
         args = [sys.executable, "-m", "vgg_jax.tools.features", "--config=experiments/demo.py"]
         args += [f"--workdir={self.workdir}", "--steps=50"]
         args += [f"--config.{k}={v}" for k, v in self.overrides.items()]
@@ -235,9 +235,9 @@ class CommandTest(absltest.TestCase):
         self.assertIn("18 train / 9 eval examples of image_folder", lines[-3])
         self.assertIn("FC2 (16-D), Q = {32, 48}", lines[-3])
         self.assertIn("16x16x3 (768-D)", lines[-3])
-        feature_accuracy = float(re.fullmatch(ACCURACY_LINE.format("VGG features"), lines[-2])[1])
-        pixel_accuracy = float(re.fullmatch(ACCURACY_LINE.format("raw pixels"), lines[-1])[1])
-        for value in (feature_accuracy, pixel_accuracy):  # 9 examples: multiples of 1/9
+        feature_error = float(re.fullmatch(ERROR_LINE.format("VGG features"), lines[-2])[1])
+        pixel_error = float(re.fullmatch(ERROR_LINE.format("raw pixels"), lines[-1])[1])
+        for value in (feature_error / 100, pixel_error / 100):  # 9 examples: multiples of 1/9
             self.assertAlmostEqual(value * 9, round(value * 9), places=3)
             self.assertBetween(value, 0.0, 1.0)
 

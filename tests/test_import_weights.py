@@ -60,7 +60,7 @@ class ImportWeightsTest(absltest.TestCase):
         params, step, meta = checkpoint.restore_params(workdir)
         self.assertEqual(step, 0)
         assert_trees_equal(params, self.params)
-        self.assertEqual(conventions.checked(meta["normalization"]), conventions.TORCHVISION)
+        self.assertEqual(conventions.checked(meta["input_convention"]), conventions.TORCHVISION)
         model_config = ml_collections.ConfigDict(meta["config"]["model"])
         self.assertEqual(model_config.name, "D")
         self.assertEqual(
@@ -82,14 +82,14 @@ class ImportWeightsTest(absltest.TestCase):
     def test_export_file_names_its_net_or_takes_it_from_net_flag(self):
         params = random_params("A", seed=1)
         path = os.path.join(self.tmp, "a.safetensors")
-        export.save(path, params, {"normalization": conventions.CAFFE})  # no "net"
+        export.save(path, params, {"input_convention": conventions.CAFFE})  # no "net"
         workdir = os.path.join(self.tmp, "a_lrn")
         summary = importer.import_to_checkpoint(path, "safetensors", workdir, net="A-LRN")
         self.assertEqual(summary["net"], "A-LRN")  # A's parameters: only the file's maker knows
         restored, _, meta = checkpoint.restore_params(workdir)
         assert_trees_equal(restored, params)
         self.assertEqual(meta["config"]["model"]["name"], "A-LRN")
-        self.assertEqual(conventions.checked(meta["normalization"]), conventions.CAFFE)
+        self.assertEqual(conventions.checked(meta["input_convention"]), conventions.CAFFE)
 
         with self.assertRaisesRegex(FileExistsError, "new --workdir"):
             importer.import_to_checkpoint(path, "safetensors", workdir, net="A-LRN")
@@ -116,13 +116,13 @@ class ImportWeightsTest(absltest.TestCase):
         export.save_npz(path, self.params, {})
         with self.assertRaisesRegex(ValueError, "pass --net"):
             importer.import_to_checkpoint(path, "npz", self.tmp + "/x")
-        with self.assertRaisesRegex(ValueError, "pass --normalization"):
+        with self.assertRaisesRegex(ValueError, "pass --input_convention"):
             importer.import_to_checkpoint(path, "npz", self.tmp + "/x", net="D")
         with self.assertRaisesRegex(ValueError, "valid: \\['caffe', 'torchvision'\\]"):
             importer.import_to_checkpoint(path, "npz", self.tmp + "/x", "D", "bgr")
         importer.import_to_checkpoint(path, "npz", self.tmp + "/x", "D", "torchvision")
         _, _, meta = checkpoint.restore_params(self.tmp + "/x")
-        self.assertEqual(meta["normalization"]["channel_order"], "RGB")
+        self.assertEqual(meta["input_convention"]["channel_order"], "RGB")
         with self.assertRaisesRegex(ValueError, "valid: \\['keras', 'npz'"):
             importer.import_to_checkpoint(path, "pth", self.tmp + "/y")
 
@@ -133,7 +133,7 @@ class ImportWeightsTest(absltest.TestCase):
             importer.import_to_checkpoint(self.pth, "keras", workdir)
         restored, _, meta = checkpoint.restore_params(workdir)
         assert_trees_equal(restored, params)
-        self.assertEqual(conventions.checked(meta["normalization"]), conventions.CAFFE)
+        self.assertEqual(conventions.checked(meta["input_convention"]), conventions.CAFFE)
         self.assertEqual(meta["config"]["model"]["name"], "E")
 
     @pytest.mark.slow

@@ -1,5 +1,5 @@
 """``notebooks/quickstart.ipynb`` runs end to end (tiny configuration) in a fresh kernel, and its
-outputs hold the evaluation table and the score-map picture."""
+outputs hold the evaluation table, the score-map picture and the shell commands' output."""
 
 import base64
 import os
@@ -91,6 +91,12 @@ class QuickstartNotebookTest(absltest.TestCase):
         self.assertIn("imported net A", text)
         self.assertIn("same top classes: True", text)
         self.assertIn("RGB", text)
+
+    def test_shell_commands_classify_files_and_list_published_weights(self):
+        text = "".join(text_of(o) for o in outputs_of(self.notebook))
+        self.assertIn("--source=torchvision --net=vgg16: net D", text)
+        self.assertEqual(text.count("tested at Q="), 3)
+        self.assertIn("notes.png: skipped, not a JPEG or PNG", text)
 
 
 if __name__ == "__main__":

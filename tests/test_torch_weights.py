@@ -39,6 +39,46 @@ def torchvision_state_dict(net, rng, width=1.0, fc_width=4096, num_classes=1000,
 def reference_logits(state_dict, images_nchw):
     """torchvision's VGG forward in float64 NumPy, NCHW throughout: 3x3 convs (cross-correlation,
     padding 1), ReLU, 2x2 max-pools, flatten in (C, H, W) order, then the classifier."""
+    x = reference_features(state_dict, images_nchw)
+    x = x.reshape(x.shape[0], -1)  # (C, H, W) order, as torch.flatten
+    for layer in (0, 3, 6):
+        weight = state_dict[f"classifier.{layer}.weight"].astype(np.float64)
+        x = x @ weight.T + state_dict[f"classifier.{layer}.bias"]
+        if layer != 6:
+            x = np.maximum(x, 0)
+    return x
+
+
+def timm_state_dict(torchvision):
+    """timm's layout of a torchvision state dict, as timm/models/vgg.py's ``_filter_fn`` makes
+    it: FC1 a 7x7 conv ``pre_logits.fc1``, FC2 a 1x1 conv ``pre_logits.fc2``, FC3 ``head.fc``."""
+    timm = collections.OrderedDict()
+    for key, value in torchvision.items():
+        key = key.replace("classifier.0", "pre_logits.fc1")
+        key = key.replace("classifier.3", "pre_logits.fc2")
+        key = key.replace("classifier.6", "head.fc")
+        if key == "pre_logits.fc1.weight":
+            value = value.reshape(value.shape[0], -1, 7, 7)
+        if key == "pre_logits.fc2.weight":
+            value = value.reshape(value.shape[0], -1, 1, 1)
+        timm[key] = value
+    return timm
+
+
+def timm_reference_logits(timm, images_nchw):
+    """timm's VGG forward in float64 NumPy: the features, ``pre_logits`` as a valid 7x7 conv
+    and a 1x1 conv (each with ReLU), global average pooling, then ``head.fc``."""
+    x = reference_features(timm, images_nchw)
+    fc1 = timm["pre_logits.fc1.weight"].astype(np.float64)
+    x = np.einsum("nchw,ochw->no", x, fc1) + timm["pre_logits.fc1.bias"]  # a 7x7 map -> 1x1
+    x = np.maximum(x, 0)
+    fc2 = timm["pre_logits.fc2.weight"].astype(np.float64)[:, :, 0, 0]
+    x = np.maximum(x @ fc2.T + timm["pre_logits.fc2.bias"], 0)  # the 1x1 map pooled: itself
+    return x @ timm["head.fc.weight"].astype(np.float64).T + timm["head.fc.bias"]
+
+
+def reference_features(state_dict, images_nchw):
+    """The conv part (``features``) of torchvision's and timm's VGG, in float64 NCHW."""
     x = images_nchw.astype(np.float64)
     convs = sorted({int(k.split(".")[1]) for k in state_dict if k.startswith("features.")})
     index = 0
@@ -64,12 +104,6 @@ def reference_logits(state_dict, images_nchw):
             n, c, h, w = x.shape
             x = x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
             index += 1
-    x = x.reshape(x.shape[0], -1)  # (C, H, W) order, as torch.flatten
-    for layer in (0, 3, 6):
-        weight = state_dict[f"classifier.{layer}.weight"].astype(np.float64)
-        x = x @ weight.T + state_dict[f"classifier.{layer}.bias"]
-        if layer != 6:
-            x = np.maximum(x, 0)
     return x
 
 
@@ -195,6 +229,38 @@ class TorchvisionImportTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "not a file written by torch.save"):
             torch_weights.read_pth(path)
 
+    @parameterized.parameters("A", "B", "D", "E")
+    def test_timm_state_dicts_import_as_torchvision(self, net):
+        rng = np.random.default_rng(7)
+        torchvision = torchvision_state_dict(net, rng, **TINY)
+        timm = timm_state_dict(torchvision)
+        # The six keys timm renames, and its conv-shaped FC1/FC2 kernels.
+        self.assertEqual(
+            sorted(set(timm) - set(torchvision)),
+            ["head.fc.bias", "head.fc.weight", "pre_logits.fc1.bias", "pre_logits.fc1.weight",
+             "pre_logits.fc2.bias", "pre_logits.fc2.weight"],
+        )  # fmt: skip
+        channels = round(512 * TINY["width"])
+        self.assertEqual(timm["pre_logits.fc1.weight"].shape, (32, channels, 7, 7))
+        self.assertEqual(timm["pre_logits.fc2.weight"].shape, (32, 32, 1, 1))
+        path = os.path.join(self.create_tempdir().full_path, "timm.pth")
+        torch_weights.save_pth(path, timm)
+        imported_net, params = torch_weights.load_torchvision_weights(path)
+        self.assertEqual(imported_net, net)
+        _, expected_params = torch_weights.params_from_state_dict(torchvision)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, params, expected_params)
+        if net not in ("D", "E"):
+            return  # the logits of the deep nets suffice; the params are equal for all four
+        pixels = rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+        mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+        expected = timm_reference_logits(
+            timm, ((pixels / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+        )
+        model = models.VGG(models.LAYOUTS[net], **TINY)
+        images = conventions.normalize(pixels, torch_weights.TORCHVISION_INPUT)
+        logits = np.asarray(jax.jit(model.apply)({"params": params}, images))
+        self.assertLess(np.abs(logits - expected).max() / np.abs(expected).max(), 1e-4)
+
     def test_a_file_cut_short_says_so(self):
         path = os.path.join(self.create_tempdir().full_path, "vgg.pth")
         torch_weights.save_pth(path, torchvision_state_dict("A", np.random.default_rng(6), **TINY))
@@ -243,6 +309,30 @@ class WithPyTorchTest(absltest.TestCase):
             read = torch_weights.read_pth(path)
             for key, value in state_dict.items():
                 np.testing.assert_array_equal(read[key], value)
+
+
+class WithTimmTest(absltest.TestCase):
+    """Only where timm and PyTorch happen to be installed (neither is a dependency): a timm
+    ``vgg16``'s own state dict and logits."""
+
+    def test_timm_vgg16_logits(self):
+        try:
+            import timm
+            import torch
+        except ImportError:
+            self.skipTest("timm or PyTorch is not installed")
+        torch.manual_seed(0)
+        model = timm.create_model("vgg16", pretrained=False, num_classes=10).eval()
+        state_dict = {k: v.numpy() for k, v in model.state_dict().items()}
+        net, params = torch_weights.params_from_state_dict(state_dict)
+        self.assertEqual(net, "D")
+        pixels = np.random.default_rng(8).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
+        images = conventions.normalize(pixels, torch_weights.TORCHVISION_INPUT)
+        with torch.no_grad():
+            expected = model(torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2))).numpy()
+        ours = models.VGG(models.LAYOUTS["D"], num_classes=10)
+        logits = np.asarray(jax.jit(ours.apply)({"params": params}, images))
+        self.assertLess(np.abs(logits - expected).max() / np.abs(expected).max(), 1e-4)
 
 
 if __name__ == "__main__":

@@ -52,9 +52,9 @@ def loop_config(data_dir: str, **extra):
     return config
 
 
-def launch_args(data_dir: str, workdir: str, **extra) -> list[str]:
+def launch_args(data_dir: str, workdir: str, mode: str = "train", **extra) -> list[str]:
     args = [sys.executable, "launch.py", "--config=experiments/demo.py", f"--workdir={workdir}"]
-    args.append("--mode=train")
+    args.append(f"--mode={mode}")
     return args + [f"--config.{k}={v}" for k, v in overrides(data_dir, **extra).items()]
 
 
@@ -124,17 +124,17 @@ class TrainLoopTest(absltest.TestCase):
         evaluation config that does not set pixel_std still feeds the net what it saw."""
         _, _, meta = checkpoint.restore_params(self.reference_dir)
         config = loop_config(self.data_dir)
-        self.assertEqual(tuple(meta["normalization"]["std"]), (60.0, 60.0, 60.0))
+        self.assertEqual(tuple(meta["input_convention"]["std"]), (60.0, 60.0, 60.0))
         np.testing.assert_allclose(
-            meta["normalization"]["mean"], data.dataset_info(config).mean_rgb
+            meta["input_convention"]["mean"], data.dataset_info(config).mean_rgb
         )
         config.input.pixel_std = None
         config.evals.update(dict(methods=("dense",), single_scale=48, multi_scales=(48,)))
         seen = []
 
-        def batches(config, scale, normalization):
-            seen.append(normalization)
-            return data.eval_batches(config, scale, normalization=normalization)
+        def batches(config, scale, input_convention):
+            seen.append(input_convention)
+            return data.eval_batches(config, scale, input_convention=input_convention)
 
         runner.evaluate_checkpoints(config, self.reference_dir, "latest", batches=batches)
         self.assertEqual([tuple(n["std"]) for n in seen], [(60.0, 60.0, 60.0)])
@@ -166,7 +166,8 @@ class TrainLoopTest(absltest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         self.assertIn("Resumed from step", result.stderr)
         sources = info_line_sources(result.stderr)
-        self.assertIn("train.py", sources)  # the progress lines
+        self.assertIn("loop.py", sources)  # the progress lines (vgg_jax/training/loop.py)
+        self.assertRegex(result.stderr, r"top-1 error [\d.]+% top-5 error [\d.]+% .*\| \S+ left")
         self.assertEmpty(sources & orbax_only_file_names())  # cli.quiet_library_logs
         params, step = final_params(workdir)
         self.assertEqual(step, TOTAL_STEPS)
@@ -174,9 +175,13 @@ class TrainLoopTest(absltest.TestCase):
 
     @pytest.mark.slow
     def test_sigterm_saves_exits_and_resumes(self):
+        """In the default mode (train_and_evaluate) too: a preempted run saves, exits 0 and does
+        not evaluate the partly trained net as if it were final."""
         workdir = self.create_tempdir().full_path
-        args = launch_args(self.data_dir, workdir, **{"ckpt.every_steps": 1000})
-        process = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        extra = {"ckpt.every_steps": 1000}
+        args = launch_args(self.data_dir, workdir, **extra)
+        interrupted = launch_args(self.data_dir, workdir, "train_and_evaluate", **extra)
+        process = subprocess.Popen(interrupted, cwd=ROOT, stderr=subprocess.PIPE, text=True)
         wait_for_checkpoint(workdir, process, 5)  # the first validation checkpoint
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=300)
@@ -184,6 +189,8 @@ class TrainLoopTest(absltest.TestCase):
         stopped_at = max(checkpoint.available_steps(workdir))
         self.assertIn(f"Stopped at step {stopped_at}", stderr)
         self.assertLess(stopped_at, TOTAL_STEPS)
+        self.assertIn("evaluation skipped", stderr)
+        self.assertFalse(os.path.exists(os.path.join(workdir, "results.json")))
         result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         assert_trees_equal(final_params(workdir)[0], final_params(self.reference_dir)[0])

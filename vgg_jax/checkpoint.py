@@ -9,34 +9,132 @@ weights, their input convention. The evaluator restores only ``params`` and ``me
 Orbax writes each checkpoint into a temporary directory and renames it only once every file is
 committed, and ``CheckpointManager`` never lists an uncommitted one: a run killed mid-save resumes
 from the previous checkpoint. Orbax's API changes between releases; requirements.txt pins it.
+
+Faults (docs/training.md): a committed step whose files were damaged later (truncated or missing)
+is reported in one line and readers fall back to the newest step that reads; a save whose write
+fails raises ``SaveError`` with the OS's reason as soon as the write fails, and its partial
+temporary directory is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import logging as std_logging
 import os
+import re
+import shutil
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers
+
+from vgg_jax import conventions
 
 SUBDIR = "checkpoints"
 ITEMS = ("params", "opt_state", "meta")
 BEST_METRIC = "val_top1_accuracy"  # higher is better
 READ_RETRIES = 5  # listings of a directory that a running trainer is pruning (_read_only_manager)
+TMP_MARKER = ".orbax-checkpoint-tmp"  # Orbax's suffix for a step (or item) still being written
+CORRUPT_SUBDIR = "corrupt_checkpoints"  # where training moves steps that no longer read
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint fault, explained in one line (its message)."""
+
+
+class SaveError(CheckpointError):
+    """Writing a checkpoint failed; the message names the step and the OS's reason."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+    """No checkpoint that was asked for (or none at all) can be read back."""
+
+
+# Orbax's warnings about what this module does on purpose: periodic saves carry no validation
+# metrics (only the per-validation ones rank "best"), and readers open checkpoints read-only.
+EXPECTED_ORBAX_WARNINGS = (
+    "Requested `tracked_metric`; did not provide metrics",
+    "Given directory is read only",
+    "CheckpointManagerOptions.read_only=True, setting",
+)
+
+
+class ExpectedOrbaxWarnings(std_logging.Filter):
+    """Drops ``EXPECTED_ORBAX_WARNINGS`` (logged by Orbax through absl's logger); installed when
+    this module is imported, so a script or notebook using the library sees them no more than
+    the command line does. Real Orbax warnings and errors pass."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if record.levelno != std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        return not any(expected in record.getMessage() for expected in EXPECTED_ORBAX_WARNINGS)
+
+
+if not any(isinstance(f, ExpectedOrbaxWarnings) for f in logging.get_absl_logger().filters):
+    logging.get_absl_logger().addFilter(ExpectedOrbaxWarnings())
 
 
 def _directory(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), SUBDIR)
 
 
+def _reason(error: BaseException) -> str:
+    """The cause of a failed read or write in one line: the OS's message or TensorStore's status
+    (the innermost error: Orbax wraps them in generic ones), without the multi-kilobyte spec
+    TensorStore appends."""
+    for _ in range(20):
+        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if inner is None:
+            break
+        error = inner
+    text = str(error).strip() or type(error).__name__
+    text = re.split(r"\s*\[tensorstore_spec", text.splitlines()[0])[0]
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _unreadable_line(directory: str, step: int, error: BaseException) -> str:
+    return f"Checkpoint step {step} in {directory} is unreadable ({_reason(error)})"
+
+
+def _restore_newest_readable(restore, steps: list[int], directory: str) -> tuple[int, Any]:
+    """``restore(step)`` for the first of ``steps`` that reads, warning in one line for each
+    that does not (a truncated or missing data file: disk fault, copy cut short)."""
+    for index, step in enumerate(steps):
+        try:
+            return step, restore(step)
+        except Exception as e:  # Orbax wraps TensorStore's errors in plain Exceptions
+            line = _unreadable_line(directory, step, e)
+            if index + 1 == len(steps):
+                tried = f"; no older step reads either (tried {steps})" if index else ""
+                raise UnreadableCheckpointError(f"{line}{tried}.") from e
+            logging.warning("%s; falling back to step %d.", line, steps[index + 1])
+    raise UnreadableCheckpointError(f"No committed checkpoint in {directory}.")
+
+
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager without its preemption queries. Orbax calls JAX's
+    ``reached_preemption_sync_point(step)`` on each save, from the saving thread and again from
+    its finalising thread; each call resets the counter the sync protocol reads, so a stale one
+    could set the sync point behind ``vgg_jax.preemption``'s checks and no process would stop. The
+    training loop decides preemption saves itself (``force=True`` saves)."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
+
+
 class Checkpointer:
     """The training loop's checkpoints: save asynchronously, keep the last ``keep`` and the best.
 
     ``save(..., metrics={BEST_METRIC: x})`` marks a checkpoint as a candidate for "best"; with
-    ``keep_best`` the best one survives the "last ``keep``" rule.
+    ``keep_best`` the best one survives the "last ``keep``" rule. A failed write raises
+    ``SaveError`` from ``check`` (polled every step: it never blocks on a write in progress),
+    ``save``, ``wait`` or ``close``, whichever comes first after the write fails.
     """
 
     def __init__(
@@ -58,10 +156,13 @@ class Checkpointer:
             keep_checkpoints_without_metrics=True,
             enable_async_checkpointing=async_save,
             create=True,
+            cleanup_tmp_directories=True,  # left by a run killed while saving
         )
-        self._manager = ocp.CheckpointManager(
-            _directory(workdir), item_names=ITEMS, options=options
-        )
+        self._workdir = workdir
+        self._directory = _directory(workdir)
+        self._manager = _Manager(self._directory, item_names=ITEMS, options=options)
+        self._writing: int | None = None  # the step whose asynchronous save may still fail
+        self._failed = False  # a SaveError was raised
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -77,17 +178,28 @@ class Checkpointer:
         meta: dict[str, Any],
         metrics: dict[str, float] | None = None,
     ) -> None:
-        """Starts saving (returns before the write finishes when asynchronous)."""
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                opt_state=ocp.args.StandardSave(opt_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            metrics=metrics,
-            force=True,
-        )
+        """Starts saving (returns before the write finishes when asynchronous); first raises
+        ``SaveError`` if the previous save failed."""
+        self.wait()
+        self._writing = step
+        with self._save_errors():
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(params),
+                    opt_state=ocp.args.StandardSave(opt_state),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+                metrics=metrics,
+                force=True,
+            )
+            self._manager.check_for_errors()
+
+    def check(self) -> None:
+        """Raises ``SaveError`` if the last save has failed; returns at once while it is still
+        writing, so the loop can call it every step."""
+        if self._writing is not None and not self._manager.is_saving_in_progress():
+            self.wait()
 
     def restore(
         self, step: int, abstract_params: Any, abstract_opt_state: Any
@@ -101,15 +213,103 @@ class Checkpointer:
                 meta=ocp.args.JsonRestore(),
             ),
         )
-        return restored.params, restored.opt_state, dict(restored.meta)
+        return restored.params, restored.opt_state, conventions.with_current_key(restored.meta)
+
+    def restore_latest(
+        self, abstract_params: Any, abstract_opt_state: Any
+    ) -> tuple[int, Any, Any, dict[str, Any]] | None:
+        """The newest checkpoint that reads, as ``(step, params, opt_state, meta)``; None when
+        there is none. Newer steps that do not read are reported in one line each and moved to
+        ``<workdir>/corrupt_checkpoints/`` (process 0), so that training can write those steps
+        again."""
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        step, (params, opt_state, meta) = _restore_newest_readable(
+            lambda s: self.restore(s, abstract_params, abstract_opt_state),
+            steps,
+            self._directory,
+        )
+        unreadable = [s for s in steps if s > step]
+        if unreadable and jax.process_index() == 0:
+            for bad in unreadable:
+                target = os.path.join(os.path.abspath(self._workdir), CORRUPT_SUBDIR, str(bad))
+                if os.path.exists(target):
+                    target += f".{int(time.time())}"
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.move(os.path.join(self._directory, str(bad)), target)
+                logging.warning("Moved step %d aside to %s; training writes it anew.", bad, target)
+        if unreadable:
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("vgg_jax: unreadable checkpoints moved")
+            self._manager.reload()
+        return step, params, opt_state, meta
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are committed."""
-        self._manager.wait_until_finished()
+        """Blocks until pending asynchronous saves are committed; raises ``SaveError`` if one
+        failed (once: Orbax raises the same error again at each wait)."""
+        if self._failed:
+            return
+        with self._save_errors():
+            self._manager.wait_until_finished()
+        self._writing = None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            try:
+                self._manager.close()
+            except Exception:
+                if not self._failed:  # Orbax raises a failed save's error again on close
+                    raise
+                with contextlib.suppress(Exception):
+                    self._manager.close()  # the first stopped at that error: close the rest
+            if self._failed:
+                self._wait_for_abandoned_writes()
+                self._remove_partial_saves()
+
+    @contextlib.contextmanager
+    def _save_errors(self) -> Iterator[None]:
+        """Turns any error of the save of step ``self._writing`` into one ``SaveError`` line
+        with the cause (``close`` then removes the save's partial temporary directory)."""
+        try:
+            yield
+        except Exception as e:
+            step, self._writing, self._failed = self._writing, None, True
+            raise SaveError(
+                f"Saving checkpoint step {step} to {self._directory} failed: {_reason(e)}"
+            ) from e
+
+    def _wait_for_abandoned_writes(self) -> None:
+        """Orbax's background commit stops at the first item that fails, leaving the others'
+        writes running (they would recreate the temporary directory after it is removed). Its
+        manager keeps their futures in a private attribute (Orbax 0.12.8; nothing to wait for
+        if a later release moves it)."""
+        checkpointer = getattr(self._manager, "_checkpointer", None)
+        async_manager = getattr(checkpointer, "_async_manager", None)
+        for write in getattr(async_manager, "_commit_futures", None) or []:
+            with contextlib.suppress(Exception):
+                write.result()
+
+    def _remove_partial_saves(self, settle_s: float = 0.5, limit_s: float = 10.0) -> None:
+        """Removes the failed save's temporary directories, again if a write Orbax abandoned
+        recreates one, until none has appeared for ``settle_s`` (at most ``limit_s``)."""
+        if jax.process_index() != 0:
+            return
+        pattern = os.path.join(glob.escape(self._directory), f"*{TMP_MARKER}*")
+        deadline = time.monotonic() + limit_s
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            if leftovers := glob.glob(pattern):
+                for path in leftovers:
+                    shutil.rmtree(path, ignore_errors=True)
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= settle_s:
+                return
+            time.sleep(0.05)
 
 
 def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
@@ -169,18 +369,27 @@ def restore_params(
             step = parse_step(which)
             if step not in steps:
                 raise ValueError(f"No checkpoint at step {step} in {workdir}; available: {steps}")
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                # Saved by another topology (more processes or devices): onto one local device.
-                params=ocp.args.StandardRestore(
-                    abstract_params,
-                    fallback_sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
+
+        def restore(step: int):
+            return manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    # Saved by another topology (more processes or devices): onto one local device.
+                    params=ocp.args.StandardRestore(
+                        abstract_params,
+                        fallback_sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
+                    ),
+                    meta=ocp.args.JsonRestore(),
                 ),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
-        return restored.params, step, dict(restored.meta)
+            )
+
+        # An explicit step is read or fails; "latest" and "best" fall back to the newest step
+        # that reads.
+        candidates = [step]
+        if which in ("latest", "best"):
+            candidates += [s for s in reversed(steps) if s != step]
+        step, restored = _restore_newest_readable(restore, candidates, _directory(workdir))
+        return restored.params, step, conventions.with_current_key(restored.meta)
     finally:
         manager.close()
 
@@ -198,14 +407,14 @@ def save_params(
     params: Any,
     step: int = 0,
     config: ml_collections.ConfigDict | dict | None = None,
-    normalization: dict | None = None,
+    input_convention: dict | None = None,
 ) -> str:
     """Writes a params-only checkpoint (e.g. imported weights) that ``--mode=evaluate`` and
     ``init_from`` accept. Returns the checkpoint directory."""
     if isinstance(config, ml_collections.ConfigDict):
         config = config.to_dict()
-    meta = {"config": config, "normalization": normalization, "step": step}
-    manager = ocp.CheckpointManager(
+    meta = {"config": config, "input_convention": input_convention, "step": step}
+    manager = _Manager(
         _directory(workdir),
         item_names=ITEMS,
         options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),

@@ -26,6 +26,9 @@ from vgg_jax.evaluation import runner
 from vgg_jax.training import init_from, optim
 
 MODES = ("train_and_evaluate", "train", "evaluate", "evaluate_continuously", "summary", "study")
+# What the python -m vgg_jax.tools programs check as: features reads another dataset's images
+# through a trained net, so the net's class count need not be the dataset's.
+TOOL_MODES = ("features",)
 TRAINING_MODES = ("train", "train_and_evaluate")
 # Above this the SGD update is certain to overflow float32 within a step or two.
 MAX_LEARNING_RATE = 10.0
@@ -143,7 +146,7 @@ def _check_input(p: _Problems, mode: str, data_devices: int) -> tuple[int, int] 
     if facts is None:
         return None
     classes, num_train = facts
-    if classes != p.value("model.num_classes"):
+    if mode not in TOOL_MODES and classes != p.value("model.num_classes"):
         p.add(
             "model.num_classes",
             f"dataset {p.value('input.dataset')!r} has {classes} classes; "
@@ -211,7 +214,7 @@ def check_config(
     dataset (when its facts are known without preparing it) and the workdir. Returns the dataset's
     ``(classes, training examples)`` when known. Touches no data and compiles nothing.
     """
-    if mode not in MODES:
+    if mode not in MODES + TOOL_MODES:
         raise ConfigError([f"--mode={mode!r}: unknown; valid: {list(MODES)}"])
     if _is_study(config) != (mode == "study"):
         kind = "a study config" if _is_study(config) else "a training config"

@@ -45,6 +45,12 @@ CAFFE: InputConvention = dict(
 NAMED: dict[str, InputConvention] = {"torchvision": TORCHVISION, "caffe": CAFFE}
 
 
+def mean_subtracted(mean: Any, std: Any = (1.0, 1.0, 1.0)) -> InputConvention:
+    """The paper's convention, as nets trained here use it: RGB in 0-255 with the training set's
+    mean RGB subtracted (section 2.1), then divided by ``std`` (1 in the paper)."""
+    return checked(dict(channel_order="RGB", pixel_range=255.0, mean=mean, std=std))
+
+
 def checked(convention: Mapping[str, Any]) -> InputConvention:
     """A checked copy of ``convention`` (e.g. read back from JSON, where tuples became lists)."""
     if not isinstance(convention, Mapping):
@@ -96,6 +102,20 @@ def normalize(images: Any, convention: Mapping[str, Any]) -> Any:
     mean = np.asarray(convention["mean"], np.float32)
     std = np.asarray(convention["std"], np.float32)
     return (x - mean) / std
+
+
+LEGACY_META_KEY = "normalization"  # what checkpoint and file meta called it before
+
+
+def with_current_key(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` (a checkpoint's or an exported file's) with an input convention stored under its
+    old key (``normalization``) moved to ``input_convention``, so older files read as new ones."""
+    meta = dict(meta)
+    if LEGACY_META_KEY in meta:
+        legacy = meta.pop(LEGACY_META_KEY)
+        if meta.get("input_convention") is None:
+            meta["input_convention"] = legacy
+    return meta
 
 
 def describe(convention: Mapping[str, Any]) -> str:

@@ -276,7 +276,9 @@ def linear_probe(
 
     def split_descriptors(split: str) -> Descriptors:
         def batches(scale: int) -> Iterable[dict[str, np.ndarray]]:
-            return data.eval_batches(config, scale, split=split, normalization=net.normalization)
+            return data.eval_batches(
+                config, scale, split=split, input_convention=net.input_convention
+            )
 
         found = extract_features(
             net.model,

@@ -14,6 +14,17 @@ import jax
 from absl import logging
 
 
+def format_duration(seconds: float) -> str:
+    """``1h02m``, ``4m05s``, ``12s``: the time left in progress lines (training, evaluation,
+    downloads)."""
+    seconds = max(0, round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
 class MetricWriter:
     def __init__(self, workdir: str, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled

@@ -6,7 +6,7 @@ The public interface (see ``docs/data.md``)::
     data.dataset_info(config) -> DatasetInfo
     data.steps_per_epoch(config) -> int
     data.train_batches(config, start_step, *, process_index=None, process_count=None)
-    data.eval_batches(config, scale, *, split=None, normalization=None, process_index=None,
+    data.eval_batches(config, scale, *, split=None, input_convention=None, process_index=None,
                       process_count=None)
     data.num_eval_examples(config, split=None) -> int
     data.trained_convention(mean_rgb, input_config) -> dict  # what a net trained here sees

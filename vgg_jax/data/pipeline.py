@@ -31,6 +31,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from vgg_jax import conventions
 from vgg_jax.data import index, sources, stats, transforms, verify
 
 
@@ -169,21 +170,15 @@ def trained_convention(mean_rgb, input_config: ml_collections.ConfigDict) -> dic
     """The input convention of a net trained here: the training set's mean RGB subtracted and,
     with ``input.pixel_std``, a division (the paper divides by nothing: std 1). Saved in every
     checkpoint the loop writes, so evaluation and prediction see what training saw."""
-    return dict(
-        channel_order="RGB",
-        pixel_range=255.0,
-        mean=tuple(float(m) for m in mean_rgb),
-        std=tuple(float(s) for s in input_config.get("pixel_std") or (1.0, 1.0, 1.0)),
-    )
+    std = input_config.get("pixel_std") or (1.0, 1.0, 1.0)
+    return dict(conventions.mean_subtracted(tuple(float(m) for m in mean_rgb), std))
 
 
-def _normalization(
-    normalization: dict | None, mean_rgb, input_config: ml_collections.ConfigDict
-) -> transforms.Normalization:
-    """The given convention (imported weights), else the one the net was trained with."""
-    return transforms.Normalization.from_dict(
-        normalization or trained_convention(mean_rgb, input_config)
-    )
+def _input_convention(
+    input_convention: dict | None, mean_rgb, input_config: ml_collections.ConfigDict
+) -> conventions.InputConvention:
+    """The given convention (a checkpoint's), else the one this config trains with."""
+    return conventions.checked(input_convention or trained_convention(mean_rgb, input_config))
 
 
 def _parallel_calls(input_config: ml_collections.ConfigDict) -> int:
@@ -242,7 +237,7 @@ def train_batches(
     *,
     process_index: int | None = None,
     process_count: int | None = None,
-    normalization: dict | None = None,
+    input_convention: dict | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's slice of the training batches of global steps start_step, start_step+1, ...
     (forever): {"image": float32 [B_local, crop, crop, 3], "label": int32 [B_local]}."""
@@ -254,7 +249,7 @@ def train_batches(
     builder = sources.prepared_builder(input_config)
     split_index = _split_index(builder, input_config.train_split, input_config)
     chosen = _stats(input_config, builder)
-    norm = _normalization(normalization, chosen["mean_rgb"], input_config)
+    convention = _input_convention(input_convention, chosen["mean_rgb"], input_config)
     eigvals = np.asarray(chosen["eigvals"], np.float32)
     eigvecs = np.asarray(chosen["eigvecs"], np.float32)
     valid = split_index.valid
@@ -293,7 +288,7 @@ def train_batches(
             input_config.random_flip,
         )
         image = transforms.train_image(
-            encoded, fmt, params, input_config.crop_size, eigvals, eigvecs, norm
+            encoded, fmt, params, input_config.crop_size, eigvals, eigvecs, convention
         )
         return {"image": image, "label": label}
 
@@ -349,7 +344,7 @@ def eval_batches(
     scale: int,
     *,
     split: str | None = None,
-    normalization: dict | None = None,
+    input_convention: dict | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -366,7 +361,9 @@ def eval_batches(
     local = _local_size(global_batch, process_count, "eval_batch_size")
     builder = sources.prepared_builder(input_config)
     split_index = _split_index(builder, split, input_config)
-    norm = _normalization(normalization, _stats(input_config, builder)["mean_rgb"], input_config)
+    convention = _input_convention(
+        input_convention, _stats(input_config, builder)["mean_rgb"], input_config
+    )
     schedule = eval_schedule(split_index, scale, global_batch, input_config.eval_bucket_step)
     reader = sources.RecordReader(builder, split)
     mine = slice(process_index * local, (process_index + 1) * local)
@@ -385,7 +382,7 @@ def eval_batches(
     def preprocess(fmt, size, bucket, mask, serialized, example_index):
         def real():
             encoded, label = sources.parse(serialized)
-            return transforms.eval_image(encoded, fmt, size, bucket, norm), label
+            return transforms.eval_image(encoded, fmt, size, bucket, convention), label
 
         def filler():
             return tf.zeros(tf.concat([bucket, [3]], 0), tf.float32), tf.constant(0, tf.int32)

@@ -15,7 +15,8 @@ a parallel ``map`` stays deterministic and a restarted pipeline draws the same n
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -26,30 +27,6 @@ JPEG, PNG, UNDECODABLE = 0, 1, 2
 # A truncated JPEG whose first ACCEPTABLE_FRACTION of rows decode is kept (the rest is grey).
 ACCEPTABLE_FRACTION = 0.25
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@dataclasses.dataclass(frozen=True)
-class Normalization:
-    """What a network expects: ``(pixels * pixel_range / 255 - mean) / std`` in ``channel_order``.
-
-    The default (the paper's): RGB, 0-255, the training set's mean RGB subtracted, std 1."""
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    channel_order: str = "RGB"
-    pixel_range: float = 255.0
-
-    @classmethod
-    def from_dict(cls, spec: dict) -> Normalization:
-        """From an input-convention dict, checked by ``vgg_jax.conventions.checked``, the one
-        definition of its keys (``conventions.normalize`` is the NumPy twin of ``normalise``)."""
-        checked = conventions.checked(spec)
-        return cls(
-            mean=checked["mean"],
-            std=checked["std"],
-            channel_order=checked["channel_order"],
-            pixel_range=checked["pixel_range"],
-        )
 
 
 def image_format(encoded: tf.Tensor) -> tf.Tensor:
@@ -146,17 +123,23 @@ def pca_colour_shift(alpha: tf.Tensor, eigvals: np.ndarray, eigvecs: np.ndarray)
     return 255.0 * tf.linalg.matvec(eigvecs, alpha * eigvals)
 
 
-def normalise(image: tf.Tensor, norm: Normalization, shift: tf.Tensor | None = None) -> tf.Tensor:
-    """float32 RGB 0-255 (plus an optional RGB ``shift``) -> what the network expects.
+def normalise(
+    image: tf.Tensor, convention: Mapping[str, Any], shift: tf.Tensor | None = None
+) -> tf.Tensor:
+    """float32 RGB 0-255 (plus an optional RGB ``shift``) -> what the network expects, by its
+    input convention (``conventions.InputConvention``; ``conventions.normalize`` is the NumPy
+    twin of this TensorFlow one).
 
     ``((image + shift) * pixel_range / 255 - mean) / std``, in ``channel_order``, computed as one
     multiply (skipped when it is 1) and one add: each full-image op costs as much as the resize."""
-    scale = np.float32(norm.pixel_range / 255.0) / np.asarray(norm.std, np.float32)
-    offset = -np.asarray(norm.mean, np.float32) / np.asarray(norm.std, np.float32)
-    offset = tf.constant(offset)
+    convention = conventions.checked(convention)
+    std = np.asarray(convention["std"], np.float32)
+    scale = np.float32(convention["pixel_range"] / 255.0) / std
+    offset = tf.constant(-np.asarray(convention["mean"], np.float32) / std)
+    bgr = convention["channel_order"] == "BGR"
     if shift is not None:
-        offset += (shift[::-1] if norm.channel_order == "BGR" else shift) * scale
-    if norm.channel_order == "BGR":
+        offset += (shift[::-1] if bgr else shift) * scale
+    if bgr:
         image = tf.reverse(image, [-1])
     if not np.all(scale == 1.0):
         image = image * scale
@@ -175,7 +158,7 @@ def train_image(
     crop_size: int,
     eigvals: np.ndarray,
     eigvecs: np.ndarray,
-    norm: Normalization,
+    convention: Mapping[str, Any],
     antialias: bool = False,
 ) -> tf.Tensor:
     """float32 [crop, crop, 3]: window decoded, flipped, resized, colour-shifted, normalised.
@@ -185,7 +168,7 @@ def train_image(
     window = decode_window(encoded, fmt, params["window"])
     window = tf.cond(params["flip"], lambda: tf.reverse(window, [1]), lambda: window)
     image = resize(window, crop_size, crop_size, antialias)
-    return normalise(image, norm, pca_colour_shift(params["alpha"], eigvals, eigvecs))
+    return normalise(image, convention, pca_colour_shift(params["alpha"], eigvals, eigvecs))
 
 
 def eval_size(height: np.ndarray, width: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
@@ -202,11 +185,13 @@ def eval_image(
     fmt: tf.Tensor,
     size: tf.Tensor,
     bucket: tf.Tensor,
-    norm: Normalization,
+    convention: Mapping[str, Any],
 ) -> tf.Tensor:
     """float32 [bucket_h, bucket_w, 3]: the image resized to ``size``, normalised, top-left,
     zeros elsewhere (zero = the mean colour, as the paper's padding)."""
-    image = normalise(resize(decode_full(encoded, fmt), size[0], size[1], antialias=True), norm)
+    image = normalise(
+        resize(decode_full(encoded, fmt), size[0], size[1], antialias=True), convention
+    )
     return tf.pad(image, [[0, bucket[0] - size[0]], [0, bucket[1] - size[1]], [0, 0]])
 
 

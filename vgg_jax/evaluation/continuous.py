@@ -9,6 +9,7 @@ a restarted watcher does not evaluate a step twice. The figures go to TensorBoar
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -19,7 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vgg_jax import checkpoint, sharding, writers
+from vgg_jax import checkpoint, preemption, sharding, writers
 from vgg_jax.evaluation import report, runner
 
 EVAL_SUBDIR = "eval"
@@ -33,16 +34,28 @@ def evaluated_steps(eval_dir: str) -> set[int]:
     return {int(m.group(1)) for name in os.listdir(eval_dir) if (m := STEP_FILE.match(name))}
 
 
-def _next_step(workdir: str, done: set[int]) -> int | None:
-    """The oldest committed, not yet evaluated step; every process gets process 0's answer, so
-    all of them enter the same collective computations."""
+def _next_step(workdir: str, done: set[int], idle: bool) -> tuple[int | None, bool]:
+    """The oldest committed, not yet evaluated step, and whether to stop waiting (``idle``, the
+    timeout passed); every process gets process 0's answers, so all of them enter the same
+    collective computations and none waits for one that stopped."""
     pending = [s for s in checkpoint.available_steps(workdir) if s not in done]
-    step = pending[0] if pending else -1
+    answer = np.array([pending[0] if pending else -1, idle], np.int64)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        step = int(multihost_utils.broadcast_one_to_all(np.int64(step)))
-    return None if step < 0 else step
+        answer = np.asarray(multihost_utils.broadcast_one_to_all(answer))
+    step = int(answer[0])
+    return (None if step < 0 else step), bool(answer[1])
+
+
+def _sleep(seconds: float) -> None:
+    """Sleeps, checking for an agreed SIGTERM stop about every second: the same number of checks
+    on every process, so all of them see the sync point at the same check."""
+    slices = max(1, math.ceil(seconds))
+    for _ in range(slices):
+        if preemption.agreed_stop():
+            raise preemption.Stopped
+        time.sleep(seconds / slices)
 
 
 def _scalars(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -68,6 +81,7 @@ def watch(
     after evaluating a step >= ``stop_after_step``. Returns the rows of each step evaluated here.
 
     A checkpoint that training deletes (keep-last-K) before it is read is skipped with a warning.
+    On several processes a SIGTERM to any of them stops all of them (``vgg_jax.preemption``).
     """
     poll = config.evals.poll_seconds if poll_seconds is None else poll_seconds
     timeout = config.evals.watch_timeout_seconds if timeout is None else timeout
@@ -79,12 +93,14 @@ def watch(
     last_new = time.monotonic()
     try:
         while True:
-            step = _next_step(workdir, done)
+            if preemption.agreed_stop():
+                raise preemption.Stopped
+            step, idle = _next_step(workdir, done, time.monotonic() - last_new >= timeout)
             if step is None:
-                if time.monotonic() - last_new >= timeout:
+                if idle:
                     logging.info("No new checkpoint in %s for %.0f s; stopping.", workdir, timeout)
                     break
-                time.sleep(poll)
+                _sleep(poll)
                 continue
             try:
                 rows, about = runner.evaluate_checkpoints(
@@ -105,6 +121,8 @@ def watch(
                 logging.info("Step %d:\n%s", step, report.format_table(rows))
             if stop_after_step is not None and step >= stop_after_step:
                 break
+    except preemption.Stopped:
+        logging.warning("Continuous evaluation stopped by a SIGTERM (all processes).")
     finally:
         writer.close()
     return results

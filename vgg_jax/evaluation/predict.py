@@ -1,18 +1,18 @@
-"""One image through the net: top-k classes and the class score map, and the map as a PNG.
+"""One image through the net: top-k classes and the class score map.
 
 Dense evaluation gives a coarse localisation for free (section 3.2 of the paper): each cell of
 the class score map is the classifier applied to one crop-size window of the image (stride 32), so
-the map of a class shows where in the image the net sees it. No PIL or matplotlib: the PNG is
-written with ``zlib`` and ``struct``.
+the map of a class shows where in the image the net sees it; ``score_map.py`` draws it.
+``read_image`` decodes files as the input pipeline does, and ``imagenet_class_names`` reads the
+ILSVRC-2012 class list shipped with the package (``imagenet_classes.txt``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import importlib.util
 import os
-import struct
-import zlib
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -34,36 +34,69 @@ class ClassScore(NamedTuple):
     probability: float
 
 
+CLASS_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.txt")
+
+
+class UnreadableImageError(ValueError):
+    """A file the input pipeline would skip: not a JPEG or PNG, or one that does not decode."""
+
+
 @functools.lru_cache(maxsize=1)
-def imagenet_class_names() -> tuple[str, ...] | None:
-    """The 1000 ILSVRC-2012 class names in label order ("tench, Tinca tinca", ...), from the list
-    TFDS ships (read as a file, so TensorFlow is not imported); None if TFDS is not installed."""
-    spec = importlib.util.find_spec("tensorflow_datasets")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    root = spec.submodule_search_locations[0]
-    path = os.path.join(root, "datasets", "siscore", "labels.py")
-    if not os.path.exists(path):
-        return None
-    module_spec = importlib.util.spec_from_file_location("_tfds_imagenet_labels", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    names = tuple(getattr(module, "IMAGENET_LABELS_LIST", ()))
-    return names if len(names) == NUM_IMAGENET_CLASSES else None
+def imagenet_classes() -> tuple[tuple[str, str], ...]:
+    """``(WordNet ID, words)`` of the 1000 ILSVRC-2012 classes in label order (IDs sorted, the
+    order of TFDS imagenet2012, torchvision and Keras), from the list shipped with the package."""
+    with open(CLASS_LIST, encoding="utf-8") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f if not line.startswith("#")]
+    if len(rows) != NUM_IMAGENET_CLASSES or any(len(row) != 2 for row in rows):
+        raise ValueError(f"{CLASS_LIST} should hold {NUM_IMAGENET_CLASSES} 'wnid<TAB>words' lines.")
+    return tuple((wnid, words) for wnid, words in rows)
 
 
-def _full_convention(normalization: Mapping[str, Any]) -> conventions.InputConvention:
+def imagenet_class_names() -> tuple[str, ...]:
+    """The 1000 ILSVRC-2012 class names in label order ("tench, Tinca tinca", ...)."""
+    return tuple(words for _, words in imagenet_classes())
+
+
+def read_image(path: str) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB of a JPEG or PNG file, decoded as the input pipeline decodes
+    (``data/transforms.py``): the format from the bytes, not the name; grayscale and CMYK JPEGs
+    as RGB; a truncated JPEG kept if enough of it decodes. Anything else raises
+    ``UnreadableImageError`` with the reason, as the pipeline skips and counts it."""
+    import tensorflow as tf
+
+    from vgg_jax.data import transforms
+
+    with open(path, "rb") as f:
+        encoded = tf.constant(f.read())
+    fmt = transforms.image_format(encoded)
+    if int(fmt) == transforms.UNDECODABLE:
+        raise UnreadableImageError(f"{path}: not a JPEG or PNG")
+    try:
+        return transforms.decode_full(encoded, fmt).numpy()
+    except tf.errors.OpError as e:
+        # "{{function_node ...}} jpeg::Uncompress failed. Invalid JPEG data... [Op:DecodeJpeg]"
+        reason = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", e.message or "").strip().splitlines()
+        raise UnreadableImageError(
+            f"{path}: does not decode ({reason[0] if reason else type(e).__name__})"
+        ) from None
+
+
+def _full_convention(input_convention: Mapping[str, Any]) -> conventions.InputConvention:
     """A caller's convention dict may omit std, channel order and range (the paper's defaults:
     std 1, RGB, 0-255); checkpoints and ``load_for_prediction`` give all four."""
     defaults = dict(channel_order="RGB", pixel_range=255.0, std=(1.0, 1.0, 1.0))
-    return conventions.checked({**defaults, **normalization})
+    return conventions.checked({**defaults, **input_convention})
+
+
+def rescaled_size(height: int, width: int, scale: int) -> tuple[int, int]:
+    """The size of a ``height`` x ``width`` image rescaled so its smaller side is ``scale``."""
+    ratio = scale / min(height, width)
+    return max(scale, round(height * ratio)), max(scale, round(width * ratio))
 
 
 def resize_smaller_side(pixels: np.ndarray, scale: int) -> np.ndarray:
     """Isotropic rescale so the smaller side is ``scale`` (bilinear, antialiased)."""
-    height, width = pixels.shape[:2]
-    ratio = scale / min(height, width)
-    shape = (max(scale, round(height * ratio)), max(scale, round(width * ratio)), 3)
+    shape = (*rescaled_size(*pixels.shape[:2], scale), 3)
     return np.asarray(jax.image.resize(pixels, shape, "bilinear", antialias=True))
 
 
@@ -79,7 +112,7 @@ def predict(
     image: Any,
     top_k: int = 5,
     class_names: Sequence[str] | None = None,
-    normalization: Mapping[str, Any] | None = None,
+    input_convention: Mapping[str, Any] | None = None,
     scale: int | None = None,
     flip: bool = True,
 ) -> tuple[list[ClassScore], np.ndarray]:
@@ -87,7 +120,7 @@ def predict(
     score map ``(h, w, classes)`` (raw class scores, one cell per crop-size window).
 
     ``image``: ``(H, W, 3)`` RGB pixels in [0, 255] (uint8 or float), prepared with
-    ``normalization`` (an input convention, e.g. ``load_for_prediction``'s or
+    ``input_convention`` (an input convention, e.g. ``load_for_prediction``'s or
     ``conventions.CAFFE``); ``None`` means the image is already normalised as the net expects.
     ``scale``: rescale first so the smaller side is this test scale Q (the image must end up at
     least the crop size). ``flip``: average the softmax with the flipped image's, as the evaluator.
@@ -96,9 +129,15 @@ def predict(
     pixels = np.asarray(image)
     if pixels.ndim != 3 or pixels.shape[-1] != 3:
         raise ValueError(f"predict takes one (H, W, 3) RGB image, got shape {pixels.shape}.")
-    if normalization is None and pixels.dtype == np.uint8:
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise ValueError(f"top_k must be a whole number >= 1, got {top_k!r}.")
+    if not np.all(np.isfinite(pixels)):
+        # NaN or inf pixels would come back as ordinary-looking probabilities.
+        bad = int(np.size(pixels) - np.count_nonzero(np.isfinite(pixels)))
+        raise ValueError(f"The image has {bad} NaN or infinite pixel values; give finite pixels.")
+    if input_convention is None and pixels.dtype == np.uint8:
         raise ValueError(
-            "uint8 pixels need normalization= (the net's input convention; "
+            "uint8 pixels need input_convention= (the net's input convention; "
             "load_for_prediction returns it)."
         )
     pixels = pixels.astype(np.float32)
@@ -109,8 +148,8 @@ def predict(
             f"The image is {pixels.shape[0]}x{pixels.shape[1]}, smaller than the net's "
             f"{model.crop_size}-pixel crop; pass scale= (a test scale Q >= {model.crop_size})."
         )
-    if normalization is not None:
-        pixels = conventions.normalize(pixels, _full_convention(normalization))
+    if input_convention is not None:
+        pixels = conventions.normalize(pixels, _full_convention(input_convention))
     score_maps, probabilities = jax.device_get(
         _dense_one_image(model, flip)(params, jnp.asarray(pixels)[None])
     )
@@ -129,10 +168,27 @@ def predict(
     return top, np.asarray(score_map)
 
 
-def load_for_prediction(
-    workdir: str, which: str | int = "latest"
-) -> tuple[models.VGG, Any, dict[str, Any], list[str] | None]:
-    """``(model, params, normalization, class_names)`` of a checkpoint, for ``predict``.
+@dataclasses.dataclass
+class Predictor:
+    """A checkpoint ready for ``predict``: the net, its params, its input convention, its class
+    names (None: ImageNet's, for a 1000-class net) and its config (whose ``evals.single_scale``
+    is the net's own test scale Q)."""
+
+    model: models.VGG
+    params: Any
+    input_convention: dict[str, Any]
+    class_names: list[str] | None
+    config: ml_collections.ConfigDict
+
+    @property
+    def test_scale(self) -> int:
+        """Q of the config's single-scale evaluation (the paper's Table 3), at least the crop."""
+        scale = self.config.get("evals", {}).get("single_scale") or 0
+        return max(int(scale), self.model.crop_size)
+
+
+def load_predictor(workdir: str, which: str | int = "latest") -> Predictor:
+    """The checkpoint in ``workdir`` (any: trained here or imported) as a ``Predictor``.
 
     The input convention is the checkpoint's own (imported weights) or, for a net trained here,
     the training set's mean RGB, read from the dataset the saved config names, and the config's
@@ -143,95 +199,24 @@ def load_for_prediction(
         raise ValueError(f"The checkpoint in {workdir} has no config; build the model yourself.")
     config = ml_collections.ConfigDict(meta["config"])
     model = models.build_model(config.model, config.input.crop_size)
-    normalization, class_names = meta.get("normalization"), None
-    if normalization is None or model.num_classes != NUM_IMAGENET_CLASSES:
+    input_convention, class_names = meta.get("input_convention"), None
+    if input_convention is None or model.num_classes != NUM_IMAGENET_CLASSES:
         from vgg_jax import data
         from vgg_jax.data import pipeline
 
         info = data.dataset_info(config)
-        normalization = normalization or pipeline.trained_convention(info.mean_rgb, config.input)
+        input_convention = input_convention or pipeline.trained_convention(
+            info.mean_rgb, config.input
+        )
         if model.num_classes != NUM_IMAGENET_CLASSES:
             class_names = info.class_names
-    return model, params, dict(normalization), class_names
+    return Predictor(model, params, dict(input_convention), class_names, config)
 
 
-def _heat_colours(values: np.ndarray) -> np.ndarray:
-    """Black -> red -> yellow -> white for values in [0, 1] ("hot"), as float RGB in [0, 255]."""
-    v = np.clip(values, 0.0, 1.0)[..., None]
-    return 255.0 * np.clip(3.0 * v - np.array([0.0, 1.0, 2.0]), 0.0, 1.0)
-
-
-def _cell_coordinates(pixels: int, cells: int, crop_size: int) -> np.ndarray:
-    """For each pixel row (or column) of an image of ``pixels``, its fractional score-map cell:
-    cell ``i`` is the window starting at ``STRIDE * i`` of a net input ``STRIDE * (cells - 1) +
-    crop_size`` pixels long, so its centre is at that fraction of any rendering of the image."""
-    extent = STRIDE * (cells - 1) + crop_size
-    centres = (STRIDE * np.arange(cells) + crop_size / 2) / extent
-    return np.interp((np.arange(pixels) + 0.5) / pixels, centres, np.arange(cells, dtype=float))
-
-
-def _upsample(values: np.ndarray, height: int, width: int, crop_size: int) -> np.ndarray:
-    """Bilinear interpolation of a cell map onto an image, cells placed at their window centres."""
-    rows = _cell_coordinates(height, values.shape[0], crop_size)
-    cols = _cell_coordinates(width, values.shape[1], crop_size)
-    r0, c0 = np.floor(rows).astype(int), np.floor(cols).astype(int)
-    r1, c1 = np.minimum(r0 + 1, values.shape[0] - 1), np.minimum(c0 + 1, values.shape[1] - 1)
-    wr, wc = (rows - r0)[:, None], (cols - c0)[None, :]
-    top = values[r0][:, c0] * (1 - wc) + values[r0][:, c1] * wc
-    bottom = values[r1][:, c0] * (1 - wc) + values[r1][:, c1] * wc
-    return top * (1 - wr) + bottom * wr
-
-
-def encode_png(rgb: np.ndarray) -> bytes:
-    """An 8-bit RGB PNG of a ``(H, W, 3)`` uint8 array."""
-    height, width = rgb.shape[:2]
-    raw = b"".join(b"\x00" + row.tobytes() for row in np.ascontiguousarray(rgb, np.uint8))
-
-    def chunk(tag: bytes, payload: bytes) -> bytes:
-        crc = zlib.crc32(tag + payload) & 0xFFFFFFFF
-        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", crc)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit truecolour
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw, 6))
-        + chunk(b"IEND", b"")
-    )
-
-
-def score_map_image(
-    score_map: np.ndarray, class_index: int, image: Any = None, crop_size: int = 224
-) -> np.ndarray:
-    """The PNG's pixels: the class's softmax probability per cell as a heat map, blended half and
-    half over ``image`` (RGB 0-255, any size: the map is placed by window centres, so the original
-    image works as well as the rescaled one the net saw), else one ``STRIDE``-pixel block per
-    cell. ``crop_size``: the net's (``model.crop_size``)."""
-    score_map = np.asarray(score_map, np.float32)
-    if score_map.ndim != 3 or not 0 <= class_index < score_map.shape[-1]:
-        raise ValueError(
-            f"Need an (h, w, classes) score map and a class index below {score_map.shape[-1]}; "
-            f"got shape {score_map.shape} and class {class_index}."
-        )
-    values = np.asarray(jax.nn.softmax(score_map, axis=-1))[..., class_index]
-    if image is None:
-        return _heat_colours(np.kron(values, np.ones((STRIDE, STRIDE)))).astype(np.uint8)
-    pixels = np.asarray(image, np.float32)
-    heat = _heat_colours(_upsample(values, pixels.shape[0], pixels.shape[1], crop_size))
-    return np.clip(0.5 * pixels + 0.5 * heat, 0, 255).round().astype(np.uint8)
-
-
-def save_score_map_png(
-    score_map: np.ndarray,
-    class_index: int,
-    path: str,
-    image: Any = None,
-    crop_size: int = 224,
-) -> str:
-    """Saves ``score_map_image`` as a PNG at ``path`` (a coarse localisation map of the class);
-    returns ``path``."""
-    rgb = score_map_image(score_map, class_index, image, crop_size)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(encode_png(rgb))
-    return path
+def load_for_prediction(
+    workdir: str, which: str | int = "latest"
+) -> tuple[models.VGG, Any, dict[str, Any], list[str] | None]:
+    """``(model, params, input_convention, class_names)`` of a checkpoint, for ``predict``
+    (``load_predictor``'s fields)."""
+    loaded = load_predictor(workdir, which)
+    return loaded.model, loaded.params, loaded.input_convention, loaded.class_names

@@ -31,12 +31,13 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from vgg_jax import checkpoint, metrics, models, sharding
+from vgg_jax import checkpoint, metrics, models, preemption, sharding, writers
 from vgg_jax.evaluation import methods, report
 
 METHODS = ("dense", "multi_crop", "dense+multi_crop")
 CHECKPOINT_CHOICES = ("latest", "best")
 COUNT_CHUNK = 8192  # rows per top-k count on the device
+PROGRESS_SECONDS = 30.0  # a pass over the split logs its progress and time left this often
 
 # (config, test scale Q, input convention or None) -> this process's eval batches, as
 # ``vgg_jax.data.eval_batches`` yields them. Tests pass their own.
@@ -53,7 +54,7 @@ class Net:
     model: models.VGG
     params: Any
     train_scale: str
-    normalization: dict | None  # the input convention it was trained with (None: not stored)
+    input_convention: dict | None  # the input convention it was trained with (None: not stored)
     train_input: dict  # the training config's input group (or the evaluation config's)
 
 
@@ -182,7 +183,7 @@ def load_net(
         model=model,
         params=params,
         train_scale=train_scale,
-        normalization=meta.get("normalization"),
+        input_convention=meta.get("input_convention"),
         train_input=dict(train_config.get("input") or fallback.input.to_dict()),
     )
 
@@ -225,9 +226,9 @@ def check_convention(net: Net, config: ml_collections.ConfigDict) -> None:
     """Each net is fed the input convention it was trained with; an explicit ``input.pixel_std``
     in the evaluation config that contradicts it is a mistake, not an instruction."""
     wanted = config.input.get("pixel_std")
-    if wanted is None or net.normalization is None:
+    if wanted is None or net.input_convention is None:
         return
-    stored = tuple(float(s) for s in net.normalization["std"])
+    stored = tuple(float(s) for s in net.input_convention["std"])
     if tuple(float(s) for s in wanted) != stored:
         raise ValueError(
             f"Net {net.name} in {net.workdir} was trained with input std {stored}, the config "
@@ -278,6 +279,8 @@ def evaluate_scale(
     run: Sequence[str],
     mesh: Mesh,
     num_classes: int | None = None,
+    total: int | None = None,
+    scale: int | None = None,
 ) -> ScaleOutputs:
     """One pass over the split at one test scale; each function in ``run`` on every batch.
 
@@ -285,11 +288,17 @@ def evaluate_scale(
     the same global rows whatever the process count, and examples that a scale's bucketing
     hands to another process or batch still line up by ``index`` across scales and nets.
     ``num_classes``: labels must be below it (a net scored on another dataset fails here).
+    With ``total`` (the split's example count), a progress line with the time left for this
+    pass (at test scale ``scale``) is logged every ``PROGRESS_SECONDS``.
     """
     kept: dict[str, list[np.ndarray]] = {m: [] for m in run}
     labels, order = [], []
     seconds = dict.fromkeys(run, 0.0)
+    started = last_report = time.perf_counter()
+    done = 0
     for local in batches:
+        if preemption.agreed_stop():  # several processes: all stop before the same batch
+            raise preemption.Stopped("Evaluation stopped by a SIGTERM.")
         if num_classes is not None and local["label"].max(initial=0) >= num_classes:
             raise ValueError(
                 f"A label {int(local['label'].max())} is out of range for a net with "
@@ -310,6 +319,18 @@ def evaluate_scale(
         labels.append(_to_host(batch["label"])[keep])
         if named:
             order.append(_to_host(batch["index"])[keep])
+        done += int(keep.sum())
+        now = time.perf_counter()
+        if total and done < total and now - last_report >= PROGRESS_SECONDS:
+            last_report = now
+            left = (now - started) / done * (total - done)
+            logging.info(
+                "Q=%s: %d/%d images, %s left at this scale",
+                scale,
+                done,
+                total,
+                writers.format_duration(left),
+            )
     stacked = {
         m: np.concatenate(v) if v else np.zeros((0, num_classes or 0), np.float32)
         for m, v in kept.items()
@@ -411,14 +432,18 @@ def evaluate_net(
     sums: dict[str, np.ndarray] = {}
     seconds = dict.fromkeys(run, 0.0)
     examples = None
-    for scale in scales_needed(evals):
+    scales = scales_needed(evals)
+    started = time.perf_counter()
+    for position, scale in enumerate(scales, start=1):
         outputs = evaluate_scale(
             net.params,
             functions,
-            batches(config, scale, net.normalization),
+            batches(config, scale, net.input_convention),
             run,
             mesh,
             net.model.num_classes,
+            expected_count,
+            scale,
         )
         examples = check_scale(examples, outputs, scale)
         labels = outputs.labels
@@ -442,13 +467,20 @@ def evaluate_net(
             for method in run:
                 sums[method] = sums.get(method, 0.0) + outputs.results[method]
                 seconds[method] += outputs.seconds[method]
+        elapsed = time.perf_counter() - started
         logging.info(
-            "%s step %d Q=%d: %s (%d compilations so far)",
+            "%s step %d Q=%d (scale %d/%d): %s (%d compilations so far)%s",
             net.name,
             net.step,
             scale,
+            position,
+            len(scales),
             ", ".join(f"{m} {s:.1f}s" for m, s in outputs.seconds.items()),
             functions.compilations,
+            ""
+            if position == len(scales)
+            else f"; about {writers.format_duration(elapsed / position * (len(scales) - position))}"
+            " left for this net",
         )
     multi_scale = {m: s / len(multi) for m, s in sums.items()}
     if list(multi) != [int(evals.single_scale)]:
@@ -488,11 +520,11 @@ def fusion_rows(
 
 
 def _default_batches(
-    config: ml_collections.ConfigDict, scale: int, normalization: Any
+    config: ml_collections.ConfigDict, scale: int, input_convention: Any
 ) -> Iterable[dict[str, np.ndarray]]:
     from vgg_jax import data
 
-    return data.eval_batches(config, scale, normalization=normalization)
+    return data.eval_batches(config, scale, input_convention=input_convention)
 
 
 def _unique_names(nets: Sequence[Net]) -> None:
@@ -532,13 +564,13 @@ def evaluate_checkpoints(
         net = load_net(entry_workdir, choice, mesh, config)
         check_net_fits(net, config, num_classes, own=position == 0)
         check_convention(net, config)
-        if net.normalization is None and data_info is not None:
+        if net.input_convention is None and data_info is not None:
             # Saved before checkpoints carried their convention: rebuild it from the saved
             # training config (its pixel_std), with the dataset's mean.
             from vgg_jax import data
 
             train_input = ml_collections.ConfigDict(net.train_input)
-            net.normalization = data.trained_convention(data_info.mean_rgb, train_input)
+            net.input_convention = data.trained_convention(data_info.mean_rgb, train_input)
         logging.info("Evaluating net %s, step %d, from %s", net.name, net.step, net.workdir)
         nets.append(net)
         outputs.append(evaluate_net(config, net, mesh, batches, expected_count))

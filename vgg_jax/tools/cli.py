@@ -9,20 +9,28 @@ import sys
 import ml_collections
 from absl import flags, logging
 
-from vgg_jax import checks
+from vgg_jax import checkpoint, checks
 
 MODES = list(checks.MODES)
 
 # Packages whose INFO lines are hidden from the console: Orbax writes about ten per checkpoint
 # save and TFDS one per dataset open, which would bury the one-line-per-interval progress.
 QUIET_PACKAGES = ("orbax", "tensorflow_datasets")
-# Their warnings about what this project does on purpose: periodic saves carry no validation
-# metrics (only the per-validation ones rank "best"), and readers open checkpoints read-only.
-EXPECTED_WARNINGS = (
-    "Requested `tracked_metric`; did not provide metrics",
-    "Given directory is read only",
-    "CheckpointManagerOptions.read_only=True, setting",
-)
+# Their warnings about what this project does on purpose (vgg_jax/checkpoint.py drops them from
+# library use too).
+EXPECTED_WARNINGS = checkpoint.EXPECTED_ORBAX_WARNINGS
+# JAX's INFO line on every start without a TPU ("Unable to initialize backend 'tpu': ... libtpu.so")
+# is the normal case on CPU and GPU machines; absl's INFO verbosity would print it.
+JAX_BACKEND_LOGGER = "jax._src.xla_bridge"
+
+
+class BackendProbeFilter(std_logging.Filter):
+    """Drops JAX's INFO lines about backends it probed and did not find."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or not record.getMessage().startswith(
+            "Unable to initialize backend"
+        )
 
 
 class LibraryInfoFilter(std_logging.Filter):
@@ -46,7 +54,8 @@ class LibraryInfoFilter(std_logging.Filter):
 
 def quiet_library_logs() -> None:
     """Keeps the console to our progress lines, warnings and errors: hides Orbax's and TFDS's
-    INFO lines and expected warnings (all kept with ``--verbosity=1``)."""
+    INFO lines and expected warnings, and JAX's "Unable to initialize backend" probes (all kept
+    with ``--verbosity=1``)."""
     if logging.get_verbosity() >= logging.DEBUG:
         return
     # On the logger Orbax and TFDS log through (absl's), so it works under any handler: absl's
@@ -54,6 +63,9 @@ def quiet_library_logs() -> None:
     logger = logging.get_absl_logger()
     if not any(isinstance(f, LibraryInfoFilter) for f in logger.filters):
         logger.addFilter(LibraryInfoFilter())
+    jax_logger = std_logging.getLogger(JAX_BACKEND_LOGGER)
+    if not any(isinstance(f, BackendProbeFilter) for f in jax_logger.filters):
+        jax_logger.addFilter(BackendProbeFilter())
 
 
 def parse_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
@@ -120,6 +132,26 @@ def check_or_exit(config: ml_collections.ConfigDict, mode: str, workdir: str | N
         sys.exit("Config error:\n  " + "\n  ".join(e.problems))
 
 
+def run_or_exit(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> None:
+    """``run``, with the faults the library explains in one line printed as that line (no
+    traceback): a bad tar or image folder, a busy workdir, a failed or unreadable checkpoint, a
+    NaN or infinite state."""
+    from vgg_jax import data
+
+    try:
+        run(mode, config, workdir)
+    except data.DatasetError as e:
+        sys.exit(f"Data error: {e}")
+    except _one_line_errors() as e:  # evaluated only when something is raised
+        sys.exit(f"{type(e).__name__}: {e}")
+
+
+def _one_line_errors() -> tuple[type[Exception], ...]:
+    from vgg_jax.training import lock, loop
+
+    return (checkpoint.CheckpointError, lock.WorkdirBusyError, loop.NonFiniteLossError)
+
+
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> None:
     """What ``launch.py`` does after parsing flags: checks the whole config, then runs ``mode``."""
     quiet_library_logs()
@@ -133,22 +165,33 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> No
     if workdir is None:
         sys.exit(f"--mode={mode} needs --workdir (where checkpoints and results go).")
     logging.info("mode=%s workdir=%s", mode, workdir)
+    from vgg_jax import preemption
+
     if mode in ("train", "train_and_evaluate"):
         from vgg_jax.training import loop
 
         loop.train(config, workdir)
-    if mode in ("evaluate", "train_and_evaluate"):
-        from vgg_jax.evaluation import continuous, runner
+        if preemption.stopped():
+            # Saved after a SIGTERM: exit now. Evaluation would outlast the grace period, and a
+            # partly trained net's results must not look final.
+            if mode == "train_and_evaluate":
+                logging.warning("Stopped early: evaluation skipped. Rerun to resume and evaluate.")
+            return
+    try:
+        if mode in ("evaluate", "train_and_evaluate"):
+            from vgg_jax.evaluation import runner
 
-        runner.run_evaluation(config, workdir)
-    if mode == "study":
-        from vgg_jax.study import orchestrate
+            runner.run_evaluation(config, workdir)
+        if mode == "study":
+            from vgg_jax.study import orchestrate
 
-        try:
-            orchestrate.run_study(config, workdir)
-        except orchestrate.Interrupted as stop:
-            sys.exit(f"Study stopped: {stop} Rerun the same command to resume.")
-    if mode == "evaluate_continuously":
-        from vgg_jax.evaluation import continuous, runner
+            try:
+                orchestrate.run_study(config, workdir)
+            except orchestrate.Interrupted as stop:
+                sys.exit(f"Study stopped: {stop} Rerun the same command to resume.")
+        if mode == "evaluate_continuously":
+            from vgg_jax.evaluation import continuous
 
-        continuous.watch(config, workdir)
+            continuous.watch(config, workdir)
+    except preemption.Stopped:
+        logging.warning("Evaluation stopped after a termination signal; no results written.")

@@ -23,7 +23,7 @@ def main(argv: list[str]) -> None:
     if values.pixel_side < 1:
         sys.exit(f"--pixel_side must be at least 1, got {values.pixel_side}.")
     config = values.config
-    cli.check_or_exit(config, "evaluate", values.workdir)
+    cli.check_or_exit(config, "features", values.workdir)
     try:
         probe = linear_probe(
             config,
@@ -43,8 +43,9 @@ def main(argv: list[str]) -> None:
         f"flip {bool(config.evals.flip)}; raw pixels: {values.pixel_side}x{values.pixel_side}x3 "
         f"({probe.pixel_dim}-D); multinomial logistic regression, l2 {values.l2:g}"
     )
-    print(f"linear on VGG features: top-1 accuracy {probe.feature_accuracy:.4f}")
-    print(f"linear on raw pixels: top-1 accuracy {probe.pixel_accuracy:.4f}", flush=True)
+    # Error, as every other line the project prints (training, evaluation tables).
+    print(f"linear on VGG features: top-1 error {100 * (1 - probe.feature_accuracy):.2f}%")
+    print(f"linear on raw pixels: top-1 error {100 * (1 - probe.pixel_accuracy):.2f}%", flush=True)
 
 
 if __name__ == "__main__":

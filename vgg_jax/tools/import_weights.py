@@ -24,12 +24,12 @@ def main(argv: list[str]) -> None:
     values = flags.FLAGS
     try:
         summary = import_to_checkpoint(
-            values.source, values.format, values.workdir, values.net, values.normalization
+            values.source, values.format, values.workdir, values.net, values.input_convention
         )
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"import_weights: {e}")
     print(f"net {summary['net']}: {summary['num_params']:,} parameters")
-    print(f"input convention: {conventions.describe(summary['normalization'])}")
+    print(f"input convention: {conventions.describe(summary['input_convention'])}")
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"evaluate: {evaluate_command(summary['net'], summary['config'], values.workdir)}")
 
@@ -43,7 +43,7 @@ if __name__ == "__main__":
         "net", None, sorted(models.LAYOUTS), "The net, for a file that does not say which."
     )
     flags.DEFINE_enum(
-        "normalization",
+        "input_convention",
         None,
         sorted(conventions.NAMED),
         "Input convention (default: the one the format or file states).",

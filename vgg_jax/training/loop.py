@@ -8,8 +8,6 @@ point and restarted continues bitwise as if never stopped.
 
 from __future__ import annotations
 
-import math
-import signal
 import time
 
 import jax
@@ -19,8 +17,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from vgg_jax import checkpoint, models, sharding, writers
-from vgg_jax.training import init_from, optim
+from vgg_jax import checkpoint, models, preemption, sharding, writers
+from vgg_jax.training import init_from, lock, optim
 from vgg_jax.training.steps import (
     TrainState,
     create_train_state,
@@ -30,7 +28,7 @@ from vgg_jax.training.steps import (
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The state after a step (loss, parameters or optimiser state) holds a NaN or inf."""
 
 
 def _sum(sums: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -57,21 +55,6 @@ def run_validation(config: ml_collections.ConfigDict, validation_step, params, m
     return _summarise(_sum(sums), "val_")
 
 
-class _StopSignal:
-    """Remembers a SIGTERM (preemption) so the loop can checkpoint and exit between steps."""
-
-    def __init__(self):
-        self.received = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-        self.received = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
-
-
 def _prepare_data_once(config: ml_collections.ConfigDict) -> None:
     """Process 0 prepares the dataset first, so processes sharing a filesystem do not race."""
     from vgg_jax import data
@@ -96,8 +79,14 @@ def _check_config(config: ml_collections.ConfigDict, num_classes: int) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains ``config`` into ``workdir`` (resuming from its newest checkpoint) and returns the
-    final state. Validation runs every ``evals.every_epochs`` epochs and drives the plateau rule."""
+    """Trains ``config`` into ``workdir`` (resuming from its newest checkpoint that reads) and
+    returns the final state. Validation runs every ``evals.every_epochs`` epochs and drives the
+    plateau rule. Fails at once if another trainer holds the workdir (``lock.WorkdirBusyError``)."""
+    with lock.hold(workdir):
+        return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     from vgg_jax import data
 
     _prepare_data_once(config)
@@ -114,8 +103,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     checkpoints = checkpoint.Checkpointer(workdir, config.ckpt.keep, config.ckpt.keep_best)
     plateau = optim.PlateauState()
 
-    if (latest := checkpoints.latest_step()) is not None:
-        params, opt_state, meta = checkpoints.restore(latest, state.params, state.opt_state)
+    if (restored := checkpoints.restore_latest(state.params, state.opt_state)) is not None:
+        latest, params, opt_state, meta = restored
         state = TrainState(jax.device_put(jnp.int32(latest), shardings.step), params, opt_state)
         plateau = optim.PlateauState.from_dict(meta.get("plateau"))
         logging.info("Resumed from step %d in %s.", latest, workdir)
@@ -125,19 +114,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     train_step = make_train_step(model, tx, mesh, shardings, config.seed)
     validation_step = make_validation_step(model, mesh, shardings.params)
     writer = writers.MetricWriter(workdir)
-    stop = _StopSignal()
+    stop = preemption.StopSignal()
     start_step = int(state.step)
     batches = data.train_batches(config, start_step)
     pending: list[dict[str, jax.Array]] = []
     last_log = time.perf_counter()
 
     def save(step: int, validation: dict[str, float] | None = None) -> None:
+        _ensure_finite(pending, step, checkpoints, workdir)  # steps since the last log line
         meta = {
             "config": config.to_dict(),
             "plateau": plateau.to_dict(),
             "data": {"next_step": step, "shuffle_seed": config.input.shuffle_seed},
             "validation": validation,
-            "normalization": input_convention,
+            "input_convention": input_convention,
         }
         best = (
             None
@@ -154,18 +144,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             batch = sharding.global_batch(next(batches), mesh)
             state, sums = train_step(state, batch, np.float32(lr))
             pending.append(sums)
+            checkpoints.check()  # a failed asynchronous save stops the run now
             done = step + 1
             epoch_end = done % steps_per_epoch == 0
             if done % config.log_every_steps == 0 or epoch_end or done == total_steps:
+                _ensure_finite(pending, done, checkpoints, workdir)
                 totals = _sum(pending)
                 now = time.perf_counter()
                 scalars = _summarise(totals, "train_")
                 scalars["learning_rate"] = lr
                 scalars["images_per_second"] = totals["count"] / (now - last_log)
                 pending, last_log = [], now
-                _ensure_finite(scalars["train_loss"], done, checkpoints, workdir)
                 writer.write_scalars(done, scalars)
-                _log_progress(done, total_steps, steps_per_epoch, scalars)
+                _log_progress(done, total_steps, steps_per_epoch, scalars, config.input.batch_size)
             validation = None
             epoch = done // steps_per_epoch
             if epoch_end and epoch % config.evals.every_epochs == 0:
@@ -181,9 +172,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                     100 * (1 - validation["val_top1_accuracy"]),
                     100 * (1 - validation["val_top5_accuracy"]),
                 )
-            stopping = stop.received or _preempted(done)
+            stopping = stop.requested()
             if validation or stopping or done % config.ckpt.every_steps == 0 or done == total_steps:
-                _ensure_finite(float(sums["loss_sum"]), done, checkpoints, workdir)
                 save(done, validation)
             if stopping:
                 logging.warning("Stopped at step %d after a termination signal.", done)
@@ -196,37 +186,50 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
 
 def _ensure_finite(
-    loss: float, step: int, checkpoints: checkpoint.Checkpointer, workdir: str
+    sums: list[dict[str, jax.Array]],
+    step: int,
+    checkpoints: checkpoint.Checkpointer,
+    workdir: str,
 ) -> None:
-    """Stops before a NaN/inf state could be logged as progress or saved over a good checkpoint."""
-    if not math.isfinite(loss):
-        checkpoints.wait()
-        raise NonFiniteLossError(
-            f"Training loss is {loss} at step {step}; stopped without saving. The last good "
-            f"checkpoint is step {checkpoints.latest_step()} in {workdir}; lower "
-            "optim.learning_rate or check the input."
-        )
+    """Stops before a NaN/inf state could be logged as progress or saved: ``sums`` are the steps
+    up to ``step`` not yet checked, each with the step's own flag over its *new* state (so every
+    saved checkpoint is finite, and the newest one is the last good state)."""
+    flags = jax.device_get([s["nonfinite_steps"] for s in sums])
+    bad = [i for i, flag in enumerate(flags) if flag]
+    if not bad:
+        return
+    first_bad = step - len(sums) + 1 + bad[0]
+    checkpoints.wait()
+    last_good = checkpoints.latest_step()
+    where = (
+        f"the last good checkpoint is step {last_good} in {workdir}"
+        if last_good is not None
+        else f"no checkpoint was saved in {workdir}"
+    )
+    raise NonFiniteLossError(
+        f"The training state (loss, parameters or optimiser state) is NaN or infinite after "
+        f"step {first_bad}; stopped without saving it, and {where}. Lower "
+        "optim.learning_rate or check the input."
+    )
 
 
-def _preempted(step: int) -> bool:
-    """Across processes, a SIGTERM must stop every process at the same step; the JAX preemption
-    sync point (set up by ``jax.distributed``) agrees on one. On one process the signal suffices."""
-    if jax.process_count() == 1:
-        return False
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.reached_preemption_sync_point(step)
-
-
-def _log_progress(step: int, total: int, steps_per_epoch: int, scalars: dict[str, float]) -> None:
+def _log_progress(
+    step: int, total: int, steps_per_epoch: int, scalars: dict[str, float], batch_size: int
+) -> None:
+    """The console's line per interval, in the same terms as the validation line and the
+    evaluation tables (top-k error, not accuracy), with the time left at the interval's rate."""
+    steps_per_second = scalars["images_per_second"] / batch_size
+    eta = writers.format_duration((total - step) / steps_per_second) if steps_per_second else "?"
     logging.info(
-        "step %d/%d epoch %.2f | loss %.4f top-1 %.2f%% top-5 %.2f%% | lr %.2e | %.1f img/s",
+        "step %d/%d epoch %.2f | loss %.4f top-1 error %.2f%% top-5 error %.2f%% | lr %.2e | "
+        "%.1f img/s | %s left",
         step,
         total,
         step / steps_per_epoch,
         scalars["train_loss"],
-        100 * scalars["train_top1_accuracy"],
-        100 * scalars["train_top5_accuracy"],
+        100 * (1 - scalars["train_top1_accuracy"]),
+        100 * (1 - scalars["train_top5_accuracy"]),
         scalars["learning_rate"],
         scalars["images_per_second"],
+        eta,
     )

@@ -56,7 +56,10 @@ def make_train_step(
     """``step(state, batch, lr) -> (state, sums)``: one SGD step over the global batch.
 
     ``sums`` holds the batch's summed loss and top-1/top-5 hits (summed, so logging can average
-    over any number of steps exactly). The state's buffers are donated.
+    over any number of steps exactly), and ``nonfinite_steps``: 1 when the loss or any value of
+    the *new* parameters or optimiser state is NaN or infinite, else 0. The loop reads it before
+    every save: an update can overflow while the loss it was computed from is finite. The
+    state's buffers are donated.
     """
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], lr: jax.Array):
@@ -75,6 +78,7 @@ def make_train_step(
             lambda p, u: p - lr * u.astype(p.dtype), state.params, updates
         )
         sums = {"loss_sum": losses.sum(), **metrics.classification_counts(logits, batch["label"])}
+        sums["nonfinite_steps"] = 1.0 - all_finite((sums["loss_sum"], params, opt_state))
         return TrainState(state.step + 1, params, opt_state), sums
 
     return jax.jit(
@@ -84,6 +88,16 @@ def make_train_step(
         donate_argnums=0,
         compiler_options=cpu_compiler_options(),
     )
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """1.0 if no value of ``tree`` is NaN or infinite, else 0.0 (integer leaves always are)."""
+    flags = [
+        jnp.isfinite(leaf).all()
+        for leaf in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(flags)).astype(jnp.float32) if flags else jnp.float32(1.0)
 
 
 def cpu_compiler_options() -> dict[str, str] | None:

@@ -1,7 +1,7 @@
 """vgg_jax's own weight files: ``.npz`` and ``.safetensors``, both bit-exact round trips.
 
 A file holds the parameter tree, flattened to ``"block1_conv1/kernel"``-style names, and a JSON
-``meta`` dict. ``meta`` says what the weights are: ``net`` (a Table 1 name) and ``normalization``
+``meta`` dict. ``meta`` says what the weights are: ``net`` (a Table 1 name) and ``input_convention``
 (the ``conventions.InputConvention`` they expect) are what
 ``python -m vgg_jax.tools.import_weights`` reads back; ``export_checkpoint`` also stores the run's
 training ``config``.
@@ -28,6 +28,8 @@ from typing import Any, BinaryIO
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy; JAX depends on it)
 import numpy as np
 from flax import traverse_util
+
+from vgg_jax import conventions
 
 SEPARATOR = "/"
 NPZ_HEADER_KEY = "__vgg_jax_header__"
@@ -98,7 +100,7 @@ def load_npz(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
         for name, dtype in header["dtypes"].items():
             array = npz[name]
             flat[name] = array if array.dtype.name == dtype else array.view(np.dtype(dtype))
-    return unflatten(flat), header["meta"]
+    return unflatten(flat), conventions.with_current_key(header["meta"])
 
 
 def save_safetensors(
@@ -153,7 +155,7 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
         flat[name] = np.frombuffer(buffer[begin:end], dtype).reshape(entry["shape"]).copy()
         covered = end
     meta = json.loads(metadata[SAFETENSORS_META_KEY]) if SAFETENSORS_META_KEY in metadata else {}
-    return unflatten(flat), meta
+    return unflatten(flat), conventions.with_current_key(meta)
 
 
 def save(path: str | os.PathLike, params: Mapping[str, Any], meta: Mapping | None = None) -> None:
@@ -168,7 +170,7 @@ def load(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def export_checkpoint(workdir: str, path: str | os.PathLike, which: str | int = "latest") -> dict:
     """Writes a checkpoint's params to ``path`` (.npz or .safetensors); returns the meta written:
-    ``net``, ``normalization`` (None for nets trained here: the config's own pipeline),
+    ``net``, ``input_convention`` (None for nets trained here: the config's own pipeline),
     ``config`` and ``step``."""
     from vgg_jax import checkpoint
 
@@ -177,7 +179,7 @@ def export_checkpoint(workdir: str, path: str | os.PathLike, which: str | int = 
     config = checkpoint_meta.get("config") or {}
     meta = {
         "net": (config.get("model") or {}).get("name"),
-        "normalization": checkpoint_meta.get("normalization"),
+        "input_convention": checkpoint_meta.get("input_convention"),
         "config": config,
         "step": step,
     }

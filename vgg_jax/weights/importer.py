@@ -46,7 +46,7 @@ class ImportedNet:
 
     net: str | None
     params: dict[str, Any]
-    normalization: conventions.InputConvention | None
+    input_convention: conventions.InputConvention | None
 
 
 def _from_torchvision(path: str) -> ImportedNet:
@@ -68,7 +68,7 @@ def _from_export(
 ) -> Callable[[str], ImportedNet]:
     def read(path: str) -> ImportedNet:
         params, meta = reader(path)
-        return ImportedNet(meta.get("net"), params, meta.get("normalization"))
+        return ImportedNet(meta.get("net"), params, meta.get("input_convention"))
 
     return read
 
@@ -141,14 +141,14 @@ def import_to_checkpoint(
     fmt: str,
     workdir: str,
     net: str | None = None,
-    normalization: str | Mapping[str, Any] | None = None,
+    input_convention: str | Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Imports ``source`` and writes it to ``workdir`` as a params-only checkpoint at step 0.
 
     ``net`` names the net when the file does not (a net A-LRN export with no meta; nets with
     equal parameter shapes cannot be told apart), and must agree with the file when it does.
-    ``normalization`` (a ``conventions.NAMED`` name or a dict) overrides or supplies the input
-    convention. Returns a summary: net, params count, normalization, checkpoint directory and
+    ``input_convention`` (a ``conventions.NAMED`` name or a dict) overrides or supplies the input
+    convention. Returns a summary: net, params count, input_convention, checkpoint directory and
     the config written.
     """
     if checkpoint.available_steps(workdir):
@@ -168,28 +168,29 @@ def import_to_checkpoint(
             f"{source} does not say which net it holds; pass --net (one of "
             f"{sorted(models.LAYOUTS)})."
         )
-    if isinstance(normalization, str):
-        if normalization not in conventions.NAMED:
+    if isinstance(input_convention, str):
+        if input_convention not in conventions.NAMED:
             raise ValueError(
-                f"Unknown --normalization {normalization!r}; valid: {sorted(conventions.NAMED)}"
+                f"Unknown --input_convention {input_convention!r}; "
+                f"valid: {sorted(conventions.NAMED)}"
             )
-        normalization = conventions.NAMED[normalization]
-    normalization = normalization or imported.normalization
-    if normalization is None:
+        input_convention = conventions.NAMED[input_convention]
+    input_convention = input_convention or imported.input_convention
+    if input_convention is None:
         raise ValueError(
             f"{source} does not state the input convention its weights expect; pass "
-            f"--normalization (one of {sorted(conventions.NAMED)})."
+            f"--input_convention (one of {sorted(conventions.NAMED)})."
         )
-    normalization = conventions.checked(normalization)
+    input_convention = conventions.checked(input_convention)
     config = training_config(chosen_net, imported.params)
     params = jax.tree_util.tree_map(np.asarray, imported.params)
     directory = checkpoint.save_params(
-        workdir, params, step=0, config=config, normalization=dict(normalization)
+        workdir, params, step=0, config=config, input_convention=dict(input_convention)
     )
     return dict(
         net=chosen_net,
         num_params=models.count_params(params),
-        normalization=normalization,
+        input_convention=input_convention,
         checkpoint=directory,
         config=config,
     )

@@ -242,10 +242,11 @@ def _tensor_array(ref: _TensorRef, storage: np.ndarray) -> np.ndarray:
 def params_from_state_dict(state_dict: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """Returns ``(net name, params)`` from a torchvision VGG state dict (arrays or tensors).
 
-    Also accepts checkpoints that nest it under ``"state_dict"`` or ``"model"`` and keys with
-    ``nn.DataParallel``'s ``module.`` prefix. Widths and class count are taken from the shapes.
+    Also accepts timm's ``vgg11/13/16/19`` state dicts (``timm_to_torchvision``), checkpoints
+    that nest it under ``"state_dict"`` or ``"model"`` and keys with ``nn.DataParallel``'s
+    ``module.`` prefix. Widths and class count are taken from the shapes.
     """
-    state_dict = _unwrap(state_dict)
+    state_dict = timm_to_torchvision(_unwrap(state_dict))
     if any(k.endswith(("running_mean", "running_var")) for k in state_dict):
         raise ValueError(
             "This is a batch-norm VGG (torchvision's vgg*_bn): not one of the paper's nets, which "
@@ -321,6 +322,32 @@ def load_torchvision_weights(path: str | os.PathLike) -> tuple[str, dict[str, An
     The weights expect ``TORCHVISION_INPUT``; apply it with ``conventions.normalize``.
     """
     return params_from_state_dict(read_pth(path))
+
+
+# timm's VGG (timm/models/vgg.py) keeps torchvision's ``features`` and stores the classifier as
+# convs: FC1 as a 7x7 conv ``pre_logits.fc1`` (out, C, 7, 7), FC2 as a 1x1 conv, FC3 as
+# ``head.fc`` (a Linear after a global average pool, the identity on a 224 crop's 1x1 map).
+TIMM_CLASSIFIER = {"pre_logits.fc1": 0, "pre_logits.fc2": 3, "head.fc": 6}
+
+
+def timm_to_torchvision(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A timm VGG state dict in torchvision's keys and shapes (others are returned unchanged).
+
+    timm's own converter from torchvision only renames the six classifier keys and reshapes the
+    two conv kernels; this is its inverse. A conv kernel ``(out, C, kh, kw)`` flattened is FC1's
+    ``(out, C * kh * kw)`` in torchvision's (C, H, W) order, so the numbers are the same.
+    """
+    if not any(k.rpartition(".")[0] in TIMM_CLASSIFIER for k in state_dict):
+        return dict(state_dict)
+    converted = {}
+    for key, value in state_dict.items():
+        layer, _, kind = key.rpartition(".")
+        if layer in TIMM_CLASSIFIER:
+            key = f"classifier.{TIMM_CLASSIFIER[layer]}.{kind}"
+            if kind == "weight":
+                value = np.asarray(value).reshape(np.shape(value)[0], -1)
+        converted[key] = value
+    return converted
 
 
 def torchvision_conv_indices(net: str) -> list[int]:

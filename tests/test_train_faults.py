@@ -1,0 +1,259 @@
+"""Faults around checkpoints (issue 13, points 4, 5, 9, 10) on the tiny config:
+
+- an update that overflows is never saved, and the error names the last good (finite) step;
+- a second trainer on a busy workdir is refused at once; a killed trainer's lock does not block;
+- a damaged newest checkpoint is reported in one line; readers fall back to the newest that reads;
+- a save that fails (disk full) fails the run at that save, with the OS's reason, leaving no
+  temporary directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from unittest import mock
+
+import jax
+import numpy as np
+import pytest
+from absl.testing import absltest
+from etils import epath
+
+from tests import fixtures
+from vgg_jax import checkpoint, sharding
+from vgg_jax.evaluation import runner
+from vgg_jax.training import lock, loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS_PER_EPOCH = 6  # the tiny built-in dataset: 100 training images, batch 16
+
+
+def config_for(with_data: bool = True, **values):
+    defaults = {"schedule.num_epochs": 1, "ckpt.every_steps": 1, "log_every_steps": 1000}
+    return fixtures.tiny_config(with_data=with_data, **{**defaults, **values})
+
+
+def saved_trees(workdir: str, step: int):
+    """A step's parameters and optimiser state, as saved."""
+    checkpoints = checkpoint.Checkpointer(workdir)
+    try:
+        params, opt_state, _ = checkpoints.restore(step, None, None)
+    finally:
+        checkpoints.close()
+    return params, opt_state
+
+
+def all_finite(tree) -> bool:
+    return all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree_util.tree_leaves(tree))
+
+
+def temporary_dirs(workdir: str) -> list[str]:
+    return glob.glob(os.path.join(workdir, checkpoint.SUBDIR, f"*{checkpoint.TMP_MARKER}*"))
+
+
+class OneTrainedRun(absltest.TestCase):
+    """One epoch of the tiny net, a checkpoint at every step (the last ``ckpt.keep`` kept);
+    each test works on its own copy."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.tmp = tempfile.mkdtemp()
+        cls.trained = os.path.join(cls.tmp, "trained")
+        loop.train(config_for(), cls.trained)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+        super().tearDownClass()
+
+    def copy_of_run(self) -> str:
+        workdir = os.path.join(self.create_tempdir().full_path, "run")
+        shutil.copytree(self.trained, workdir)
+        return workdir
+
+
+class NonFiniteUpdateTest(OneTrainedRun):
+    def test_an_overflowing_update_is_never_saved(self):
+        workdir = self.copy_of_run()
+        self.assertEqual(max(checkpoint.available_steps(workdir)), STEPS_PER_EPOCH)
+        # From a finite state with a finite loss, SGD at 3e38 overflows float32 in the update.
+        config = config_for(**{"optim.learning_rate": 3e38, "schedule.num_epochs": 2})
+        with self.assertRaisesRegex(
+            loop.NonFiniteLossError,
+            f"after step {STEPS_PER_EPOCH + 1};.* last good checkpoint is step {STEPS_PER_EPOCH} ",
+        ):
+            loop.train(config, workdir)
+        steps = checkpoint.available_steps(workdir)
+        self.assertEqual(max(steps), STEPS_PER_EPOCH)
+        for step in steps:
+            self.assertTrue(all_finite(saved_trees(workdir, step)), f"step {step}")
+
+
+class UnreadableCheckpointTest(OneTrainedRun):
+    def damage_newest(self, workdir: str, how: str) -> int:
+        newest = max(checkpoint.available_steps(workdir))
+        pattern = os.path.join(workdir, checkpoint.SUBDIR, str(newest), "params", "**", "d", "*")
+        biggest = max(glob.glob(pattern, recursive=True), key=os.path.getsize)
+        if how == "truncate":
+            os.truncate(biggest, os.path.getsize(biggest) // 2)
+        else:
+            os.remove(biggest)
+        return newest
+
+    def assert_one_fallback_line(self, logs, bad: int, good: int) -> None:
+        lines = [m for m in logs.output if "is unreadable" in m]
+        self.assertLen(lines, 1, logs.output)
+        self.assertNotIn("\n", lines[0])
+        self.assertLess(len(lines[0]), 600)
+        self.assertIn(f"Checkpoint step {bad} in ", lines[0])
+        self.assertIn(f"falling back to step {good}", lines[0])
+
+    def test_evaluation_falls_back_with_one_line(self):
+        for how in ("truncate", "delete"):
+            with self.subTest(how):
+                workdir = self.copy_of_run()
+                bad = self.damage_newest(workdir, how)
+                with self.assertLogs("absl", "WARNING") as logs:
+                    params, step, _ = checkpoint.restore_params(workdir)
+                self.assertEqual(step, bad - 1)
+                self.assert_one_fallback_line(logs, bad, bad - 1)
+                config = config_for()
+                mesh = sharding.make_mesh(config.mesh)
+                with self.assertLogs("absl", "WARNING"):
+                    net = runner.load_net(workdir, "latest", mesh, config)
+                self.assertEqual(net.step, bad - 1)
+                # An explicit step is not replaced by another: one line naming it and the cause.
+                with self.assertRaisesRegex(
+                    checkpoint.UnreadableCheckpointError, rf"^Checkpoint step {bad} in .*\(.+\)"
+                ):
+                    checkpoint.restore_params(workdir, bad)
+
+    def test_training_resumes_from_the_newest_step_that_reads(self):
+        workdir = self.copy_of_run()
+        bad = self.damage_newest(workdir, "truncate")
+        with self.assertLogs("absl", "INFO") as logs:
+            loop.train(config_for(**{"schedule.num_epochs": 2}), workdir)
+        self.assert_one_fallback_line(logs, bad, bad - 1)
+        self.assertTrue(any(f"Resumed from step {bad - 1}" in m for m in logs.output))
+        self.assertTrue(os.path.isdir(os.path.join(workdir, checkpoint.CORRUPT_SUBDIR, str(bad))))
+        self.assertEqual(max(checkpoint.available_steps(workdir)), 2 * STEPS_PER_EPOCH)
+
+
+def disk_full_at(step: int):
+    """Makes Orbax's Python-side writes into step ``step``'s temporary directory fail as on a
+    full disk (TensorStore's array writes cannot be patched from Python)."""
+    real_write_text = epath.Path.write_text
+
+    def write_text(path, *args, **kwargs):
+        if f"{os.sep}{step}{checkpoint.TMP_MARKER}" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_write_text(path, *args, **kwargs)
+
+    return mock.patch.object(epath.Path, "write_text", write_text)
+
+
+class FailedSaveTest(absltest.TestCase):
+    def test_a_failed_save_fails_the_run_at_that_save(self):
+        workdir = self.create_tempdir().full_path
+        config = config_for(**{"ckpt.every_steps": 2})
+        with (
+            disk_full_at(4),
+            self.assertRaisesRegex(
+                checkpoint.SaveError, r"^Saving checkpoint step 4 to .*No space left on device"
+            ),
+        ):
+            loop.train(config, workdir)
+        self.assertEqual(checkpoint.available_steps(workdir), [2])  # step 6 was never started
+        self.assertEmpty(temporary_dirs(workdir))
+
+    @pytest.mark.slow
+    def test_the_last_line_says_why(self):
+        workdir = self.create_tempdir().full_path
+        result = run_trainer(workdir, {"ckpt.every_steps": 2}, disk_full_at_step=4)
+        self.assertNotEqual(result.returncode, 0)
+        last_line = result.stderr.strip().splitlines()[-1]
+        self.assertRegex(last_line, r"^SaveError: Saving checkpoint step 4 to .*No space left on")
+        self.assertEqual(checkpoint.available_steps(workdir), [2])
+        self.assertEmpty(temporary_dirs(workdir))
+
+
+# A trainer process as launch.py runs one (cli.run_or_exit), on the tiny config and the shared
+# built-in dataset: argv = data_dir, workdir, JSON overrides, step whose save fails (0: none).
+TRAINER = """
+import json, sys
+from tests import fixtures, test_train_faults
+from vgg_jax.tools import cli
+config = test_train_faults.config_for(with_data=False, **json.loads(sys.argv[3]))
+config.input.data_dir = sys.argv[1]
+if int(sys.argv[4]):
+    test_train_faults.disk_full_at(int(sys.argv[4])).start()
+cli.run_or_exit("train", config, sys.argv[2])
+"""
+
+
+def trainer_args(workdir: str, values: dict, disk_full_at_step: int = 0) -> list[str]:
+    data_dir = fixtures.builtin_data_dir()
+    return [sys.executable, "-c", TRAINER, data_dir, workdir, json.dumps(values)] + [
+        str(disk_full_at_step)
+    ]
+
+
+def run_trainer(workdir: str, values: dict, disk_full_at_step: int = 0):
+    args = trainer_args(workdir, values, disk_full_at_step)
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+class WorkdirLockTest(absltest.TestCase):
+    def test_a_second_holder_in_one_process_is_refused(self):
+        workdir = self.create_tempdir().full_path
+        with (
+            lock.hold(workdir),
+            self.assertRaisesRegex(
+                lock.WorkdirBusyError, f"in use by trainer pid {os.getpid()} on host "
+            ),
+            lock.hold(workdir),
+        ):
+            pass
+        with lock.hold(workdir):  # released on exit
+            pass
+
+    @pytest.mark.slow
+    def test_a_busy_workdir_is_refused_and_a_killed_trainers_lock_is_not(self):
+        workdir = self.create_tempdir().full_path
+        lock_path = os.path.join(workdir, lock.LOCK_FILE)
+        first = subprocess.Popen(
+            trainer_args(workdir, {"schedule.num_epochs": 100}),
+            cwd=ROOT,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.time() + 120
+            while not (os.path.exists(lock_path) and epath.Path(lock_path).read_text()):
+                self.assertIsNone(first.poll(), "the first trainer exited early")
+                self.assertLess(time.time(), deadline)
+                time.sleep(0.1)
+            started = time.time()
+            second = run_trainer(workdir, {"schedule.num_epochs": 100})
+            self.assertNotEqual(second.returncode, 0)
+            self.assertLess(time.time() - started, 60)  # before any data preparation or compile
+            self.assertRegex(
+                second.stderr.strip().splitlines()[-1],
+                rf"^WorkdirBusyError: Workdir .* is in use by trainer pid {first.pid} on host "
+                f"{socket.gethostname()}",
+            )
+            self.assertIsNone(first.poll())  # the first one trains on
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+        restarted = run_trainer(workdir, {"schedule.num_epochs": 1})
+        self.assertEqual(restarted.returncode, 0, restarted.stderr[-3000:])
