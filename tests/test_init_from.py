@@ -48,6 +48,19 @@ class InitFromTest(absltest.TestCase):
         self.assertIn("block1_conv2", params)
         self.assertNotIn("block1_conv2", self.net_a)
 
+    def test_fc_copies_only_the_fc_layers_into_b_5x5(self):
+        fresh = init(tiny("B-5x5"), seed=2)
+        config = paper.paper_config("B-5x5", None).init_from
+        config.update(dict(mode="fc", workdir=self.workdir))
+        params = init_from.initial_params(config, fresh)
+        for name in params:
+            expected = self.net_a[name] if name.startswith("fc") else fresh[name]
+            jax.tree_util.tree_map(np.testing.assert_array_equal, params[name], expected)
+        self.assertFalse(np.allclose(params["fc1"]["kernel"], fresh["fc1"]["kernel"]))
+        config.mode = "shallow"  # A's 3x3 convs do not fit B-5x5's 5x5 ones
+        with self.assertRaisesRegex(ValueError, "block3_conv2"):
+            init_from.initial_params(config, fresh)
+
     def test_full_loads_every_layer_and_fine_tune_lowers_the_rate(self):
         fresh = init(tiny("A"), seed=3)
         config = vgg16.get_config("s384")

@@ -42,6 +42,34 @@ class ParameterCountTest(parameterized.TestCase):
         one_by_one = [n for n, p in params.items() if p["kernel"].shape[:2] == (1, 1)]
         self.assertEqual(one_by_one, ["block3_conv3", "block4_conv3", "block5_conv3"])
 
+    def test_b_5x5_replaces_each_pair_of_3x3_convs_with_one_5x5(self):
+        """Section 4.1: B's ten 3x3 convs become five 5x5 convs, same channels, same FC layers.
+        Expected count by hand at 224 px: the convs' 5*5*C_in*C_out + C_out (10,860,672) plus the
+        three FC layers of every net (123,642,856)."""
+        config = paper.model_config("B-5x5")
+        params = models.abstract_params(models.build_model(config, crop_size=224))
+        self.assertEqual(models.count_params(params), 10_860_672 + 123_642_856)
+        convs = {n: p["kernel"].shape for n, p in params.items() if "conv" in n}
+        self.assertEqual(
+            convs,
+            {
+                "block1_conv1": (5, 5, 3, 64),
+                "block2_conv1": (5, 5, 64, 128),
+                "block3_conv1": (5, 5, 128, 256),
+                "block4_conv1": (5, 5, 256, 512),
+                "block5_conv1": (5, 5, 512, 512),
+            },
+        )
+        b_channels = [
+            p["kernel"].shape[-1]
+            for n, p in models.abstract_params(
+                models.build_model(paper.model_config("B"), crop_size=224)
+            ).items()
+            if "conv" in n
+        ]
+        self.assertEqual([c[-1] for c in convs.values()], b_channels[::2])
+        self.assertLen(params, 8)
+
     def test_unknown_names_fail_with_valid_ones(self):
         config = paper.model_config("F")
         with self.assertRaisesRegex(ValueError, r"'F'.*'A-LRN'"):

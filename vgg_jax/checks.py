@@ -25,7 +25,7 @@ from vgg_jax import models
 from vgg_jax.evaluation import runner
 from vgg_jax.training import init_from, optim
 
-MODES = ("train_and_evaluate", "train", "evaluate", "evaluate_continuously", "summary")
+MODES = ("train_and_evaluate", "train", "evaluate", "evaluate_continuously", "summary", "study")
 # What the python -m vgg_jax.tools programs check as: features reads another dataset's images
 # through a trained net, so the net's class count need not be the dataset's.
 TOOL_MODES = ("features",)
@@ -216,6 +216,16 @@ def check_config(
     """
     if mode not in MODES + TOOL_MODES:
         raise ConfigError([f"--mode={mode!r}: unknown; valid: {list(MODES)}"])
+    if _is_study(config) != (mode == "study"):
+        kind = "a study config" if _is_study(config) else "a training config"
+        raise ConfigError(
+            [
+                f"--mode={mode}: got {kind}; a study config (experiments/study.py) runs with "
+                "--mode=study and only there"
+            ]
+        )
+    if mode == "study":
+        return _check_study(config, workdir)
     p = _Problems(config)
     _check_model(p)
     if mode == "summary":
@@ -247,3 +257,25 @@ def check_config(
     if p.lines:
         raise ConfigError(p.lines)
     return facts
+
+
+def _is_study(config: ml_collections.ConfigDict) -> bool:
+    return "scale_settings" in config
+
+
+def _check_study(config: ml_collections.ConfigDict, workdir: str | None) -> None:
+    """A study: its plan (names of nets, scales, arms) and every run's training config."""
+    from vgg_jax.study import plan
+
+    try:
+        runs = plan.make_plan(config, workdir or "workdir")
+    except (ValueError, KeyError, AttributeError) as e:
+        raise ConfigError([f"study config: {e}"]) from None
+    problems: dict[str, None] = {}
+    for run in runs:
+        try:
+            check_config(run.config, "evaluate" if run.is_fusion else "train_and_evaluate")
+        except ConfigError as e:
+            problems.update({f"{run.name}: {line}": None for line in e.problems})
+    if problems:
+        raise ConfigError(list(problems))

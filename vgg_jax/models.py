@@ -29,7 +29,8 @@ LRN = "LRN"
 NUM_POOLS = 5  # every configuration has five blocks, each ending in a 2x2/2 max-pool
 
 # A block entry is an int (a 3x3 conv with that many output channels), a (features, kernel_size)
-# pair (configuration C's 1x1 convs) or LRN (configuration A-LRN's local response normalisation).
+# pair (configuration C's 1x1 convs, B-5x5's 5x5 convs) or LRN (configuration A-LRN's local
+# response normalisation).
 LayerSpec = int | tuple[int, int] | str
 Layout = tuple[tuple[LayerSpec, ...], ...]
 
@@ -44,6 +45,9 @@ LAYOUTS: dict[str, Layout] = {
         (512, 512, (512, 1)),
         (512, 512, (512, 1)),
     ),
+    # Section 4.1's shallow comparison net: B with each pair of 3x3 convs replaced by one 5x5 conv
+    # (the same receptive field), 8 weight layers.
+    "B-5x5": (((64, 5),), ((128, 5),), ((256, 5),), ((512, 5),), ((512, 5),)),
     "D": ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),
     "E": ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4),
 }

@@ -141,7 +141,7 @@ def paper_config(net: str, arg: str | None) -> ml_collections.ConfigDict:
     config.init_from = ml_collections.ConfigDict(
         dict(
             workdir=ml_collections.FieldReference(None, field_type=str),
-            mode="none",  # none, shallow (the paper's net-A init), or full (scale fine-tune)
+            mode="none",  # none, shallow (the paper's net-A init), fc, or full (scale fine-tune)
             step=ml_collections.FieldReference(None, field_type=int),  # None: the newest
         )
     )

@@ -182,6 +182,13 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> No
             from vgg_jax.evaluation import runner
 
             runner.run_evaluation(config, workdir)
+        if mode == "study":
+            from vgg_jax.study import orchestrate
+
+            try:
+                orchestrate.run_study(config, workdir)
+            except orchestrate.Interrupted as stop:
+                sys.exit(f"Study stopped: {stop} Rerun the same command to resume.")
         if mode == "evaluate_continuously":
             from vgg_jax.evaluation import continuous
 

@@ -6,6 +6,9 @@ A's first four convs (64, 128, 256, 256 channels) only fit the deeper nets' laye
 names (``block1_conv1``, ``block2_conv1``, ``block3_conv1``, ``block3_conv2``: the first conv of
 blocks 1-2 and the first two of block 3), so that is where they go; FC1-FC3 copy across unchanged.
 
+``fc``: only net A's three FC layers, for a net whose convs have other shapes than A's (the study's
+B-5x5, section 4.1, whose 5x5 kernels cannot take A's 3x3 ones); its convs start random.
+
 ``full``: every layer from a run of the same net, for the paper's scale fine-tuning (the S=384 net
 from the S=256 net, the jittered net from the S=384 net), with the config's lower learning rate.
 """
@@ -20,16 +23,9 @@ import numpy as np
 
 from vgg_jax import checkpoint
 
-MODES = ("none", "shallow", "full")
-SHALLOW_LAYERS = (
-    "block1_conv1",
-    "block2_conv1",
-    "block3_conv1",
-    "block3_conv2",
-    "fc1",
-    "fc2",
-    "fc3",
-)
+MODES = ("none", "shallow", "fc", "full")
+FC_LAYERS = ("fc1", "fc2", "fc3")
+SHALLOW_LAYERS = ("block1_conv1", "block2_conv1", "block3_conv1", "block3_conv2", *FC_LAYERS)
 
 
 def initial_params(init_config: ml_collections.ConfigDict, fresh: dict[str, Any]) -> dict[str, Any]:
@@ -45,7 +41,7 @@ def initial_params(init_config: ml_collections.ConfigDict, fresh: dict[str, Any]
         raise ValueError(f"init_from.mode={init_config.mode!r} needs init_from.workdir.")
     which = "latest" if init_config.step is None else init_config.step
     source, _, _ = checkpoint.restore_params(init_config.workdir, which)
-    names = SHALLOW_LAYERS if init_config.mode == "shallow" else tuple(fresh)
+    names = {"shallow": SHALLOW_LAYERS, "fc": FC_LAYERS}.get(init_config.mode, tuple(fresh))
     missing = [n for n in names if n not in source or n not in fresh]
     if missing:
         raise ValueError(f"init_from {init_config.workdir}: layers {missing} not in both nets.")

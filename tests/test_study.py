@@ -1,0 +1,238 @@
+"""The study (``--mode=study``): its plan, its verdicts, and a smoke run of the orchestration on
+the tiny built-in dataset: skipping finished runs, resuming an interrupted one to the same
+tables, writing tables, verdicts and plots. It checks the mechanism, not accuracy."""
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from absl.testing import absltest
+
+from experiments import study as study_config
+from tests import fixtures
+from vgg_jax import checks
+from vgg_jax.study import findings, orchestrate, plan
+from vgg_jax.training import loop
+
+
+class PlanTest(absltest.TestCase):
+    def test_full_plan_covers_tables_and_respects_dependencies(self):
+        config = study_config.get_config()
+        runs = plan.make_plan(config, "/study")
+        names = [run.name for run in runs]
+        self.assertLen(set(names), len(names))
+        main = [r for r in runs if r.arm == plan.MAIN_ARM]
+        self.assertLen(main, 7 * 3 * 3)  # Table 3: seven nets, three S settings, three seeds
+        position = {name: i for i, name in enumerate(names)}
+        for run in runs:
+            for dependency in run.depends_on:
+                self.assertLess(position[dependency], position[run.name], run.name)
+        by_name = {run.name: run for run in runs}
+        d_small = by_name["paper/D/small/seed1"].config
+        self.assertEqual(d_small.init_from.mode, "shallow")  # section 3.1: from the trained A
+        self.assertEqual(d_small.init_from.workdir, "/study/runs/paper/A/small/seed1")
+        self.assertEqual(d_small.optim.name, "sgd")
+        self.assertEqual((d_small.optim.momentum, d_small.optim.weight_decay), (0.9, 5e-4))
+        self.assertEqual((d_small.model.init, d_small.model.dropout_rate), ("he", 0.0))  # docs
+        self.assertEqual(d_small.seed, 1)
+        self.assertEqual(by_name["paper/B-5x5/small/seed0"].config.init_from.mode, "fc")
+        self.assertEqual(by_name["paper/A/small/seed0"].config.init_from.mode, "none")
+        jitter = by_name["paper/E/jitter/seed2"].config
+        self.assertEqual(jitter.init_from.mode, "full")
+        self.assertEqual(jitter.init_from.workdir, "/study/runs/paper/E/large/seed2")
+        self.assertLess(jitter.optim.learning_rate, d_small.optim.learning_rate)
+        self.assertNotEqual(jitter.input.train_scale_min, jitter.input.train_scale_max)
+        glorot = by_name["glorot/E/small/seed0"].config
+        self.assertEqual((glorot.model.init, glorot.init_from.mode), ("glorot", "none"))
+        fusion = by_name["fusion/D+E/jitter/seed0"]
+        self.assertEqual(fusion.depends_on, ("paper/D/jitter/seed0", "paper/E/jitter/seed0"))
+
+    def test_config_is_the_place_to_add_nets_and_seeds(self):
+        config = study_config.get_config("quick")
+        before = len(plan.make_plan(config, "/s"))
+        config.seeds = (*config.seeds, 7)
+        self.assertGreater(len(plan.make_plan(config, "/s")), before)
+        config.nets = ("A", "F")
+        with self.assertRaisesRegex(ValueError, "Unknown study.nets.*'B-5x5'"):
+            plan.make_plan(config, "/s")
+        with self.assertRaisesRegex(ValueError, "valid"):
+            study_config.get_config("huge")
+
+    def test_check_config_checks_the_plan_and_every_run(self):
+        config = study_config.get_config("quick")
+        checks.check_config(config, "study")
+        with self.assertRaisesRegex(checks.ConfigError, "--mode=study"):
+            checks.check_config(config, "train")
+        with self.assertRaisesRegex(checks.ConfigError, "--mode=study"):
+            checks.check_config(study_config.base_config(), "study")
+        config.base.optim.name = "adagrad"
+        with self.assertRaisesRegex(checks.ConfigError, "paper/A/small/seed0: config.optim.name"):
+            checks.check_config(config, "study")
+
+
+class VerdictTest(absltest.TestCase):
+    def test_verdicts_follow_the_paired_differences(self):
+        self.assertEqual(findings.verdict("lower", [1.0, 1.2, 0.9])[0], findings.REPRODUCED)
+        self.assertEqual(findings.verdict("lower", [-1.0, -1.2, -0.9])[0], findings.NOT_REPRODUCED)
+        self.assertEqual(findings.verdict("lower", [1.0, -1.2, 0.5])[0], findings.WITHIN_NOISE)
+        self.assertEqual(findings.verdict("lower", [3.0])[0], findings.TOO_FEW)
+        # no_gain (LRN): reproduced unless the second net is better beyond noise
+        self.assertEqual(findings.verdict("no_gain", [-1.0, -1.2, -0.9])[0], findings.REPRODUCED)
+        self.assertEqual(findings.verdict("no_gain", [0.2, -0.3, 0.1])[0], findings.REPRODUCED)
+        self.assertEqual(findings.verdict("no_gain", [1.0, 1.2, 0.9])[0], findings.NOT_REPRODUCED)
+        _, mean, se = findings.verdict("lower", [1.0, 2.0, 3.0])
+        self.assertAlmostEqual(mean, 2.0)
+        self.assertAlmostEqual(se, 1.0 / 3**0.5)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_study():
+    config = study_config.get_config("smoke")
+    config.base.input.data_dir = fixtures.builtin_data_dir()
+    config.seeds = (0, 1)
+    config.scales = ("small",)
+    config.scale_settings.small.num_epochs = 2
+    config.scale_settings.small.methods = ("dense", "multi_crop", "dense+multi_crop")
+    config.arms = ()
+    config.fusion = (("A", "B"),)
+    config.fusion_scale = "small"
+    return config
+
+
+@pytest.mark.slow
+class SmokeStudyTest(absltest.TestCase):
+    def test_skip_resume_and_report(self):
+        root = self.create_tempdir().full_path
+        config = smoke_study()
+
+        # An uninterrupted study.
+        whole = orchestrate.run_study(config, os.path.join(root, "whole"))
+        self.assertEqual(whole["runs_finished"], whole["runs_total"])
+        self.assertLen(whole["results"], 6)  # A, B x 2 seeds, 2 fusions
+
+        # Its first run again, first stopped in the middle: a checkpoint at step 5 of 10 (what a
+        # kill between checkpoints leaves) and no results yet.
+        resumed_dir = os.path.join(root, "resumed")
+        alone = copy.deepcopy(config)
+        alone.update(dict(nets=("A",), seeds=(0,), fusion=()))
+        first = plan.make_plan(alone, resumed_dir)[0]
+        partial = copy.deepcopy(first.config)
+        partial.schedule.num_epochs = 1
+        loop.train(partial, first.workdir)
+        self.assertFalse(orchestrate.is_finished(first))
+        executed = []
+
+        def recording(run):
+            executed.append(run.name)
+            orchestrate.execute(run)
+
+        resumed = orchestrate.run_study(alone, resumed_dir, executor=recording)
+        self.assertEqual(executed, [first.name])
+        with open(os.path.join(first.workdir, "metrics.jsonl")) as f:
+            validation_steps = [json.loads(line)["step"] for line in f if "val_loss" in line]
+        self.assertEqual(validation_steps, [5, 10])  # resumed at step 5, not restarted
+        self.assertEqual(resumed["results"][first.name], whole["results"][first.name])
+
+        # A finished study runs nothing again.
+        def must_not_run(run):
+            raise AssertionError(f"{run.name} ran again")
+
+        whole_dir = os.path.join(root, "whole")
+        again = orchestrate.run_study(config, whole_dir, executor=must_not_run)
+        self.assertEqual(again["results"], whole["results"])
+
+        # Tables, verdicts and plots, from the results.
+        with open(os.path.join(whole_dir, "study.md")) as f:
+            markdown = f.read()
+        for title in ("## Findings", "## Table 3", "## Table 4", "## Table 5", "## Table 6"):
+            self.assertIn(title, markdown)
+        depth = next(f for f in whole["findings"] if f["key"] == "depth_a_b")
+        self.assertEqual(depth["pairs"], 2)
+        a = [whole["results"][f"paper/A/small/seed{s}"]["dense@single"] for s in (0, 1)]
+        b = [whole["results"][f"paper/B/small/seed{s}"]["dense@single"] for s in (0, 1)]
+        self.assertAlmostEqual(depth["mean_difference"], (a[0] - b[0] + a[1] - b[1]) / 2)
+        self.assertIn(depth["verdict"], markdown.split(depth["claim"])[1].split("\n")[0])
+        for png in ("error_vs_depth.png", "curves.png"):
+            with open(os.path.join(whole_dir, png), "rb") as f:
+                self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+    def test_a_run_stopped_by_sigterm_is_not_finished(self):
+        root = self.create_tempdir().full_path
+        config = smoke_study()
+
+        def stopped(run):
+            raise orchestrate.Interrupted(f"{run.name} stopped at step 3 of 10.")
+
+        with self.assertRaises(orchestrate.Interrupted):
+            orchestrate.run_study(config, root, executor=stopped)
+        self.assertFalse(orchestrate.is_finished(plan.make_plan(config, root)[0]))
+        self.assertTrue(os.path.exists(os.path.join(root, "study.md")))
+
+
+def _text(path: str) -> str:
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        return f.read()
+
+
+@pytest.mark.slow
+class SigkillTest(absltest.TestCase):
+    def test_sigkilled_study_resumes_to_the_same_tables(self):
+        """launch.py --mode=study killed with SIGKILL after the first epoch of a run, then
+        rerun: the same figures as the study run without interruption."""
+        root = self.create_tempdir().full_path
+        overrides = {
+            "nets": ("A",),
+            "seeds": (0,),
+            "scales": ("small",),
+            "arms": (),
+            "fusion": (),
+            "scale_settings.small.num_epochs": 4,
+            "base.ckpt.every_steps": 2,
+        }
+        config = study_config.get_config("smoke")  # as launch.py builds it, with the overrides
+        config.base.input.data_dir = fixtures.builtin_data_dir()
+        fixtures.set_values(config, overrides)
+        whole = orchestrate.run_study(config, os.path.join(root, "whole"))
+
+        workdir = os.path.join(root, "killed")
+        args = [
+            sys.executable,
+            "launch.py",
+            "--config=experiments/study.py:smoke",
+            f"--workdir={workdir}",
+            "--mode=study",
+            f"--config.base.input.data_dir={fixtures.builtin_data_dir()}",
+        ] + [f"--config.{key}={value!r}" for key, value in overrides.items()]
+        run = plan.make_plan(config, workdir)[0]
+        metrics = os.path.join(run.workdir, "metrics.jsonl")
+        process = subprocess.Popen(
+            args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.time() + 240
+        while time.time() < deadline and process.poll() is None:
+            if '"val_loss"' in _text(metrics):
+                break  # epoch 1 of 4 validated and saved: the run is in its middle
+            time.sleep(0.05)
+        self.assertIsNone(process.poll(), "the study ended before it could be killed")
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        self.assertFalse(orchestrate.is_finished(run))
+        result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertIn("Resumed from step", result.stderr)
+        with open(os.path.join(workdir, "study.json")) as f:
+            resumed = json.load(f)
+        self.assertEqual(resumed["results"], json.loads(json.dumps(whole["results"])))
+
+
+if __name__ == "__main__":
+    absltest.main()

@@ -1,0 +1,1 @@
+"""The paper's experiments in miniature (``--mode=study``): plan, run, judge, report."""

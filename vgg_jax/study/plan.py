@@ -1,0 +1,218 @@
+"""The study's config expanded into an ordered list of runs, each a plain training config.
+
+A study config (``experiments/study.py``) holds ``base`` (one run's full training config), the
+nets, seeds and training-scale settings of Table 3, how each net is initialised from net A
+(section 3.1), extra ``arms`` (other initialisations or optimisers for some nets) and the nets to
+fuse (Table 6). ``make_plan`` turns it into runs in an order that respects every dependency and
+gives a study stopped early the most findings:
+
+1. every net at the scale settings trained from scratch (small S), seed by seed, A first (B-E
+   start from it): Table 3's first column over every seed;
+2. the fused nets' fine-tunes (large S from small S, jittered from large) and their fusions:
+   Tables 5 and 6;
+3. the arms (section 3.1's inits);
+4. the other nets' fine-tunes: the rest of Tables 3 and 4.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from typing import Any
+
+import ml_collections
+
+from vgg_jax import models
+
+MAIN_ARM = "paper"
+INIT_MODES = ("none", "shallow", "fc")
+
+
+@dataclasses.dataclass
+class Run:
+    """One training run (or, with ``fusion``, one fused evaluation) of the study."""
+
+    name: str  # e.g. "paper/D/jitter/seed1"
+    arm: str
+    net: str
+    scale: str
+    seed: int
+    workdir: str
+    config: ml_collections.ConfigDict
+    depends_on: tuple[str, ...] = ()
+    fusion: tuple[str, ...] = ()  # workdirs of the runs whose nets are fused (Table 6)
+
+    @property
+    def is_fusion(self) -> bool:
+        return bool(self.fusion)
+
+
+def run_name(arm: str, net: str, scale: str, seed: int) -> str:
+    return f"{arm}/{net}/{scale}/seed{seed}"
+
+
+def _check_names(what: str, names: Any, valid: Any) -> None:
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ValueError(f"Unknown {what} {unknown}; valid: {sorted(valid)}")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Any) -> None:
+    """Sets nested values (``{"model": {"init": "glorot"}}``) in place; unknown keys fail."""
+    for key, value in dict(overrides).items():
+        if key not in config:
+            raise ValueError(
+                f"Unknown config key {key!r} in a study override; valid: {sorted(config)}"
+            )
+        if isinstance(config[key], ml_collections.ConfigDict):
+            apply_overrides(config[key], value)
+        else:
+            config[key] = value
+
+
+def _scale_setting(study: ml_collections.ConfigDict, scale: str) -> ml_collections.ConfigDict:
+    return study.scale_settings[scale]
+
+
+def run_config(
+    study: ml_collections.ConfigDict, net: str, scale: str, seed: int, overrides: Any = None
+) -> ml_collections.ConfigDict:
+    """The training config of one run: ``base`` with the net, the seed and the scale setting."""
+    config = copy.deepcopy(study.base)
+    setting = _scale_setting(study, scale)
+    config.model.name = net
+    config.seed = seed
+    config.input.shuffle_seed = seed
+    config.input.train_scale_min, config.input.train_scale_max = setting.train_scale
+    config.evals.single_scale = setting.single_scale
+    config.evals.multi_scales = tuple(setting.multi_scales)
+    config.evals.methods = tuple(setting.methods)
+    config.schedule.num_epochs = setting.num_epochs
+    config.optim.learning_rate = setting.learning_rate
+    if overrides:
+        apply_overrides(config, overrides)
+    return config
+
+
+def make_plan(study: ml_collections.ConfigDict, workdir: str) -> list[Run]:
+    """Every run of the study in dependency order (see the module docstring)."""
+    nets, scales = tuple(study.nets), tuple(study.scales)
+    _check_names("study.nets", nets, models.LAYOUTS)
+    _check_names("study.scales", scales, study.scale_settings)
+    _check_names("study.arms", study.arms, study.arm_settings)
+    for net in nets:
+        mode = study.init_from_a.get(net, "none")
+        if mode not in INIT_MODES:
+            raise ValueError(f"study.init_from_a[{net!r}]={mode!r}; valid: {list(INIT_MODES)}")
+        if mode != "none" and "A" not in nets:
+            raise ValueError(
+                f"Net {net} starts from net A (study.init_from_a) but A is not in study.nets."
+            )
+    for index, scale in enumerate(scales):
+        source = _scale_setting(study, scale).fine_tune_from
+        if source and source not in scales[:index]:
+            raise ValueError(
+                f"Scale {scale!r} is fine-tuned from {source!r}, which must come before it in "
+                f"study.scales {list(scales)}."
+            )
+    from_scratch = [s for s in scales if not _scale_setting(study, s).fine_tune_from]
+    fine_tuned = [s for s in scales if _scale_setting(study, s).fine_tune_from]
+    fused_nets = {net for fused in study.fusion for net in fused}
+    runs: list[Run] = []
+    for scale in from_scratch:
+        for seed in study.seeds:
+            runs += [_main_run(study, workdir, net, scale, seed) for net in nets]
+    first = [net for net in nets if net in fused_nets]
+    rest = [net for net in nets if net not in fused_nets]
+    for scale in fine_tuned:
+        for seed in study.seeds:
+            runs += [_main_run(study, workdir, net, scale, seed) for net in first]
+    for seed in study.seeds:
+        runs += [_fusion_run(study, workdir, tuple(fused), seed) for fused in study.fusion]
+    for seed in study.seeds:
+        for arm in study.arms:
+            runs += _arm_runs(study, workdir, arm, seed)
+    for scale in fine_tuned:
+        for seed in study.seeds:
+            runs += [_main_run(study, workdir, net, scale, seed) for net in rest]
+    return runs
+
+
+def _run_workdir(workdir: str, arm: str, net: str, scale: str, seed: int) -> str:
+    return os.path.join(workdir, "runs", arm, net, scale, f"seed{seed}")
+
+
+def _main_run(study, workdir: str, net: str, scale: str, seed: int) -> Run:
+    config = run_config(study, net, scale, seed)
+    source_scale = _scale_setting(study, scale).fine_tune_from
+    depends: tuple[str, ...] = ()
+    if source_scale:  # the paper's scale fine-tune: every layer of the same net at the smaller S
+        config.init_from.mode = "full"
+        config.init_from.workdir = _run_workdir(workdir, MAIN_ARM, net, source_scale, seed)
+        depends = (run_name(MAIN_ARM, net, source_scale, seed),)
+    elif (mode := study.init_from_a.get(net, "none")) != "none":  # section 3.1: start from A
+        config.init_from.mode = mode
+        config.init_from.workdir = _run_workdir(workdir, MAIN_ARM, "A", scale, seed)
+        depends = (run_name(MAIN_ARM, "A", scale, seed),)
+    else:
+        config.init_from.mode = "none"
+    return Run(
+        run_name(MAIN_ARM, net, scale, seed),
+        MAIN_ARM,
+        net,
+        scale,
+        seed,
+        _run_workdir(workdir, MAIN_ARM, net, scale, seed),
+        config,
+        depends,
+    )
+
+
+def _arm_runs(study, workdir: str, arm: str, seed: int) -> list[Run]:
+    """An arm trains some nets from scratch at some scales with ``overrides`` (e.g. Glorot's init,
+    or Adam), to compare with the main arm's runs of the same net, scale and seed."""
+    setting = study.arm_settings[arm]
+    _check_names(f"study.arm_settings[{arm!r}].nets", setting.nets, models.LAYOUTS)
+    _check_names(f"study.arm_settings[{arm!r}].scales", setting.scales, study.scale_settings)
+    runs = []
+    for scale in setting.scales:
+        if _scale_setting(study, scale).fine_tune_from:
+            raise ValueError(f"Arm {arm!r} trains from scratch; scale {scale!r} is a fine-tune.")
+        for net in setting.nets:
+            config = run_config(study, net, scale, seed, setting.overrides)
+            config.init_from.mode = "none"
+            runs.append(
+                Run(
+                    run_name(arm, net, scale, seed),
+                    arm,
+                    net,
+                    scale,
+                    seed,
+                    _run_workdir(workdir, arm, net, scale, seed),
+                    config,
+                )
+            )
+    return runs
+
+
+def _fusion_run(study, workdir: str, fused: tuple[str, ...], seed: int) -> Run:
+    """Table 6: the nets' multi-scale softmax averaged, at the study's ``fusion_scale``."""
+    scale = study.fusion_scale
+    _check_names("study.fusion nets", fused, study.nets)
+    names = tuple(run_name(MAIN_ARM, net, scale, seed) for net in fused)
+    workdirs = tuple(_run_workdir(workdir, MAIN_ARM, net, scale, seed) for net in fused)
+    first = run_config(study, fused[0], scale, seed)
+    first.evals.fusion_workdirs = workdirs[1:]
+    label = "+".join(fused)
+    return Run(
+        run_name("fusion", label, scale, seed),
+        "fusion",
+        label,
+        scale,
+        seed,
+        os.path.join(workdir, "runs", "fusion", label, scale, f"seed{seed}"),
+        first,
+        names,
+        workdirs,
+    )
