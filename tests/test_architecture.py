@@ -23,6 +23,7 @@ LEVELS = {
     "vgg_jax.sharding": 1,
     "vgg_jax.preemption": 1,
     "vgg_jax.checkpoint": 1,
+    "vgg_jax.compile_cache": 1,
     "vgg_jax.writers": 1,
     "vgg_jax.data": 2,
     "vgg_jax.weights": 3,

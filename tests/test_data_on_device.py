@@ -101,6 +101,17 @@ class DecodedTrainBatchesTest(absltest.TestCase):
         self.assertEqual(first["image"].dtype, np.float32)
         self.assertFalse(np.array_equal(first["image"], straight[1]["image"]))
 
+    def test_the_same_pixels_on_any_number_of_devices(self):
+        """A batch does not depend on how the mesh splits it (two processes train what one does;
+        tests/test_train_loop.py runs the two-process case end to end)."""
+        one = sharding.make_mesh(self.config.mesh, jax.devices()[:1])
+        on_one = take(on_device.train_batches(self.config, 3, one), 2)
+        on_all = take(on_device.train_batches(self.config, 3, self.mesh), 2)
+        self.assertGreater(len(self.mesh.devices.flat), 1)
+        for a, b in zip(on_one, on_all, strict=True):
+            np.testing.assert_array_equal(a["image"], b["image"])
+            np.testing.assert_array_equal(a["label"], b["label"])
+
     def test_batches_hold_the_ordered_examples_with_their_labels(self):
         batches = take(on_device.train_batches(self.config, 0, self.mesh), 6)
         order = pipeline.TrainOrder(len(self.split.label), self.config.input.shuffle_seed)

@@ -234,8 +234,12 @@ class TrainLoopTest(absltest.TestCase):
         params, step = final_params(workdir)
         self.assertEqual(step, TOTAL_STEPS)
         reference = final_params(self.reference_dir)[0]
+        # Same batches bitwise (tests/test_data_on_device.py); the gradients' cross-device sums
+        # run in another order (Gloo between processes), which after 10 steps moved one value
+        # of 1,152 by 2.6e-4 relative (1.4e-5 absolute). A wrong split of the data moves them
+        # by orders of magnitude more.
         jax.tree_util.tree_map(
-            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, reference
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), params, reference
         )
 
 

@@ -17,12 +17,19 @@ from jax.experimental.compilation_cache import compilation_cache
 CACHE_DIR = "xla_cache"
 
 
+_active: list[str] = []  # the cache directories of the workdir_cache blocks we are inside
+
+
 @contextlib.contextmanager
 def workdir_cache(workdir: str) -> Iterator[str]:
     """While inside, JAX's persistent compilation cache is ``<workdir>/xla_cache`` (every program,
     however quick to compile: the demo's are each under a few seconds but many); the previous
     setting comes back on exit, so a process that later deletes the workdir (tests, notebooks)
-    does not keep writing into it."""
+    does not keep writing into it. Nested blocks keep the outermost directory: the study's runs
+    (one workdir each) share the study's cache, where a net's seeds compile to the same programs."""
+    if _active:
+        yield _active[0]
+        return
     path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CACHE_DIR)
     os.makedirs(path, exist_ok=True)
     previous = (
@@ -30,9 +37,11 @@ def workdir_cache(workdir: str) -> Iterator[str]:
         jax.config.jax_persistent_cache_min_compile_time_secs,
     )
     _point_at(path, 0.0)
+    _active.append(path)
     try:
         yield path
     finally:
+        _active.pop()
         _point_at(*previous)
 
 

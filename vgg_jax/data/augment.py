@@ -120,5 +120,14 @@ def normalise(
 
 
 def pca_colour_shift(alpha: jax.Array, eigvals: np.ndarray, eigvecs: np.ndarray) -> jax.Array:
-    """``transforms.pca_colour_shift`` for a batch: float32 [B, 3] in 0-255 RGB units."""
-    return 255.0 * (alpha * jnp.asarray(eigvals)) @ jnp.asarray(eigvecs).T
+    """``transforms.pca_colour_shift`` for a batch: float32 [B, 3] in 0-255 RGB units.
+
+    Written as three products added in a fixed order rather than a matmul: a [B, 3] x [3, 3] dot
+    rounds differently for different shard sizes on the CPU, so the pixels would depend on the
+    number of devices."""
+    weights = alpha * jnp.asarray(eigvals, jnp.float32)
+    vectors = jnp.asarray(eigvecs, jnp.float32)
+    shift = weights[:, 0:1] * vectors[:, 0]
+    shift = shift + weights[:, 1:2] * vectors[:, 1]
+    shift = shift + weights[:, 2:3] * vectors[:, 2]
+    return 255.0 * shift

@@ -21,7 +21,6 @@ from absl import logging
 from vgg_jax.study import plan, report
 
 DONE_FILE = "study_run.json"
-CACHE_DIR = "jax_cache"
 PLOT_EVERY_RUNS = 5  # the tables are rewritten after every run, the plots after every 5th
 
 
@@ -94,8 +93,14 @@ def _check_dependencies(run: plan.Run, by_name: dict[str, plan.Run]) -> None:
 def run_study(study: ml_collections.ConfigDict, workdir: str, executor=execute) -> dict[str, Any]:
     """Runs every unfinished run of ``study`` in plan order, writing the report after each;
     returns the report's data (``study.json``). ``executor`` is replaced by tests."""
+    from vgg_jax import compile_cache
+
+    with compile_cache.workdir_cache(workdir):
+        return _run_study(study, workdir, executor)
+
+
+def _run_study(study: ml_collections.ConfigDict, workdir: str, executor) -> dict[str, Any]:
     runs = plan.make_plan(study, workdir)
-    _use_compilation_cache(os.path.join(workdir, CACHE_DIR))
     by_name = {run.name: run for run in runs}
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "study_config.json"), "w") as f:
@@ -141,16 +146,6 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, executor=execute) 
         f"{_format_seconds(time.time() - start)}; report in {os.path.join(workdir, 'study.md')}"
     )
     return data
-
-
-def _use_compilation_cache(directory: str) -> None:
-    """The runs of one net and scale differ only in their values (seed, init), so their steps
-    compile to the same programs: JAX's persistent cache compiles each once for the whole study
-    (a tiny run otherwise spends most of its time compiling). Set before the first compile."""
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def _progress(line: str) -> None:
