@@ -329,17 +329,21 @@ class RunnerTest(absltest.TestCase):
                 outputs.multi_scale["dense"], expected[("dense", (32, 48))], atol=1e-5
             )
 
-    def test_compilations_are_one_per_bucket_shape(self):
+    def test_the_net_compiles_once_per_bucket_shape_and_once_for_all_crops(self):
         config = tiny_config()
         mesh = mesh_of(4)
         functions = methods.compiled_methods.__wrapped__(self.model, mesh)  # a fresh count
         net = runner.load_net(self.workdir, 7, mesh, config)
-        batches = list(fake_eval_batches(24, bucket_step=16)(config, 48))
-        shapes = {b["image"].shape for b in batches}
-        self.assertLess(len(shapes), len(batches))  # some batches share a bucket
-        runs = ["dense", "multi_crop"]
-        runner.evaluate_scale(net.params, functions, batches + batches, runs, mesh)
-        self.assertEqual(functions.compilations, 2 * len(shapes))
+        shapes = set()
+        for scale in (48, 64):
+            batches = list(fake_eval_batches(24, bucket_step=16)(config, scale))
+            shapes |= {b["image"].shape for b in batches}
+            self.assertLess(len({b["image"].shape for b in batches}), len(batches))  # shared
+            runs = ["dense", "multi_crop"]
+            runner.evaluate_scale(net.params, functions, batches + batches, runs, mesh)
+        # Dense: the net per bucket shape. Multi-crop: a crop-cutting gather per bucket shape
+        # and the net on crops once for every shape and scale.
+        self.assertEqual(functions.compilations, 2 * len(shapes) + 1)
 
     def test_second_evaluation_compiles_no_program(self):
         workdir = self.create_tempdir_once()

@@ -10,18 +10,23 @@ with their valid ``sizes`` ``(N, 2)``; every function here keeps the padding out
   at the top-left corner, last at the bottom-right) plus their flips, cut on the device, each
   classified, softmax averaged over the crops (50 per scale for the paper's 5x5 grid).
 
-``CompiledFunctions`` jits them once per net and mesh and compiles once per bucket shape.
-Softmax outputs, never logits, are what later steps average (scales, methods, nets).
+``CompiledFunctions`` jits them once per net and mesh and compiles once per bucket shape; the
+multi-crop method runs as two programs (``CropMethod``): cutting one grid position's crops, cheap
+to compile for every bucket shape, and classifying them, compiled once for all shapes, scales and
+checkpoints, since every crop has the crop size. Softmax outputs, never logits, are what later
+steps average (scales, methods, nets).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from vgg_jax import models, sharding
@@ -146,6 +151,82 @@ def multi_crop_probabilities(
     return total / (grid * grid * copies)
 
 
+def position_crops(
+    images: jax.Array,
+    sizes: jax.Array,
+    position: jax.Array,
+    crop_size: int,
+    grid: int = 5,
+    flip: bool = True,
+) -> jax.Array:
+    """The crops at one grid ``position`` (row-major) of every image, each followed by its flip
+    when ``flip``: ``(N * copies, crop, crop, C)``, the batch that ``multi_crop_probabilities``
+    classifies at that position."""
+    offsets = jnp.take(grid_offsets(sizes, crop_size, grid), position, axis=1)  # (N, 2)
+    crops = crops_at(images, offsets, crop_size)
+    if flip:  # (N, 2, ...) then merged, so the batch axis keeps its sharding
+        crops = jnp.stack([crops, crops[:, :, ::-1]], axis=1)
+    return crops.reshape(-1, *crops.shape[-3:])
+
+
+def add_crop_softmax(
+    model: models.VGG, params: Any, crops: jax.Array, total: jax.Array
+) -> jax.Array:
+    """``total`` ``(N, classes)`` plus the summed softmax of each image's ``crops`` (its
+    ``len(crops) // N`` consecutive rows)."""
+    probabilities = jax.nn.softmax(model.apply({"params": params}, crops))
+    return total + probabilities.reshape(total.shape[0], -1, total.shape[1]).sum(axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class CropMethod:
+    """A method that classifies crop-size crops cut from the padded batch, as two programs:
+    ``cut(images, sizes, position) -> crops`` (compiled per bucket shape, a gather: quick) and
+    ``classify(params, crops, total) -> total`` (the net, compiled once per batch size). The
+    result is ``total / divisor`` after ``positions`` cut-and-classify rounds, softmax
+    ``(N, num_classes)``. ``multi_crop_probabilities`` in one program gives the same numbers
+    but compiles the net once per bucket shape."""
+
+    cut: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+    classify: Callable[[Any, jax.Array, jax.Array], jax.Array]
+    positions: int
+    divisor: float
+    num_classes: int
+
+
+def multi_crop_method(model: models.VGG, grid: int = 5, flip: bool = True) -> CropMethod:
+    """``multi_crop_probabilities`` as a ``CropMethod``."""
+    return CropMethod(
+        cut=functools.partial(position_crops, crop_size=model.crop_size, grid=grid, flip=flip),
+        classify=functools.partial(add_crop_softmax, model),
+        positions=grid * grid,
+        divisor=float(grid * grid * (2 if flip else 1)),
+        num_classes=model.num_classes,
+    )
+
+
+class _CropExecutable:
+    """A ``CropMethod``'s compiled programs run over one batch (what ``compile`` returns)."""
+
+    def __init__(self, method: CropMethod, cut, classify, total_sharding, position_sharding):
+        self.method, self.cut, self.classify = method, cut, classify
+        self.total_sharding = total_sharding
+        self.positions = [
+            jax.device_put(np.int32(p), position_sharding) for p in range(method.positions)
+        ]
+
+    def __call__(self, params: Any, images: jax.Array, sizes: jax.Array) -> jax.Array:
+        total = jax.device_put(
+            np.zeros((images.shape[0], self.method.num_classes), np.float32), self.total_sharding
+        )
+        for position in self.positions:
+            total = self.classify(params, self.cut(images, sizes, position), total)
+            # One round at a time: on XLA's CPU client, rounds queued ahead whose classifier
+            # all-reduces over a model axis can wait on each other's rendezvous for ever.
+            total.block_until_ready()
+        return total / np.float32(self.method.divisor)
+
+
 # A function the evaluator runs on padded batches: (params, images, sizes) -> per-example rows.
 BatchFunction = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
@@ -160,33 +241,68 @@ class CompiledFunctions:
     (``vgg_jax.features``) are instances; ``runner.evaluate_scale`` runs any of them.
     """
 
-    def __init__(self, mesh: Mesh, param_shardings: Any, functions: Mapping[str, BatchFunction]):
+    def __init__(
+        self,
+        mesh: Mesh,
+        param_shardings: Any,
+        functions: Mapping[str, BatchFunction | CropMethod],
+    ):
         self.param_shardings = param_shardings
         batch = sharding.batch_sharding(mesh)
-        self._jitted = {
-            name: jax.jit(
-                function, in_shardings=(param_shardings, batch, batch), out_shardings=batch
-            )
-            for name, function in functions.items()
-        }
+        self._replicated = sharding.replicated(mesh)
+        self._batch = batch
+        self._methods = dict(functions)
+        self._jitted: dict[Any, Any] = {}
+        for name, function in functions.items():
+            if isinstance(function, CropMethod):
+                self._jitted[name, "cut"] = jax.jit(
+                    function.cut,
+                    in_shardings=(batch, batch, self._replicated),
+                    out_shardings=batch,
+                )
+                self._jitted[name, "classify"] = jax.jit(
+                    function.classify,
+                    in_shardings=(param_shardings, batch, batch),
+                    out_shardings=batch,
+                )
+            else:
+                self._jitted[name] = jax.jit(
+                    function, in_shardings=(param_shardings, batch, batch), out_shardings=batch
+                )
         self._compiled: dict[tuple, Any] = {}
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(self._jitted)
+        return tuple(self._methods)
 
     @property
     def compilations(self) -> int:
+        """Programs compiled so far (a crop method's cut programs and its one classifier count)."""
         return len(self._compiled)
 
+    def _program(self, key: Any, *args) -> Any:
+        shapes = tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args))
+        if (key, shapes) not in self._compiled:
+            self._compiled[key, shapes] = self._jitted[key].lower(*args).compile()
+        return self._compiled[key, shapes]
+
     def compile(self, name: str, params: Any, images: jax.Array, sizes: jax.Array) -> Any:
-        """The executable for this function and batch shape, compiled on first use."""
-        if name not in self._jitted:
-            raise ValueError(f"Unknown function {name!r}; valid: {list(self._jitted)}")
-        key = (name, images.shape, str(images.dtype), sizes.shape)
-        if key not in self._compiled:
-            self._compiled[key] = self._jitted[name].lower(params, images, sizes).compile()
-        return self._compiled[key]
+        """The executable for this function and batch shape, compiled on first use: a callable
+        ``(params, images, sizes) -> rows``."""
+        if name not in self._methods:
+            raise ValueError(f"Unknown function {name!r}; valid: {list(self._methods)}")
+        method = self._methods[name]
+        if not isinstance(method, CropMethod):
+            return self._program(name, params, images, sizes)
+        position = jax.ShapeDtypeStruct((), jnp.int32, sharding=self._replicated)
+        cut = self._program((name, "cut"), images, sizes, position)
+        crops = jax.eval_shape(method.cut, images, sizes, position)
+        crops = jax.ShapeDtypeStruct(crops.shape, crops.dtype, sharding=self._batch)
+        total = jax.ShapeDtypeStruct(
+            (images.shape[0], method.num_classes), jnp.float32, sharding=self._batch
+        )
+        classify = self._program((name, "classify"), params, crops, total)
+        return _CropExecutable(method, cut, classify, self._batch, self._replicated)
 
     def __call__(self, name: str, params: Any, images: jax.Array, sizes: jax.Array) -> jax.Array:
         return self.compile(name, params, images, sizes)(params, images, sizes)
@@ -206,6 +322,6 @@ def compiled_methods(
     the executables)."""
     functions = {
         "dense": functools.partial(dense_probabilities, model, flip=flip),
-        "multi_crop": functools.partial(multi_crop_probabilities, model, grid=grid, flip=flip),
+        "multi_crop": multi_crop_method(model, grid=grid, flip=flip),
     }
     return CompiledFunctions(mesh, net_param_shardings(model, mesh), functions)
