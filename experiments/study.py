@@ -50,9 +50,6 @@ def base_config() -> ml_collections.ConfigDict:
     # Smaller than the paper's 256: a run has only a few epochs, and leaving chance takes steps.
     config.input.batch_size = 32
     config.input.eval_batch_size = 256  # a multiple of any power-of-two device count
-    config.evals.multi_crop_grid = (
-        3  # 3x3 crops x 2 flips per Q: images are barely larger than crops
-    )
     # The paper's rule; 3 epochs rather than 2 so that validation noise on 1,000 images at
     # chance does not cut the rate before a net has left chance (docs/training.md).
     config.schedule.plateau_patience = 3

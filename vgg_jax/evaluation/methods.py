@@ -64,12 +64,18 @@ def dense_outputs(
     flip). ``sizes=None``: every image fills the batch's shape."""
     if sizes is None:
         sizes = jnp.broadcast_to(jnp.asarray(images.shape[1:3], jnp.int32), (images.shape[0], 2))
-    score_map, scores = model.apply({"params": params}, images, sizes, method="dense")
-    probabilities = jax.nn.softmax(scores)
-    if flip:
-        flipped = dense_scores(model, params, flip_within_valid(images, sizes), sizes)
-        probabilities = (probabilities + jax.nn.softmax(flipped)) / 2
-    return score_map, probabilities
+    if not flip:
+        score_map, scores = model.apply({"params": params}, images, sizes, method="dense")
+        return score_map, jax.nn.softmax(scores)
+    # Each image followed by its flip, one batch of 2N through one copy of the net: half the
+    # program to compile (one per bucket shape), and the batch axis keeps its sharding.
+    both = jnp.stack([images, flip_within_valid(images, sizes)], axis=1)
+    both = both.reshape(-1, *images.shape[1:])
+    score_maps, scores = model.apply(
+        {"params": params}, both, jnp.repeat(sizes, 2, axis=0), method="dense"
+    )
+    probabilities = jax.nn.softmax(scores).reshape(images.shape[0], 2, -1).mean(axis=1)
+    return score_maps.reshape(images.shape[0], 2, *score_maps.shape[1:])[:, 0], probabilities
 
 
 def dense_probabilities(

@@ -270,6 +270,8 @@ class ScaleOutputs:
     labels: np.ndarray
     index: np.ndarray | None
     seconds: dict[str, float]  # function name -> device seconds (compilation excluded)
+    input_seconds: float = 0.0  # waiting for the input pipeline's batches
+    compile_seconds: float = 0.0  # compiling programs this pass needed first
 
 
 def evaluate_scale(
@@ -296,7 +298,14 @@ def evaluate_scale(
     seconds = dict.fromkeys(run, 0.0)
     started = last_report = time.perf_counter()
     done = 0
-    for local in batches:
+    input_seconds = compile_seconds = 0.0
+    batch_iterator = iter(batches)
+    while True:
+        waited = time.perf_counter()
+        local = next(batch_iterator, None)
+        input_seconds += time.perf_counter() - waited
+        if local is None:
+            break
         if preemption.agreed_stop():  # several processes: all stop before the same batch
             raise preemption.Stopped("Evaluation stopped by a SIGTERM.")
         if num_classes is not None and local["label"].max(initial=0) >= num_classes:
@@ -311,7 +320,9 @@ def evaluate_scale(
         )
         keep = _to_host(batch["mask"]).astype(bool)
         for method in run:
+            start = time.perf_counter()
             executable = functions.compile(method, params, batch["image"], batch["size"])
+            compile_seconds += time.perf_counter() - start
             start = time.perf_counter()
             result = jax.block_until_ready(executable(params, batch["image"], batch["size"]))
             seconds[method] += time.perf_counter() - start
@@ -342,7 +353,7 @@ def evaluate_scale(
         permutation = np.argsort(index, kind="stable")
         stacked = {m: v[permutation] for m, v in stacked.items()}
         label_array, index = label_array[permutation], index[permutation]
-    return ScaleOutputs(stacked, label_array, index, seconds)
+    return ScaleOutputs(stacked, label_array, index, seconds, input_seconds, compile_seconds)
 
 
 def method_rows(
@@ -469,13 +480,16 @@ def evaluate_net(
                 seconds[method] += outputs.seconds[method]
         elapsed = time.perf_counter() - started
         logging.info(
-            "%s step %d Q=%d (scale %d/%d): %s (%d compilations so far)%s",
+            "%s step %d Q=%d (scale %d/%d): %s, input %.1fs, compiling %.1fs "
+            "(%d compilations so far)%s",
             net.name,
             net.step,
             scale,
             position,
             len(scales),
             ", ".join(f"{m} {s:.1f}s" for m, s in outputs.seconds.items()),
+            outputs.input_seconds,
+            outputs.compile_seconds,
             functions.compilations,
             ""
             if position == len(scales)
