@@ -48,33 +48,27 @@ _CIFAR_LIKE = flags.DEFINE_string(
     "cifar_like", None, "Train on a generated folder of 32x32 JPEGs in this directory."
 )
 _CIFAR_LIKE_TRAIN = flags.DEFINE_integer("cifar_like_train", 500, "Training JPEGs per class.")
+_VS_PYTORCH = flags.DEFINE_bool(
+    "vs_pytorch",
+    False,
+    "Also run a plain PyTorch loop (same net, optimiser and augmentation on the decoded images) "
+    "for one epoch after each bare-step epoch; needs bench/requirements.txt.",
+)
 _IMAGE_SIZES = flags.DEFINE_enum(
     "image_sizes", "builtin", ["builtin", "imagenet"], "Built-in images as stored or ImageNet-like."
 )
 
 
 def write_cifar_like(root: str, per_class: int, val_per_class: int) -> None:
-    """``root/{train,validation}/<class>/<n>.jpg``: the built-in shapes drawn at 32x32."""
-    import numpy as np
-    from PIL import Image
-
+    """``root/{train,validation}/<class>/<n>.jpg``: the built-in shapes drawn at 32x32, about
+    ``per_class`` training images per class (drawn in order: the counts per class vary a little)."""
+    from bench import prepare_folder
     from vgg_jax.data import builtin
 
-    if os.path.isdir(os.path.join(root, "validation")):
-        return
-    for split, count in (("train", per_class), ("validation", val_per_class)):
-        for c, name in enumerate(builtin.CLASS_NAMES):
-            os.makedirs(os.path.join(root, split, name), exist_ok=True)
-            drawn = 0
-            index = 0
-            while drawn < count:
-                image, label = builtin.draw_example(0, split, index)
-                index += 1
-                if label != c:
-                    continue
-                small = Image.fromarray(np.asarray(image)).resize((32, 32), Image.BILINEAR)
-                small.save(os.path.join(root, split, name, f"{drawn}.jpg"), quality=90)
-                drawn += 1
+    classes = len(builtin.CLASS_NAMES)
+    prepare_folder.write_folder(
+        root, {"train": per_class * classes, "validation": val_per_class * classes}, 32
+    )
 
 
 def bare_step(config):
@@ -109,6 +103,75 @@ def bare_step(config):
     return run
 
 
+def torch_loop(config):
+    """A plain PyTorch training loop of the same net and optimiser (``train_step.build_torch_net``)
+    and the same augmentation, per example on the decoded uint8 images (the project's in-memory
+    copy, so no JPEG is decoded per step either): S uniform in [Smin, Smax], a square window of
+    ``crop * min(h, w) / S`` pixels at a uniform position, a flip, bilinear resizing to the crop
+    (``F.interpolate``, half-pixel centres, as ``tf.image.resize``), AlexNet's PCA shift and the
+    normalisation. ``run(steps) -> None``."""
+    import numpy as np
+    import torch
+    from torch.nn import functional
+
+    from bench.train_step import build_torch_net
+    from vgg_jax import data
+    from vgg_jax.data import decoded, pipeline, sources
+
+    input_config = config.input
+    builder = sources.prepared_builder(input_config)
+    split_index = pipeline._split_index(builder, input_config.train_split, input_config)
+    split = decoded.decode_split(builder, input_config.train_split, split_index)
+    images = [split.image(row) for row in range(len(split.label))]
+    labels = torch.from_numpy(split.label.astype(np.int64))
+    info = data.dataset_info(config)
+    mean = torch.tensor(np.asarray(info.mean_rgb, np.float32)).view(1, 3, 1, 1)
+    pixel_std = np.asarray(input_config.pixel_std or (1.0, 1.0, 1.0), np.float32)
+    std = torch.tensor(pixel_std).view(1, 3, 1, 1)
+    eigvals = np.asarray(info.pca_eigvals, np.float32)
+    eigvecs = np.asarray(info.pca_eigvecs, np.float32)
+    crop, batch = input_config.crop_size, input_config.batch_size
+    net, opt = build_torch_net(config, crop)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    rng = np.random.default_rng(0)
+    state = {"order": rng.permutation(len(images)), "at": 0}
+
+    def next_rows():
+        if state["at"] + batch > len(state["order"]):
+            state["order"], state["at"] = rng.permutation(len(images)), 0
+        rows = state["order"][state["at"] : state["at"] + batch]
+        state["at"] += batch
+        return rows
+
+    def augmented(row):
+        image = images[row]
+        h, w = image.shape[:2]
+        scale = rng.integers(input_config.train_scale_min, input_config.train_scale_max + 1)
+        size = int(np.clip(round(crop * min(h, w) / scale), 1, min(h, w)))
+        top, left = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
+        window = torch.from_numpy(image[top : top + size, left : left + size])
+        window = window.permute(2, 0, 1)[None].float()
+        if input_config.random_flip and rng.random() < 0.5:
+            window = window.flip(3)
+        return functional.interpolate(window, (crop, crop), mode="bilinear", align_corners=False)
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            rows = next_rows()
+            x = torch.cat([augmented(row) for row in rows])
+            alpha = rng.normal(0.0, input_config.color_shift_std, (batch, 3)).astype(np.float32)
+            shift = torch.from_numpy(255.0 * (alpha * eigvals) @ eigvecs.T).view(batch, 3, 1, 1)
+            x = (x + shift - mean) / std
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(net(x), labels[rows])
+            loss.backward()
+            opt.step()
+        loss.item()
+
+    run(2)
+    return run
+
+
 def main(argv):
     del argv
     from vgg_jax import data, writers
@@ -133,12 +196,14 @@ def main(argv):
     batch = config.input.batch_size
     run_bare = bare_step(config)
     cached = _uses_cache(config)
+    run_torch = torch_loop(config) if _VS_PYTORCH.value else None
+    torch_times: dict[int, tuple[float, float]] = {}  # len(ends) -> (wall, cpu) of one epoch
 
     # At each epoch's end the bare step runs one epoch's worth of steps: loop and step alternate
     # epoch by epoch, so a change of load on a shared machine hits both. Wall-clock and CPU time
     # (all threads of the process) are stamped around each bare segment and each validation.
     clock = lambda: (time.perf_counter(), time.process_time())  # noqa: E731
-    ends: list[tuple[int, tuple, tuple]] = []  # (step, before bare, after bare)
+    ends: list[tuple[int, tuple, tuple, tuple]] = []  # (step, before bare, after bare, after all)
     validations: dict[int, tuple[float, float]] = {}
     write_scalars, run_validation = writers.MetricWriter.write_scalars, loop.run_validation
 
@@ -147,7 +212,12 @@ def main(argv):
         if "images_per_second" in scalars and step % steps_per_epoch == 0:
             before = clock()
             run_bare(steps_per_epoch)
-            ends.append((step, before, clock()))
+            after = clock()
+            if run_torch is not None:
+                run_torch(steps_per_epoch)
+                done = clock()
+                torch_times[len(ends)] = (done[0] - after[0], done[1] - after[1])
+            ends.append((step, before, after, clock()))
 
     def timed_validation(*args):
         before = clock()
@@ -165,14 +235,15 @@ def main(argv):
             workdir = os.path.join(root, f"round{r}")
             ends.clear()
             validations.clear()
+            torch_times.clear()
             loop.train(config, workdir)
             shutil.rmtree(workdir)
             for k in range(2, len(ends)):
-                (_, _, previous), (_, before, after) = ends[k - 1], ends[k]
+                (*_, previous), (_, before, after, _) = ends[k - 1], ends[k]
                 loop_time = (before[0] - previous[0], before[1] - previous[1])
                 bare_time = (after[0] - before[0], after[1] - before[1])
                 validation = validations.get(k, (0.0, 0.0))
-                figures.append((loop_time, validation, bare_time))
+                figures.append((loop_time, validation, bare_time, torch_times.get(k)))
                 print(
                     f"run {r + 1} epoch {k + 1}: "
                     + ", ".join(
@@ -181,7 +252,12 @@ def main(argv):
                         for i, what in enumerate(("wall-clock", "CPU-time"))
                     )
                     + f", bare step {steps_per_epoch * batch / bare_time[0]:.0f} images/s"
-                    f" | {machine.describe()}",
+                    + (
+                        f", pytorch loop {steps_per_epoch * batch / torch_times[k][0]:.0f} images/s"
+                        if k in torch_times
+                        else ""
+                    )
+                    + f" | {machine.describe()}",
                     flush=True,
                 )
     finally:
@@ -192,7 +268,7 @@ def main(argv):
     def median_ratio(i: int, without_validation: bool) -> float:
         return statistics.median(
             bare[i] / (spent[i] - (validation[i] if without_validation else 0.0))
-            for spent, validation, bare in figures
+            for spent, validation, bare, _ in figures
         )
 
     images = steps_per_epoch * batch
@@ -219,6 +295,18 @@ def main(argv):
         f"({median_ratio(1, True):.2f} without validation)"
     )
     print(f"loop/step: {median_ratio(1, False):.2f}")
+    if run_torch is not None:
+        import torch
+
+        for i, what in enumerate(("wall-clock", "CPU-time")):
+            with_validation = statistics.median(t[i] / f[i] for f, _, _, t in figures)
+            without = statistics.median(t[i] / (f[i] - v[i]) for f, v, _, t in figures)
+            print(
+                f"{what} loop/pytorch_loop: {with_validation:.2f} ({without:.2f} without "
+                f"validation; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                f"pytorch loop {statistics.median(images / t[0] for *_, t in figures):.0f} "
+                "images/s)"
+            )
 
 
 def _uses_cache(config) -> bool:

@@ -209,9 +209,10 @@ def build_jax_step(config, image_size: int, batch_size: int, options: dict[str, 
     return model, mesh, run_step
 
 
-def build_torch_step(config, image_size: int, batch_size: int):
-    """The same net in plain ``torch.nn`` from ``models.LAYOUTS`` (NCHW, float32), the paper's SGD
-    (momentum 0.9, weight decay on weights only, as the project), one step per call."""
+def build_torch_net(config, image_size: int):
+    """The same net in plain ``torch.nn`` from ``models.LAYOUTS`` (NCHW, float32) and the config's
+    optimiser as the project applies it (L2 on weights only, then momentum SGD or Adam):
+    ``(net, optimizer)``."""
     import torch
     from torch import nn
 
@@ -248,16 +249,25 @@ def build_torch_step(config, image_size: int, batch_size: int):
     net = nn.Sequential(*layers).train()
     weights = [p for n, p in net.named_parameters() if n.endswith("weight")]
     biases = [p for n, p in net.named_parameters() if n.endswith("bias")]
-    opt = torch.optim.SGD(
-        [
-            {"params": weights, "weight_decay": config.optim.weight_decay},
-            {"params": biases, "weight_decay": 0.0},
-        ],
-        lr=config.optim.learning_rate,
-        momentum=config.optim.momentum,
-    )
+    groups = [
+        {"params": weights, "weight_decay": config.optim.weight_decay},
+        {"params": biases, "weight_decay": 0.0},
+    ]
+    if config.optim.get("name", "sgd") == "adam":
+        opt = torch.optim.Adam(groups, lr=config.optim.learning_rate)
+    else:
+        opt = torch.optim.SGD(groups, lr=config.optim.learning_rate, momentum=config.optim.momentum)
+    return net, opt
+
+
+def build_torch_step(config, image_size: int, batch_size: int):
+    """``build_torch_net``'s net trained one step per call on one synthetic batch."""
+    import torch
+    from torch import nn
+
+    net, opt = build_torch_net(config, image_size)
     images = torch.randn(batch_size, 3, image_size, image_size)
-    labels = torch.randint(0, mc.num_classes, (batch_size,))
+    labels = torch.randint(0, config.model.num_classes, (batch_size,))
     loss_fn = nn.CrossEntropyLoss()
 
     def run_step():

@@ -21,6 +21,7 @@ from absl import logging
 
 from vgg_jax import conventions
 from vgg_jax.data import sources, transforms
+from vgg_jax.data.progress import ProgressLog
 
 # ImageNet's published values: the Caffe VGG mean (BGR [103.939, 116.779, 123.68] as RGB) and the
 # eigen-pairs used by fb.resnet.torch and many others (columns of EIGVECS are eigenvectors).
@@ -82,7 +83,14 @@ def compute_stats(
         lambda: iter(reader.read(chosen)), output_signature=tf.TensorSpec([], tf.string)
     )
     ds = ds.map(transforms.no_autograph(decoded), num_parallel_calls=tf.data.AUTOTUNE)
-    stats = stats_from_moments(*pixel_moments(ds.as_numpy_iterator()))
+    report = ProgressLog(f"Mean RGB and PCA of {builder.name}/{split}", len(chosen))
+
+    def reported(images):
+        for done, image in enumerate(images, 1):
+            report.update(done)
+            yield image
+
+    stats = stats_from_moments(*pixel_moments(reported(ds.as_numpy_iterator())))
     stats.update(num_images=int(len(chosen)), source="computed")
     return stats
 
