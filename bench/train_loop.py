@@ -114,7 +114,7 @@ def torch_loop(config):
     import torch
     from torch.nn import functional
 
-    from bench.train_step import build_torch_net
+    from bench.torch_reference import build_torch_net
     from vgg_jax import data
     from vgg_jax.data import decoded, pipeline, sources
 

@@ -34,10 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
     # epochs (docs/study.md).
     config.model.width = 1 / 8
     config.model.fc_width = 512  # 4096 / 8
-    # The one change to the paper's recipe (docs/study.md, "Why not the paper's init"): at this
-    # width N(0, 0.01^2) shrinks the signal 8-16x more per layer than at full width, and no
-    # variant of the paper's recipe left chance in 6-8 epochs here; so every net trained from
-    # scratch uses He's init on inputs scaled to about unit range. SGD, L2, dropout and the
+    # Changes to the paper's recipe (docs/study.md, "Why not the paper's init"): at this width
+    # N(0, 0.01^2) shrinks the signal 8-16x more per layer than at full width, and no variant of
+    # the paper's recipe left chance in 6-8 epochs here; so every net trained from scratch uses
+    # He's init on inputs scaled to about unit range (and no dropout, below). SGD, L2 and the
     # plateau rule stay the paper's.
     config.model.init = "he"
     config.input.pixel_std = (60.0, 60.0, 60.0)

@@ -97,7 +97,7 @@ def make_train_step(
         in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
-        compiler_options=cpu_compiler_options(),
+        compiler_options=cpu_compiler_options(model),
     )
 
 
@@ -111,12 +111,17 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(flags)).astype(jnp.float32) if flags else jnp.float32(1.0)
 
 
-def cpu_compiler_options() -> dict[str, str] | None:
-    """On CPU, turns off XLA's YNNPACK convolution fusion for the train step: its kernel-gradient
-    convolutions run 4-13x slower than the forward ones, and without it the VGG16 step is 1.4-1.5x
-    faster (bench/train_step.py, docs/performance.md). Experimental option: re-measure on jaxlib
-    upgrades."""
-    if jax.default_backend() != "cpu":
+# Nets at least this wide (a fraction of the paper's channels) train with YNNPACK fusion off.
+YNN_OFF_FROM_WIDTH = 0.5
+
+
+def cpu_compiler_options(model: models.VGG) -> dict[str, str] | None:
+    """On a CPU, XLA's YNNPACK convolution fusion is turned off for wide nets' train steps: their
+    kernel-gradient convolutions ran 4-13x slower than the forward ones, and without it the VGG16
+    step at batch 8 is 1.4x faster (Intel Xeon and AMD EPYC). Thin nets keep XLA's default: the
+    demo's net (1/8 width, 32-pixel crops) steps 1.25x faster with it on the AMD EPYC
+    (docs/performance.md, "CPU step options"). Experimental option: re-measure on upgrades."""
+    if jax.default_backend() != "cpu" or model.width < YNN_OFF_FROM_WIDTH:
         return None
     return {"xla_cpu_experimental_ynn_fusion_type": ""}
 
