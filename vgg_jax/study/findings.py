@@ -224,7 +224,7 @@ FINDINGS: tuple[Finding, ...] = (
     ),
     Finding(
         "fusion",
-        "Fusing D and E helps: the fusion below the better of the two",
+        "Fusing two nets helps (the paper: D and E): the fusion below the better of the two",
         "Table 6: D/E 24.4 alone, fused 23.7 (dense + multi-crop)",
         "lower",
         _fusion_pairs,
