@@ -1,7 +1,10 @@
 """Batches on the device: the decoded in-memory copy, the jitted augmentation (same pixels as the
 ``tf.data`` path's resize), exact resume, the kept validation batches and the prefetch thread."""
 
+import gc
 import itertools
+import threading
+import time
 
 import jax
 import numpy as np
@@ -16,6 +19,7 @@ from vgg_jax.data import (
     index,
     on_device,
     pipeline,
+    prefetch,
     progress,
     sources,
     transforms,
@@ -153,14 +157,34 @@ class ProgressLogTest(absltest.TestCase):
 
 class PrefetchTest(absltest.TestCase):
     def test_keeps_order_and_raises_the_producers_error(self):
-        self.assertEqual(list(on_device.prefetch(iter(range(10)), 2)), list(range(10)))
+        self.assertEqual(list(prefetch.prefetch(iter(range(10)), 2)), list(range(10)))
 
         def failing():
             yield 1
             raise ValueError("bad record")
 
         with self.assertRaisesRegex(ValueError, "bad record"):
-            list(on_device.prefetch(failing(), 2))
+            list(prefetch.prefetch(failing(), 2))
+
+    def test_starts_at_once_and_stops_when_dropped(self):
+        started, produced = threading.Event(), []
+
+        def endless():
+            started.set()
+            for i in itertools.count():
+                produced.append(i)
+                yield i
+
+        items = prefetch.prefetch(endless(), 2)
+        self.assertTrue(started.wait(5))  # running before anyone asked for an item
+        self.assertEqual(next(items), 0)
+        del items
+        gc.collect()
+        time.sleep(0.5)
+        count = len(produced)
+        time.sleep(0.5)
+        self.assertEqual(len(produced), count)
+        self.assertLess(count, 10)
 
 
 if __name__ == "__main__":

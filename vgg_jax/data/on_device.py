@@ -14,9 +14,7 @@ Either way a batch is a pure function of (seed, step), so resuming is bitwise.
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import jax
 import ml_collections
@@ -26,6 +24,7 @@ from jax.sharding import Mesh
 
 from vgg_jax import sharding
 from vgg_jax.data import augment, decoded, pipeline, sources
+from vgg_jax.data.prefetch import prefetch
 
 
 def uses_decoded_cache(config: ml_collections.ConfigDict) -> bool:
@@ -109,42 +108,6 @@ def _decoded_train_batches(config, start_step, mesh, input_convention) -> Iterat
             yield jitted(arrays, rows, halves)
 
     return batches()
-
-
-def prefetch(iterator: Iterable, size: int) -> Iterator:
-    """Runs ``iterator`` in a background thread, ``size`` items ahead (e.g. global batches put
-    on the device while the previous step runs)."""
-    items: queue.Queue = queue.Queue(maxsize=size)
-    done = object()
-    stop = threading.Event()
-
-    def produce():
-        try:
-            for item in iterator:
-                while not stop.is_set():
-                    try:
-                        items.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            items.put(done)
-        except BaseException as error:  # re-raised in the consumer
-            items.put(error)
-
-    thread = threading.Thread(target=produce, daemon=True, name="vgg_jax-prefetch")
-    thread.start()
-    try:
-        while True:
-            item = items.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
 
 
 class EvalBatchCache:

@@ -32,9 +32,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from vgg_jax import checkpoint, compile_cache, metrics, models, preemption, sharding, writers
+from vgg_jax.data import prefetch
 from vgg_jax.evaluation import methods, report
 
 METHODS = ("dense", "multi_crop", "dense+multi_crop")
+# Host batches each test scale's input pipeline runs ahead of the evaluator.
+INPUT_AHEAD = 2
 CHECKPOINT_CHOICES = ("latest", "best")
 COUNT_CHUNK = 8192  # rows per top-k count on the device
 PROGRESS_SECONDS = 30.0  # a pass over the split logs its progress and time left this often
@@ -445,11 +448,23 @@ def evaluate_net(
     examples = None
     scales = scales_needed(evals)
     started = time.perf_counter()
+    # Each scale's input starts one scale ahead, in the background: building a pipeline and
+    # decoding its first batches overlaps the previous scale's compute (data.prefetch.Prefetched).
+    ahead = [
+        prefetch.prefetch(batches(config, scale, net.input_convention), INPUT_AHEAD)
+        for scale in scales[:1]
+    ]
     for position, scale in enumerate(scales, start=1):
+        if position < len(scales):
+            ahead.append(
+                prefetch.prefetch(
+                    batches(config, scales[position], net.input_convention), INPUT_AHEAD
+                )
+            )
         outputs = evaluate_scale(
             net.params,
             functions,
-            batches(config, scale, net.input_convention),
+            ahead[position - 1],
             run,
             mesh,
             net.model.num_classes,
