@@ -96,7 +96,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def smoke_study():
     config = study_config.get_config("smoke")
     config.base.input.data_dir = fixtures.builtin_data_dir()
-    config.seeds = (0, 1)
+    config.seeds = (0,)  # the mechanism, not the accuracy: one seed (tests/ budget: 60 s)
     config.scales = ("small",)
     config.scale_settings.small.num_epochs = 2
     config.scale_settings.small.methods = ("dense", "multi_crop", "dense+multi_crop")
@@ -115,7 +115,7 @@ class SmokeStudyTest(absltest.TestCase):
         # An uninterrupted study.
         whole = orchestrate.run_study(config, os.path.join(root, "whole"))
         self.assertEqual(whole["runs_finished"], whole["runs_total"])
-        self.assertLen(whole["results"], 6)  # A, B x 2 seeds, 2 fusions
+        self.assertLen(whole["results"], 3)  # A, B and their fusion
 
         # Its first run again, first stopped in the middle: a checkpoint at step 5 of 10 (what a
         # kill between checkpoints leaves) and no results yet.
@@ -154,10 +154,10 @@ class SmokeStudyTest(absltest.TestCase):
         for title in ("## Findings", "## Table 3", "## Table 4", "## Table 5", "## Table 6"):
             self.assertIn(title, markdown)
         depth = next(f for f in whole["findings"] if f["key"] == "depth_a_b")
-        self.assertEqual(depth["pairs"], 2)
-        a = [whole["results"][f"paper/A/small/seed{s}"]["dense@single"] for s in (0, 1)]
-        b = [whole["results"][f"paper/B/small/seed{s}"]["dense@single"] for s in (0, 1)]
-        self.assertAlmostEqual(depth["mean_difference"], (a[0] - b[0] + a[1] - b[1]) / 2)
+        self.assertEqual(depth["pairs"], 1)
+        a = whole["results"]["paper/A/small/seed0"]["dense@single"]
+        b = whole["results"]["paper/B/small/seed0"]["dense@single"]
+        self.assertAlmostEqual(depth["mean_difference"], a - b)
         self.assertIn(depth["verdict"], markdown.split(depth["claim"])[1].split("\n")[0])
         for png in ("error_vs_depth.png", "curves.png"):
             with open(os.path.join(whole_dir, png), "rb") as f:
