@@ -29,7 +29,6 @@ Imports nothing from ``vgg_jax.data``, so TensorFlow need not be installed. PyTo
 from __future__ import annotations
 
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -40,6 +39,8 @@ from ml_collections import config_flags
 
 # Run from anywhere: the repository root holds ``vgg_jax`` and ``experiments``.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import machine  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. vgg16.py.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Global batch size.")
@@ -118,17 +119,6 @@ def forward_macs(model) -> int:
             )
             total += positions * (row.params - out_features)  # params less the biases
     return total
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def cpu_peak_estimate() -> tuple[float, str]:
@@ -273,7 +263,7 @@ def main(argv):
 
     device = mesh.devices.flat[0]
     if device.platform == "cpu":
-        device_text = f"cpu ({cpu_name()}, {len(os.sched_getaffinity(0))} cores)"
+        device_text = f"cpu ({machine.cpu_name()}, {len(os.sched_getaffinity(0))} cores)"
     else:
         device_text = f"{mesh.devices.size} x {device.device_kind}"
     step_s = statistics.median(times["jax"])
