@@ -97,7 +97,7 @@ def make_train_step(
         in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
-        compiler_options=cpu_compiler_options(model),
+        compiler_options=cpu_compiler_options(),
     )
 
 
@@ -111,17 +111,13 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(flags)).astype(jnp.float32) if flags else jnp.float32(1.0)
 
 
-# Nets at least this wide (a fraction of the paper's channels) train with YNNPACK fusion off.
-YNN_OFF_FROM_WIDTH = 0.5
-
-
-def cpu_compiler_options(model: models.VGG) -> dict[str, str] | None:
-    """On a CPU, XLA's YNNPACK convolution fusion is turned off for wide nets' train steps: their
-    kernel-gradient convolutions ran 4-13x slower than the forward ones, and without it the VGG16
-    step at batch 8 is 1.4x faster (Intel Xeon and AMD EPYC). Thin nets keep XLA's default: the
-    demo's net (1/8 width, 32-pixel crops) steps 1.25x faster with it on the AMD EPYC
-    (docs/performance.md, "CPU step options"). Experimental option: re-measure on upgrades."""
-    if jax.default_backend() != "cpu" or model.width < YNN_OFF_FROM_WIDTH:
+def cpu_compiler_options() -> dict[str, str] | None:
+    """On a CPU, turns off XLA's YNNPACK convolution fusion for the train step: its kernel-gradient
+    convolutions run 4-13x slower than the forward ones. Measured with and without it in one
+    process, alternating: the VGG16 step at batch 8 is 1.4x faster without it (Intel Xeon, AMD
+    EPYC), the demo's 1/8-width net at batch 64 1.1x faster (quiet AMD EPYC; docs/performance.md,
+    "CPU step options"). Experimental option: re-measure on jaxlib upgrades."""
+    if jax.default_backend() != "cpu":
         return None
     return {"xla_cpu_experimental_ynn_fusion_type": ""}
 
