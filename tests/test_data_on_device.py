@@ -157,34 +157,37 @@ class ProgressLogTest(absltest.TestCase):
 
 class PrefetchTest(absltest.TestCase):
     def test_keeps_order_and_raises_the_producers_error(self):
-        self.assertEqual(list(prefetch.prefetch(iter(range(10)), 2)), list(range(10)))
+        self.assertEqual(list(prefetch.Prefetched(iter(range(10)), 2)), list(range(10)))
 
         def failing():
             yield 1
             raise ValueError("bad record")
 
         with self.assertRaisesRegex(ValueError, "bad record"):
-            list(prefetch.prefetch(failing(), 2))
+            list(prefetch.Prefetched(failing(), 2))
 
     def test_starts_at_once_and_stops_when_dropped(self):
-        started, produced = threading.Event(), []
+        started = threading.Event()
 
         def endless():
             started.set()
-            for i in itertools.count():
-                produced.append(i)
-                yield i
+            yield from itertools.count()
 
-        items = prefetch.prefetch(endless(), 2)
+        def producers():
+            return [t for t in threading.enumerate() if t.name == "vgg_jax-prefetch"]
+
+        before = len(producers())
+        items = prefetch.Prefetched(endless(), 2)
         self.assertTrue(started.wait(5))  # running before anyone asked for an item
         self.assertEqual(next(items), 0)
+        self.assertLen(producers(), before + 1)
         del items
         gc.collect()
-        time.sleep(0.5)
-        count = len(produced)
-        time.sleep(0.5)
-        self.assertEqual(len(produced), count)
-        self.assertLess(count, 10)
+        deadline = time.monotonic() + 5
+        while len(producers()) > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # The producer, blocked on a full queue, has exited, not merely stopped producing.
+        self.assertLen(producers(), before)
 
 
 if __name__ == "__main__":

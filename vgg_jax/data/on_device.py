@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from vgg_jax import sharding
 from vgg_jax.data import augment, decoded, pipeline, sources
-from vgg_jax.data.prefetch import prefetch
+from vgg_jax.data.prefetch import Prefetched
 
 
 def uses_decoded_cache(config: ml_collections.ConfigDict) -> bool:
@@ -47,7 +47,7 @@ def train_batches(
     if uses_decoded_cache(config):
         return _decoded_train_batches(config, start_step, mesh, input_convention)
     host = pipeline.train_batches(config, start_step, input_convention=input_convention)
-    return prefetch((sharding.global_batch(b, mesh) for b in host), max(1, config.input.prefetch))
+    return Prefetched((sharding.global_batch(b, mesh) for b in host), max(1, config.input.prefetch))
 
 
 def _decoded_train_batches(config, start_step, mesh, input_convention) -> Iterator[dict]:
@@ -124,7 +124,7 @@ class EvalBatchCache:
             return
         kept, size = [], 0
         host = pipeline.eval_batches(self.config, self.scale)
-        for batch in prefetch((sharding.global_batch(b, self.mesh) for b in host), 2):
+        for batch in Prefetched((sharding.global_batch(b, self.mesh) for b in host), 2):
             size += sum(v.nbytes for v in batch.values())
             if kept is not None and size <= self.max_bytes:
                 kept.append(batch)

@@ -70,8 +70,3 @@ def _produce(iterable: Iterable, items: queue.Queue, stop: threading.Event) -> N
         put(_DONE)
     except BaseException as error:  # re-raised in the consumer
         put(error)
-
-
-def prefetch(iterable: Iterable, size: int) -> Prefetched:
-    """``Prefetched(iterable, size)``: started at once, ``size`` items ahead."""
-    return Prefetched(iterable, size)

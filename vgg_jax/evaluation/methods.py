@@ -275,7 +275,8 @@ class CompiledFunctions:
                 self._jitted[name] = jax.jit(
                     function, in_shardings=(param_shardings, batch, batch), out_shardings=batch
                 )
-        self._compiled: dict[tuple, Any] = {}
+        self._programs: dict[tuple, Any] = {}  # (jitted key, argument shapes) -> executable
+        self._executables: dict[tuple, Any] = {}  # (name, batch shapes) -> what compile returns
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -284,24 +285,33 @@ class CompiledFunctions:
     @property
     def compilations(self) -> int:
         """Programs compiled so far (a crop method's cut programs and its one classifier count)."""
-        return len(self._compiled)
+        return len(self._programs)
 
-    def _program(self, key: Any, *args) -> Any:
-        shapes = tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args))
-        if (key, shapes) not in self._compiled:
-            self._compiled[key, shapes] = self._jitted[key].lower(*args).compile()
-        return self._compiled[key, shapes]
+    def _program(self, key: Any, params: Any, *batch_args) -> Any:
+        """``key``'s executable for these batch arguments' shapes (the parameters' never change)."""
+        shapes = tuple((a.shape, str(a.dtype)) for a in batch_args)
+        if (key, shapes) not in self._programs:
+            args = batch_args if params is None else (params, *batch_args)
+            self._programs[key, shapes] = self._jitted[key].lower(*args).compile()
+        return self._programs[key, shapes]
 
     def compile(self, name: str, params: Any, images: jax.Array, sizes: jax.Array) -> Any:
         """The executable for this function and batch shape, compiled on first use: a callable
         ``(params, images, sizes) -> rows``."""
         if name not in self._methods:
             raise ValueError(f"Unknown function {name!r}; valid: {list(self._methods)}")
-        method = self._methods[name]
-        if not isinstance(method, CropMethod):
-            return self._program(name, params, images, sizes)
+        key = (name, images.shape, str(images.dtype), sizes.shape)
+        if key not in self._executables:
+            method = self._methods[name]
+            if isinstance(method, CropMethod):
+                self._executables[key] = self._crop_executable(name, method, params, images, sizes)
+            else:
+                self._executables[key] = self._program(name, params, images, sizes)
+        return self._executables[key]
+
+    def _crop_executable(self, name, method: CropMethod, params, images, sizes):
         position = jax.ShapeDtypeStruct((), jnp.int32, sharding=self._replicated)
-        cut = self._program((name, "cut"), images, sizes, position)
+        cut = self._program((name, "cut"), None, images, sizes, position)
         crops = jax.eval_shape(method.cut, images, sizes, position)
         crops = jax.ShapeDtypeStruct(crops.shape, crops.dtype, sharding=self._batch)
         total = jax.ShapeDtypeStruct(

@@ -448,23 +448,21 @@ def evaluate_net(
     examples = None
     scales = scales_needed(evals)
     started = time.perf_counter()
+
     # Each scale's input starts one scale ahead, in the background: building a pipeline and
-    # decoding its first batches overlaps the previous scale's compute (data.prefetch.Prefetched).
-    ahead = [
-        prefetch.prefetch(batches(config, scale, net.input_convention), INPUT_AHEAD)
-        for scale in scales[:1]
-    ]
+    # decoding its first batches overlaps the previous scale's compute (prefetch.Prefetched).
+    def scale_input(scale: int) -> prefetch.Prefetched:
+        return prefetch.Prefetched(batches(config, scale, net.input_convention), INPUT_AHEAD)
+
+    upcoming = scale_input(scales[0])
     for position, scale in enumerate(scales, start=1):
+        current = upcoming
         if position < len(scales):
-            ahead.append(
-                prefetch.prefetch(
-                    batches(config, scales[position], net.input_convention), INPUT_AHEAD
-                )
-            )
+            upcoming = scale_input(scales[position])
         outputs = evaluate_scale(
             net.params,
             functions,
-            ahead[position - 1],
+            current,
             run,
             mesh,
             net.model.num_classes,

@@ -143,6 +143,22 @@ def _run_workdir(workdir: str, arm: str, net: str, scale: str, seed: int) -> str
     return os.path.join(workdir, "runs", arm, net, scale, f"seed{seed}")
 
 
+def _make_run(
+    workdir: str,
+    arm: str,
+    net: str,
+    scale: str,
+    seed: int,
+    config: ml_collections.ConfigDict,
+    depends_on: tuple[str, ...] = (),
+    fusion: tuple[str, ...] = (),
+) -> Run:
+    """A run named and placed (``runs/<arm>/<net>/<scale>/seed<k>``) by what it is."""
+    run_workdir = _run_workdir(workdir, arm, net, scale, seed)
+    name = run_name(arm, net, scale, seed)
+    return Run(name, arm, net, scale, seed, run_workdir, config, depends_on, fusion)
+
+
 def _main_run(study, workdir: str, net: str, scale: str, seed: int) -> Run:
     config = run_config(study, net, scale, seed)
     source_scale = _scale_setting(study, scale).fine_tune_from
@@ -157,16 +173,7 @@ def _main_run(study, workdir: str, net: str, scale: str, seed: int) -> Run:
         depends = (run_name(MAIN_ARM, "A", scale, seed),)
     else:
         config.init_from.mode = "none"
-    return Run(
-        run_name(MAIN_ARM, net, scale, seed),
-        MAIN_ARM,
-        net,
-        scale,
-        seed,
-        _run_workdir(workdir, MAIN_ARM, net, scale, seed),
-        config,
-        depends,
-    )
+    return _make_run(workdir, MAIN_ARM, net, scale, seed, config, depends)
 
 
 def _arm_runs(study, workdir: str, arm: str, seed: int) -> list[Run]:
@@ -182,17 +189,7 @@ def _arm_runs(study, workdir: str, arm: str, seed: int) -> list[Run]:
         for net in setting.nets:
             config = run_config(study, net, scale, seed, setting.overrides)
             config.init_from.mode = "none"
-            runs.append(
-                Run(
-                    run_name(arm, net, scale, seed),
-                    arm,
-                    net,
-                    scale,
-                    seed,
-                    _run_workdir(workdir, arm, net, scale, seed),
-                    config,
-                )
-            )
+            runs.append(_make_run(workdir, arm, net, scale, seed, config))
     return runs
 
 
@@ -205,14 +202,4 @@ def _fusion_run(study, workdir: str, fused: tuple[str, ...], seed: int) -> Run:
     first = run_config(study, fused[0], scale, seed)
     first.evals.fusion_workdirs = workdirs[1:]
     label = "+".join(fused)
-    return Run(
-        run_name("fusion", label, scale, seed),
-        "fusion",
-        label,
-        scale,
-        seed,
-        os.path.join(workdir, "runs", "fusion", label, scale, f"seed{seed}"),
-        first,
-        names,
-        workdirs,
-    )
+    return _make_run(workdir, "fusion", label, scale, seed, first, names, workdirs)
