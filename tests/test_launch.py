@@ -90,6 +90,15 @@ class LibraryInfoFilterTest(absltest.TestCase):
         ours.msg = cli.EXPECTED_WARNINGS[0]
         self.assertTrue(keep(ours))
         self.assertTrue(keep(self.record(logging.INFO, os.path.join(ROOT, "vgg_jax", "train.py"))))
+        # TFDS's warning for every image folder's builder is expected; its other warnings stay.
+        keep_tfds = cli.LibraryInfoFilter(("tensorflow_datasets",)).filter
+        tfds_file = os.path.join(os.sep, "site-packages", "tensorflow_datasets", "core", "b.py")
+        custom = self.record(logging.WARNING, tfds_file)
+        custom.msg = "Using custom data configuration: FolderConfig(name='photos_1234')"
+        self.assertFalse(keep_tfds(custom))
+        other = self.record(logging.WARNING, tfds_file)
+        other.msg = "Dataset is using deprecated text encoder API."
+        self.assertTrue(keep_tfds(other))
         # A file merely named like the package is not inside it.
         self.assertTrue(keep(self.record(logging.INFO, os.path.join(ROOT, "orbax_notes.py"))))
 

@@ -18,7 +18,10 @@ MODES = list(checks.MODES)
 QUIET_PACKAGES = ("orbax", "tensorflow_datasets")
 # Their warnings about what this project does on purpose (vgg_jax/checkpoint.py drops them from
 # library use too).
-EXPECTED_WARNINGS = checkpoint.EXPECTED_ORBAX_WARNINGS
+# TFDS warns each time a builder with a config it has not registered is made (every image
+# folder's, several times a run) and once while preparing a dataset for the first time.
+EXPECTED_TFDS_WARNINGS = ("Using custom data configuration", "has no dataset_info.json")
+EXPECTED_WARNINGS = (*checkpoint.EXPECTED_ORBAX_WARNINGS, *EXPECTED_TFDS_WARNINGS)
 # JAX's INFO line on every start without a TPU ("Unable to initialize backend 'tpu': ... libtpu.so")
 # is the normal case on CPU and GPU machines; absl's INFO verbosity would print it.
 JAX_BACKEND_LOGGER = "jax._src.xla_bridge"
