@@ -11,17 +11,19 @@ The loop is the project's ``training.loop.train`` (input pipeline, step, logging
 ``log_every_steps``, per-epoch validation, checkpoints at the config's cadence) in a fresh workdir
 for ``--epochs`` epochs, ``--rounds`` times. At the end of every epoch the bench runs the bare step
 (the same jitted step fed one synthetic batch already on the device, waited for once at the end)
-for one epoch's worth of steps, so loop and step alternate epoch by epoch. Each epoch after the
-first two of a run (the first steps and validations compile; from epoch 3 on an epoch also pays
-the previous epoch's validation and checkpoint) gives two ratios, bare-step time over loop time:
-by the wall clock, and by the CPU time of the process (all its threads). The headline ``loop/step``
-is the CPU-time median: on a shared machine the wall clock measures the share of the cores the
-process got (a pipeline with more threads gets a larger share of a loaded machine), CPU time the
-work per image, which is what a machine of one's own turns into speed. Each line names the CPU
-model, vector ISA and load; both medians are printed with and without the validations' time.
-``--cifar_like=DIR`` trains on an image folder of 32x32
-JPEGs generated into DIR (the built-in shapes drawn small, ``--cifar_like_train`` per class);
-``--image_sizes=imagenet`` draws the built-in images at ImageNet-like sizes instead.
+for one epoch's worth of steps, so loop and step alternate epoch by epoch. The epochs after the
+first 1 + ``evals.every_epochs`` of a run (the first steps compile, and so does the first
+validation, which runs at the start of the next epoch's interval: an epoch pays the validation and
+checkpoint that end the epoch before it) give two ratios, bare-step time over loop time
+summed over those epochs (a whole number of validation intervals, ``evals.every_epochs``): by the
+wall clock, and by the CPU time of the process (all its threads). The headline ``loop/step`` is
+the CPU-time median over the runs: on a shared machine the wall clock measures the share of the
+cores the process got (a pipeline with more threads gets a larger share of a loaded machine), CPU
+time the work per image, which is what a machine of one's own turns into speed. Each line names
+the CPU model, vector ISA and load; both medians are printed with and without the validations'
+time. ``--cifar_like=DIR`` trains on an image folder of 32x32 JPEGs generated into DIR (the
+built-in shapes drawn small, ``--cifar_like_train`` per class); ``--image_sizes=imagenet``
+draws the built-in images at ImageNet-like sizes instead.
 """
 
 from __future__ import annotations
@@ -42,8 +44,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import machine  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. demo.py.")
-_ROUNDS = flags.DEFINE_integer("rounds", 2, "Loop runs (fresh workdirs).")
-_EPOCHS = flags.DEFINE_integer("epochs", 5, "Epochs per loop run; the first two are not timed.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Loop runs (fresh workdirs).")
+_EPOCHS = flags.DEFINE_integer(
+    "epochs",
+    None,
+    "Epochs per loop run; the first 1 + evals.every_epochs are not timed (default: then 2 "
+    "validation intervals).",
+)
 _CIFAR_LIKE = flags.DEFINE_string(
     "cifar_like", None, "Train on a generated folder of 32x32 JPEGs in this directory."
 )
@@ -184,11 +191,16 @@ def main(argv):
         config.input.folder = _CIFAR_LIKE.value
         config.input.data_dir = os.path.join(_CIFAR_LIKE.value + "_tfds")
     if _IMAGE_SIZES.value == "imagenet":
-        from vgg_jax.data import builtin
+        from vgg_jax.data import shapes
 
-        builtin.SHORT_SIDE = (256, 400)  # stored sizes like ImageNet's (median about 500x375)
+        shapes.SHORT_SIDE = (256, 400)  # stored sizes like ImageNet's (median about 500x375)
         config.input.data_dir = os.path.join(config.input.data_dir or ".", "imagenet_like")
-    config.schedule.num_epochs = _EPOCHS.value
+    every = config.evals.every_epochs
+    untimed = 1 + every
+    epochs = _EPOCHS.value or untimed + 2 * every
+    if epochs <= untimed or (epochs - untimed) % every:
+        raise app.UsageError(f"--epochs={epochs}: not {untimed} + a multiple of {every}")
+    config.schedule.num_epochs = epochs
     start = time.perf_counter()
     data.prepare(config)
     prepare_s = time.perf_counter() - start
@@ -238,12 +250,12 @@ def main(argv):
             torch_times.clear()
             loop.train(config, workdir)
             shutil.rmtree(workdir)
-            for k in range(2, len(ends)):
+            for k in range(untimed, len(ends)):
                 (*_, previous), (_, before, after, _) = ends[k - 1], ends[k]
                 loop_time = (before[0] - previous[0], before[1] - previous[1])
                 bare_time = (after[0] - before[0], after[1] - before[1])
                 validation = validations.get(k, (0.0, 0.0))
-                figures.append((loop_time, validation, bare_time, torch_times.get(k)))
+                figures.append((r, loop_time, validation, bare_time, torch_times.get(k)))
                 print(
                     f"run {r + 1} epoch {k + 1}: "
                     + ", ".join(
@@ -266,21 +278,27 @@ def main(argv):
         shutil.rmtree(root, ignore_errors=True)
 
     def median_ratio(i: int, without_validation: bool) -> float:
-        return statistics.median(
-            bare[i] / (spent[i] - (validation[i] if without_validation else 0.0))
-            for spent, validation, bare, _ in figures
-        )
+        """Over the runs, the median of (bare time summed) / (loop time summed), column ``i``
+        (0 wall clock, 1 CPU time); the validations' time left out if asked."""
+        ratios = []
+        for r in range(_ROUNDS.value):
+            rows = [f for f in figures if f[0] == r]
+            bare = sum(f[3][i] for f in rows)
+            spent = sum(f[1][i] - (f[2][i] if without_validation else 0.0) for f in rows)
+            ratios.append(bare / spent)
+        return statistics.median(ratios)
 
     images = steps_per_epoch * batch
     fields = [
         f"net={config.model.name} width={config.model.width:g} crop={config.input.crop_size}",
         f"batch={batch} dataset={config.input.dataset}",
         f"decoded_in_memory={cached}",
-        f"steps/epoch={steps_per_epoch}, epochs 3-{_EPOCHS.value} of {_ROUNDS.value} runs",
-        f"loop_images/s median={statistics.median(images / f[0][0] for f in figures):.0f}",
-        f"bare_step_images/s median={statistics.median(images / f[2][0] for f in figures):.0f}",
-        f"validation share of the loop's CPU time="
-        f"{statistics.median(f[1][1] / f[0][1] for f in figures):.2f}",
+        f"steps/epoch={steps_per_epoch}, validation every {every} epochs,",
+        f"epochs {untimed + 1}-{epochs} of {_ROUNDS.value} runs",
+        f"loop_images/s median={statistics.median(images / f[1][0] for f in figures):.0f}",
+        f"bare_step_images/s median={statistics.median(images / f[3][0] for f in figures):.0f}",
+        "validation share of the loop's CPU time="
+        f"{sum(f[2][1] for f in figures) / sum(f[1][1] for f in figures):.2f}",
         f"prepare_s={prepare_s:.0f}",
         f"machine={machine.describe()}",
     ]
@@ -299,8 +317,8 @@ def main(argv):
         import torch
 
         for i, what in enumerate(("wall-clock", "CPU-time")):
-            with_validation = statistics.median(t[i] / f[i] for f, _, _, t in figures)
-            without = statistics.median(t[i] / (f[i] - v[i]) for f, v, _, t in figures)
+            with_validation = statistics.median(t[i] / f[i] for _, f, _, _, t in figures)
+            without = statistics.median(t[i] / (f[i] - v[i]) for _, f, v, _, t in figures)
             print(
                 f"{what} loop/pytorch_loop: {with_validation:.2f} ({without:.2f} without "
                 f"validation; torch {torch.__version__}, {torch.get_num_threads()} threads, "

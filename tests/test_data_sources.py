@@ -3,6 +3,7 @@
 import os
 import shutil
 import tempfile
+from unittest import mock
 
 import numpy as np
 from absl.testing import absltest
@@ -11,7 +12,7 @@ from tests import testdata
 from vgg_jax import data
 from vgg_jax.configs import demo as demo_defaults
 from vgg_jax.configs import paper
-from vgg_jax.data import builtin, folder, pipeline
+from vgg_jax.data import builtin, folder, pipeline, shapes
 
 
 class BuiltinTest(absltest.TestCase):
@@ -25,19 +26,35 @@ class BuiltinTest(absltest.TestCase):
         val, _ = builtin.draw_example(0, "validation", 17)
         self.assertFalse(val.shape == a.shape and np.array_equal(val, a))
 
+    def test_worker_processes_draw_the_same_images(self):
+        """The larger splits are drawn by spawned workers: same images, same order, and the
+        short-side range read at the call (the bench sets ImageNet-like sizes) reaches them."""
+        with (
+            mock.patch.object(shapes, "PARALLEL_FROM", 4),
+            mock.patch.object(shapes, "SHORT_SIDE", (20, 24)),
+            mock.patch.object(shapes.os, "cpu_count", return_value=2),
+        ):
+            drawn = list(shapes.draw_split(3, "validation", 6))
+        self.assertLen(drawn, 6)
+        for index, (image, label) in enumerate(drawn):
+            expected, expected_label = shapes.draw_example(3, "validation", index, (20, 24))
+            np.testing.assert_array_equal(image, expected)
+            self.assertEqual(label, expected_label)
+            self.assertBetween(min(image.shape[:2]), 20, 24)
+
     def test_sizes_classes_and_colour_carry_no_label(self):
-        shapes, labels, colours = [], [], []
+        sizes, labels, colours = [], [], []
         for i in range(200):
             image, label = builtin.draw_example(0, "train", i)
-            shapes.append(image.shape)
+            sizes.append(image.shape)
             labels.append(label)
             colours.append(image.reshape(-1, 3).mean(0))
-        short = np.array([min(s[:2]) for s in shapes])
-        aspect = np.array([max(s[:2]) / min(s[:2]) for s in shapes])
+        short = np.array([min(s[:2]) for s in sizes])
+        aspect = np.array([max(s[:2]) / min(s[:2]) for s in sizes])
         self.assertTrue(np.all((short >= 48) & (short <= 128)))
         self.assertTrue(np.all(aspect <= builtin.MAX_ASPECT + 0.02))
         self.assertGreater(aspect.std(), 0.1)  # varied aspect ratios, both orientations
-        self.assertTrue(any(s[0] > s[1] for s in shapes) and any(s[0] < s[1] for s in shapes))
+        self.assertTrue(any(s[0] > s[1] for s in sizes) and any(s[0] < s[1] for s in sizes))
         self.assertEqual(sorted(set(labels)), list(range(len(builtin.CLASS_NAMES))))
         # Nearest-class-mean on mean colour is no better than chance (10%) by a wide margin.
         colours, labels = np.array(colours), np.array(labels)
@@ -60,7 +77,7 @@ class BuiltinTest(absltest.TestCase):
         config.input.update(values["input"])  # unknown keys would raise
         config.evals.update(values["evals"])
         pipeline.check_input_config(config.input)
-        self.assertLessEqual(config.input.train_scale_max, builtin.SHORT_SIDE[0] + 16)
+        self.assertLessEqual(config.input.train_scale_max, shapes.SHORT_SIDE[0] + 16)
 
 
 class ImageFolderTest(absltest.TestCase):

@@ -247,6 +247,25 @@ class DatasetLevelTest(absltest.TestCase):
         np.testing.assert_array_equal(schedule[1].ids, [0, -1, -1, -1])
         np.testing.assert_array_equal(schedule[1].sizes[0], [60, 30])
 
+    def test_eval_schedule_takes_examples_evenly_spaced(self):
+        """The per-epoch validation's subset: every 4th of 20 examples recorded class by class
+        (as an image folder's are), so each class keeps its share."""
+        n = 20
+        split_index = index.SplitIndex(
+            fmt=np.zeros(n, np.uint8),
+            height=np.full(n, 40, np.int32),
+            width=np.full(n, 60, np.int32),
+            channels=np.full(n, 3, np.uint8),
+            truncated=np.zeros(n, bool),
+            label=np.repeat(np.arange(5, dtype=np.int32), 4),
+        )
+        subset = pipeline.eval_schedule(split_index, 30, 4, 16, examples=5)
+        ids = np.concatenate([b.ids for b in subset])
+        np.testing.assert_array_equal(np.sort(ids[ids >= 0]), [0, 4, 8, 12, 16])
+        np.testing.assert_array_equal(np.sort(split_index.label[ids[ids >= 0]]), np.arange(5))
+        whole = pipeline.eval_schedule(split_index, 30, 4, 16, examples=n + 1)
+        self.assertLen(np.concatenate([b.ids for b in whole]), n)
+
 
 if __name__ == "__main__":
     absltest.main()

@@ -43,6 +43,7 @@ def overrides(data_dir: str) -> dict:
         "ckpt.every_steps": 1000,  # checkpoints only at validations (each epoch), stops, the end
         "ckpt.keep": 2,
         "log_every_steps": 5,
+        "evals.every_epochs": 1,  # the demo validates every 2 epochs
         "evals.poll_seconds": 1,
         "evals.watch_timeout_seconds": 600,
     }

@@ -39,6 +39,7 @@ def overrides(data_dir: str, **extra) -> dict:
         "ckpt.every_steps": 1,
         "ckpt.keep": 2,
         "log_every_steps": 5,
+        "evals.every_epochs": 1,  # the demo validates every 2 epochs
     }
     values.update(extra)
     return values
@@ -118,6 +119,21 @@ class TrainLoopTest(absltest.TestCase):
         self.assertTrue(os.listdir(os.path.join(self.reference_dir, "tensorboard")))
         with open(os.path.join(self.reference_dir, "metrics.jsonl")) as f:
             self.assertIn("val_top1_accuracy", f.read())
+
+    def test_a_validation_saves_only_a_new_best(self):
+        """With a rate too small to change any prediction, only the first validation is a new
+        best: it and the end are saved, not the validations between (no periodic saves)."""
+        workdir = self.create_tempdir().full_path
+        config = loop_config(
+            self.data_dir, **{"optim.learning_rate": 1e-9, "ckpt.every_steps": 1000}
+        )
+        config.ckpt.keep = 3
+        loop.train(config, workdir)
+        steps_per_epoch = TRAIN_SIZE // BATCH
+        self.assertEqual(checkpoint.available_steps(workdir), [steps_per_epoch, TOTAL_STEPS])
+        _, _, meta = checkpoint.restore_params(workdir)
+        first = checkpoint.restore_params(workdir, steps_per_epoch)[2]["validation"]
+        self.assertEqual(meta["best_val_top1"], first["val_top1_accuracy"])
 
     def test_evaluation_feeds_each_net_its_trained_convention(self):
         """The demo trains with input.pixel_std 60: the checkpoint carries mean and std, and an

@@ -191,6 +191,9 @@ def _check_training(p: _Problems) -> None:
     p.number("schedule.plateau_factor", lambda x: 0 < x <= 1, "must be in (0, 1]")
     p.number("schedule.warmup_epochs", lambda x: x >= 0, "must be >= 0")
     p.number("evals.every_epochs", lambda x: int(x) == x and x >= 1, "must be a whole number >= 1")
+    p.number(
+        "evals.validation_examples", lambda x: int(x) == x and x >= 0, "must be a whole number >= 0"
+    )
     p.number("ckpt.every_steps", lambda x: int(x) == x and x >= 1, "must be a whole number >= 1")
     p.number("ckpt.keep", lambda x: int(x) == x and x >= 1, "must be a whole number >= 1")
     p.number("log_every_steps", lambda x: int(x) == x and x >= 1, "must be a whole number >= 1")

@@ -112,6 +112,7 @@ def eval_config(scale: dict) -> ml_collections.ConfigDict:
             flip=True,  # average each image (and each crop) with its horizontal flip
             multi_crop_grid=5,  # crops per side at each Q: 5x5 grid x 2 flips = 50 (150 for 3 Q)
             every_epochs=1,  # validation during training
+            validation_examples=0,  # ... on this many of eval_split, evenly spaced (0: all)
             checkpoint="latest",  # latest, best, or a step number, for --mode=evaluate
             # A checkpoint of another net than model.* describes, or with another class count
             # than the dataset, is an error unless this is True (then the checkpoint's net is

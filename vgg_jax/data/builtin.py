@@ -8,9 +8,10 @@ side and its centre is anywhere it fits, so scales vary 3x and positions widely 
 one scale sees the others rarely: the setting where the paper's scale jittering and multi-scale
 testing pay off. Image sides: short side 48-128 px, aspect ratio 1-1.6 in either orientation.
 
-Every image is a pure function of (seed, split, index): ``numpy.random.default_rng`` keyed by all
-three, so the dataset is the same on every machine and in any generation order. Stored through
-TFDS (``array_record``, features ``image`` (JPEG) and ``label``) like ImageNet.
+Every image is a pure function of (seed, split, index), drawn by ``shapes.py`` (one worker
+process per core for the larger splits), so the dataset is the same on every machine and in any
+generation order. Stored through TFDS (``array_record``, features ``image`` (JPEG) and
+``label``) like ImageNet.
 """
 
 from __future__ import annotations
@@ -21,149 +22,16 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vgg_jax.data import shapes
 from vgg_jax.data.progress import ProgressLog
 
-CLASS_NAMES = (
-    "disk",
-    "ring",
-    "square",
-    "frame",
-    "diamond",
-    "triangle",
-    "plus",
-    "cross",
-    "star",
-    "crescent",
-)
-SHORT_SIDE = (48, 128)  # pixels, uniform
-MAX_ASPECT = 1.6  # long side / short side, log-uniform in [1, MAX_ASPECT]
-OBJECT_RADIUS = (0.15, 0.45)  # fraction of the short side, log-uniform
-MAX_ROTATION = np.deg2rad(20.0)  # small, so square and diamond stay distinct classes
+# The dataset's classes and images (drawn by shapes.py), under the dataset's name.
+CLASS_NAMES, MAX_ASPECT, draw_example = shapes.CLASS_NAMES, shapes.MAX_ASPECT, shapes.draw_example
+
 JPEG_QUALITY = 90
-SPLIT_IDS = {"train": 0, "validation": 1}
 
 # Sizes by name: ``config.input.builtin_size``.
 SIZES = {"full": (5000, 1000), "small": (1000, 200), "tiny": (100, 40)}
-
-
-def _shape_distance(label: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Approximate signed distance to the class's outline, in units of the object radius
-    (negative inside). ``u`` right, ``v`` down, both already rotated and scaled."""
-    radius = np.hypot(u, v)
-    name = CLASS_NAMES[label]
-    if name == "disk":
-        return radius - 1.0
-    if name == "ring":
-        return np.abs(radius - 0.72) - 0.25
-    if name == "square":
-        return np.maximum(np.abs(u), np.abs(v)) - 0.8
-    if name == "frame":
-        return np.abs(np.maximum(np.abs(u), np.abs(v)) - 0.68) - 0.18
-    if name == "diamond":
-        return (np.abs(u) + np.abs(v) - 1.0) / np.sqrt(2.0)
-    if name == "triangle":  # apex up
-        edges = [np.cos(a) * u + np.sin(a) * v for a in np.deg2rad([90.0, 210.0, 330.0])]
-        return np.max(edges, axis=0) - 0.5
-    if name in ("plus", "cross"):
-        if name == "cross":
-            u, v = (u - v) / np.sqrt(2.0), (u + v) / np.sqrt(2.0)
-        bar = lambda a, b: np.maximum(np.abs(a) - 1.0, np.abs(b) - 0.28)
-        return np.minimum(bar(u, v), bar(v, u))
-    if name == "star":  # five points, one up
-        angle = np.arctan2(u, -v) * 5.0 / (2.0 * np.pi)
-        to_tip = np.abs(angle - np.round(angle)) * 2.0  # 0 at a tip, 1 between tips
-        return radius - (1.0 - 0.58 * to_tip)
-    if name == "crescent":
-        return np.maximum(radius - 1.0, 0.78 - np.hypot(u - 0.5, v + 0.15))
-    raise ValueError(f"No shape for label {label}.")
-
-
-def _colour_field(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A smooth random colour background: a coarse random grid, bilinearly upsampled."""
-    grid_h, grid_w = rng.integers(2, 6, size=2)
-    grid = rng.uniform(0, 255, size=(grid_h, grid_w, 3))
-    rows = np.interp(np.linspace(0, grid_h - 1, height), np.arange(grid_h), np.arange(grid_h))
-    cols = np.interp(np.linspace(0, grid_w - 1, width), np.arange(grid_w), np.arange(grid_w))
-    r0, c0 = np.floor(rows).astype(int), np.floor(cols).astype(int)
-    r1, c1 = np.minimum(r0 + 1, grid_h - 1), np.minimum(c0 + 1, grid_w - 1)
-    fr, fc = (rows - r0)[:, None, None], (cols - c0)[None, :, None]
-    top = grid[r0][:, c0] * (1 - fc) + grid[r0][:, c1] * fc
-    bottom = grid[r1][:, c0] * (1 - fc) + grid[r1][:, c1] * fc
-    return top * (1 - fr) + bottom * fr
-
-
-def _paint(canvas: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> None:
-    canvas += alpha[..., None] * (colour - canvas)
-
-
-def _window(centre, half_extent, shape) -> tuple[slice, slice]:
-    """The pixel rows and columns within ``half_extent`` of ``centre``, clipped to the image."""
-    (cy, cx), (hy, hx) = centre, half_extent
-    rows = slice(max(int(cy - hy), 0), min(int(cy + hy) + 2, shape[0]))
-    cols = slice(max(int(cx - hx), 0), min(int(cx + hx) + 2, shape[1]))
-    return rows, cols
-
-
-def _segment_distance(ys, xs, p0, p1) -> np.ndarray:
-    d = p1 - p0
-    t = np.clip(((ys - p0[0]) * d[0] + (xs - p0[1]) * d[1]) / max(float(d @ d), 1e-6), 0.0, 1.0)
-    return np.hypot(ys - (p0[0] + t * d[0]), xs - (p0[1] + t * d[1]))
-
-
-def _add_clutter(rng: np.random.Generator, canvas: np.ndarray, ys, xs, short: int) -> None:
-    """Thin line segments and small blobs of random colours: edges everywhere, none of them a
-    class shape at object scale. Each is drawn only inside its bounding box."""
-    height, width = canvas.shape[:2]
-    for _ in range(rng.integers(4, 14)):
-        colour = rng.uniform(0, 255, size=3).astype(np.float32)
-        if rng.random() < 0.6:
-            p0 = rng.uniform((0, 0), (height, width))
-            p1 = p0 + rng.normal(0.0, 0.35 * short, size=2)
-            half_width = rng.uniform(0.4, 1.3)
-            window = _window((p0 + p1) / 2, np.abs(p1 - p0) / 2 + half_width + 1, canvas.shape)
-            distance = _segment_distance(ys[window], xs[window], p0, p1)
-            alpha = np.clip(half_width + 0.5 - distance, 0.0, 1.0)
-        else:
-            centre = rng.uniform((0, 0), (height, width))
-            radii = rng.uniform(0.015, 0.06, size=2) * short
-            window = _window(centre, radii + 1, canvas.shape)
-            dist = np.hypot(
-                (ys[window] - centre[0]) / radii[0], (xs[window] - centre[1]) / radii[1]
-            )
-            alpha = np.clip((1.0 - dist) * radii.min() + 0.5, 0.0, 1.0)
-        _paint(canvas[window], alpha * np.float32(rng.uniform(0.5, 1.0)), colour)
-
-
-def draw_example(seed: int, split: str, index: int) -> tuple[np.ndarray, int]:
-    """One image (uint8 [H, W, 3]) and its label; a pure function of its arguments."""
-    rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
-    label = int(rng.integers(len(CLASS_NAMES)))
-    short = int(rng.integers(SHORT_SIDE[0], SHORT_SIDE[1] + 1))
-    long = int(round(short * np.exp(rng.uniform(0.0, np.log(MAX_ASPECT)))))
-    height, width = (short, long) if rng.random() < 0.5 else (long, short)
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
-
-    canvas = _colour_field(rng, height, width).astype(np.float32)
-    _add_clutter(rng, canvas, ys, xs, short)
-
-    radius = short * np.exp(rng.uniform(*np.log(OBJECT_RADIUS)))
-    centre_y = rng.uniform(min(radius, height / 2), max(height - radius, height / 2))
-    centre_x = rng.uniform(min(radius, width / 2), max(width - radius, width / 2))
-    angle = rng.uniform(-MAX_ROTATION, MAX_ROTATION)
-    cos, sin = np.cos(angle), np.sin(angle)
-    dy, dx = (ys - centre_y) / radius, (xs - centre_x) / radius
-    u, v = cos * dx + sin * dy, -sin * dx + cos * dy
-    alpha = np.clip(0.5 - _shape_distance(label, u, v) * radius, 0.0, 1.0)
-    # The object's colour is random but kept away from the background behind it.
-    behind = canvas[alpha > 0.5].mean(axis=0) if (alpha > 0.5).any() else canvas.mean((0, 1))
-    colour = rng.uniform(0, 255, size=3)
-    if np.abs(colour - behind).max() < 60:
-        colour = np.where(behind > 127, behind - 110, behind + 110)
-    shading = 1.0 + 0.15 * (u * rng.normal() + v * rng.normal())[..., None]
-    canvas += alpha[..., None] * (np.clip(colour * shading, 0, 255) - canvas)
-
-    canvas += rng.normal(0.0, rng.uniform(0.0, 10.0), size=canvas.shape).astype(np.float32)
-    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), label
 
 
 def encode_jpeg(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
@@ -218,9 +86,9 @@ class VggJaxShapes(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str, count: int):
         report = ProgressLog(f"Generating the built-in {split} split", count)
-        for index in range(count):
+        drawn = shapes.draw_split(self.builder_config.seed, split, count)
+        for index, (image, label) in enumerate(drawn):
             report.update(index)
-            image, label = draw_example(self.builder_config.seed, split, index)
             yield index, {"image": encode_jpeg(image), "label": label}
 
 

@@ -306,10 +306,18 @@ class EvalBatch:
 
 
 def eval_schedule(
-    split_index: index.SplitIndex, scale: int, global_batch: int, bucket_step: int
+    split_index: index.SplitIndex,
+    scale: int,
+    global_batch: int,
+    bucket_step: int,
+    examples: int = 0,
 ) -> list[EvalBatch]:
-    """The global evaluation batches at test scale ``scale`` (see the module docstring)."""
+    """The global evaluation batches at test scale ``scale`` (see the module docstring); with
+    ``examples`` > 0, of that many decodable examples evenly spaced in record order (an image
+    folder's records come class by class, so every class keeps its share)."""
     valid = split_index.valid
+    if 0 < examples < len(valid):
+        valid = valid[np.linspace(0, len(valid), examples, endpoint=False).astype(np.int64)]
     original_h, original_w = split_index.height[valid], split_index.width[valid]
     heights, widths = transforms.eval_size(original_h, original_w, scale)
     batches = []
@@ -347,13 +355,14 @@ def eval_batches(
     input_convention: dict | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    examples: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Every decodable example of the split once, rescaled to smallest side ``scale``, uncropped,
-    top-left in a zero-padded bucket: {"image": float32 [B_local, Hb, Wb, 3], "size": int32
-    [B_local, 2], "label": int32 [B_local], "mask": bool [B_local], "index": int32 [B_local] (the
-    example's record index in the split, -1 for filler)}. Every process yields the same number of
-    batches with the same shapes in the same order, and the examples come in the same order at
-    every ``scale``."""
+    """Every decodable example of the split (or ``examples`` of them, ``eval_schedule``) once,
+    rescaled to smallest side ``scale``, uncropped, top-left in a zero-padded bucket: {"image":
+    float32 [B_local, Hb, Wb, 3], "size": int32 [B_local, 2], "label": int32 [B_local], "mask":
+    bool [B_local], "index": int32 [B_local] (the example's record index in the split, -1 for
+    filler)}. Every process yields the same number of batches with the same shapes in the same
+    order, and the examples come in the same order at every ``scale``."""
     input_config = config.input
     split = split or input_config.eval_split
     process_index, process_count = _processes(process_index, process_count)
@@ -364,7 +373,9 @@ def eval_batches(
     convention = _input_convention(
         input_convention, _stats(input_config, builder)["mean_rgb"], input_config
     )
-    schedule = eval_schedule(split_index, scale, global_batch, input_config.eval_bucket_step)
+    schedule = eval_schedule(
+        split_index, scale, global_batch, input_config.eval_bucket_step, examples
+    )
     reader = sources.RecordReader(builder, split)
     mine = slice(process_index * local, (process_index + 1) * local)
 
