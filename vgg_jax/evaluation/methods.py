@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from vgg_jax import models, sharding
+from vgg_jax import models, sharding, xla_options
 
 BASE_METHODS = ("dense", "multi_crop")
 
@@ -292,7 +292,11 @@ class CompiledFunctions:
         shapes = tuple((a.shape, str(a.dtype)) for a in batch_args)
         if (key, shapes) not in self._programs:
             args = batch_args if params is None else (params, *batch_args)
-            self._programs[key, shapes] = self._jitted[key].lower(*args).compile()
+            self._programs[key, shapes] = (
+                self._jitted[key]
+                .lower(*args)
+                .compile(compiler_options=xla_options.cpu_compiler_options())
+            )
         return self._programs[key, shapes]
 
     def compile(self, name: str, params: Any, images: jax.Array, sizes: jax.Array) -> Any:

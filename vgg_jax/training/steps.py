@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from vgg_jax import metrics, models, sharding
+from vgg_jax import metrics, models, sharding, xla_options
 from vgg_jax.evaluation import methods
 
 
@@ -97,7 +97,7 @@ def make_train_step(
         in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
-        compiler_options=cpu_compiler_options(),
+        compiler_options=xla_options.cpu_compiler_options(),
     )
 
 
@@ -109,17 +109,6 @@ def all_finite(tree: Any) -> jax.Array:
         if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
     ]
     return jnp.all(jnp.stack(flags)).astype(jnp.float32) if flags else jnp.float32(1.0)
-
-
-def cpu_compiler_options() -> dict[str, str] | None:
-    """On a CPU, turns off XLA's YNNPACK convolution fusion for the train step: its kernel-gradient
-    convolutions run 4-13x slower than the forward ones. Measured with and without it in one
-    process, alternating: the VGG16 step at batch 8 is 1.4x faster without it (Intel Xeon, AMD
-    EPYC), the demo's 1/8-width net at batch 64 1.1x faster (quiet AMD EPYC; docs/performance.md,
-    "CPU step options"). Experimental option: re-measure on jaxlib upgrades."""
-    if jax.default_backend() != "cpu":
-        return None
-    return {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def make_validation_step(model: models.VGG, mesh: Mesh, param_shardings: Any):
@@ -140,4 +129,5 @@ def make_validation_step(model: models.VGG, mesh: Mesh, param_shardings: Any):
         validation_step,
         in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
+        compiler_options=xla_options.cpu_compiler_options(),
     )
