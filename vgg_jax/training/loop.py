@@ -50,8 +50,8 @@ def _summarise(totals: dict[str, float], prefix: str) -> dict[str, float]:
 
 def run_validation(validation_step, params, batches) -> dict:
     """Dense evaluation at the single test scale over ``batches`` (global, on the mesh)."""
-    sums = [validation_step(params, batch) for batch in batches]
-    return _summarise(_sum(sums), "val_")
+    totals = _sum([validation_step(params, batch) for batch in batches])
+    return {**_summarise(totals, "val_"), "val_images": totals["count"]}
 
 
 def _prepare_data_once(config: ml_collections.ConfigDict) -> None:
@@ -111,7 +111,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         latest, params, opt_state, meta = restored
         state = TrainState(jax.device_put(jnp.int32(latest), shardings.step), params, opt_state)
         plateau = optim.PlateauState.from_dict(meta.get("plateau"))
-        best_top1 = meta.get("best_val_top1") or -math.inf
+        if meta.get("best_val_top1") is not None:
+            best_top1 = meta["best_val_top1"]
         logging.info("Resumed from step %d in %s.", latest, workdir)
     else:
         state = state.replace(params=init_from.initial_params(config.init_from, state.params))
@@ -188,8 +189,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 )
                 writer.write_scalars(done, {**validation, "val_seconds": validation_seconds})
                 logging.info(
-                    "epoch %d validation: loss %.4f top-1 error %.2f%% top-5 error %.2f%% (%.1f s)",
+                    "epoch %d validation on %d images: loss %.4f top-1 error %.2f%% top-5 error "
+                    "%.2f%% (%.1f s)",
                     epoch,
+                    validation["val_images"],
                     validation["val_loss"],
                     100 * (1 - validation["val_top1_accuracy"]),
                     100 * (1 - validation["val_top5_accuracy"]),
