@@ -32,7 +32,7 @@ class BuiltinTest(absltest.TestCase):
         with (
             mock.patch.object(shapes, "PARALLEL_FROM", 4),
             mock.patch.object(shapes, "SHORT_SIDE", (20, 24)),
-            mock.patch.object(shapes.os, "cpu_count", return_value=2),
+            mock.patch.object(shapes.os, "sched_getaffinity", return_value={0, 1}, create=True),
         ):
             drawn = list(shapes.draw_split(3, "validation", 6))
         self.assertLen(drawn, 6)

@@ -1,5 +1,5 @@
 """The built-in dataset's images, drawn with NumPy alone (no TensorFlow), so worker processes
-that draw them start in a fraction of a second (``builtin.py`` stores them through TFDS).
+that draw them start in about a second (``builtin.py`` stores them through TFDS).
 
 Every image is a pure function of (seed, split, index): ``numpy.random.default_rng`` keyed by all
 three, so the dataset is the same on every machine, in any generation order and in any process.
@@ -169,7 +169,8 @@ def draw_split(seed: int, split: str, count: int) -> Iterator[tuple[np.ndarray, 
     caller encodes and stores meanwhile). Workers are spawned, not forked: the caller holds
     JAX's and TensorFlow's threads."""
     tasks = [(seed, split, index, SHORT_SIDE) for index in range(count)]
-    processes = min(os.cpu_count() or 1, 8)
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None  # Linux
+    processes = min(len(usable) if usable else os.cpu_count() or 1, 8)
     if count < PARALLEL_FROM or processes < 2:
         yield from map(_draw_indexed, tasks)
         return
