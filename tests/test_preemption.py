@@ -40,10 +40,10 @@ def overrides(data_dir: str) -> dict:
         "model.width": 1 / 16,
         "model.fc_width": 16,
         "schedule.num_epochs": EPOCHS,
-        "ckpt.every_steps": 1000,  # checkpoints only at validations (each epoch), stops, the end
+        "ckpt.every_steps": 1000,  # checkpoints only at new-best validations, stops, the end
         "ckpt.keep": 2,
         "log_every_steps": 5,
-        "evals.every_epochs": 1,  # the demo validates every 2 epochs
+        "evals.every_epochs": 1,  # the demo validates every 3 epochs
         "evals.poll_seconds": 1,
         "evals.watch_timeout_seconds": 600,
     }

@@ -39,7 +39,7 @@ def overrides(data_dir: str, **extra) -> dict:
         "ckpt.every_steps": 1,
         "ckpt.keep": 2,
         "log_every_steps": 5,
-        "evals.every_epochs": 1,  # the demo validates every 2 epochs
+        "evals.every_epochs": 1,  # the demo validates every 3 epochs
     }
     values.update(extra)
     return values
