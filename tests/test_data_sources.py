@@ -27,15 +27,23 @@ class BuiltinTest(absltest.TestCase):
         self.assertFalse(val.shape == a.shape and np.array_equal(val, a))
 
     def test_worker_processes_draw_the_same_images(self):
-        """The larger splits are drawn by spawned workers: same images, same order, and the
-        short-side range read at the call (the bench sets ImageNet-like sizes) reaches them."""
+        """The larger splits are drawn by spawned workers where the program allows it: same
+        images, same order, and the short-side range read at the call (the bench sets
+        ImageNet-like sizes) reaches them."""
         with (
             mock.patch.object(shapes, "PARALLEL_FROM", 4),
+            mock.patch.object(shapes, "_workers_allowed", True),
             mock.patch.object(shapes, "SHORT_SIDE", (20, 24)),
             mock.patch.object(shapes.os, "sched_getaffinity", return_value={0, 1}, create=True),
         ):
             drawn = list(shapes.draw_split(3, "validation", 6))
         self.assertLen(drawn, 6)
+        # Not allowed (a script or notebook: its main module may be unguarded), nothing spawns.
+        with (
+            mock.patch.object(shapes, "PARALLEL_FROM", 4),
+            mock.patch.object(shapes.multiprocessing, "get_context", side_effect=AssertionError),
+        ):
+            self.assertLen(list(shapes.draw_split(3, "validation", 6)), 6)
         for index, (image, label) in enumerate(drawn):
             expected, expected_label = shapes.draw_example(3, "validation", index, (20, 24))
             np.testing.assert_array_equal(image, expected)

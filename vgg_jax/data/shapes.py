@@ -157,6 +157,17 @@ def draw_example(
 
 
 PARALLEL_FROM = 500  # fewer images than this are drawn in this process (workers take ~1 s to start)
+_workers_allowed = False
+
+
+def allow_worker_processes() -> None:
+    """Lets ``draw_split`` spawn worker processes; called under the ``if __name__ ==
+    "__main__":`` guard of the command lines (launch.py, ``python -m vgg_jax.tools.data``). A
+    spawned worker imports the program's main module again: a user's script without that guard
+    would run itself again in every worker, so anything else (scripts, notebooks, tests) draws in
+    its own process."""
+    global _workers_allowed
+    _workers_allowed = True
 
 
 def _draw_indexed(args: tuple[int, str, int, tuple[int, int]]) -> tuple[np.ndarray, int]:
@@ -165,13 +176,13 @@ def _draw_indexed(args: tuple[int, str, int, tuple[int, int]]) -> tuple[np.ndarr
 
 def draw_split(seed: int, split: str, count: int) -> Iterator[tuple[np.ndarray, int]]:
     """``draw_example`` for indices 0 .. count - 1, in order; drawn by one process per core when
-    there are ``PARALLEL_FROM`` or more (drawing is 85% of generating the demo's dataset; the
-    caller encodes and stores meanwhile). Workers are spawned, not forked: the caller holds
-    JAX's and TensorFlow's threads."""
+    there are ``PARALLEL_FROM`` or more and the program allows it (``allow_worker_processes``;
+    drawing is 85% of generating the demo's dataset, the caller encodes and stores meanwhile).
+    Workers are spawned, not forked: the caller holds JAX's and TensorFlow's threads."""
     tasks = [(seed, split, index, SHORT_SIDE) for index in range(count)]
     usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None  # Linux
     processes = min(len(usable) if usable else os.cpu_count() or 1, 8)
-    if count < PARALLEL_FROM or processes < 2:
+    if count < PARALLEL_FROM or processes < 2 or not _workers_allowed:
         yield from map(_draw_indexed, tasks)
         return
     with multiprocessing.get_context("spawn").Pool(processes) as pool:

@@ -18,6 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vgg_jax import data
+from vgg_jax.data import shapes
 from vgg_jax.tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.")
@@ -42,5 +43,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    shapes.allow_worker_processes()  # guarded: a spawned worker may import this module again
     flags.mark_flags_as_required(["config"])
     app.run(main, flags_parser=lambda argv: cli.parse_flags(flags.FLAGS, argv or sys.argv))
