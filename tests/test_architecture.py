@@ -24,6 +24,7 @@ LEVELS = {
     "vgg_jax.preemption": 1,
     "vgg_jax.checkpoint": 1,
     "vgg_jax.compile_cache": 1,
+    "vgg_jax.conv_lowering": 1,
     "vgg_jax.xla_options": 1,
     "vgg_jax.writers": 1,
     "vgg_jax.data": 2,

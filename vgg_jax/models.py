@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vgg_jax import conv_lowering
+
 LRN = "LRN"
 NUM_POOLS = 5  # every configuration has five blocks, each ending in a 2x2/2 max-pool
 
@@ -231,6 +233,7 @@ class VGG(nn.Module):
                     param_dtype=self.param_dtype,
                     kernel_init=kernel_init,
                     bias_init=nn.initializers.zeros,
+                    conv_general_dilated=conv_lowering.conv_general_dilated,
                     name=f"block{block_index}_conv{conv_index}",
                 )(x)
                 x = masked(nn.relu(x), sizes)
