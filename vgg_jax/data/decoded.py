@@ -19,7 +19,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from vgg_jax.data import index, sources, transforms
+from vgg_jax.data import generator_dataset, index, sources, transforms
 from vgg_jax.data.progress import ProgressLog
 
 # Offsets into the flat buffer are int32 on the device.
@@ -91,7 +91,7 @@ def decode_split(
         tf.TensorSpec([None], tf.int32),
         tf.TensorSpec([None], tf.string),
     )
-    ds = tf.data.Dataset.from_generator(records, output_signature=signature).unbatch()
+    ds = generator_dataset.from_generator(records, output_signature=signature).unbatch()
     ds = ds.map(transforms.no_autograph(decode), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(64)
     report = ProgressLog(f"Decoding {builder.name}/{split}", len(valid))

@@ -21,7 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from vgg_jax.data import sources, transforms
+from vgg_jax.data import generator_dataset, sources, transforms
 from vgg_jax.data.progress import ProgressLog
 
 _READ_CHUNK = 256
@@ -103,7 +103,7 @@ def build_index(builder: tfds.core.DatasetBuilder, split: str) -> SplitIndex:
             yield positions, reader.read(positions)
 
     signature = (tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.string))
-    ds = tf.data.Dataset.from_generator(records, output_signature=signature).unbatch()
+    ds = generator_dataset.from_generator(records, output_signature=signature).unbatch()
     ds = ds.map(transforms.no_autograph(_probe), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.ignore_errors()
     fmt = np.full(total, transforms.UNDECODABLE, np.uint8)

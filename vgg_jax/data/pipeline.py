@@ -32,7 +32,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from vgg_jax import conventions
-from vgg_jax.data import index, sources, stats, transforms, verify
+from vgg_jax.data import generator_dataset, index, sources, stats, transforms, verify
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +189,7 @@ def _parallel_calls(input_config: ml_collections.ConfigDict) -> int:
 def _batches(chunks, signature, preprocess, local: int, input_config) -> Iterator[dict]:
     """Host chunks of one local batch each (numpy ids and raw records, planned in order) ->
     ``preprocess`` per example in a parallel, order-keeping map -> the same local batches."""
-    ds = tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
+    ds = generator_dataset.from_generator(chunks, output_signature=signature).unbatch()
     ds = ds.map(
         transforms.no_autograph(preprocess),
         num_parallel_calls=_parallel_calls(input_config),

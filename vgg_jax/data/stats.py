@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from vgg_jax import conventions
-from vgg_jax.data import sources, transforms
+from vgg_jax.data import generator_dataset, sources, transforms
 from vgg_jax.data.progress import ProgressLog
 
 # ImageNet's published values: the Caffe VGG mean (BGR [103.939, 116.779, 123.68] as RGB) and the
@@ -79,7 +79,7 @@ def compute_stats(
         encoded, _ = sources.parse(serialized)
         return transforms.decode_full(encoded, transforms.image_format(encoded))
 
-    ds = tf.data.Dataset.from_generator(
+    ds = generator_dataset.from_generator(
         lambda: iter(reader.read(chosen)), output_signature=tf.TensorSpec([], tf.string)
     )
     ds = ds.map(transforms.no_autograph(decoded), num_parallel_calls=tf.data.AUTOTUNE)
