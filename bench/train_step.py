@@ -12,7 +12,11 @@ momentum 0.9, L2 5e-4 on kernels, dropout, jitted over the mesh of ``config.mesh
 batches already on the device, so only the step is timed. Times are the median over ``--steps``
 timed steps after ``--warmup`` untimed ones, each waited for with ``block_until_ready``. With
 ``--vs-pytorch`` the two frameworks' steps alternate (JAX, PyTorch, JAX, ...), so a burst of load
-on a shared machine hits both and the ratio stays fair. ``--xla_option key=value`` compiles the
+on a shared machine hits both and the ratio stays fair. For steps of a few milliseconds alternate
+in blocks (``--block=10``): after a PyTorch step its OpenMP workers spin for a while, taking cores
+from the JAX step that follows (the demo's net: 18 ms a JAX step one by one, 14 ms alone or with
+``OMP_WAIT_POLICY=PASSIVE``, which in turn slows PyTorch's own step 14 -> 21 ms); each block
+starts with one untimed step. ``--xla_option key=value`` compiles the
 timed step with XLA compiler options (per executable, so the rest of the process is untouched);
 ``--vs_default`` then also times the step compiled without them, alternating, for a one-process
 A/B of the options.
@@ -49,6 +53,12 @@ _IMAGE_SIZE = flags.DEFINE_integer(
 )
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps (the median is reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation.")
+_BLOCK = flags.DEFINE_integer(
+    "block",
+    1,
+    "Steps each side runs in a row before the other's turn; above 1, each turn starts with one "
+    "more, untimed step. Use 10 or more for steps of a few ms (module docstring).",
+)
 _VS_PYTORCH = flags.DEFINE_boolean(
     "vs_pytorch", False, "Also train the same net and batch in plain PyTorch (--vs-pytorch works)."
 )
@@ -256,10 +266,12 @@ def main(argv):
         for run in [jax_step] + [other[1] for other in others]:
             run()
     times = {name: [] for name in ["jax"] + [other[0] for other in others]}
-    for _ in range(_STEPS.value):
-        times["jax"].append(timed(jax_step))
-        for name, run, _ in others:
-            times[name].append(timed(run))
+    block = _BLOCK.value
+    for _ in range(-(-_STEPS.value // block)):
+        for name, run in [("jax", jax_step)] + [(other[0], other[1]) for other in others]:
+            if block > 1:
+                run()  # untimed: the other side's worker threads may still be spinning
+            times[name] += [timed(run) for _ in range(block)]
 
     device = mesh.devices.flat[0]
     if device.platform == "cpu":
