@@ -283,7 +283,6 @@ class CompiledFunctions:
         self._executables: dict[tuple, concurrent.futures.Future] = {}
         self._lock = threading.Lock()
         self._ahead: concurrent.futures.ThreadPoolExecutor | None = None
-        self._announced: set[tuple] = set()  # keys handed to the compile-ahead thread
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -346,9 +345,8 @@ class CompiledFunctions:
         half of its time). ``images``/``sizes``: global shapes (``jax.ShapeDtypeStruct``)."""
         key = (name, tuple(images.shape), str(images.dtype), tuple(sizes.shape))
         with self._lock:
-            if key in self._executables or key in self._announced:
+            if key in self._executables:
                 return
-            self._announced.add(key)
             if self._ahead is None:
                 self._ahead = concurrent.futures.ThreadPoolExecutor(
                     1, thread_name_prefix="vgg_jax-compile"
