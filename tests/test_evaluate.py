@@ -345,27 +345,6 @@ class RunnerTest(absltest.TestCase):
         # and the net on crops once for every shape and scale.
         self.assertEqual(functions.compilations, 2 * len(shapes) + 1)
 
-    def test_compiled_ahead_programs_are_the_ones_the_evaluation_uses(self):
-        """What the input thread announces (``runner.compiling_ahead``) is compiled once, on the
-        side; the pass over the batches then compiles nothing and scores as without it."""
-        config = tiny_config()
-        mesh = mesh_of(4)
-        net = runner.load_net(self.workdir, 7, mesh, config)
-        batches = list(fake_eval_batches(24, bucket_step=16)(config, 48))
-        shapes = {b["image"].shape for b in batches}
-        runs = ["dense", "multi_crop"]
-        ahead = methods.compiled_methods.__wrapped__(self.model, mesh)
-        announced = list(runner.compiling_ahead(batches, ahead, net.params, runs, mesh))
-        self.assertLen(announced, len(batches))
-        ahead.close()  # waits for the background compilations
-        self.assertEqual(ahead.compilations, 2 * len(shapes) + 1)
-        with_ahead = runner.evaluate_scale(net.params, ahead, announced, runs, mesh)
-        self.assertEqual(ahead.compilations, 2 * len(shapes) + 1)
-        plain = methods.compiled_methods.__wrapped__(self.model, mesh)
-        without = runner.evaluate_scale(net.params, plain, batches, runs, mesh)
-        for method in runs:
-            np.testing.assert_allclose(with_ahead.results[method], without.results[method])
-
     def test_second_evaluation_compiles_no_program(self):
         workdir = self.create_tempdir_once()
         save_net(workdir, self.params, self.config, step=5)

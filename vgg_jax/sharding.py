@@ -80,15 +80,3 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
         key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
         for key, value in local_batch.items()
     }
-
-
-def global_batch_shape(local_shape: tuple[int, ...], mesh: Mesh) -> tuple[int, ...]:
-    """The global shape ``global_batch`` makes of a process's ``local_shape`` slice: the rows of
-    every process holding another part of the ``data`` axis."""
-    axis = mesh.axis_names.index(DATA)
-    mine = {
-        index[axis]
-        for index, device in np.ndenumerate(mesh.devices)
-        if device.process_index == jax.process_index()
-    }
-    return (local_shape[0] * mesh.devices.shape[axis] // max(1, len(mine)), *local_shape[1:])

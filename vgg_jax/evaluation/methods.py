@@ -19,10 +19,8 @@ steps average (scales, methods, nets).
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -277,12 +275,8 @@ class CompiledFunctions:
                 self._jitted[name] = jax.jit(
                     function, in_shardings=(param_shardings, batch, batch), out_shardings=batch
                 )
-        # (jitted key, argument shapes) -> executable; (name, batch shapes) -> what compile
-        # returns. Futures, so a program is compiled once whichever thread asks first.
-        self._programs: dict[tuple, concurrent.futures.Future] = {}
-        self._executables: dict[tuple, concurrent.futures.Future] = {}
-        self._lock = threading.Lock()
-        self._ahead: concurrent.futures.ThreadPoolExecutor | None = None
+        self._programs: dict[tuple, Any] = {}  # (jitted key, argument shapes) -> executable
+        self._executables: dict[tuple, Any] = {}  # (name, batch shapes) -> what compile returns
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -291,79 +285,33 @@ class CompiledFunctions:
     @property
     def compilations(self) -> int:
         """Programs compiled so far (a crop method's cut programs and its one classifier count)."""
-        with self._lock:
-            return sum(f.done() and f.exception() is None for f in self._programs.values())
-
-    def _once(self, store: dict, key: tuple, build: Callable[[], Any]) -> Any:
-        """``build()``'s result for ``key``, built by the first thread to ask; later askers wait
-        for it (and see its error)."""
-        with self._lock:
-            future = store.get(key)
-            owner = future is None
-            if owner:
-                future = store[key] = concurrent.futures.Future()
-        if owner:
-            try:
-                future.set_result(build())
-            except BaseException as error:
-                future.set_exception(error)
-        return future.result()
+        return len(self._programs)
 
     def _program(self, key: Any, params: Any, *batch_args) -> Any:
         """``key``'s executable for these batch arguments' shapes (the parameters' never change)."""
         shapes = tuple((a.shape, str(a.dtype)) for a in batch_args)
-        args = batch_args if params is None else (params, *batch_args)
-        return self._once(
-            self._programs,
-            (key, shapes),
-            lambda: (
+        if (key, shapes) not in self._programs:
+            args = batch_args if params is None else (params, *batch_args)
+            self._programs[key, shapes] = (
                 self._jitted[key]
                 .lower(*args)
                 .compile(compiler_options=xla_options.cpu_compiler_options())
-            ),
-        )
+            )
+        return self._programs[key, shapes]
 
     def compile(self, name: str, params: Any, images: jax.Array, sizes: jax.Array) -> Any:
-        """The executable for this function and batch shape, compiled on first use (or by
-        ``compile_ahead``, whose work it waits for): a callable ``(params, images, sizes) ->
-        rows``. ``images`` and ``sizes`` may be arrays or ``jax.ShapeDtypeStruct``s."""
+        """The executable for this function and batch shape, compiled on first use: a callable
+        ``(params, images, sizes) -> rows``."""
         if name not in self._methods:
             raise ValueError(f"Unknown function {name!r}; valid: {list(self._methods)}")
         key = (name, images.shape, str(images.dtype), sizes.shape)
-        method = self._methods[name]
-        if isinstance(method, CropMethod):
-            build = lambda: self._crop_executable(name, method, params, images, sizes)  # noqa: E731
-        else:
-            build = lambda: self._program(name, params, images, sizes)  # noqa: E731
-        return self._once(self._executables, key, build)
-
-    def compile_ahead(self, name: str, params: Any, images: Any, sizes: Any) -> None:
-        """Starts compiling ``name`` for this batch shape in a background thread, unless it is
-        compiled or under way: the evaluator's input thread calls it for every batch it makes, so
-        on a CPU a new bucket shape compiles on a spare core while the batches before it run (a
-        compilation uses one core; the demo's evaluation compiled 29 programs one after another,
-        half of its time). ``images``/``sizes``: global shapes (``jax.ShapeDtypeStruct``)."""
-        key = (name, tuple(images.shape), str(images.dtype), tuple(sizes.shape))
-        with self._lock:
-            if key in self._executables:
-                return
-            if self._ahead is None:
-                self._ahead = concurrent.futures.ThreadPoolExecutor(
-                    1, thread_name_prefix="vgg_jax-compile"
-                )
-            ahead = self._ahead
-        ahead.submit(self.compile, name, params, images, sizes)
-
-    def batch_spec(self, shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
-        """A global batch argument's shape, sharded over the mesh's ``data`` axis."""
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=self._batch)
-
-    def close(self) -> None:
-        """Stops the compile-ahead thread once its queued work is done."""
-        with self._lock:
-            ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            ahead.shutdown(wait=True)
+        if key not in self._executables:
+            method = self._methods[name]
+            if isinstance(method, CropMethod):
+                self._executables[key] = self._crop_executable(name, method, params, images, sizes)
+            else:
+                self._executables[key] = self._program(name, params, images, sizes)
+        return self._executables[key]
 
     def _crop_executable(self, name, method: CropMethod, params, images, sizes):
         position = jax.ShapeDtypeStruct((), jnp.int32, sharding=self._replicated)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -277,29 +277,6 @@ class ScaleOutputs:
     compile_seconds: float = 0.0  # compiling programs this pass needed first
 
 
-def compiling_ahead(
-    source: Iterable[dict[str, np.ndarray]],
-    functions: methods.CompiledFunctions,
-    params: Any,
-    run: Sequence[str],
-    mesh: Mesh,
-) -> Iterator[dict[str, np.ndarray]]:
-    """``source``'s host batches, each first announced to ``functions.compile_ahead`` for every
-    method in ``run``: run in the input's background thread, so a bucket shape's programs start
-    compiling a few batches (or a scale) before the evaluator needs them."""
-    for local in source:
-        images, sizes = np.asarray(local["image"]), np.asarray(local["size"])
-        image_spec = functions.batch_spec(
-            sharding.global_batch_shape(images.shape, mesh), images.dtype
-        )
-        size_spec = functions.batch_spec(
-            sharding.global_batch_shape(sizes.shape, mesh), sizes.dtype
-        )
-        for method in run:
-            functions.compile_ahead(method, params, image_spec, size_spec)
-        yield local
-
-
 def evaluate_scale(
     params: Any,
     functions: methods.CompiledFunctions,
@@ -473,12 +450,9 @@ def evaluate_net(
     started = time.perf_counter()
 
     # Each scale's input starts one scale ahead, in the background: building a pipeline and
-    # decoding its first batches overlaps the previous scale's compute (prefetch.Prefetched),
-    # and each new batch shape it makes starts compiling on the side (compiling_ahead).
+    # decoding its first batches overlaps the previous scale's compute (prefetch.Prefetched).
     def scale_input(scale: int) -> prefetch.Prefetched:
-        source = batches(config, scale, net.input_convention)
-        ahead = compiling_ahead(source, functions, net.params, run, mesh)
-        return prefetch.Prefetched(ahead, INPUT_AHEAD)
+        return prefetch.Prefetched(batches(config, scale, net.input_convention), INPUT_AHEAD)
 
     upcoming = scale_input(scales[0])
     for position, scale in enumerate(scales, start=1):
