@@ -5,7 +5,8 @@ The first ``from_generator`` iterator of a process sets glibc's ``M_TRIM_THRESHO
 off glibc's adaptive mmap threshold, so from then on every allocation of 128 KB or more is mapped
 fresh and unmapped on free: every XLA:CPU program page-faults its buffers in again on every call.
 The demo's train step went from 14.2 to 20.0 ms (4,700 page faults a step, 9-11 ms of system
-time), and the README's run made 23 million page faults (docs/performance.md, "The allocator").
+time), and the README's run made 23 million page faults (docs/performance.md, "The allocator
+TensorFlow sets").
 TensorFlow makes the setting once per process, when the first such iterator is made; so before the
 first dataset this module makes one from an empty generator, lets TensorFlow set it, and then sets
 glibc's thresholds to where its adaptive rule settles (mmap above 32 MB, trim above 64 MB).
@@ -27,7 +28,7 @@ MMAP_THRESHOLD_BYTES = 32 << 20
 TRIM_THRESHOLD_BYTES = 2 * MMAP_THRESHOLD_BYTES
 
 _lock = threading.Lock()
-_settled = False
+_settled: bool | None = None  # None: not yet; else whether glibc's thresholds were set
 
 
 def from_generator(
@@ -45,20 +46,19 @@ def settle_allocator() -> bool:
     per process; False where there is no glibc ``mallopt`` (macOS, Windows)."""
     global _settled
     with _lock:
-        if _settled:
-            return True
+        if _settled is not None:
+            return _settled
         empty = tf.data.Dataset.from_generator(
             lambda: iter(()), output_signature=tf.TensorSpec([], tf.int8)
         )
         for _ in empty:  # the iterator is what makes TensorFlow's setting
             pass
-        _settled = True
         mallopt = _glibc_mallopt()
-        if mallopt is None:
-            return False
-        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-        return True
+        if mallopt is not None:
+            mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+            mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+        _settled = mallopt is not None
+        return _settled
 
 
 def _glibc_mallopt() -> Callable[[int, int], int] | None:
