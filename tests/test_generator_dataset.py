@@ -16,8 +16,8 @@ SCRIPT = textwrap.dedent(
     import tensorflow as tf
     from vgg_jax.data import generator_dataset
 
-    product = jax.jit(lambda x: jnp.tanh(x @ x.T))  # a 4 MB result on every call
-    x = jnp.ones((1024, 256))
+    product = jax.jit(jnp.tanh)  # a fresh 16 MB result on every call
+    x = jnp.ones((2048, 2048))
 
     def faults_per_call(calls=40):
         product(x).block_until_ready()
@@ -44,16 +44,17 @@ def run(which: str) -> dict:
 
 class GeneratorDatasetTest(absltest.TestCase):
     def test_no_page_faults_per_call_after_the_first_dataset(self):
-        ours = run("project")
-        self.assertEqual(ours["values"], [0, 1, 2])
-        self.assertLess(ours["faults"], 100)
         tensorflow_alone = run("tensorflow")
         if tensorflow_alone["faults"] < 500:
             self.skipTest(
                 "This TensorFlow no longer sets M_TRIM_THRESHOLD: the module's work is not "
                 f"needed ({tensorflow_alone['faults']:.0f} faults a call without it)."
             )
-        self.assertGreater(tensorflow_alone["faults"], 10 * max(ours["faults"], 1))
+        ours = run("project")
+        self.assertEqual(ours["values"], [0, 1, 2])
+        # A fresh 16 MB result is 4,096 pages: with TensorFlow's setting each call faults them
+        # all in; with glibc's thresholds the heap keeps them.
+        self.assertLess(ours["faults"], tensorflow_alone["faults"] / 5)
 
 
 if __name__ == "__main__":
