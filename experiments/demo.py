@@ -6,7 +6,7 @@ Generates the built-in dataset (no download), trains with the paper's data recip
 (scale jittering, random crops, flips, PCA colour shift, mean subtraction, weight decay 5e-4, the
 plateau learning-rate rule) but Adam, He init, unit-range inputs and no dropout, which a net this
 thin needs to leave chance in a few epochs; then evaluates with dense, multi-crop and multi-scale
-testing and prints top-1/top-5 error. About 3 minutes on 2 CPU cores; see README.
+testing and prints top-1/top-5 error. About 2 minutes on 2 CPU cores; see README.
 """
 
 from vgg_jax.configs import demo as demo_defaults
