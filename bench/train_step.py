@@ -58,6 +58,7 @@ _BLOCK = flags.DEFINE_integer(
     1,
     "Steps each side runs in a row before the other's turn; above 1, each turn starts with one "
     "more, untimed step. Use 10 or more for steps of a few ms (module docstring).",
+    lower_bound=1,
 )
 _VS_PYTORCH = flags.DEFINE_boolean(
     "vs_pytorch", False, "Also train the same net and batch in plain PyTorch (--vs-pytorch works)."

@@ -42,7 +42,7 @@ def shifted_matmul_conv(
     out_h = padded.shape[1] - kh + 1
     out_w = padded.shape[2] - kw + 1
     windows = [padded[:, i : i + out_h, j : j + out_w, :] for i in range(kh) for j in range(kw)]
-    columns = jnp.concatenate(windows, axis=-1) if len(windows) > 1 else windows[0]
+    columns = jnp.concatenate(windows, axis=-1)
     return jnp.dot(columns, rhs.reshape(kh * kw * cin, cout), precision=precision)
 
 
