@@ -247,6 +247,76 @@ class MultiCropTest(absltest.TestCase):
         # The second image's grid ends at its valid bottom-right corner, above the padding.
         np.testing.assert_array_equal(crops[1, 24], images[1, 40 - CROP : 40, 48 - CROP :])
 
+    def test_distinct_crops_stand_for_the_whole_grid(self):
+        sizes = np.array([[32, 48], [48, 32], [32, 32], [40, 75], [33, 34], [0, 0]], np.int32)
+        for grid in (1, 2, 3, 5):
+            offsets, weights, rounds = jax.jit(methods.distinct_crops_plan, static_argnums=(1, 2))(
+                jnp.asarray(sizes), CROP, grid
+            )
+            offsets, weights = np.asarray(offsets), np.asarray(weights)
+            grown = jnp.asarray(np.maximum(sizes, CROP))  # sizes below the crop: clamped to it
+            every = np.asarray(methods.grid_offsets(grown, CROP, grid))
+            for n in range(len(sizes)):
+                kept = int((weights[n] > 0).sum())
+                self.assertTrue((weights[n, :kept] > 0).all())  # distinct ones first
+                pairs = zip(offsets[n, :kept], weights[n, :kept], strict=True)
+                got = {tuple(o): int(w) for o, w in pairs}
+                self.assertLen(got, kept)  # each distinct crop once
+                want: dict = {}
+                for o in every[n]:
+                    want[tuple(o)] = want.get(tuple(o), 0) + 1
+                self.assertEqual(got, want, (grid, sizes[n]))
+            # 32 x 48 and 48 x 32: one row / one column of the grid; 40 x 75 at grid 5: 5 x 5.
+            self.assertEqual(int(rounds), grid * grid)
+        one_row = jnp.asarray([[32, 48], [48, 32], [32, 32]], jnp.int32)
+        self.assertEqual(int(methods.distinct_crops_plan(one_row, CROP, 5)[2]), 5)
+
+    def test_repeated_crops_are_classified_once_with_the_same_result(self):
+        model = tiny_model()
+        params = init_params(model, seed=1)
+        mesh = mesh_of(1)
+        functions = methods.compiled_methods.__wrapped__(model, mesh)
+        rng = np.random.default_rng(0)
+        images = rng.normal(size=(4, 48, 64, 3)).astype(np.float32)
+        for sizes, rounds in (
+            ([[32, 64], [48, 32], [32, 32], [32, 40]], 5),  # Q = crop size: one row or column
+            ([[32, 32]] * 4, 1),  # square crop-size images: one crop (and its flip)
+            ([[48, 64], [32, 32], [40, 40], [32, 48]], 25),
+        ):
+            sizes = np.asarray(sizes, np.int32)
+            rows = np.arange(48)[None, :, None] < sizes[:, 0, None, None]
+            cols = np.arange(64)[None, None, :] < sizes[:, 1, None, None]
+            masked = images * (rows & cols)[..., None]  # zero outside each image, as padded
+            executable = functions.compile("multi_crop", params, masked, sizes)
+            crop_rounds = executable.inner  # the landscape shape's crop programs
+            before = crop_rounds.rounds_run
+            got = executable(params, jnp.asarray(masked), jnp.asarray(sizes))
+            self.assertEqual(crop_rounds.rounds_run - before, rounds)
+            want = multi_crop_probabilities(model, params, masked, sizes)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    def test_portrait_buckets_run_transposed_through_the_landscape_programs(self):
+        model = tiny_model()
+        params = init_params(model, seed=2)
+        rng = np.random.default_rng(1)
+        landscape = rng.normal(size=(4, 32, 48, 3)).astype(np.float32)
+        portrait = rng.normal(size=(4, 48, 32, 3)).astype(np.float32)
+        wide = np.array([[32, 48], [32, 40], [32, 32], [32, 48]], np.int32)
+        tall = np.array([[48, 32], [40, 32], [32, 32], [45, 32]], np.int32)
+        portrait[1, 40:] = portrait[3, 45:] = 0  # padded below their valid rows
+        for mesh in (mesh_of(1), mesh_of(2, 2)):  # (2, 2): FC1 and FC2 split over devices
+            functions = methods.compiled_methods.__wrapped__(model, mesh)
+            for method in ("dense", "multi_crop"):
+                functions(method, params, landscape, wide)
+            before = functions.compilations
+            got = {m: functions(m, params, portrait, tall) for m in ("dense", "multi_crop")}
+            # Only the batch's transposing copy and the parameters' transpose are new.
+            self.assertEqual(functions.compilations - before, 2)
+            want_dense = dense_probabilities(model, params, portrait, tall, True)
+            want_crops = multi_crop_probabilities(model, params, portrait, tall)
+            np.testing.assert_allclose(got["dense"], want_dense, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got["multi_crop"], want_crops, rtol=1e-5, atol=1e-6)
+
 
 def reference_probabilities(model, params, num_examples, scale):
     """Every example in one batch, straight through the methods (no mesh, no runner): dense
@@ -325,9 +395,10 @@ class RunnerTest(absltest.TestCase):
                 self.assertAlmostEqual(got[key]["top1_error"], want["top1_error"], places=4)
                 self.assertAlmostEqual(got[key]["top5_error"], want["top5_error"], places=4)
                 self.assertGreater(got[key]["images_per_second"], 0)
-            np.testing.assert_allclose(
-                outputs.multi_scale["dense"], expected[("dense", (32, 48))], atol=1e-5
-            )
+            for method in ("dense", "multi_crop"):  # portrait buckets ran transposed
+                np.testing.assert_allclose(
+                    outputs.multi_scale[method], expected[(method, (32, 48))], atol=1e-5
+                )
 
     def test_the_net_compiles_once_per_bucket_shape_and_once_for_all_crops(self):
         config = tiny_config()
@@ -341,9 +412,15 @@ class RunnerTest(absltest.TestCase):
             self.assertLess(len({b["image"].shape for b in batches}), len(batches))  # shared
             runs = ["dense", "multi_crop"]
             runner.evaluate_scale(net.params, functions, batches + batches, runs, mesh)
-        # Dense: the net per bucket shape. Multi-crop: a crop-cutting gather per bucket shape
-        # and the net on crops once for every shape and scale.
-        self.assertEqual(functions.compilations, 2 * len(shapes) + 1)
+        # A portrait bucket runs transposed through its landscape twin's programs. Dense: the
+        # net per shape up to transposition. Multi-crop: a crop-cutting gather per such shape,
+        # and once for every shape and scale the plan of distinct crops and the net on crops.
+        # Each portrait shape adds a transposing copy; the parameters are transposed once.
+        landscape = {(b, min(h, w), max(h, w), c) for b, h, w, c in shapes}
+        portrait = {s for s in shapes if s[1] > s[2]}
+        self.assertEqual(
+            functions.compilations, 2 * len(landscape) + 2 + len(portrait) + bool(portrait)
+        )
 
     def test_second_evaluation_compiles_no_program(self):
         workdir = self.create_tempdir_once()

@@ -159,6 +159,27 @@ class DenseFormTest(absltest.TestCase):
         unmasked = model.apply({"params": params}, padded, method="dense")[1]
         self.assertFalse(np.allclose(unmasked, scores, rtol=1e-3))
 
+    def test_transposed_params_see_the_transposed_image(self):
+        # 64-pixel crops: FC1 reads a 2x2 window of pool5, so its (H, W, C) rows must move too;
+        # C has 1x1 convs and an odd-sized, padded image exercises the masks.
+        for name in ("A", "C"):
+            model = tiny(name, crop_size=64)
+            params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+            images = jax.random.normal(jax.random.key(4), (2, 96, 128, 3))
+            sizes = jnp.array([[96, 128], [75, 101]])
+            score_map, scores = model.apply({"params": params}, images, sizes, method="dense")
+            flipped = models.transposed_params(model, params)
+            transposed_map, transposed_scores = model.apply(
+                {"params": flipped}, jnp.swapaxes(images, 1, 2), sizes[:, ::-1], method="dense"
+            )
+            np.testing.assert_allclose(
+                jnp.swapaxes(transposed_map, 1, 2), score_map, rtol=1e-5, atol=1e-5
+            )
+            np.testing.assert_allclose(transposed_scores, scores, rtol=1e-5, atol=1e-6)
+            # Not the same parameters with the image merely transposed.
+            plain = model.apply({"params": params}, jnp.swapaxes(images, 1, 2), method="dense")
+            self.assertFalse(np.allclose(plain[1], scores, rtol=1e-3))
+
     def test_one_parameter_tree(self):
         images = jnp.zeros((1, 64, 96, 3))
         variables = self.model.init(jax.random.key(0), images, fully_convolutional=True)

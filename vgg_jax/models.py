@@ -306,6 +306,26 @@ def mean_over_valid_cells(maps: jax.Array, sizes: jax.Array, crop_size: int) -> 
     return total / jnp.maximum(jnp.prod(cells, axis=-1, keepdims=True), 1)
 
 
+def transposed_params(model: VGG, params: Any) -> Any:
+    """The parameters of the same net looking at transposed images (height and width swapped):
+    the net with these on a transposed image gives the transposed score map of the original, so
+    one compiled program serves an image shape and its transpose (the evaluator's portrait and
+    landscape buckets). Every conv kernel's spatial axes are swapped, and FC1's rows, in
+    (H, W, C) order, are reordered to (W, H, C); pooling, LRN and the rest are symmetric."""
+    window = model.crop_size // 2**NUM_POOLS
+
+    def layer(name: str, values: Any) -> Any:
+        if name.startswith("block") and "kernel" in values:
+            return {**values, "kernel": jnp.swapaxes(values["kernel"], 0, 1)}
+        if name == "fc1":
+            kernel = values["kernel"]
+            grid = kernel.reshape(window, window, -1, kernel.shape[-1])
+            return {**values, "kernel": jnp.swapaxes(grid, 0, 1).reshape(kernel.shape)}
+        return values
+
+    return {name: layer(name, values) for name, values in params.items()}
+
+
 def build_model(model_config: ml_collections.ConfigDict, crop_size: int) -> VGG:
     """Builds the VGG a config's ``model`` group names; unknown names fail with the valid ones."""
     if model_config.name not in LAYOUTS:
