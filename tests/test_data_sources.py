@@ -3,6 +3,8 @@
 import os
 import shutil
 import tempfile
+import threading
+import time
 from unittest import mock
 
 import numpy as np
@@ -141,6 +143,42 @@ class ImageFolderTest(absltest.TestCase):
         config.input.folder = None
         with self.assertRaisesRegex(ValueError, "--config.input.folder=ROOT"):
             data.prepare(config)
+
+
+class PlannedBatchesTest(absltest.TestCase):
+    def test_the_last_batch_ends_the_stream_without_waiting_for_the_teardown(self):
+        """A finished ``tf.data`` iterator took seconds to release: the consumer must not wait
+        for it (it did after every test scale), and no batch beyond the plan is asked for."""
+        released = threading.Event()
+        where: list[str] = []
+
+        class SlowToRelease:
+            def __init__(self):
+                self.asked = 0
+
+            def __iter__(self):
+                return self
+
+            def __next__(self):
+                self.asked += 1
+                return {"batch": self.asked}
+
+            def __del__(self):
+                time.sleep(1.0)
+                where.append(threading.current_thread().name)
+                released.set()
+
+        source = SlowToRelease()
+        planned = pipeline._planned_batches(source, 3)
+        got = [next(planned)["batch"] for _ in range(3)]
+        asked = source.asked
+        del source
+        started = time.perf_counter()
+        self.assertIsNone(next(planned, None))  # the end, at once
+        self.assertLess(time.perf_counter() - started, 0.5)
+        self.assertEqual((got, asked), ([1, 2, 3], 3))
+        self.assertTrue(released.wait(10))
+        self.assertNotEqual(where, [threading.current_thread().name])
 
 
 class ConfigErrorTest(absltest.TestCase):
