@@ -5,6 +5,7 @@ import gc
 import itertools
 import threading
 import time
+from unittest import mock
 
 import jax
 import numpy as np
@@ -104,6 +105,16 @@ class DecodedTrainBatchesTest(absltest.TestCase):
         self.assertEqual(first["image"].shape, (16, 32, 32, 3))
         self.assertEqual(first["image"].dtype, np.float32)
         self.assertFalse(np.array_equal(first["image"], straight[1]["image"]))
+
+    def test_drawing_ahead_changes_no_number(self):
+        """The augmentation's random draws are made ``DRAW_STEPS`` steps at a time; how many
+        (here 3, so steps cross draw chunks and epochs) changes no pixel."""
+        default = take(on_device.train_batches(self.config, 2, self.mesh), 8)
+        with mock.patch.object(on_device, "DRAW_STEPS", 3):
+            chunked = take(on_device.train_batches(self.config, 2, self.mesh), 8)
+        for a, b in zip(default, chunked, strict=True):
+            np.testing.assert_array_equal(a["image"], b["image"])
+            np.testing.assert_array_equal(a["label"], b["label"])
 
     def test_the_same_pixels_on_any_number_of_devices(self):
         """A batch does not depend on how the mesh splits it (two processes train what one does;

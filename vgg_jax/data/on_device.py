@@ -26,6 +26,9 @@ from vgg_jax import sharding
 from vgg_jax.data import augment, decoded, pipeline, sources
 from vgg_jax.data.prefetch import Prefetched
 
+# Training steps whose augmentation draws are made by one program (``draw_steps``).
+DRAW_STEPS = 64
+
 
 def uses_decoded_cache(config: ml_collections.ConfigDict) -> bool:
     """Whether training reads the decoded in-memory copy (see the module docstring)."""
@@ -72,40 +75,58 @@ def _decoded_train_batches(config, start_step, mesh, input_convention) -> Iterat
     )
     crop = input_config.crop_size
 
-    def make_batch(arrays, rows, positions):
-        pixels, offset, height, width, label = arrays
+    def draw_steps(arrays, rows, positions):
+        """The random draws of ``DRAW_STEPS`` steps at once: (window, flip, alpha), each with a
+        leading step axis. JAX's RNG is a rolled loop of small kernels on a CPU, as costly for
+        one step's examples as for 64 steps'; a draw is a pure function of (seed, position), so
+        drawing ahead changes no number."""
+        _, _, height, width, _ = arrays
+        steps, batch = rows.shape
         params = augment.draw_params(
             input_config.shuffle_seed,
-            positions,
-            height[rows],
-            width[rows],
+            positions.reshape(steps * batch, 2),
+            height[rows.reshape(-1)],
+            width[rows.reshape(-1)],
             crop,
             input_config.train_scale_min,
             input_config.train_scale_max,
             input_config.color_shift_std,
             input_config.random_flip,
         )
-        image = augment.crop_resize(
-            pixels, offset[rows], width[rows], params["window"], params["flip"], crop
+        return tuple(
+            params[k].reshape(steps, batch, *params[k].shape[1:])
+            for k in ("window", "flip", "alpha")
         )
-        shift = augment.pca_colour_shift(params["alpha"], eigvals, eigvecs)
+
+    def make_batch(arrays, rows, draws, index):
+        pixels, offset, _, width, label = arrays
+        window, flip, alpha = (
+            jax.lax.dynamic_index_in_dim(d, index, keepdims=False) for d in draws
+        )
+        image = augment.crop_resize(pixels, offset[rows], width[rows], window, flip, crop)
+        shift = augment.pca_colour_shift(alpha, eigvals, eigvecs)
         return {"image": augment.normalise(image, convention, shift), "label": label[rows]}
 
     batch_sharding = sharding.batch_sharding(mesh)
+    drawn = jax.jit(draw_steps, in_shardings=(replicated,) * 3, out_shardings=(replicated,) * 3)
     jitted = jax.jit(
         make_batch,
-        in_shardings=(replicated, replicated, replicated),
+        in_shardings=(replicated,) * 4,
         out_shardings={"image": batch_sharding, "label": batch_sharding},
     )
     order = pipeline.TrainOrder(len(split.label), input_config.shuffle_seed)
     batch_size = input_config.batch_size
 
     def batches():
-        for step in range(start_step, 2**62):
-            positions = pipeline.train_positions(step, batch_size, 0, 1)
-            rows = order.rows(positions).astype(np.int32)
-            halves = np.stack([positions >> 32, positions & 0xFFFFFFFF], 1).astype(np.uint32)
-            yield jitted(arrays, rows, halves)
+        for first in range(start_step, 2**62, DRAW_STEPS):
+            positions = np.stack(
+                [pipeline.train_positions(first + k, batch_size, 0, 1) for k in range(DRAW_STEPS)]
+            )
+            rows = order.rows(positions.reshape(-1)).reshape(positions.shape).astype(np.int32)
+            halves = np.stack([positions >> 32, positions & 0xFFFFFFFF], -1).astype(np.uint32)
+            draws = drawn(arrays, rows, halves)
+            for k in range(DRAW_STEPS):
+                yield jitted(arrays, rows[k], draws, np.int32(k))
 
     return batches()
 
