@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.dropout_rate = 0.0
     demo_values = demo.demo_input_config()
     config.input.update(demo_values["input"])
+    config.evals.validation_bucket_step = demo_values["evals"]["validation_bucket_step"]
     config.input.data_dir = "workdirs/data"
     # Smaller than the paper's 256: a run has only a few epochs, and leaving chance takes steps.
     config.input.batch_size = 32

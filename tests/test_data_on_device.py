@@ -153,6 +153,19 @@ class EvalBatchCacheTest(absltest.TestCase):
         self.assertLen(list(too_small), len(first))
         self.assertIsNone(too_small._kept)
 
+    def test_validation_buckets_can_be_finer_than_the_evaluation_s(self):
+        config = fixtures.tiny_config(**{"input.eval_bucket_step": 64})
+        mesh = sharding.make_mesh(config.mesh)
+
+        def long_sides(cache):
+            return {max(b["image"].shape[1:3]) for b in cache}
+
+        coarse = long_sides(on_device.EvalBatchCache(config, 48, mesh, 1 << 30))
+        fine = long_sides(on_device.EvalBatchCache(config, 48, mesh, 1 << 30, bucket_step=16))
+        self.assertTrue(all(side % 64 == 0 for side in coarse), coarse)
+        self.assertTrue(all(side % 16 == 0 for side in fine), fine)
+        self.assertNotEqual(fine, coarse)
+
 
 class ProgressLogTest(absltest.TestCase):
     def test_logs_done_rate_and_time_left_but_not_the_end(self):

@@ -141,6 +141,11 @@ def _check_input(p: _Problems, mode: str, data_devices: int) -> tuple[int, int] 
             f"training needs crop_size ({crop}) <= train_scale_min <= train_scale_max ({smax})",
         )
     p.number("input.eval_bucket_step", lambda x: int(x) == x and x >= 1, "must be >= 1")
+    p.number(
+        "evals.validation_bucket_step",
+        lambda x: int(x) == x and x >= 0,
+        "must be >= 1 (or 0: input.eval_bucket_step)",
+    )
     _check_data_files(p)
     facts = dataset_facts(p.config.input)
     if facts is None:

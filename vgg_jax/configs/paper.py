@@ -113,6 +113,10 @@ def eval_config(scale: dict) -> ml_collections.ConfigDict:
             multi_crop_grid=5,  # crops per side at each Q: 5x5 grid x 2 flips = 50 (150 for 3 Q)
             every_epochs=1,  # validation during training
             validation_examples=0,  # ... on this many of eval_split, evenly spaced (0: all)
+            # ... in buckets whose long side is rounded up to this (0: input.eval_bucket_step):
+            # a validation repeats every few epochs, an evaluation runs once, so a finer step
+            # (fewer padded pixels, more programs to compile) can pay off for validation only.
+            validation_bucket_step=0,
             checkpoint="latest",  # latest, best, or a step number, for --mode=evaluate
             # A checkpoint of another net than model.* describes, or with another class count
             # than the dataset, is an error unless this is True (then the checkpoint's net is

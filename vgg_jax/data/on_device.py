@@ -134,7 +134,8 @@ def _decoded_train_batches(config, start_step, mesh, input_convention) -> Iterat
 class EvalBatchCache:
     """The evaluation batches at one scale as global device arrays, read once and kept while
     they fit in ``max_bytes`` (the per-epoch validation re-reads the same images every epoch);
-    ``examples`` > 0 takes that many of the split (``pipeline.eval_schedule``)."""
+    ``examples`` > 0 takes that many of the split (``pipeline.eval_schedule``); ``bucket_step``
+    > 0 rounds the buckets' long side to it instead of ``input.eval_bucket_step``."""
 
     def __init__(
         self,
@@ -143,9 +144,10 @@ class EvalBatchCache:
         mesh: Mesh,
         max_bytes: int,
         examples: int = 0,
+        bucket_step: int = 0,
     ):
         self.config, self.scale, self.mesh, self.max_bytes = config, scale, mesh, max_bytes
-        self.examples = examples
+        self.examples, self.bucket_step = examples, bucket_step
         self._kept: list[dict[str, jax.Array]] | None = None
 
     def __iter__(self) -> Iterator[dict[str, jax.Array]]:
@@ -153,7 +155,9 @@ class EvalBatchCache:
             yield from self._kept
             return
         kept, size = [], 0
-        host = pipeline.eval_batches(self.config, self.scale, examples=self.examples)
+        host = pipeline.eval_batches(
+            self.config, self.scale, examples=self.examples, bucket_step=self.bucket_step
+        )
         for batch in Prefetched((sharding.global_batch(b, self.mesh) for b in host), 2):
             size += sum(v.nbytes for v in batch.values())
             if kept is not None and size <= self.max_bytes:

@@ -357,13 +357,15 @@ def eval_batches(
     process_index: int | None = None,
     process_count: int | None = None,
     examples: int = 0,
+    bucket_step: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Every decodable example of the split (or ``examples`` of them, ``eval_schedule``) once,
     rescaled to smallest side ``scale``, uncropped, top-left in a zero-padded bucket: {"image":
     float32 [B_local, Hb, Wb, 3], "size": int32 [B_local, 2], "label": int32 [B_local], "mask":
     bool [B_local], "index": int32 [B_local] (the example's record index in the split, -1 for
     filler)}. Every process yields the same number of batches with the same shapes in the same
-    order, and the examples come in the same order at every ``scale``."""
+    order, and the examples come in the same order at every ``scale``. Buckets round the long
+    side up to ``bucket_step`` (0: ``input.eval_bucket_step``)."""
     input_config = config.input
     split = split or input_config.eval_split
     process_index, process_count = _processes(process_index, process_count)
@@ -375,7 +377,7 @@ def eval_batches(
         input_convention, _stats(input_config, builder)["mean_rgb"], input_config
     )
     schedule = eval_schedule(
-        split_index, scale, global_batch, input_config.eval_bucket_step, examples
+        split_index, scale, global_batch, bucket_step or input_config.eval_bucket_step, examples
     )
     reader = sources.RecordReader(builder, split)
     mine = slice(process_index * local, (process_index + 1) * local)

@@ -129,6 +129,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         mesh,
         VALIDATION_CACHE_BYTES,
         config.evals.validation_examples,
+        config.evals.validation_bucket_step,
     )
     pending: list[dict[str, jax.Array]] = []
     last_log = time.perf_counter()
