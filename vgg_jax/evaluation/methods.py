@@ -10,13 +10,14 @@ with their valid ``sizes`` ``(N, 2)``; every function here keeps the padding out
   at the top-left corner, last at the bottom-right) plus their flips, cut on the device, each
   classified, softmax averaged over the crops (50 per scale for the paper's 5x5 grid).
 
-``CompiledFunctions`` jits them once per net and mesh and compiles once per bucket shape; the
-multi-crop method runs as two programs (``CropMethod``): cutting one grid position's crops, cheap
-to compile for every bucket shape, and classifying them, compiled once for all shapes, scales and
-checkpoints, since every crop has the crop size. It classifies each distinct crop once, weighted
-by how many grid positions share it (at Q = crop size a grid row or column repeats one crop:
-``distinct_grid_positions``). Softmax outputs, never logits, are what later steps average
-(scales, methods, nets).
+``CompiledFunctions`` jits them once per net and mesh and compiles once per bucket shape up to
+transposition (a portrait batch runs transposed, with ``models.transposed_params``, through its
+landscape twin's programs). The multi-crop method runs as separate programs (``CropMethod``):
+cutting one round's crops, cheap to compile for every bucket shape, and classifying them,
+compiled once for all shapes, scales and checkpoints, since every crop has the crop size. It
+classifies each distinct crop once, weighted by how many grid positions share it (at Q = crop
+size a grid row or column repeats one crop: ``distinct_grid_positions``). Softmax outputs, never
+logits, are what later steps average (scales, methods, nets).
 """
 
 from __future__ import annotations
@@ -269,14 +270,15 @@ def add_crop_softmax(
 class CropMethod:
     """A method that classifies crop-size crops cut from the padded batch, as three programs:
     ``plan(sizes) -> (offsets, weights, rounds)`` (once per batch size), ``cut(images, offsets,
-    position) -> crops`` (per bucket shape, a gather: quick to compile) and ``classify(params,
-    crops, weights, position, total) -> total`` (the net, once per batch size). The result is
+    position, transposed) -> crops`` (per bucket shape, a gather: quick to compile) and
+    ``classify(params, crops, weights, position, total) -> total`` (the net, once per batch
+    size). The result is
     ``total / divisor`` after ``rounds`` cut-and-classify rounds (at most ``positions``), softmax
     ``(N, num_classes)``. ``multi_crop_probabilities`` in one program gives the same numbers but
     compiles the net once per bucket shape and classifies every grid position, repeats included."""
 
     plan: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
-    cut: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+    cut: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
     classify: Callable[..., jax.Array]
     positions: int
     divisor: float
