@@ -153,6 +153,21 @@ class EvalBatchCacheTest(absltest.TestCase):
         self.assertLen(list(too_small), len(first))
         self.assertIsNone(too_small._kept)
 
+    def test_filler_rows_are_dropped_but_for_a_multiple_of_the_devices(self):
+        config = fixtures.tiny_config(**{"input.eval_batch_size": 64})
+        mesh = sharding.make_mesh(config.mesh)
+        devices = mesh.shape[sharding.DATA]
+        planned = list(pipeline.eval_batches(config, 48))
+        kept = [jax.device_get(b) for b in on_device.EvalBatchCache(config, 48, mesh, 1 << 30)]
+        self.assertLen(kept, len(planned))
+        self.assertLess(sum(len(b["mask"]) for b in kept), sum(len(b["mask"]) for b in planned))
+        for plan, got in zip(planned, kept, strict=True):
+            real = int(plan["mask"].sum())
+            self.assertEqual(len(got["mask"]) % (on_device.TAIL_MULTIPLE * devices), 0)
+            self.assertLess(len(got["mask"]) - real, on_device.TAIL_MULTIPLE * devices)
+            for key in ("label", "image", "mask"):  # the same rows, first the real ones
+                np.testing.assert_array_equal(got[key], plan[key][: len(got["mask"])])
+
     def test_validation_buckets_can_be_finer_than_the_evaluation_s(self):
         config = fixtures.tiny_config(**{"input.eval_bucket_step": 64})
         mesh = sharding.make_mesh(config.mesh)

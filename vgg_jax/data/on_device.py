@@ -28,6 +28,9 @@ from vgg_jax.data.prefetch import Prefetched
 
 # Training steps whose augmentation draws are made by one program (``draw_steps``).
 DRAW_STEPS = 64
+# The per-epoch validation's last batches keep their real rows rounded up to this many per
+# data device (``EvalBatchCache``).
+TAIL_MULTIPLE = 8
 
 
 def uses_decoded_cache(config: ml_collections.ConfigDict) -> bool:
@@ -135,7 +138,12 @@ class EvalBatchCache:
     """The evaluation batches at one scale as global device arrays, read once and kept while
     they fit in ``max_bytes`` (the per-epoch validation re-reads the same images every epoch);
     ``examples`` > 0 takes that many of the split (``pipeline.eval_schedule``); ``bucket_step``
-    > 0 rounds the buckets' long side to it instead of ``input.eval_bucket_step``."""
+    > 0 rounds the buckets' long side to it instead of ``input.eval_bucket_step``.
+
+    In one process, a batch's filler rows (the last batch of each orientation is filled up to
+    the batch size with masked copies of nothing) are dropped but for a multiple of
+    ``TAIL_MULTIPLE`` data devices: a validation computes no more than it must (a fifth of the
+    demo's validation slots were filler). Its steps then compile once more per orientation."""
 
     def __init__(
         self,
@@ -158,6 +166,9 @@ class EvalBatchCache:
         host = pipeline.eval_batches(
             self.config, self.scale, examples=self.examples, bucket_step=self.bucket_step
         )
+        if jax.process_count() == 1:  # several: every process must keep the same rows
+            multiple = TAIL_MULTIPLE * self.mesh.shape[sharding.DATA]
+            host = (_without_filler(b, multiple) for b in host)
         for batch in Prefetched((sharding.global_batch(b, self.mesh) for b in host), 2):
             size += sum(v.nbytes for v in batch.values())
             if kept is not None and size <= self.max_bytes:
@@ -166,3 +177,13 @@ class EvalBatchCache:
                 kept = None
             yield batch
         self._kept = kept
+
+
+def _without_filler(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+    """``batch`` without its trailing filler rows, but for a multiple of ``multiple`` rows (the
+    pipeline puts an eval batch's real examples first)."""
+    real = int(np.count_nonzero(batch["mask"]))
+    keep = -(-real // multiple) * multiple
+    if real == 0 or keep >= len(batch["mask"]) or not batch["mask"][:real].all():
+        return batch
+    return {key: value[:keep] for key, value in batch.items()}
