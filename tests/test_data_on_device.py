@@ -168,7 +168,7 @@ class EvalBatchCacheTest(absltest.TestCase):
             for key in ("label", "image", "mask"):  # the same rows, first the real ones
                 np.testing.assert_array_equal(got[key], plan[key][: len(got["mask"])])
 
-    def test_validation_buckets_can_be_finer_than_the_evaluation_s(self):
+    def test_validation_buckets_can_be_finer_than_the_evaluations(self):
         config = fixtures.tiny_config(**{"input.eval_bucket_step": 64})
         mesh = sharding.make_mesh(config.mesh)
 

@@ -110,6 +110,14 @@ def dense_probabilities(
     return dense_outputs(model, params, images, sizes, flip, transposed)[1]
 
 
+def grid_lines(span: jax.Array, grid: int) -> jax.Array:
+    """``(N, grid, 2)``: the grid's offsets along each axis, evenly (to the pixel) from 0 to each
+    image's ``span`` ``(N, 2)`` (its size minus the crop size), ascending; the centre for one."""
+    if grid == 1:
+        return (span // 2)[:, None, :]
+    return jnp.arange(grid)[None, :, None] * span[:, None, :] // (grid - 1)
+
+
 def grid_offsets(sizes: jax.Array, crop_size: int, grid: int = 5) -> jax.Array:
     """Top-left corners ``(N, grid * grid, 2)`` of a regular grid of crops covering each image.
 
@@ -117,11 +125,7 @@ def grid_offsets(sizes: jax.Array, crop_size: int, grid: int = 5) -> jax.Array:
     first crop sits at the top-left corner and the last at the bottom-right; row-major order.
     One crop per image (``grid=1``) is the centre crop.
     """
-    span = sizes - crop_size  # (N, 2)
-    if grid == 1:
-        along = (span // 2)[:, None, :]
-    else:
-        along = jnp.arange(grid)[None, :, None] * span[:, None, :] // (grid - 1)  # (N, grid, 2)
+    along = grid_lines(sizes - crop_size, grid)
     rows = jnp.broadcast_to(along[:, :, None, 0], (sizes.shape[0], grid, grid))
     cols = jnp.broadcast_to(along[:, None, :, 1], (sizes.shape[0], grid, grid))
     return jnp.stack([rows, cols], axis=-1).reshape(sizes.shape[0], grid * grid, 2)
@@ -193,12 +197,9 @@ def distinct_grid_positions(
     (or column) along it is the same crop: a 5x5 grid of a 224 x 298 image is 5 distinct crops,
     and a square one a single crop. Classifying each distinct crop once, weighted by its count,
     gives the same mean as classifying all ``grid * grid``."""
-    span = jnp.maximum(sizes - crop_size, 0)  # padding rows of a batch may have sizes < crop
+    # Filler rows of a batch may have sizes below the crop: one crop at the corner.
+    along = grid_lines(jnp.maximum(sizes - crop_size, 0), grid)
     lines = jnp.arange(grid)
-    if grid == 1:
-        along = (span // 2)[:, None, :]
-    else:
-        along = lines[None, :, None] * span[:, None, :] // (grid - 1)  # (N, grid, 2), ascending
     starts = jnp.concatenate(
         [jnp.ones_like(along[:, :1], bool), along[:, 1:] != along[:, :-1]], axis=1
     )
