@@ -1,7 +1,8 @@
-"""The matrix-product form of small convolutions (vgg_jax/conv_lowering.py) computes XLA's
-convolution, is used exactly where its rule says, and leaves the net's outputs and gradients as
-they were."""
+"""The matrix-product forms of convolutions (vgg_jax/conv_lowering.py) compute XLA's convolution
+and its gradients, are used exactly where their rule says, and leave the net's outputs and
+gradients as they were."""
 
+import itertools
 from unittest import mock
 
 import jax
@@ -11,6 +12,8 @@ from absl.testing import absltest, parameterized
 
 from vgg_jax import conv_lowering, models
 
+XLA, IM2COL, COL2IM = conv_lowering.XLA, conv_lowering.IM2COL, conv_lowering.COL2IM
+
 
 def xla_conv(x, w, padding):
     return jax.lax.conv_general_dilated(
@@ -19,47 +22,77 @@ def xla_conv(x, w, padding):
 
 
 def primitive_names(fn, *args) -> list[str]:
-    return [eqn.primitive.name for eqn in jax.make_jaxpr(fn)(*args).jaxpr.eqns]
+    """Every primitive ``fn`` traces to, including those inside custom-VJP calls."""
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield eqn.primitive.name
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", value)
+                if hasattr(inner, "eqns"):
+                    yield from walk(inner)
+
+    return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
 
 
-class ShiftedMatmulConvTest(parameterized.TestCase):
-    @parameterized.parameters(
-        ((2, 2), 3, ((1, 1), (1, 1))),
-        ((2, 3), 3, ((1, 1), (1, 1))),
-        ((5, 4), 3, ((1, 1), (1, 1))),
-        ((3, 3), 5, ((2, 2), (2, 2))),
-        ((4, 6), 3, ((0, 2), (1, 0))),  # uneven padding
-        ((3, 2), 1, ((0, 0), (0, 0))),
-    )
-    def test_values_and_gradients_equal_xla_convolution(self, hw, k, padding):
+SHAPES = (
+    ((2, 2), 3, ((1, 1), (1, 1))),
+    ((2, 3), 3, ((1, 1), (1, 1))),
+    ((5, 4), 3, ((1, 1), (1, 1))),
+    ((3, 3), 5, ((2, 2), (2, 2))),
+    ((4, 6), 3, ((0, 2), (1, 0))),  # uneven padding
+    ((3, 2), 1, ((0, 0), (0, 0))),
+)
+
+
+class FormsTest(parameterized.TestCase):
+    def setUp(self):
+        super().setUp()
         rng = np.random.default_rng(0)
-        x = jnp.asarray(rng.standard_normal((3, *hw, 5)), jnp.float32)
-        w = jnp.asarray(rng.standard_normal((k, k, 5, 7)), jnp.float32)
-        np.testing.assert_allclose(
-            conv_lowering.shifted_matmul_conv(x, w, padding),
-            xla_conv(x, w, padding),
-            rtol=1e-5,
-            atol=1e-5,
-        )
+        self.rng = rng
+
+    def inputs(self, hw, k, cin=5, cout=7):
+        x = jnp.asarray(self.rng.standard_normal((3, *hw, cin)), jnp.float32)
+        w = jnp.asarray(self.rng.standard_normal((k, k, cin, cout)), jnp.float32)
+        return x, w
+
+    @parameterized.parameters(*SHAPES)
+    def test_matrix_forms_equal_xla_convolution(self, hw, k, padding):
+        x, w = self.inputs(hw, k)
+        for form in (conv_lowering.shifted_matmul_conv, conv_lowering.shifted_sum_conv):
+            np.testing.assert_allclose(
+                form(x, w, padding), xla_conv(x, w, padding), rtol=1e-5, atol=1e-5
+            )
+
+    @parameterized.parameters(*SHAPES)
+    def test_every_choice_of_forms_gives_xla_values_and_gradients(self, hw, k, padding):
+        x, w = self.inputs(hw, k, cin=3, cout=6)
 
         def loss(conv, x, w):
-            return jnp.sum(jnp.sin(conv(x, w, padding)))
+            return jnp.sum(jnp.sin(conv(x, w)))
 
-        ours = jax.grad(lambda x, w: loss(conv_lowering.shifted_matmul_conv, x, w), (0, 1))(x, w)
-        theirs = jax.grad(lambda x, w: loss(xla_conv, x, w), (0, 1))(x, w)
-        for a, b in zip(ours, theirs, strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+        theirs = jax.grad(lambda x, w: loss(lambda x, w: xla_conv(x, w, padding), x, w), (0, 1))
+        expected = theirs(x, w)
+        for forms in itertools.product((XLA, IM2COL, COL2IM), repeat=3):
+            conv = lambda x, w, forms=forms: conv_lowering.conv_in_forms(  # noqa: E731
+                x, w, padding, forms, None
+            )
+            np.testing.assert_allclose(conv(x, w), xla_conv(x, w, padding), rtol=1e-5, atol=1e-5)
+            ours = jax.grad(lambda x, w, conv=conv: loss(conv, x, w), (0, 1))(x, w)
+            for a, b in zip(ours, expected, strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=str(forms))
 
 
 class RuleTest(absltest.TestCase):
-    def lowered_as(self, hw, k, **kwargs):
-        x = jnp.zeros((2, *hw, 4))
-        w = jnp.zeros((k, k, 4, 8))
+    def lowered_as(self, hw, k, cin=4, cout=16, batch=2, **kwargs):
+        x = jnp.zeros((batch, *hw, cin))
+        w = jnp.zeros((k, k, cin, cout))
+        strides = kwargs.pop("strides", (1, 1))
         names = primitive_names(
             lambda x, w: conv_lowering.conv_general_dilated(
                 x,
                 w,
-                kwargs.pop("strides", (1, 1)),
+                strides,
                 [(k // 2, k // 2)] * 2,
                 dimension_numbers=jax.lax.conv_dimension_numbers(
                     x.shape, w.shape, ("NHWC", "HWIO", "NHWC")
@@ -71,6 +104,11 @@ class RuleTest(absltest.TestCase):
         )
         return "matmul" if "dot_general" in names else "conv"
 
+    def forms(self, batch, hw, cin, cout, k=3):
+        return conv_lowering.conv_forms(
+            (batch, hw, hw, cin), (k, k, cin, cout), ((k // 2,) * 2,) * 2
+        )
+
     def test_matmul_where_the_map_has_fewer_pixels_than_the_kernel_has_taps(self):
         self.assertEqual(self.lowered_as((2, 2), 3), "matmul")
         self.assertEqual(self.lowered_as((2, 3), 3), "matmul")
@@ -79,20 +117,56 @@ class RuleTest(absltest.TestCase):
         self.assertEqual(self.lowered_as((3, 3), 3), "conv")
         self.assertEqual(self.lowered_as((2, 8), 3), "conv")
         self.assertEqual(self.lowered_as((2, 2), 1), "conv")
+        self.assertEqual(self.forms(64, 2, 64, 64), (IM2COL, COL2IM, IM2COL))
+
+    def test_few_channels_take_the_form_with_the_smaller_buffer_while_it_is_small(self):
+        # The demo's first conv (an RGB batch of 64 at 32x32): im2col forward, 7 MB of columns.
+        self.assertEqual(self.forms(64, 32, 3, 8), (IM2COL, COL2IM, XLA))
+        self.assertEqual(self.forms(64, 32, 3, 64)[0], IM2COL)
+        # Its second: 8 -> 16 channels is XLA's forward; the gradient (16 -> 8) is col2im.
+        self.assertEqual(self.forms(64, 16, 8, 16), (XLA, COL2IM, XLA))
+        self.assertEqual(self.forms(64, 16, 32, 8)[0], COL2IM)
+        # Wider convs, and buffers over MAX_BUFFER_BYTES, stay XLA's.
+        self.assertEqual(self.forms(64, 8, 16, 32), (XLA, XLA, XLA))
+        self.assertEqual(self.forms(128, 32, 3, 8)[0], XLA)  # 14 MB of columns
+        self.assertEqual(self.forms(8, 224, 3, 64)[0], XLA)  # VGG16's first conv, 43 MB
+        self.assertEqual(self.forms(1, 224, 3, 64)[0], IM2COL)  # 5.4 MB
+        budget = conv_lowering.MAX_BUFFER_BYTES
+        pixels = budget // (9 * 3 * 4)  # the largest batch of pixels whose columns fit
+        self.assertEqual(conv_lowering.few_channel_form(pixels, pixels, 9, 3, 8, 4), IM2COL)
+        self.assertEqual(conv_lowering.few_channel_form(pixels + 1, pixels + 1, 9, 3, 8, 4), XLA)
+
+    def test_the_gradients_run_in_their_forms(self):
+        # 8 -> 16 channels on 16x16: the forward and kernel gradient are convolutions, the input
+        # gradient a matrix product (the transpose of im2col).
+        x, w = jnp.zeros((64, 16, 16, 8)), jnp.zeros((3, 3, 8, 16))
+
+        def loss(x, w):
+            numbers = ("NHWC", "HWIO", "NHWC")
+            conv = conv_lowering.conv_general_dilated(
+                x, w, (1, 1), [(1, 1)] * 2, None, None, numbers
+            )
+            return conv.sum()
+
+        names = primitive_names(jax.grad(loss, (0, 1)), x, w)
+        self.assertEqual(names.count("conv_general_dilated"), 2)
+        self.assertEqual(names.count("dot_general"), 1)
 
     def test_xla_convolution_for_what_the_matmul_form_does_not_cover(self):
         self.assertEqual(self.lowered_as((2, 2), 3, strides=(2, 2)), "conv")
         self.assertEqual(self.lowered_as((2, 2), 3, rhs_dilation=(2, 2)), "conv")
+        self.assertEqual(self.lowered_as((32, 32), 3, cin=3, strides=(2, 2)), "conv")
         with mock.patch.object(jax, "default_backend", return_value="gpu"):
             self.assertEqual(self.lowered_as((2, 2), 3), "conv")
+            self.assertEqual(self.lowered_as((32, 32), 3, cin=3), "conv")
 
 
 class NetTest(absltest.TestCase):
-    """Configuration A at 1/8 width on 32-pixel crops (the demo's net): its last block works on
-    2x2 maps, so its two convs take the matmul form; the net's logits and gradients are those of
-    XLA's convolutions throughout."""
+    """Configuration A at 1/8 width on 32-pixel crops (the demo's net): its first conv reads 3
+    channels, its last block works on 2x2 maps, so three convs take a matrix form (and the second
+    conv's input gradient); the net's logits and gradients are those of XLA's convolutions."""
 
-    def test_last_block_as_matmul_same_logits_and_gradients(self):
+    def test_matrix_forms_same_logits_and_gradients(self):
         model = models.VGG(models.LAYOUTS["A"], num_classes=10, crop_size=32, width=1 / 8,
                            fc_width=16, dropout_rate=0.0)  # fmt: skip
         images = jnp.asarray(np.random.default_rng(1).standard_normal((4, 32, 32, 3)), jnp.float32)
@@ -102,9 +176,10 @@ class NetTest(absltest.TestCase):
             return jnp.sum(jax.nn.log_softmax(model.apply({"params": params}, images))[:, 0])
 
         names = primitive_names(lambda p: model.apply({"params": p}, images), params)
-        self.assertEqual(names.count("conv_general_dilated"), 6)  # 8 convs, 2 on 2x2 maps
+        self.assertEqual(names.count("conv_general_dilated"), 5)  # 8 convs, 3 in matrix form
         ours = (model.apply({"params": params}, images), jax.grad(loss)(params))
-        with mock.patch.object(conv_lowering, "fewer_pixels_than_taps", return_value=False):
+        all_xla = (XLA, XLA, XLA)
+        with mock.patch.object(conv_lowering, "conv_forms", return_value=all_xla):
             names = primitive_names(lambda p: model.apply({"params": p}, images), params)
             self.assertEqual(names.count("conv_general_dilated"), 8)
             theirs = (model.apply({"params": params}, images), jax.grad(loss)(params))

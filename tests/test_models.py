@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
+from flax import linen as nn
 
 from vgg_jax import models
 from vgg_jax.configs import paper
@@ -249,6 +250,34 @@ class BehaviourTest(absltest.TestCase):
         limit = np.sqrt(6 / (2 * 9 * 512))
         self.assertLessEqual(float(jnp.abs(kernel).max()), limit)
         self.assertAlmostEqual(float(jnp.std(kernel)), limit / np.sqrt(3), delta=0.001)
+
+
+class MaxPoolTest(parameterized.TestCase):
+    """``max_pool_2x2`` is ``nn.max_pool`` in values and gradient (the first maximum of a window
+    takes it), ties included, and in Caffe's ceil mode for odd sizes."""
+
+    @parameterized.parameters(((6, 8),), ((5, 7),))
+    def test_values_and_gradient_are_nn_max_pool_s(self, hw):
+        rng = np.random.default_rng(0)
+        # Inputs >= 0 (pools follow a ReLU), 3 levels: most windows hold tied maxima.
+        x = jnp.asarray(rng.integers(0, 3, (2, *hw, 3)), jnp.float32)
+        pooled_hw = [-(-size // 2) for size in hw]
+        cotangent = jnp.asarray(rng.standard_normal((2, *pooled_hw, 3)), jnp.float32)
+        padding = [(0, hw[0] % 2), (0, hw[1] % 2)]
+        ours, ours_vjp = jax.vjp(models.max_pool_2x2, x)
+        theirs, theirs_vjp = jax.vjp(lambda x: nn.max_pool(x, (2, 2), (2, 2), padding), x)
+        np.testing.assert_array_equal(ours, theirs)
+        (gradient,) = ours_vjp(cotangent)
+        np.testing.assert_array_equal(gradient, theirs_vjp(cotangent)[0])
+        # One pixel per window receives the cotangent, though most windows tie.
+        windows = x[:, : hw[0] // 2 * 2, : hw[1] // 2 * 2].reshape(
+            2, hw[0] // 2, 2, hw[1] // 2, 2, 3
+        )
+        ties = (windows == windows.max(axis=(2, 4), keepdims=True)).sum(axis=(2, 4))
+        self.assertGreater(float(jnp.mean(ties > 1)), 0.3)
+        np.testing.assert_allclose(
+            gradient.sum(), cotangent.sum(), rtol=1e-5, err_msg="a tie's cotangent counted twice"
+        )
 
 
 if __name__ == "__main__":

@@ -1,17 +1,40 @@
-"""How the net's convolutions reach XLA: as XLA's convolution, or, on a CPU, for the shapes where
-XLA:CPU's convolution is slow, as one matrix product over shifted copies of the input (im2col).
+"""How the net's convolutions reach XLA: as XLA's convolution or, on a CPU, for the shapes where
+XLA:CPU's convolution is slow, as a matrix product with the kernel's taps shifted in or out.
 
-XLA:CPU's convolution is many times slower than its matrix product when the image has fewer pixels
-than the kernel has taps: a 3x3 conv on a 2x2 map (a 32-pixel crop's last block) ran 4-5x slower
-at 64 channels and 30-60x slower at 512 (fifth block of a full-width net on 32-pixel images), and
-so does its gradient. Measured shape by shape in one process (quiet AMD EPYC, jax 0.10.2,
-docs/performance.md, "Convolutions XLA:CPU is slow at"). The matrix-product form computes the same
-sums (up to float rounding order) and keeps the parameters as they are: ``nn.Conv`` still owns an
-``(kh, kw, in, out)`` kernel, so checkpoints and imported weights do not change.
+A stride-1 convolution can be computed three ways, all the same sums up to float rounding order:
+
+- ``"xla"``: XLA's convolution (on a CPU, Eigen's).
+- ``"im2col"``: the ``kh * kw`` shifted windows of the padded input side by side on the channel
+  axis, times the kernel reshaped to ``(kh * kw * in, out)`` (``shifted_matmul_conv``).
+- ``"col2im"``: the input times the kernel reshaped to ``(in, kh * kw * out)`` first, then each
+  tap's slice of the product shifted into place and summed (``shifted_sum_conv``).
+
+A train step computes three things per conv: the output, the input gradient and the kernel
+gradient. The input gradient is itself a convolution (``out -> in`` channels, the kernel flipped),
+and the transpose of one matrix-product form is the other: the input gradient of the ``im2col``
+forward is a ``col2im`` convolution and vice versa. So ``conv_forms`` picks a form for the forward
+and for the input gradient by the same rule, and ``conv_in_forms`` runs each through a custom VJP.
+
+XLA:CPU's convolution is slow at two kinds of shapes (measured shape by shape, quiet AMD EPYC,
+jax 0.10.2, docs/performance.md, "Convolutions XLA:CPU is slow at"):
+
+- an output map with fewer pixels than the kernel has taps (a 3x3 conv on 2x2, 2x3 or 1x4, as in
+  a 32-pixel crop's last block): 4-5x slower than ``im2col`` at 64 channels, 30-60x at 512, and its
+  gradients as well; all three computations use ``im2col`` and its transposes there;
+- few channels: writing at most 8 (one AVX2 register of float32) or reading at most 3 (the image):
+  a 3 -> 8 conv on 32x32 crops 1.9-4x slower than ``im2col``, a 16 -> 8 one 1.6-2.2x slower than
+  ``col2im``. The form whose buffer holds ``taps x min(in, out)`` channels per pixel is used when
+  that buffer is at most ``MAX_BUFFER_BYTES``; a larger one stops fitting in cache and the matrix
+  form falls far behind (a 3 -> 8 conv at batch 256: 19 against 8.5 ms).
+
+The kernel gradient stays XLA's convolution except on maps with fewer pixels than taps (``im2col``
+with a kernel gradient alone measured 2.1 against 1.0 ms on the 3 -> 8 layer). ``nn.Conv`` still
+owns an ``(kh, kw, in, out)`` kernel, so checkpoints and imported weights do not change.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +45,16 @@ from jax import lax
 # (batch, height, width, channels) images and (height, width, in, out) kernels, as nn.Conv uses.
 _NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
 
+XLA, IM2COL, COL2IM = "xla", "im2col", "col2im"
+# At most this many output channels (one AVX2 register of float32 lanes), or this many input
+# channels (an RGB image), is a shape XLA:CPU's convolution is slow at.
+FEW_OUTPUT_CHANNELS = 8
+FEW_INPUT_CHANNELS = 3
+# The largest shifted-copy buffer a matrix-product form may use for a few-channel conv.
+MAX_BUFFER_BYTES = 8 << 20
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
 
 def fewer_pixels_than_taps(output_hw: Sequence[int], kernel_hw: Sequence[int]) -> bool:
     """The shapes XLA:CPU's convolution is slow at: an output map with fewer pixels than the
@@ -30,20 +63,119 @@ def fewer_pixels_than_taps(output_hw: Sequence[int], kernel_hw: Sequence[int]) -
     return output_hw[0] * output_hw[1] < kernel_hw[0] * kernel_hw[1]
 
 
+def few_channel_form(
+    input_pixels: int, output_pixels: int, taps: int, cin: int, cout: int, itemsize: int
+) -> str:
+    """The form for a conv reading ``cin`` and writing ``cout`` channels (module docstring):
+    ``"xla"`` unless it has few channels and the matrix form's buffer is small enough."""
+    if cout > FEW_OUTPUT_CHANNELS and cin > FEW_INPUT_CHANNELS:
+        return XLA
+    if cin <= cout:
+        form, buffer = IM2COL, output_pixels * taps * cin * itemsize
+    else:
+        form, buffer = COL2IM, input_pixels * taps * cout * itemsize
+    return form if buffer <= MAX_BUFFER_BYTES else XLA
+
+
+def conv_forms(
+    lhs_shape: Sequence[int], rhs_shape: Sequence[int], padding: Padding, itemsize: int = 4
+) -> tuple[str, str, str]:
+    """``(forward, input gradient, kernel gradient)`` forms of a stride-1 NHWC/HWIO conv."""
+    n, h, w, _ = lhs_shape
+    kh, kw, cin, cout = rhs_shape
+    output_hw = [h + sum(padding[0]) - kh + 1, w + sum(padding[1]) - kw + 1]
+    if fewer_pixels_than_taps(output_hw, (kh, kw)):
+        return IM2COL, COL2IM, IM2COL
+    input_pixels, output_pixels = n * h * w, n * output_hw[0] * output_hw[1]
+    forward = few_channel_form(input_pixels, output_pixels, kh * kw, cin, cout, itemsize)
+    input_gradient = few_channel_form(output_pixels, input_pixels, kh * kw, cout, cin, itemsize)
+    return forward, input_gradient, XLA
+
+
 def shifted_matmul_conv(
     lhs: jax.Array, rhs: jax.Array, padding: Sequence[tuple[int, int]], precision: Any = None
 ) -> jax.Array:
-    """A stride-1 NHWC/HWIO convolution as one matrix product: the ``kh * kw`` shifted windows
-    of the padded input side by side on the channel axis (im2col), times the kernel reshaped to
-    ``(kh * kw * in, out)``; the window order (row, column, channel) is the kernel's own."""
+    """``"im2col"``: a stride-1 NHWC/HWIO convolution as one matrix product: the ``kh * kw``
+    shifted windows of the padded input side by side on the channel axis, times the kernel
+    reshaped to ``(kh * kw * in, out)``; the window order (row, column, channel) is the kernel's."""
     kh, kw, cin, cout = rhs.shape
     (top, bottom), (left, right) = padding
     padded = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
     out_h = padded.shape[1] - kh + 1
     out_w = padded.shape[2] - kw + 1
-    windows = [padded[:, i : i + out_h, j : j + out_w, :] for i in range(kh) for j in range(kw)]
-    columns = jnp.concatenate(windows, axis=-1)
+    # The column shifts first, then the row shifts of their result: two concatenations of kw and
+    # kh pieces, which XLA:CPU copies faster than one of kh * kw (0.5 against 1.6 ms for a
+    # 3-channel 32x32 batch of 64). Channel order (row, column, channel) either way.
+    row_windows = jnp.concatenate([padded[:, :, j : j + out_w] for j in range(kw)], axis=-1)
+    columns = jnp.concatenate([row_windows[:, i : i + out_h] for i in range(kh)], axis=-1)
     return jnp.dot(columns, rhs.reshape(kh * kw * cin, cout), precision=precision)
+
+
+def shifted_sum_conv(
+    lhs: jax.Array, rhs: jax.Array, padding: Sequence[tuple[int, int]], precision: Any = None
+) -> jax.Array:
+    """``"col2im"``: the same convolution as the input times the kernel reshaped to
+    ``(in, kh * kw * out)``, then each tap's ``out`` columns, padded like the input, shifted by
+    the tap's offset and summed: output pixel ``p`` gets tap ``(i, j)`` of input pixel
+    ``p + (i, j) - (top, left)``."""
+    kh, kw, cin, cout = rhs.shape
+    n, h, w, _ = lhs.shape
+    (top, bottom), (left, right) = padding
+    taps = jnp.dot(lhs, rhs.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout), precision=precision)
+    taps = jnp.pad(
+        taps.reshape(n, h, w, kh, kw, cout),
+        ((0, 0), (top, bottom), (left, right), (0, 0), (0, 0), (0, 0)),
+    )
+    out_h = h + top + bottom - kh + 1
+    out_w = w + left + right - kw + 1
+    shifted = [taps[:, i : i + out_h, j : j + out_w, i, j, :] for i in range(kh) for j in range(kw)]
+    return functools.reduce(jnp.add, shifted)
+
+
+def _xla_conv(lhs, rhs, padding, precision=None):
+    return lax.conv_general_dilated(
+        lhs, rhs, (1, 1), padding, dimension_numbers=_NHWC_HWIO, precision=precision
+    )
+
+
+_FORWARD = {XLA: _xla_conv, IM2COL: shifted_matmul_conv, COL2IM: shifted_sum_conv}
+# The input gradient in form F is the transpose (VJP) of this forward: each matrix form's
+# transpose is the other form.
+_TRANSPOSED_FOR_INPUT_GRADIENT = {
+    XLA: _xla_conv,
+    IM2COL: shifted_sum_conv,
+    COL2IM: shifted_matmul_conv,
+}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_in_forms(
+    lhs: jax.Array, rhs: jax.Array, padding: Padding, forms: tuple[str, str, str], precision: Any
+) -> jax.Array:
+    """A stride-1 NHWC/HWIO conv whose forward, input gradient and kernel gradient are computed
+    in the given forms (``conv_forms``)."""
+    return _FORWARD[forms[0]](lhs, rhs, padding, precision)
+
+
+def _conv_in_forms_forward(lhs, rhs, padding, forms, precision):
+    return conv_in_forms(lhs, rhs, padding, forms, precision), (lhs, rhs)
+
+
+def _conv_in_forms_backward(padding, forms, precision, residuals, cotangent):
+    lhs, rhs = residuals
+    input_conv = _TRANSPOSED_FOR_INPUT_GRADIENT[forms[1]]
+    kernel_conv = _FORWARD[forms[2]]
+    # Linear in each argument: transposing computes the gradient without the forward again.
+    (lhs_grad,) = jax.linear_transpose(lambda x: input_conv(x, rhs, padding, precision), lhs)(
+        cotangent
+    )
+    (rhs_grad,) = jax.linear_transpose(lambda k: kernel_conv(lhs, k, padding, precision), rhs)(
+        cotangent
+    )
+    return lhs_grad, rhs_grad
+
+
+conv_in_forms.defvjp(_conv_in_forms_forward, _conv_in_forms_backward)
 
 
 def conv_general_dilated(
@@ -59,9 +191,9 @@ def conv_general_dilated(
     precision: Any = None,
     preferred_element_type: Any = None,
 ) -> jax.Array:
-    """``lax.conv_general_dilated``'s signature (what ``nn.Conv`` calls): the matrix-product form
-    on a CPU for stride-1, undilated, ungrouped NHWC convolutions with explicit non-negative
-    padding whose output has fewer pixels than the kernel taps; XLA's convolution otherwise."""
+    """``lax.conv_general_dilated``'s signature (what ``nn.Conv`` calls): on a CPU, stride-1,
+    undilated, ungrouped NHWC convolutions with explicit non-negative padding are computed in the
+    forms ``conv_forms`` picks; XLA's convolution otherwise, and everywhere on GPU and TPU."""
     conv = lambda: lax.conv_general_dilated(  # noqa: E731
         lhs,
         rhs,
@@ -90,8 +222,8 @@ def conv_general_dilated(
         != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_HWIO)
     ):
         return conv()
-    kernel_hw = rhs.shape[:2]
-    output_hw = [lhs.shape[1 + a] + sum(padding[a]) - kernel_hw[a] + 1 for a in range(2)]
-    if not fewer_pixels_than_taps(output_hw, kernel_hw):
+    padding = tuple((int(low), int(high)) for low, high in padding)
+    forms = conv_forms(lhs.shape, rhs.shape, padding, jnp.dtype(lhs.dtype).itemsize)
+    if forms == (XLA, XLA, XLA):
         return conv()
-    return shifted_matmul_conv(lhs, rhs, padding, precision)
+    return conv_in_forms(lhs, rhs, padding, forms, precision)

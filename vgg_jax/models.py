@@ -116,14 +116,50 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     every pool here follows a ReLU (or A-LRN's LRN of one): its inputs are >= 0. Training crops
     are multiples of 32, so nothing is padded there.
 
-    Written as a reshape and a max rather than ``nn.max_pool``: the same values and gradients, but
-    XLA's CPU backward of the reshape form is about 2.5x faster than its select-and-scatter
-    (docs/performance.md).
+    The gradient goes to the first maximum of each window in row-major order, as in Caffe and
+    ``nn.max_pool``; ties are common (a flat image region gives equal conv outputs). Written with
+    its own VJP over the window's four strided slices rather than ``nn.max_pool``, whose CPU
+    backward (select-and-scatter) is about 5x slower (docs/performance.md).
     """
     n, h, w, c = x.shape
     if h % 2 or w % 2:
         x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-    return x.reshape(n, (h + 1) // 2, 2, (w + 1) // 2, 2, c).max(axis=(2, 4))
+    return _max_pool_even(x)
+
+
+def _window_corners(x: jax.Array) -> list[jax.Array]:
+    """The four pixels of each 2x2/2 window, row-major: (0, 0), (0, 1), (1, 0), (1, 1)."""
+    return [x[:, i::2, j::2, :] for i in (0, 1) for j in (0, 1)]
+
+
+@jax.custom_vjp
+def _max_pool_even(x: jax.Array) -> jax.Array:
+    top_left, top_right, bottom_left, bottom_right = _window_corners(x)
+    return jnp.maximum(jnp.maximum(top_left, top_right), jnp.maximum(bottom_left, bottom_right))
+
+
+def _max_pool_even_forward(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    pooled = _max_pool_even(x)
+    return pooled, (x, pooled)
+
+
+def _max_pool_even_backward(
+    residuals: tuple[jax.Array, jax.Array], cotangent: jax.Array
+) -> tuple[jax.Array]:
+    x, pooled = residuals
+    taken = jnp.zeros(pooled.shape, bool)
+    corners = []
+    for corner in _window_corners(x):
+        first = (corner == pooled) & ~taken
+        corners.append(jnp.where(first, cotangent, 0).astype(x.dtype))
+        taken = taken | first
+    n, h, w, c = x.shape
+    top = jnp.stack(corners[:2], axis=3)  # (n, h/2, w/2, 2 columns, c)
+    bottom = jnp.stack(corners[2:], axis=3)
+    return (jnp.stack([top, bottom], axis=2).reshape(n, h, w, c),)  # rows between
+
+
+_max_pool_even.defvjp(_max_pool_even_forward, _max_pool_even_backward)
 
 
 def pooled_size(sizes: jax.Array | int, pools: int = 1) -> jax.Array | int:
