@@ -253,31 +253,38 @@ class BehaviourTest(absltest.TestCase):
 
 
 class MaxPoolTest(parameterized.TestCase):
-    """``max_pool_2x2`` is ``nn.max_pool`` in values and gradient (the first maximum of a window
-    takes it), ties included, and in Caffe's ceil mode for odd sizes."""
+    """``max_pool_2x2``: ``nn.max_pool``'s values in Caffe's ceil mode, and the gradient of JAX's
+    ``max`` (tied maxima share a window's gradient equally), ties included."""
 
     @parameterized.parameters(((6, 8),), ((5, 7),))
-    def test_values_and_gradient_are_nn_max_pool_s(self, hw):
+    def test_values_and_gradient_with_ties(self, hw):
         rng = np.random.default_rng(0)
         # Inputs >= 0 (pools follow a ReLU), 3 levels: most windows hold tied maxima.
         x = jnp.asarray(rng.integers(0, 3, (2, *hw, 3)), jnp.float32)
         pooled_hw = [-(-size // 2) for size in hw]
         cotangent = jnp.asarray(rng.standard_normal((2, *pooled_hw, 3)), jnp.float32)
         padding = [(0, hw[0] % 2), (0, hw[1] % 2)]
-        ours, ours_vjp = jax.vjp(models.max_pool_2x2, x)
-        theirs, theirs_vjp = jax.vjp(lambda x: nn.max_pool(x, (2, 2), (2, 2), padding), x)
-        np.testing.assert_array_equal(ours, theirs)
-        (gradient,) = ours_vjp(cotangent)
-        np.testing.assert_array_equal(gradient, theirs_vjp(cotangent)[0])
-        # One pixel per window receives the cotangent, though most windows tie.
-        windows = x[:, : hw[0] // 2 * 2, : hw[1] // 2 * 2].reshape(
-            2, hw[0] // 2, 2, hw[1] // 2, 2, 3
-        )
+        pooled, pool_vjp = jax.vjp(models.max_pool_2x2, x)
+        np.testing.assert_array_equal(pooled, nn.max_pool(x, (2, 2), (2, 2), padding))
+        (gradient,) = pool_vjp(cotangent)
+
+        def reshape_max(x):  # JAX's own rule for max, on the same zero-padded windows
+            x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+            n, h, w, c = x.shape
+            return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+        np.testing.assert_array_equal(gradient, jax.vjp(reshape_max, x)[1](cotangent)[0])
+        # A window of k tied maxima gives each cotangent / k; most windows tie here.
+        even = x[:, : hw[0] // 2 * 2, : hw[1] // 2 * 2]
+        windows = even.reshape(2, hw[0] // 2, 2, hw[1] // 2, 2, 3)
         ties = (windows == windows.max(axis=(2, 4), keepdims=True)).sum(axis=(2, 4))
         self.assertGreater(float(jnp.mean(ties > 1)), 0.3)
-        np.testing.assert_allclose(
-            gradient.sum(), cotangent.sum(), rtol=1e-5, err_msg="a tie's cotangent counted twice"
-        )
+        top_left = gradient[:, 0 : hw[0] // 2 * 2 : 2, 0 : hw[1] // 2 * 2 : 2]
+        is_max = windows[:, :, 0, :, 0] == windows.max(axis=(2, 4))
+        expected = np.where(is_max, cotangent[:, : hw[0] // 2, : hw[1] // 2] / ties, 0)
+        np.testing.assert_allclose(top_left, expected, rtol=1e-6)
+        if not (hw[0] % 2 or hw[1] % 2):  # a padded zero tied with a real one takes a share
+            np.testing.assert_allclose(gradient.sum(), cotangent.sum(), rtol=1e-5)
 
 
 if __name__ == "__main__":
