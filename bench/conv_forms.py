@@ -46,7 +46,7 @@ def time_forms(batch: int, side: int, cin: int, cout: int, calls: int) -> dict[s
     k = jax.numpy.asarray(rng.standard_normal((3, 3, cin, cout)), jax.numpy.float32)
     padding = ((1, 1), (1, 1))
     times = {}
-    for form, fn in conv_lowering._FORWARD.items():
+    for form, fn in conv_lowering.FORWARD_FORMS.items():
         compiled = (
             jax.jit(lambda x, k, fn=fn: fn(x, k, padding))
             .lower(x, k)

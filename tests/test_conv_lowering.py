@@ -48,8 +48,7 @@ SHAPES = (
 class FormsTest(parameterized.TestCase):
     def setUp(self):
         super().setUp()
-        rng = np.random.default_rng(0)
-        self.rng = rng
+        self.rng = np.random.default_rng(0)
 
     def inputs(self, hw, k, cin=5, cout=7):
         x = jnp.asarray(self.rng.standard_normal((3, *hw, cin)), jnp.float32)

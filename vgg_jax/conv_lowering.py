@@ -138,7 +138,8 @@ def _xla_conv(lhs, rhs, padding, precision=None):
     )
 
 
-_FORWARD = {XLA: _xla_conv, IM2COL: shifted_matmul_conv, COL2IM: shifted_sum_conv}
+# Each form's forward, by name (bench/conv_forms.py times them side by side).
+FORWARD_FORMS = {XLA: _xla_conv, IM2COL: shifted_matmul_conv, COL2IM: shifted_sum_conv}
 # The input gradient in form F is the transpose (VJP) of this forward: each matrix form's
 # transpose is the other form.
 _TRANSPOSED_FOR_INPUT_GRADIENT = {
@@ -154,7 +155,7 @@ def conv_in_forms(
 ) -> jax.Array:
     """A stride-1 NHWC/HWIO conv whose forward, input gradient and kernel gradient are computed
     in the given forms (``conv_forms``)."""
-    return _FORWARD[forms[0]](lhs, rhs, padding, precision)
+    return FORWARD_FORMS[forms[0]](lhs, rhs, padding, precision)
 
 
 def _conv_in_forms_forward(lhs, rhs, padding, forms, precision):
@@ -164,7 +165,7 @@ def _conv_in_forms_forward(lhs, rhs, padding, forms, precision):
 def _conv_in_forms_backward(padding, forms, precision, residuals, cotangent):
     lhs, rhs = residuals
     input_conv = _TRANSPOSED_FOR_INPUT_GRADIENT[forms[1]]
-    kernel_conv = _FORWARD[forms[2]]
+    kernel_conv = FORWARD_FORMS[forms[2]]
     # Linear in each argument: transposing computes the gradient without the forward again.
     (lhs_grad,) = jax.linear_transpose(lambda x: input_conv(x, rhs, padding, precision), lhs)(
         cotangent

@@ -153,7 +153,7 @@ def _max_pool_even_backward(
     x, pooled = residuals
     maxima = [corner == pooled for corner in _window_corners(x)]
     share = cotangent / sum(m.astype(cotangent.dtype) for m in maxima)
-    corners = [jnp.where(m, share, 0).astype(x.dtype) for m in maxima]
+    corners = [jnp.where(m, share, 0) for m in maxima]
     n, h, w, c = x.shape
     top = jnp.stack(corners[:2], axis=3)  # (n, h/2, w/2, 2 columns, c)
     bottom = jnp.stack(corners[2:], axis=3)
