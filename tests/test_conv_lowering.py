@@ -125,13 +125,14 @@ class RuleTest(absltest.TestCase):
         # Its second: 8 -> 16 channels is XLA's forward; the gradient (16 -> 8) is col2im.
         self.assertEqual(self.forms(64, 16, 8, 16), (XLA, COL2IM, XLA))
         self.assertEqual(self.forms(64, 16, 32, 8)[0], COL2IM)
-        # Wider convs, and buffers over MAX_BUFFER_BYTES, stay XLA's.
+        # Wider convs stay XLA's, and so does a conv whose buffer for one example is over
+        # MAX_BUFFER_BYTES; a larger batch runs in chunks.
         self.assertEqual(self.forms(64, 8, 16, 32), (XLA, XLA, XLA))
-        self.assertEqual(self.forms(128, 32, 3, 8)[0], XLA)  # 14 MB of columns
-        self.assertEqual(self.forms(8, 224, 3, 64)[0], XLA)  # VGG16's first conv, 43 MB
-        self.assertEqual(self.forms(1, 224, 3, 64)[0], IM2COL)  # 5.4 MB
+        self.assertEqual(self.forms(128, 32, 3, 8)[0], IM2COL)  # 14 MB of columns, 2 chunks
+        self.assertEqual(self.forms(8, 224, 3, 64)[0], IM2COL)  # VGG16's first: 5.4 MB an image
+        self.assertEqual(self.forms(1, 512, 3, 8)[0], XLA)  # 28 MB for one image
         budget = conv_lowering.MAX_BUFFER_BYTES
-        pixels = budget // (9 * 3 * 4)  # the largest batch of pixels whose columns fit
+        pixels = budget // (9 * 3 * 4)  # the largest map whose columns fit
         self.assertEqual(conv_lowering.few_channel_form(pixels, pixels, 9, 3, 8, 4), IM2COL)
         self.assertEqual(conv_lowering.few_channel_form(pixels + 1, pixels + 1, 9, 3, 8, 4), XLA)
 
@@ -158,6 +159,49 @@ class RuleTest(absltest.TestCase):
         with mock.patch.object(jax, "default_backend", return_value="gpu"):
             self.assertEqual(self.lowered_as((2, 2), 3), "conv")
             self.assertEqual(self.lowered_as((32, 32), 3, cin=3), "conv")
+
+
+class ChunkTest(parameterized.TestCase):
+    """A matrix form whose buffer outgrows ``MAX_BUFFER_BYTES`` runs the batch in chunks."""
+
+    @parameterized.parameters((1, 100), (7, 100), (8, 100), (9, 100), (128, 3), (5, 10_000))
+    def test_chunks_fit_the_budget_and_cover_the_batch(self, batch, per_example):
+        budget = 800
+        with mock.patch.object(conv_lowering, "MAX_BUFFER_BYTES", budget):
+            chunk = conv_lowering.batch_chunk(batch, per_example)
+        fits = max(1, budget // per_example)
+        chunks = -(-batch // chunk)
+        self.assertEqual(chunks, -(-batch // fits))  # as few chunks as fit the budget
+        self.assertLessEqual(chunk, fits)
+        self.assertLess(chunks * chunk - batch, chunks)  # the filler is less than one a chunk
+        if batch <= fits:
+            self.assertEqual(chunk, batch)
+
+    @parameterized.parameters(
+        ((IM2COL, COL2IM, XLA),), ((COL2IM, IM2COL, XLA),), ((IM2COL, COL2IM, IM2COL),)
+    )
+    def test_chunked_forms_give_xla_values_and_gradients(self, forms):
+        rng = np.random.default_rng(2)
+        x = jnp.asarray(rng.standard_normal((5, 6, 5, 3)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
+        padding = ((1, 1), (1, 1))
+
+        def loss(conv, x, w):
+            return jnp.sum(jnp.sin(conv(x, w)))
+
+        ours = lambda x, w: conv_lowering.conv_in_forms(x, w, padding, forms, None)  # noqa: E731
+        theirs = lambda x, w: xla_conv(x, w, padding)  # noqa: E731
+        expected = (theirs(x, w), *jax.grad(lambda x, w: loss(theirs, x, w), (0, 1))(x, w))
+        grad = jax.grad(lambda x, w: loss(ours, x, w), (0, 1))
+        # One example's buffer: im2col 30 pixels x 27, col2im 30 pixels x 36 floats; a budget
+        # of two examples' runs the 5 examples in 3 chunks of 2, the last filled with a zero one.
+        with mock.patch.object(conv_lowering, "MAX_BUFFER_BYTES", 2 * 30 * 36 * 4):
+            self.assertIn("scan", primitive_names(grad, x, w))
+            got = (ours(x, w), *grad(x, w))
+        # The default budget: one piece (another batch size: JAX caches the traced VJP by shape).
+        self.assertNotIn("scan", primitive_names(grad, x[:4], w))
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 class NetTest(absltest.TestCase):
