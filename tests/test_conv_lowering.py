@@ -83,6 +83,11 @@ class FormsTest(parameterized.TestCase):
 
 
 class RuleTest(absltest.TestCase):
+    def setUp(self):
+        super().setUp()
+        # One device, as a training or evaluation run on one CPU (the tests see four).
+        self.enter_context(mock.patch.object(conv_lowering, "chunks_allowed", return_value=True))
+
     def lowered_as(self, hw, k, cin=4, cout=16, batch=2, **kwargs):
         x = jnp.zeros((batch, *hw, cin))
         w = jnp.zeros((k, k, cin, cout))
@@ -131,6 +136,11 @@ class RuleTest(absltest.TestCase):
         self.assertEqual(self.forms(128, 32, 3, 8)[0], IM2COL)  # 14 MB of columns, 2 chunks
         self.assertEqual(self.forms(8, 224, 3, 64)[0], IM2COL)  # VGG16's first: 5.4 MB an image
         self.assertEqual(self.forms(1, 512, 3, 8)[0], XLA)  # 28 MB for one image
+        # Across devices no chunks (they would span the batch's shards): the whole batch counts.
+        with mock.patch.object(conv_lowering, "chunks_allowed", return_value=False):
+            self.assertEqual(self.forms(128, 32, 3, 8)[0], XLA)
+            self.assertEqual(self.forms(64, 32, 3, 8)[0], IM2COL)
+            self.assertEqual(conv_lowering.batch_chunk(128, 1 << 20), 128)
         budget = conv_lowering.MAX_BUFFER_BYTES
         pixels = budget // (9 * 3 * 4)  # the largest map whose columns fit
         self.assertEqual(conv_lowering.few_channel_form(pixels, pixels, 9, 3, 8, 4), IM2COL)
@@ -161,8 +171,20 @@ class RuleTest(absltest.TestCase):
             self.assertEqual(self.lowered_as((32, 32), 3, cin=3), "conv")
 
 
+class DevicesTest(absltest.TestCase):
+    def test_chunks_on_one_device_only(self):
+        self.assertFalse(conv_lowering.chunks_allowed())  # the tests' four CPU devices
+        with mock.patch.object(jax, "device_count", return_value=1):
+            self.assertTrue(conv_lowering.chunks_allowed())
+
+
 class ChunkTest(parameterized.TestCase):
-    """A matrix form whose buffer outgrows ``MAX_BUFFER_BYTES`` runs the batch in chunks."""
+    """A matrix form whose buffer outgrows ``MAX_BUFFER_BYTES`` runs the batch in chunks (on one
+    device: the tests see four)."""
+
+    def setUp(self):
+        super().setUp()
+        self.enter_context(mock.patch.object(conv_lowering, "chunks_allowed", return_value=True))
 
     @parameterized.parameters((1, 100), (7, 100), (8, 100), (9, 100), (128, 3), (5, 10_000))
     def test_chunks_fit_the_budget_and_cover_the_batch(self, batch, per_example):

@@ -27,10 +27,13 @@ jax 0.10.2, docs/performance.md, "Convolutions XLA:CPU is slow at"):
   one example's buffer is at most ``MAX_BUFFER_BYTES``.
 
 A matrix form's buffer that outgrows the cache makes it fall far behind XLA (a 3 -> 8 conv at
-batch 256, 28 MB of columns: 19 against 8.5 ms), so the matrix forms run a batch whose buffer
-exceeds ``MAX_BUFFER_BYTES`` in equal chunks of examples that fit (``batch_chunk``, a ``lax.map``):
-the per-epoch validation's and the evaluator's first conv (batch 128 at 48x48, 32 MB of columns)
-4.4 against XLA's 9.4 ms, VGG16's first conv at batch 8 and 224 pixels 51 against 71 ms.
+batch 256, 28 MB of columns: 19 against 8.5 ms), so on one device the matrix forms run a batch
+whose buffer exceeds ``MAX_BUFFER_BYTES`` in equal chunks of examples that fit (``batch_chunk``, a
+``lax.map``): the per-epoch validation's and the evaluator's first conv (batch 128 at 48x48, 32 MB
+of columns) 4.4 against XLA's 9.4 ms, VGG16's first conv at batch 8 and 224 pixels 51 against 71
+ms. Across several devices a chunk would span the batch's shards and GSPMD gathers the whole batch
+onto every device for the loop (measured: slower than XLA's convolution), so there the rule counts
+the whole batch's buffer, as if chunks did not exist.
 
 The kernel gradient stays XLA's convolution except on maps with fewer pixels than taps (``im2col``
 with a kernel gradient alone measured 2.1 against 1.0 ms on the 3 -> 8 layer). ``nn.Conv`` still
@@ -72,8 +75,9 @@ def few_channel_form(
     input_pixels: int, output_pixels: int, taps: int, cin: int, cout: int, itemsize: int
 ) -> str:
     """The form for a conv reading ``cin`` and writing ``cout`` channels on maps of
-    ``input_pixels`` and ``output_pixels`` per example (module docstring): ``"xla"`` unless it has
-    few channels and one example's matrix-form buffer is small enough (a batch runs in chunks)."""
+    ``input_pixels`` and ``output_pixels`` (one example's, or the whole batch's where it cannot
+    run in chunks; module docstring): ``"xla"`` unless it has few channels and the matrix form's
+    buffer for them is small enough."""
     if cout > FEW_OUTPUT_CHANNELS and cin > FEW_INPUT_CHANNELS:
         return XLA
     if cin <= cout:
@@ -83,16 +87,22 @@ def few_channel_form(
     return form if buffer <= MAX_BUFFER_BYTES else XLA
 
 
+def chunks_allowed() -> bool:
+    """Whether the matrix forms may run a batch in chunks: on one device only (module docstring)."""
+    return jax.device_count() == 1
+
+
 def conv_forms(
     lhs_shape: Sequence[int], rhs_shape: Sequence[int], padding: Padding, itemsize: int = 4
 ) -> tuple[str, str, str]:
     """``(forward, input gradient, kernel gradient)`` forms of a stride-1 NHWC/HWIO conv."""
-    _, h, w, _ = lhs_shape
+    n, h, w, _ = lhs_shape
     kh, kw, cin, cout = rhs_shape
     output_hw = [h + sum(padding[0]) - kh + 1, w + sum(padding[1]) - kw + 1]
     if fewer_pixels_than_taps(output_hw, (kh, kw)):
         return IM2COL, COL2IM, IM2COL
-    input_pixels, output_pixels = h * w, output_hw[0] * output_hw[1]
+    examples = 1 if chunks_allowed() else n  # whose buffer must fit MAX_BUFFER_BYTES
+    input_pixels, output_pixels = examples * h * w, examples * output_hw[0] * output_hw[1]
     forward = few_channel_form(input_pixels, output_pixels, kh * kw, cin, cout, itemsize)
     input_gradient = few_channel_form(output_pixels, input_pixels, kh * kw, cout, cin, itemsize)
     return forward, input_gradient, XLA
@@ -140,10 +150,11 @@ def shifted_sum_conv(
 
 def batch_chunk(batch: int, bytes_per_example: int) -> int:
     """Examples per chunk for a matrix form whose buffer takes ``bytes_per_example``: the whole
-    batch while its buffer fits ``MAX_BUFFER_BYTES``, else the fewest equal chunks that fit (one
-    example per chunk at least; the last chunk is filled up with zero examples)."""
+    batch while its buffer fits ``MAX_BUFFER_BYTES`` or chunks are not allowed
+    (``chunks_allowed``), else the fewest equal chunks that fit (one example per chunk at least;
+    the last chunk is filled up with zero examples)."""
     fits = max(1, MAX_BUFFER_BYTES // max(bytes_per_example, 1))
-    if batch <= fits:
+    if batch <= fits or not chunks_allowed():
         return batch
     chunks = -(-batch // fits)
     return -(-batch // chunks)
