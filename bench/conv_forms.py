@@ -5,7 +5,9 @@ col2im: ``vgg_jax/conv_lowering.py``), shape by shape, against the form the libr
     python bench/conv_forms.py --shapes=64x32x3x8,64x16x16x8,8x224x3x64
 
 Each shape is batch x map side x in x out channels; each form is compiled with the project's CPU
-options and timed as the median of ``--calls`` calls, the three forms in turn. Prints one line
+options and timed as the median of ``--calls`` calls, the three forms in turn. The matrix forms
+run a batch whose buffer exceeds ``conv_lowering.MAX_BUFFER_BYTES`` in chunks of examples, as in
+training and evaluation on one device. Prints one line
 per shape and a last line counting the shapes where the rule's form is within 10% of the fastest,
 then the command. Re-run on a new CPU family before trusting ``conv_lowering``'s thresholds there
 (docs/performance.md, "Few-channel convolutions and the pool's gradient"). Imports nothing from
@@ -28,7 +30,7 @@ from bench import machine  # noqa: E402
 
 DEMO_AND_EDGES = (
     "64x32x3x8,64x16x16x8,64x16x8x16,64x8x16x32,64x4x64x64,64x2x64x64,"
-    "64x32x3x64,128x32x3x8,64x32x8x8,8x224x3x64"
+    "64x32x3x64,128x32x3x8,128x48x3x8,64x32x8x8,8x224x3x64"
 )
 _SHAPES = flags.DEFINE_string("shapes", DEMO_AND_EDGES, "Comma-separated NxSIDExINxOUT shapes.")
 _CALLS = flags.DEFINE_integer("calls", 15, "Timed calls per form (the median is reported).")
