@@ -7,8 +7,8 @@ resizing to crop x crop (half-pixel centres, no antialiasing, edges clamped: wha
 ``tf.image.resize`` does to the decoded window), AlexNet's PCA colour shift and the normalisation.
 The random draws are keyed by (shuffle_seed, stream position) with JAX's counter-based RNG, so a
 batch is still a pure function of (seed, step); they are not the same numbers as the ``tf.data``
-path draws. On a CPU the whole batch costs well under a millisecond: the input no longer competes
-with the step for the cores.
+path draws. On a CPU the demo's batch of 64 costs about 0.4 ms (0.8 ms of CPU over two cores,
+mostly the bilinear gathers), 4% of its train step's CPU time; a batch of 16 at 224 pixels 3.4 ms.
 """
 
 from __future__ import annotations
