@@ -130,17 +130,16 @@ class RuleTest(absltest.TestCase):
         # Its second: 8 -> 16 channels is XLA's forward; the gradient (16 -> 8) is col2im.
         self.assertEqual(self.forms(64, 16, 8, 16), (XLA, COL2IM, XLA))
         self.assertEqual(self.forms(64, 16, 32, 8)[0], COL2IM)
-        # Wider convs stay XLA's, and so does a conv whose buffer for one example is over
-        # MAX_BUFFER_BYTES; a larger batch runs in chunks.
+        # Wider convs stay XLA's; a larger batch runs in chunks, a larger image in bands of rows,
+        # and only a conv whose buffer for one output row is over MAX_BUFFER_BYTES stays XLA's.
         self.assertEqual(self.forms(64, 8, 16, 32), (XLA, XLA, XLA))
         self.assertEqual(self.forms(128, 32, 3, 8)[0], IM2COL)  # 14 MB of columns, 2 chunks
         self.assertEqual(self.forms(8, 224, 3, 64)[0], IM2COL)  # VGG16's first: 5.4 MB an image
-        self.assertEqual(self.forms(1, 512, 3, 8)[0], XLA)  # 28 MB for one image
-        # Across devices no chunks (they would span the batch's shards): the whole batch counts.
-        with mock.patch.object(conv_lowering, "chunks_allowed", return_value=False):
-            self.assertEqual(self.forms(128, 32, 3, 8)[0], XLA)
-            self.assertEqual(self.forms(64, 32, 3, 8)[0], IM2COL)
-            self.assertEqual(conv_lowering.batch_chunk(128, 1 << 20), 128)
+        self.assertEqual(self.forms(1, 512, 3, 8)[0], IM2COL)  # 28 MB for one image: 4 bands
+        widest = conv_lowering.MAX_BUFFER_BYTES // (9 * 3 * 4)  # whose row of columns fits
+        for width, form in ((widest, IM2COL), (widest + 1, XLA)):
+            shape = (1, 3, width, 3)
+            self.assertEqual(conv_lowering.conv_forms(shape, (3, 3, 3, 8), ((1, 1),) * 2)[0], form)
         budget = conv_lowering.MAX_BUFFER_BYTES
         pixels = budget // (9 * 3 * 4)  # the largest map whose columns fit
         self.assertEqual(conv_lowering.few_channel_form(pixels, pixels, 9, 3, 8, 4), IM2COL)
@@ -224,6 +223,43 @@ class ChunkTest(parameterized.TestCase):
         self.assertNotIn("scan", primitive_names(grad, x[:4], w))
         for a, b in zip(got, expected, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+    @parameterized.parameters(
+        ((IM2COL, COL2IM, XLA),), ((COL2IM, IM2COL, XLA),), ((IM2COL, COL2IM, IM2COL),)
+    )
+    def test_bands_of_rows_give_xla_values_and_gradients(self, forms):
+        rng = np.random.default_rng(3)
+        x = jnp.asarray(rng.standard_normal((2, 10, 5, 3)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
+        padding = ((1, 1), (1, 1))
+
+        def loss(conv, x, w):
+            return jnp.sum(jnp.sin(conv(x, w)))
+
+        ours = lambda x, w: conv_lowering.conv_in_forms(x, w, padding, forms, None)  # noqa: E731
+        theirs = lambda x, w: xla_conv(x, w, padding)  # noqa: E731
+        expected = (theirs(x, w), *jax.grad(lambda x, w: loss(theirs, x, w), (0, 1))(x, w))
+        # One output row of im2col: 5 pixels x 27 floats. A budget of 4 rows cuts each example's
+        # 10 rows into 3 bands of 4 (2 filler rows); col2im's rows (5 x 36 floats, 2 rows of halo)
+        # into bands of 1 row.
+        with mock.patch.object(conv_lowering, "MAX_BUFFER_BYTES", 4 * 5 * 27 * 4):
+            got = (ours(x, w), *jax.grad(lambda x, w: loss(ours, x, w), (0, 1))(x, w))
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+    def test_bands_split_an_example_into_equal_pieces_that_fit(self):
+        x, w = jnp.zeros((1, 10, 5, 3)), jnp.zeros((3, 3, 3, 4))
+        seen = []
+
+        def recording(lhs, rhs, padding, precision=None):
+            seen.append((lhs.shape, padding))
+            return conv_lowering.shifted_matmul_conv(lhs, rhs, padding, precision)
+
+        with mock.patch.object(conv_lowering, "MAX_BUFFER_BYTES", 4 * 5 * 27 * 4):
+            out = conv_lowering._matrix_form(recording, x, w, ((1, 1), (1, 1)), None, 5 * 27 * 4, 0)
+        self.assertEqual(out.shape, (1, 10, 5, 4))
+        # 3 bands of 4 output rows, each reading 6 input rows, vertical padding already applied.
+        self.assertEqual(seen, [((1, 6, 5, 3), ((0, 0), (1, 1)))])
 
 
 class NetTest(absltest.TestCase):

@@ -24,16 +24,18 @@ jax 0.10.2, docs/performance.md, "Convolutions XLA:CPU is slow at"):
 - few channels: writing at most 8 (one AVX2 register of float32) or reading at most 3 (the image):
   a 3 -> 8 conv on 32x32 crops 1.9-4x slower than ``im2col``, a 16 -> 8 one 1.6-2.2x slower than
   ``col2im``. The form whose buffer holds ``taps x min(in, out)`` channels per pixel is used when
-  one example's buffer is at most ``MAX_BUFFER_BYTES``.
+  its buffer for one output row is at most ``MAX_BUFFER_BYTES``.
 
 A matrix form's buffer that outgrows the cache makes it fall far behind XLA (a 3 -> 8 conv at
 batch 256, 28 MB of columns: 19 against 8.5 ms), so on one device the matrix forms run a batch
 whose buffer exceeds ``MAX_BUFFER_BYTES`` in equal chunks of examples that fit (``batch_chunk``, a
-``lax.map``): the per-epoch validation's and the evaluator's first conv (batch 128 at 48x48, 32 MB
-of columns) 4.4 against XLA's 9.4 ms, VGG16's first conv at batch 8 and 224 pixels 51 against 71
-ms. Across several devices a chunk would span the batch's shards and GSPMD gathers the whole batch
-onto every device for the loop (measured: slower than XLA's convolution), so there the rule counts
-the whole batch's buffer, as if chunks did not exist.
+``lax.map``), and an example whose own buffer exceeds it in equal bands of rows, each with the
+kernel's halo: the per-epoch validation's and the evaluator's first conv (batch 128 at 48x48, 32
+MB of columns) 4.4 against XLA's 9.4 ms, VGG16's first conv at batch 8 and 224 pixels 51 against
+71 ms, a 3 -> 4 conv on 256x352 images (9.3 MiB an image) 11.9 against 22.5 ms. Across several
+devices a chunk would span the batch's shards and GSPMD gathers the whole batch onto every device
+for the loop (measured: slower than XLA's convolution), so there the rule counts the whole
+batch's buffer, as if neither chunks nor bands existed.
 
 The kernel gradient stays XLA's convolution except on maps with fewer pixels than taps (``im2col``
 with a kernel gradient alone measured 2.1 against 1.0 ms on the 3 -> 8 layer). ``nn.Conv`` still
@@ -101,8 +103,10 @@ def conv_forms(
     output_hw = [h + sum(padding[0]) - kh + 1, w + sum(padding[1]) - kw + 1]
     if fewer_pixels_than_taps(output_hw, (kh, kw)):
         return IM2COL, COL2IM, IM2COL
-    examples = 1 if chunks_allowed() else n  # whose buffer must fit MAX_BUFFER_BYTES
-    input_pixels, output_pixels = examples * h * w, examples * output_hw[0] * output_hw[1]
+    if chunks_allowed():  # the smallest piece: one output row and the input rows it reads
+        input_pixels, output_pixels = kh * w, output_hw[1]
+    else:
+        input_pixels, output_pixels = n * h * w, n * output_hw[0] * output_hw[1]
     forward = few_channel_form(input_pixels, output_pixels, kh * kw, cin, cout, itemsize)
     input_gradient = few_channel_form(output_pixels, input_pixels, kh * kw, cout, cin, itemsize)
     return forward, input_gradient, XLA
@@ -173,26 +177,59 @@ def _in_batch_chunks(conv, lhs, rhs, padding, precision, bytes_per_example):
     return out.reshape(chunks * chunk, *out.shape[2:])[:n]
 
 
+def _in_row_bands(conv, lhs, rhs, padding, precision, band_rows, bytes_per_band):
+    """``conv`` over bands of ``band_rows`` output rows of every example (each band's input rows
+    with the kernel's halo, the vertical padding applied first), the bands run in chunks."""
+    kh = rhs.shape[0]
+    (top, bottom), horizontal = padding
+    n, h, w, c = lhs.shape
+    out_h = h + top + bottom - kh + 1
+    bands = -(-out_h // band_rows)
+    rows = band_rows + kh - 1
+    padded = jnp.pad(lhs, ((0, 0), (top, bands * band_rows + kh - 1 - h - top), (0, 0), (0, 0)))
+    pieces = jnp.stack([padded[:, b * band_rows : b * band_rows + rows] for b in range(bands)], 1)
+    out = _in_batch_chunks(
+        conv, pieces.reshape(n * bands, rows, w, c), rhs, ((0, 0), horizontal), precision,
+        bytes_per_band,
+    )  # fmt: skip
+    return out.reshape(n, bands * band_rows, *out.shape[2:])[:, :out_h]
+
+
+def _matrix_form(conv, lhs, rhs, padding, precision, bytes_per_row, halo_rows):
+    """``conv`` (a matrix form) whole, in chunks of examples, or, where one example's buffer is
+    over ``MAX_BUFFER_BYTES``, in bands of rows: ``bytes_per_row`` is the buffer of one output row
+    plus, per band, ``halo_rows`` rows more."""
+    kh = rhs.shape[0]
+    out_h = lhs.shape[1] + sum(padding[0]) - kh + 1
+    per_example = (out_h + halo_rows) * bytes_per_row
+    if per_example <= MAX_BUFFER_BYTES or not chunks_allowed() or out_h == 1:
+        return _in_batch_chunks(conv, lhs, rhs, padding, precision, per_example)
+    most_rows = max(1, MAX_BUFFER_BYTES // bytes_per_row - halo_rows)
+    band_rows = -(-out_h // -(-out_h // most_rows))  # the fewest equal bands that fit
+    bytes_per_band = (band_rows + halo_rows) * bytes_per_row
+    return _in_row_bands(conv, lhs, rhs, padding, precision, band_rows, bytes_per_band)
+
+
 def im2col_conv(
     lhs: jax.Array, rhs: jax.Array, padding: Sequence[tuple[int, int]], precision: Any = None
 ) -> jax.Array:
-    """``"im2col"``: ``shifted_matmul_conv`` in chunks of examples whose columns (output pixels x
-    taps x in channels) fit ``MAX_BUFFER_BYTES``."""
+    """``"im2col"``: ``shifted_matmul_conv`` in pieces whose columns (output pixels x taps x in
+    channels) fit ``MAX_BUFFER_BYTES``: chunks of examples, or bands of an example's rows."""
     kh, kw, cin, _ = rhs.shape
-    (top, bottom), (left, right) = padding
-    out_pixels = (lhs.shape[1] + top + bottom - kh + 1) * (lhs.shape[2] + left + right - kw + 1)
-    per_example = out_pixels * kh * kw * cin * lhs.dtype.itemsize
-    return _in_batch_chunks(shifted_matmul_conv, lhs, rhs, padding, precision, per_example)
+    out_w = lhs.shape[2] + sum(padding[1]) - kw + 1
+    per_row = out_w * kh * kw * cin * lhs.dtype.itemsize
+    return _matrix_form(shifted_matmul_conv, lhs, rhs, padding, precision, per_row, 0)
 
 
 def col2im_conv(
     lhs: jax.Array, rhs: jax.Array, padding: Sequence[tuple[int, int]], precision: Any = None
 ) -> jax.Array:
-    """``"col2im"``: ``shifted_sum_conv`` in chunks of examples whose products (input pixels x
-    taps x out channels) fit ``MAX_BUFFER_BYTES``."""
+    """``"col2im"``: ``shifted_sum_conv`` in pieces whose products (input pixels x taps x out
+    channels) fit ``MAX_BUFFER_BYTES``: chunks of examples, or bands of an example's rows."""
     kh, kw, _, cout = rhs.shape
-    per_example = lhs.shape[1] * lhs.shape[2] * kh * kw * cout * lhs.dtype.itemsize
-    return _in_batch_chunks(shifted_sum_conv, lhs, rhs, padding, precision, per_example)
+    per_row = lhs.shape[2] * kh * kw * cout * lhs.dtype.itemsize
+    halo = lhs.shape[1] - (lhs.shape[1] + sum(padding[0]) - kh + 1)  # input rows over output rows
+    return _matrix_form(shifted_sum_conv, lhs, rhs, padding, precision, per_row, halo)
 
 
 def _xla_conv(lhs, rhs, padding, precision=None):
