@@ -198,13 +198,8 @@ class ChunkTest(parameterized.TestCase):
         if batch <= fits:
             self.assertEqual(chunk, batch)
 
-    @parameterized.parameters(
-        ((IM2COL, COL2IM, XLA),), ((COL2IM, IM2COL, XLA),), ((IM2COL, COL2IM, IM2COL),)
-    )
-    def test_chunked_forms_give_xla_values_and_gradients(self, forms):
-        rng = np.random.default_rng(2)
-        x = jnp.asarray(rng.standard_normal((5, 6, 5, 3)), jnp.float32)
-        w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
+    def forms_against_xla(self, forms, x, w, budget):
+        """``conv_in_forms``'s values and gradients at ``budget``, and XLA's."""
         padding = ((1, 1), (1, 1))
 
         def loss(conv, x, w):
@@ -214,15 +209,29 @@ class ChunkTest(parameterized.TestCase):
         theirs = lambda x, w: xla_conv(x, w, padding)  # noqa: E731
         expected = (theirs(x, w), *jax.grad(lambda x, w: loss(theirs, x, w), (0, 1))(x, w))
         grad = jax.grad(lambda x, w: loss(ours, x, w), (0, 1))
-        # One example's buffer: im2col 30 pixels x 27, col2im 30 pixels x 36 floats; a budget
-        # of two examples' runs the 5 examples in 3 chunks of 2, the last filled with a zero one.
-        with mock.patch.object(conv_lowering, "MAX_BUFFER_BYTES", 2 * 30 * 36 * 4):
-            self.assertIn("scan", primitive_names(grad, x, w))
+        with mock.patch.object(conv_lowering, "MAX_BUFFER_BYTES", budget):
+            names = primitive_names(grad, x, w)
             got = (ours(x, w), *grad(x, w))
-        # The default budget: one piece (another batch size: JAX caches the traced VJP by shape).
-        self.assertNotIn("scan", primitive_names(grad, x[:4], w))
         for a, b in zip(got, expected, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+        return names
+
+    @parameterized.parameters(
+        ((IM2COL, COL2IM, XLA),), ((COL2IM, IM2COL, XLA),), ((IM2COL, COL2IM, IM2COL),)
+    )
+    def test_chunked_forms_give_xla_values_and_gradients(self, forms):
+        rng = np.random.default_rng(2)
+        x = jnp.asarray(rng.standard_normal((5, 6, 5, 3)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
+        # One example's buffer: im2col 30 pixels x 27, col2im 30 pixels x 36 floats; a budget
+        # of two examples' runs the 5 examples in 3 chunks of 2, the last filled with a zero one.
+        self.assertIn("scan", self.forms_against_xla(forms, x, w, 2 * 30 * 36 * 4))
+        # The default budget: one piece (another batch size: JAX caches the traced VJP by shape).
+        grad = jax.grad(
+            lambda x, w: conv_lowering.conv_in_forms(x, w, ((1, 1),) * 2, forms, None).sum(),
+            (0, 1),
+        )
+        self.assertNotIn("scan", primitive_names(grad, x[:4], w))
 
     @parameterized.parameters(
         ((IM2COL, COL2IM, XLA),), ((COL2IM, IM2COL, XLA),), ((IM2COL, COL2IM, IM2COL),)
@@ -231,21 +240,10 @@ class ChunkTest(parameterized.TestCase):
         rng = np.random.default_rng(3)
         x = jnp.asarray(rng.standard_normal((2, 10, 5, 3)), jnp.float32)
         w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
-        padding = ((1, 1), (1, 1))
-
-        def loss(conv, x, w):
-            return jnp.sum(jnp.sin(conv(x, w)))
-
-        ours = lambda x, w: conv_lowering.conv_in_forms(x, w, padding, forms, None)  # noqa: E731
-        theirs = lambda x, w: xla_conv(x, w, padding)  # noqa: E731
-        expected = (theirs(x, w), *jax.grad(lambda x, w: loss(theirs, x, w), (0, 1))(x, w))
         # One output row of im2col: 5 pixels x 27 floats. A budget of 4 rows cuts each example's
-        # 10 rows into 3 bands of 4 (2 filler rows); col2im's rows (5 x 36 floats, 2 rows of halo)
-        # into bands of 1 row.
-        with mock.patch.object(conv_lowering, "MAX_BUFFER_BYTES", 4 * 5 * 27 * 4):
-            got = (ours(x, w), *jax.grad(lambda x, w: loss(ours, x, w), (0, 1))(x, w))
-        for a, b in zip(got, expected, strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+        # 10 rows into 3 bands of 4 (2 filler rows); col2im's rows (5 x 36 floats, each band
+        # reading 2 rows more) into bands of 1 row.
+        self.forms_against_xla(forms, x, w, 4 * 5 * 27 * 4)
 
     def test_bands_split_an_example_into_equal_pieces_that_fit(self):
         x, w = jnp.zeros((1, 10, 5, 3)), jnp.zeros((3, 3, 3, 4))
@@ -256,7 +254,9 @@ class ChunkTest(parameterized.TestCase):
             return conv_lowering.shifted_matmul_conv(lhs, rhs, padding, precision)
 
         with mock.patch.object(conv_lowering, "MAX_BUFFER_BYTES", 4 * 5 * 27 * 4):
-            out = conv_lowering._matrix_form(recording, x, w, ((1, 1), (1, 1)), None, 5 * 27 * 4, 0)
+            out = conv_lowering._matrix_form(
+                recording, x, w, ((1, 1), (1, 1)), None, 5 * 27 * 4, 10, 0
+            )
         self.assertEqual(out.shape, (1, 10, 5, 4))
         # 3 bands of 4 output rows, each reading 6 input rows, vertical padding already applied.
         self.assertEqual(seen, [((1, 6, 5, 3), ((0, 0), (1, 1)))])

@@ -195,18 +195,18 @@ def _in_row_bands(conv, lhs, rhs, padding, precision, band_rows, bytes_per_band)
     return out.reshape(n, bands * band_rows, *out.shape[2:])[:, :out_h]
 
 
-def _matrix_form(conv, lhs, rhs, padding, precision, bytes_per_row, halo_rows):
+def _matrix_form(conv, lhs, rhs, padding, precision, bytes_per_row, example_rows, band_halo):
     """``conv`` (a matrix form) whole, in chunks of examples, or, where one example's buffer is
-    over ``MAX_BUFFER_BYTES``, in bands of rows: ``bytes_per_row`` is the buffer of one output row
-    plus, per band, ``halo_rows`` rows more."""
+    over ``MAX_BUFFER_BYTES``, in bands of rows. The buffer takes ``bytes_per_row`` for each of an
+    example's ``example_rows`` rows, and for each of a band's output rows plus ``band_halo``."""
     kh = rhs.shape[0]
     out_h = lhs.shape[1] + sum(padding[0]) - kh + 1
-    per_example = (out_h + halo_rows) * bytes_per_row
+    per_example = example_rows * bytes_per_row
     if per_example <= MAX_BUFFER_BYTES or not chunks_allowed() or out_h == 1:
         return _in_batch_chunks(conv, lhs, rhs, padding, precision, per_example)
-    most_rows = max(1, MAX_BUFFER_BYTES // bytes_per_row - halo_rows)
+    most_rows = max(1, MAX_BUFFER_BYTES // bytes_per_row - band_halo)
     band_rows = -(-out_h // -(-out_h // most_rows))  # the fewest equal bands that fit
-    bytes_per_band = (band_rows + halo_rows) * bytes_per_row
+    bytes_per_band = (band_rows + band_halo) * bytes_per_row
     return _in_row_bands(conv, lhs, rhs, padding, precision, band_rows, bytes_per_band)
 
 
@@ -216,9 +216,10 @@ def im2col_conv(
     """``"im2col"``: ``shifted_matmul_conv`` in pieces whose columns (output pixels x taps x in
     channels) fit ``MAX_BUFFER_BYTES``: chunks of examples, or bands of an example's rows."""
     kh, kw, cin, _ = rhs.shape
+    out_h = lhs.shape[1] + sum(padding[0]) - kh + 1
     out_w = lhs.shape[2] + sum(padding[1]) - kw + 1
-    per_row = out_w * kh * kw * cin * lhs.dtype.itemsize
-    return _matrix_form(shifted_matmul_conv, lhs, rhs, padding, precision, per_row, 0)
+    per_row = out_w * kh * kw * cin * lhs.dtype.itemsize  # a row of output pixels' columns
+    return _matrix_form(shifted_matmul_conv, lhs, rhs, padding, precision, per_row, out_h, 0)
 
 
 def col2im_conv(
@@ -227,9 +228,11 @@ def col2im_conv(
     """``"col2im"``: ``shifted_sum_conv`` in pieces whose products (input pixels x taps x out
     channels) fit ``MAX_BUFFER_BYTES``: chunks of examples, or bands of an example's rows."""
     kh, kw, _, cout = rhs.shape
-    per_row = lhs.shape[2] * kh * kw * cout * lhs.dtype.itemsize
-    halo = lhs.shape[1] - (lhs.shape[1] + sum(padding[0]) - kh + 1)  # input rows over output rows
-    return _matrix_form(shifted_sum_conv, lhs, rhs, padding, precision, per_row, halo)
+    per_row = lhs.shape[2] * kh * kw * cout * lhs.dtype.itemsize  # a row of input pixels' taps
+    # A band of r output rows reads r + kh - 1 (padded) input rows.
+    return _matrix_form(
+        shifted_sum_conv, lhs, rhs, padding, precision, per_row, lhs.shape[1], kh - 1
+    )
 
 
 def _xla_conv(lhs, rhs, padding, precision=None):
