@@ -198,8 +198,12 @@ class ChunkTest(parameterized.TestCase):
         if batch <= fits:
             self.assertEqual(chunk, batch)
 
-    def forms_against_xla(self, forms, x, w, budget):
-        """``conv_in_forms``'s values and gradients at ``budget``, and XLA's."""
+    def forms_against_xla(self, forms, x_shape, budget, seed):
+        """``conv_in_forms`` on random ``x_shape`` inputs (3 -> 4 channels, 3x3) at ``budget``:
+        asserts XLA's values and gradients, returns the gradient program's primitives."""
+        rng = np.random.default_rng(seed)
+        x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((3, 3, x_shape[-1], 4)), jnp.float32)
         padding = ((1, 1), (1, 1))
 
         def loss(conv, x, w):
@@ -220,30 +224,26 @@ class ChunkTest(parameterized.TestCase):
         ((IM2COL, COL2IM, XLA),), ((COL2IM, IM2COL, XLA),), ((IM2COL, COL2IM, IM2COL),)
     )
     def test_chunked_forms_give_xla_values_and_gradients(self, forms):
-        rng = np.random.default_rng(2)
-        x = jnp.asarray(rng.standard_normal((5, 6, 5, 3)), jnp.float32)
-        w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
         # One example's buffer: im2col 30 pixels x 27, col2im 30 pixels x 36 floats; a budget
         # of two examples' runs the 5 examples in 3 chunks of 2, the last filled with a zero one.
-        self.assertIn("scan", self.forms_against_xla(forms, x, w, 2 * 30 * 36 * 4))
+        self.assertIn("scan", self.forms_against_xla(forms, (5, 6, 5, 3), 2 * 30 * 36 * 4, 2))
         # The default budget: one piece (another batch size: JAX caches the traced VJP by shape).
         grad = jax.grad(
             lambda x, w: conv_lowering.conv_in_forms(x, w, ((1, 1),) * 2, forms, None).sum(),
             (0, 1),
         )
-        self.assertNotIn("scan", primitive_names(grad, x[:4], w))
+        self.assertNotIn(
+            "scan", primitive_names(grad, jnp.zeros((4, 6, 5, 3)), jnp.zeros((3, 3, 3, 4)))
+        )
 
     @parameterized.parameters(
         ((IM2COL, COL2IM, XLA),), ((COL2IM, IM2COL, XLA),), ((IM2COL, COL2IM, IM2COL),)
     )
     def test_bands_of_rows_give_xla_values_and_gradients(self, forms):
-        rng = np.random.default_rng(3)
-        x = jnp.asarray(rng.standard_normal((2, 10, 5, 3)), jnp.float32)
-        w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
         # One output row of im2col: 5 pixels x 27 floats. A budget of 4 rows cuts each example's
         # 10 rows into 3 bands of 4 (2 filler rows); col2im's rows (5 x 36 floats, each band
         # reading 2 rows more) into bands of 1 row.
-        self.forms_against_xla(forms, x, w, 4 * 5 * 27 * 4)
+        self.assertIn("scan", self.forms_against_xla(forms, (2, 10, 5, 3), 4 * 5 * 27 * 4, 3))
 
     def test_bands_split_an_example_into_equal_pieces_that_fit(self):
         x, w = jnp.zeros((1, 10, 5, 3)), jnp.zeros((3, 3, 3, 4))
