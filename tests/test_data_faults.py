@@ -199,6 +199,79 @@ class ImageFolderFaultsTest(absltest.TestCase):
         self.assertIn(os.path.join(root, "train"), message)
         self.assertFalse(sources.get_builder(config.input).is_prepared())
 
+    def test_a_changed_folder_is_prepared_again_with_its_new_labels(self):
+        root = self.make_folder()
+        config = self.folder_config(root)
+        config.model.num_classes = 2
+        data.prepare(config)
+        first = sources.prepared_builder(config.input)
+        self.assertEqual(data.dataset_info(config).class_names, ["cat", "dog"])
+        # "cat" renamed "zebra" (now after "dog"), one image added: the old copy's labels and
+        # class names would put dog's images under "zebra".
+        for split in ("train", "validation"):
+            os.rename(os.path.join(root, split, "cat"), os.path.join(root, split, "zebra"))
+        shutil.copy(
+            os.path.join(root, "train", "dog", "0.jpg"), os.path.join(root, "train", "dog", "9.jpg")
+        )
+        with self.assertRaisesRegex(FileNotFoundError, "differs from when it was prepared"):
+            sources.prepared_builder(config.input)
+        with self.assertLogs(level="WARNING") as logs:
+            data.prepare(config)
+        old_copy = os.path.dirname(os.fspath(first.data_dir))
+        self.assertTrue(any(old_copy in line and root in line for line in logs.output))
+        info = data.dataset_info(config)
+        self.assertEqual(info.class_names, ["dog", "zebra"])
+        self.assertEqual(info.num_train, 7)
+        split_index = index.load_index(sources.prepared_builder(config.input), "train")
+        np.testing.assert_array_equal(np.bincount(split_index.label), [4, 3])  # dog, zebra
+
+    def test_hidden_directories_are_neither_splits_nor_classes(self):
+        root = self.make_folder()
+        thumbs = os.path.join(root, "train", ".thumbs")
+        shutil.copytree(os.path.join(root, "train", "cat"), thumbs)
+        os.makedirs(os.path.join(root, ".cache", "cat"))
+        shutil.copy(
+            os.path.join(root, "train", "cat", "0.jpg"), os.path.join(root, ".cache", "cat")
+        )
+        config = self.folder_config(root)
+        config.model.num_classes = 2
+        config.input.batch_size = 4
+        checks.check_config(config, "train")  # the listing and the check count alike
+        with self.assertLogs(level="WARNING") as logs:
+            data.prepare(config)
+        self.assertTrue(any("2 hidden directory" in line for line in logs.output))
+        info = data.dataset_info(config)
+        self.assertEqual((info.class_names, info.num_train), (["cat", "dog"], 6))
+        self.assertEqual(
+            sorted(sources.prepared_builder(config.input).info.splits), ["train", "validation"]
+        )
+
+    def test_classes_come_from_the_configured_training_split(self):
+        root = os.path.join(self.create_tempdir().full_path, "photos")
+        testdata.write_image_folder(root, {"training": 2, "validation": 1}, ["cat", "dog"])
+        testdata.write_image_folder(root, {"extra": 1}, ["cat"])  # sorts first, one class
+        config = self.folder_config(root)
+        config.model.num_classes = 2
+        config.input.train_split = "training"
+        data.prepare(config)
+        self.assertEqual(data.dataset_info(config).class_names, ["cat", "dog"])
+
+    def test_fewer_decodable_images_than_a_batch_is_an_error_not_an_empty_run(self):
+        root = self.make_folder()  # 6 training images
+        for name in ("cat", "dog"):
+            for k in range(2):
+                with open(os.path.join(root, "train", name, f"broken{k}.jpg"), "wb") as f:
+                    f.write(b"not an image")
+        config = self.folder_config(root)
+        config.model.num_classes = 2
+        config.input.batch_size = 8
+        checks.check_config(config, "train")  # counts 10 image files: cannot know
+        data.prepare(config)
+        with self.assertRaisesRegex(
+            data.DatasetError, "batch_size=8 is larger than the 6 decodable .*4 skipped"
+        ):
+            data.steps_per_epoch(config)  # today: 0 steps, a run that trains nothing
+
     def test_exif_orientation_is_applied_as_pil_does(self):
         image = np.zeros((24, 40, 3), np.uint8)
         image[:6, :10] = (255, 0, 0)  # a red top-left corner shows every turn and mirror

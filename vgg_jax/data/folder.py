@@ -1,14 +1,21 @@
 """Any image folder laid out ``root/<split>/<class>/<image>``, copied once into TFDS.
 
 The image bytes are stored unchanged (JPEG, PNG, whatever the files hold); the index pass
-(``index.py``) later decides which ones decode. Classes are the sub-directories of the ``train``
-split (or of the first split, if there is no ``train``), sorted by name; another split may use a
-subset of them but no new ones. The TFDS config is named after the folder's base name and a hash
-of its absolute path, so two folders never share prepared files.
+(``index.py``) later decides which ones decode. Classes are the sub-directories of the training
+split (``input.train_split``; the first split if the folder has none), sorted by name; another
+split may use a subset of them but no new ones.
+
+The TFDS config is named after the folder's base name, a hash of its absolute path and a hash of
+what it holds (the training split's name and every image's path, size and modification time), so
+two folders never share prepared files, and a folder whose images were added, removed, renamed or
+rewritten since it was prepared is prepared again (with a warning naming the old copy) rather
+than read with its old labels and class names. Within one process a folder is listed again only
+when one of its directories changed.
 
 What is not an image is skipped, counted and named (``scan``): dangling symbolic links, files
 without a ``.jpg``/``.jpeg``/``.png`` name (``.txt``, ``.DS_Store``, ``.webp``, ``.gif``: the
-pipeline decodes only JPEG and PNG), hidden files and nested directories. An empty class folder is
+pipeline decodes only JPEG and PNG), hidden files and directories (``.thumbs``,
+``.ipynb_checkpoints``: never a split or a class) and nested directories. An empty class folder is
 an error naming it: as a class it would silently get no examples.
 
 EXIF orientation (photos from phones and cameras store pixels sideways plus an Orientation tag
@@ -42,12 +49,14 @@ _EXIF_ORIENTATION_TAG = 0x0112
 @dataclasses.dataclass
 class FolderConfig(tfds.core.BuilderConfig):
     root: str = ""
+    train_split: str = "train"
 
 
 @dataclasses.dataclass(frozen=True)
 class FolderScan:
     splits: dict[str, dict[str, list[str]]]  # {split: {class: [image paths]}}
     skipped: list[tuple[str, str]]  # (path, why), in listing order
+    fingerprint: str = ""  # a hash of every image's path (from the root), size and mtime
 
     def skipped_summary(self) -> str:
         """``3 files (1 dangling link, 2 not .jpg/.jpeg/.png)``."""
@@ -56,18 +65,37 @@ class FolderScan:
         return f"{len(self.skipped)} files ({parts})"
 
 
-def _why_skipped(path: str, name: str) -> str | None:
-    if os.path.islink(path) and not os.path.exists(path):
+def _why_skipped(entry: os.DirEntry) -> str | None:
+    if entry.is_symlink() and not os.path.exists(entry.path):
         return "dangling link"
-    if os.path.isdir(path):
+    if entry.is_dir():
         return "nested directory"
-    if name.startswith("."):
+    if entry.name.startswith("."):
         return "hidden file"
-    if not name.lower().endswith(IMAGE_EXTENSIONS):
+    if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
         return "not .jpg/.jpeg/.png"
-    if not os.path.isfile(path):
+    if not entry.is_file():
         return "not a regular file"
     return None
+
+
+def _listed(directory: str) -> list[os.DirEntry]:
+    with os.scandir(directory) as entries:
+        return sorted(entries, key=lambda entry: entry.name)
+
+
+def _directories(directory: str, skipped: list[tuple[str, str]], what: str) -> list[os.DirEntry]:
+    """The sub-directories of ``directory`` by name; other entries and hidden directories go to
+    ``skipped``."""
+    kept = []
+    for entry in _listed(directory):
+        if not entry.is_dir():
+            skipped.append((entry.path, f"not a {what} directory"))
+        elif entry.name.startswith("."):
+            skipped.append((entry.path, "hidden directory"))
+        else:
+            kept.append(entry)
+    return kept
 
 
 def scan(root: str) -> FolderScan:
@@ -78,30 +106,25 @@ def scan(root: str) -> FolderScan:
             f"e.g. {root}/train/cat/001.jpg and {root}/validation/cat/101.jpg."
         )
     splits, skipped, empty = {}, [], []
-    for split in sorted(os.listdir(root)):
-        split_dir = os.path.join(root, split)
-        if not os.path.isdir(split_dir):
-            skipped.append((split_dir, "not a split directory"))
-            continue
+    digest = hashlib.sha1()
+    for split in _directories(root, skipped, "split"):
         classes = {}
-        for name in sorted(os.listdir(split_dir)):
-            class_dir = os.path.join(split_dir, name)
-            if not os.path.isdir(class_dir):
-                skipped.append((class_dir, "not a class directory"))
-                continue
+        for class_dir in _directories(split.path, skipped, "class"):
             images = []
-            for file_name in sorted(os.listdir(class_dir)):
-                path = os.path.join(class_dir, file_name)
-                why = _why_skipped(path, file_name)
+            for entry in _listed(class_dir.path):
+                why = _why_skipped(entry)
                 if why:
-                    skipped.append((path, why))
-                else:
-                    images.append(path)
+                    skipped.append((entry.path, why))
+                    continue
+                images.append(entry.path)
+                stat = entry.stat()
+                where = f"{split.name}/{class_dir.name}/{entry.name}"
+                digest.update(f"{where}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
             if not images:
-                empty.append(class_dir)
-            classes[name] = images
+                empty.append(class_dir.path)
+            classes[class_dir.name] = images
         if classes:
-            splits[split] = classes
+            splits[split.name] = classes
     if empty:
         raise DatasetError(
             f"Empty class folder{'s' if len(empty) > 1 else ''} (no .jpg/.jpeg/.png image): "
@@ -113,7 +136,38 @@ def scan(root: str) -> FolderScan:
             f"No images found under {root}. Expected {root}/<split>/<class>/<image> with "
             f"extensions {IMAGE_EXTENSIONS}, e.g. {root}/train/cat/001.jpg."
         )
-    return FolderScan(splits, skipped)
+    return FolderScan(splits, skipped, digest.hexdigest())
+
+
+# root -> (its directories' modification times, their scan): a builder is made several times a
+# run, and listing a folder of a million images takes seconds.
+_SCANS: dict[str, tuple[tuple, FolderScan]] = {}
+
+
+def _directory_times(root: str) -> tuple:
+    """The modification times of ``root`` and of its split and class directories: any image
+    added, removed or renamed changes one of them."""
+    times = [os.stat(root).st_mtime_ns]
+    for split in _listed(root):
+        if split.is_dir():
+            times.append((split.name, split.stat().st_mtime_ns))
+            times.extend(
+                (split.name, c.name, c.stat().st_mtime_ns)
+                for c in _listed(split.path)
+                if c.is_dir()
+            )
+    return tuple(times)
+
+
+def current_scan(root: str) -> FolderScan:
+    """``scan(root)``, listed again only when one of the folder's directories changed since the
+    last call in this process (a file rewritten in place is seen by the next process)."""
+    times = _directory_times(root) if os.path.isdir(root) else None
+    cached = _SCANS.get(root)
+    if times is None or cached is None or cached[0] != times:
+        cached = (times, scan(root))
+        _SCANS[root] = cached
+    return cached[1]
 
 
 def list_splits(root: str) -> dict[str, dict[str, list[str]]]:
@@ -121,8 +175,9 @@ def list_splits(root: str) -> dict[str, dict[str, list[str]]]:
     return scan(root).splits
 
 
-def class_names(splits: dict[str, dict[str, list[str]]]) -> list[str]:
-    return list(splits.get("train", next(iter(splits.values()))))
+def class_names(splits: dict[str, dict[str, list[str]]], train_split: str = "train") -> list[str]:
+    """The training split's classes (the first split's if the folder has no such split)."""
+    return list(splits.get(train_split, next(iter(splits.values()))))
 
 
 def write_skipped_list(folder_scan: FolderScan, directory: str) -> str:
@@ -213,8 +268,21 @@ class VggJaxImageFolder(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release."}
 
+    def _scan(self) -> FolderScan:
+        """The listing the config's name was made from: the class names and the examples
+        written come from the same listing as the name that says what the folder held."""
+        folder_scan = current_scan(self.builder_config.root)
+        if config_name(self.builder_config.root, self.builder_config.train_split, folder_scan) != (
+            self.builder_config.name
+        ):
+            raise DatasetError(
+                f"Image folder {self.builder_config.root} changed while it was being read; run "
+                "again when it no longer changes."
+            )
+        return folder_scan
+
     def _info(self) -> tfds.core.DatasetInfo:
-        names = class_names(list_splits(self.builder_config.root))
+        names = class_names(self._scan().splits, self.builder_config.train_split)
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict(
                 {
@@ -227,14 +295,15 @@ class VggJaxImageFolder(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager
-        splits = list_splits(self.builder_config.root)
-        names = class_names(splits)
+        splits = self._scan().splits
+        names = class_names(splits, self.builder_config.train_split)
         for split, classes in splits.items():
             unknown = sorted(set(classes) - set(names))
             if unknown:
-                raise ValueError(
+                raise DatasetError(
                     f"Split {split!r} of {self.builder_config.root} has classes {unknown} that "
-                    f"the training split lacks; classes: {names}"
+                    f"the training split {self.builder_config.train_split!r} lacks; classes: "
+                    f"{names}"
                 )
         return {split: self._generate_examples(classes) for split, classes in splits.items()}
 
@@ -245,9 +314,34 @@ class VggJaxImageFolder(tfds.core.GeneratorBasedBuilder):
                     yield path, {"image": upright(f.read()), "label": name}
 
 
-def make_builder(root: str, data_dir: str | None) -> VggJaxImageFolder:
-    root = os.path.abspath(root)
+def _name_prefix(root: str) -> str:
+    """``<base name>_<hash of the path>_``: what every prepared copy of ``root`` is named by."""
     base = re.sub(r"[^a-z0-9_]", "_", os.path.basename(root.rstrip("/")).lower()) or "root"
-    digest = hashlib.sha1(root.encode()).hexdigest()[:8]
-    config = FolderConfig(name=f"{base}_{digest}", root=root)
+    return f"{base}_{hashlib.sha1(root.encode()).hexdigest()[:8]}_"
+
+
+def config_name(root: str, train_split: str, folder_scan: FolderScan) -> str:
+    held = hashlib.sha1(f"{train_split}\0{folder_scan.fingerprint}".encode()).hexdigest()[:8]
+    return _name_prefix(root) + held
+
+
+def make_builder(root: str, data_dir: str | None, train_split: str = "train") -> VggJaxImageFolder:
+    root = os.path.abspath(root)
+    name = config_name(root, train_split, current_scan(root))
+    config = FolderConfig(name=name, root=root, train_split=train_split)
     return VggJaxImageFolder(config=config, data_dir=data_dir, file_format="array_record")
+
+
+def earlier_copies(builder: VggJaxImageFolder) -> list[str]:
+    """The prepared copies of the builder's folder as it was before (other contents or training
+    split), beside the builder's own directory."""
+    own = os.path.dirname(os.fspath(builder.data_dir))  # <data_dir>/<builder>/<config>
+    parent = os.path.dirname(own)
+    prefix = _name_prefix(builder.builder_config.root)
+    if not os.path.isdir(parent):
+        return []
+    return sorted(
+        os.path.join(parent, name)
+        for name in os.listdir(parent)
+        if name.startswith(prefix) and os.path.join(parent, name) != own
+    )

@@ -33,7 +33,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from vgg_jax import conventions
-from vgg_jax.data import generator_dataset, index, sources, stats, transforms, verify
+from vgg_jax.data import DatasetError, generator_dataset, index, sources, stats, transforms, verify
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +139,19 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
-    return dataset_info(config).num_train // config.input.batch_size
+    """Whole batches of decodable training examples; ``DatasetError`` when there is none (the
+    start-up check counts image files, some of which may not decode)."""
+    info = dataset_info(config)
+    steps = info.num_train // config.input.batch_size
+    if steps == 0:
+        skipped = info.bad_input[config.input.train_split].get("skipped_undecodable", 0)
+        raise DatasetError(
+            f"config.input.batch_size={config.input.batch_size} is larger than the "
+            f"{info.num_train} decodable examples of {info.name}/{config.input.train_split} "
+            f"({skipped} skipped as undecodable): an epoch would have no step. Use a smaller "
+            "batch or add images."
+        )
+    return steps
 
 
 def num_eval_examples(config: ml_collections.ConfigDict, split: str | None = None) -> int:

@@ -58,7 +58,11 @@ def get_builder(input_config: ml_collections.ConfigDict) -> tfds.core.DatasetBui
                 "config.input.dataset='image_folder' needs --config.input.folder=ROOT, a directory "
                 "laid out ROOT/<split>/<class>/<image> (e.g. ROOT/train/cat/001.jpg)."
             )
-        return folder.make_builder(os.path.expanduser(input_config.folder), data_dir(input_config))
+        return folder.make_builder(
+            os.path.expanduser(input_config.folder),
+            data_dir(input_config),
+            input_config.train_split,
+        )
     return tfds.builder("imagenet2012", data_dir=data_dir(input_config), file_format=FILE_FORMAT)
 
 
@@ -158,6 +162,14 @@ def prepare_builder(input_config: ml_collections.ConfigDict) -> tfds.core.Datase
     project_files = files_dir(builder, input_config)
     check_writable(project_files)  # the index follows; better to know before TFDS's hours
     logging.info("Preparing %s into %s.", builder.name, builder.data_dir)
+    if input_config.dataset == "image_folder" and (earlier := folder.earlier_copies(builder)):
+        logging.warning(
+            "Image folder %s differs from when it was prepared into %s (images added, removed, "
+            "renamed or rewritten, or another train_split): preparing it again, so labels and "
+            "class names follow what it holds now. Delete the old copy to free its space.",
+            builder.builder_config.root,
+            ", ".join(earlier),
+        )
     download_config = None
     if input_config.dataset == "imagenet2012":
         download_config = _imagenet_download_config(input_config.manual_dir)
@@ -183,7 +195,7 @@ def prepare_builder(input_config: ml_collections.ConfigDict) -> tfds.core.Datase
 
 def _report_skipped(root: str, directory: str) -> None:
     """One line in the log; every skipped entry named in a file beside the index."""
-    folder_scan = folder.scan(root)
+    folder_scan = folder.current_scan(root)
     if folder_scan.skipped:
         path = folder.write_skipped_list(folder_scan, directory)
         logging.warning(
@@ -197,9 +209,17 @@ def _report_skipped(root: str, directory: str) -> None:
 def prepared_builder(input_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     builder = get_builder(input_config)
     if not builder.is_prepared():
+        changed = ""
+        if input_config.dataset == "image_folder" and (earlier := folder.earlier_copies(builder)):
+            changed = (
+                f" The folder {builder.builder_config.root} differs from when it was prepared "
+                f"into {', '.join(earlier)} (images added, removed, renamed or rewritten, or "
+                "another train_split)."
+            )
         raise FileNotFoundError(
-            f"Dataset {input_config.dataset!r} is not prepared in {builder.data_dir}. Run "
-            "`python -m vgg_jax.tools.data --config=<your config>` (or data.prepare(config)) first."
+            f"Dataset {input_config.dataset!r} is not prepared in {builder.data_dir}.{changed} "
+            "Run `python -m vgg_jax.tools.data --config=<your config>` (or data.prepare(config)) "
+            "first."
         )
     return builder
 
