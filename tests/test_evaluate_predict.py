@@ -117,6 +117,21 @@ class PredictTest(absltest.TestCase):
         self.assertLen(set(wnids), 1000)
 
 
+class ReadImageTest(absltest.TestCase):
+    def test_exif_orientation_is_applied_as_the_image_folder_applies_it(self):
+        from tests import testdata
+
+        stored = np.zeros((24, 40, 3), np.uint8)
+        stored[:6, :10] = 255  # a white top-left corner shows the turn
+        path = os.path.join(self.create_tempdir().full_path, "sideways.jpg")
+        with open(path, "wb") as f:
+            f.write(testdata.exif_jpeg(stored, 6))  # shown turned 90 degrees clockwise
+        image = predict.read_image(path)
+        self.assertEqual(image.shape, (40, 24, 3))  # today: (24, 40, 3), as stored
+        self.assertGreater(image[:10, -6:].mean(), 200)  # the corner is now top right
+        self.assertLess(image[-10:, :6].mean(), 50)
+
+
 class ScoreMapPictureTest(absltest.TestCase):
     """The pictures: each map coloured over its own range, placed on the image, with its colour
     bar, class name, probability and Q; a grid of the top-k maps."""

@@ -60,19 +60,23 @@ def imagenet_class_names() -> tuple[str, ...]:
 def read_image(path: str) -> np.ndarray:
     """``(H, W, 3)`` uint8 RGB of a JPEG or PNG file, decoded as the input pipeline decodes
     (``data/transforms.py``): the format from the bytes, not the name; grayscale and CMYK JPEGs
-    as RGB; a truncated JPEG kept if enough of it decodes. Anything else raises
-    ``UnreadableImageError`` with the reason, as the pipeline skips and counts it."""
+    as RGB; a truncated JPEG kept if enough of it decodes; a JPEG's EXIF orientation applied, as
+    an image folder's photos are turned upright (``data/folder.py``) and as viewers show them.
+    Anything else raises ``UnreadableImageError`` with the reason, as the pipeline skips and
+    counts it."""
     import tensorflow as tf
 
-    from vgg_jax.data import transforms
+    from vgg_jax.data import folder, transforms
 
     with open(path, "rb") as f:
-        encoded = tf.constant(f.read())
+        raw = f.read()
+    encoded = tf.constant(raw)
     fmt = transforms.image_format(encoded)
     if int(fmt) == transforms.UNDECODABLE:
         raise UnreadableImageError(f"{path}: not a JPEG or PNG")
     try:
-        return transforms.decode_full(encoded, fmt).numpy()
+        image = transforms.decode_full(encoded, fmt).numpy()
+        return np.ascontiguousarray(folder.apply_orientation(image, folder.exif_orientation(raw)))
     except tf.errors.OpError as e:
         # "{{function_node ...}} jpeg::Uncompress failed. Invalid JPEG data... [Op:DecodeJpeg]"
         reason = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", e.message or "").strip().splitlines()
