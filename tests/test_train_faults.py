@@ -29,7 +29,7 @@ from absl.testing import absltest
 from etils import epath
 
 from tests import fixtures
-from vgg_jax import checkpoint, sharding
+from vgg_jax import checkpoint, checks, sharding
 from vgg_jax.evaluation import runner
 from vgg_jax.training import lock, loop
 
@@ -146,6 +146,29 @@ class UnreadableCheckpointTest(OneTrainedRun):
         self.assert_one_fallback_line(logs, bad, bad - 1)
         self.assertTrue(any(f"Resumed from step {bad - 1}" in m for m in logs.output))
         self.assertTrue(os.path.isdir(os.path.join(workdir, checkpoint.CORRUPT_SUBDIR, str(bad))))
+        self.assertEqual(max(checkpoint.available_steps(workdir)), 2 * STEPS_PER_EPOCH)
+
+
+class ChangedConfigResumeTest(OneTrainedRun):
+    def test_another_net_is_refused_in_one_line_and_nothing_is_moved(self):
+        workdir = self.copy_of_run()
+        steps = checkpoint.available_steps(workdir)
+        with self.assertRaises(checks.ConfigError) as raised:
+            loop.train(config_for(**{"model.fc_width": 8}), workdir)
+        message = str(raised.exception)
+        self.assertIn(f"step {steps[-1]} in {workdir}", message)
+        self.assertIn("model.fc_width", message)
+        self.assertNotIn("unreadable", message)  # today: every step reported unreadable
+        self.assertEqual(checkpoint.available_steps(workdir), steps)
+        self.assertFalse(os.path.exists(os.path.join(workdir, checkpoint.CORRUPT_SUBDIR)))
+
+    def test_another_data_order_is_named_when_resuming(self):
+        workdir = self.copy_of_run()
+        with self.assertLogs("absl", "WARNING") as logs:
+            loop.train(config_for(**{"schedule.num_epochs": 2, "input.shuffle_seed": 7}), workdir)
+        (line,) = [m for m in logs.output if "differs from the one it was trained with" in m]
+        self.assertIn("input.shuffle_seed 0 -> 7", line)
+        self.assertIn("schedule.num_epochs 1 -> 2", line)
         self.assertEqual(max(checkpoint.available_steps(workdir)), 2 * STEPS_PER_EPOCH)
 
 

@@ -215,6 +215,21 @@ class Checkpointer:
         )
         return restored.params, restored.opt_state, conventions.with_current_key(restored.meta)
 
+    def latest_meta(self) -> tuple[int, dict[str, Any]] | None:
+        """``(step, meta)`` of the newest checkpoint, its small JSON item only; None when there
+        is no checkpoint or its meta does not read (``restore_latest`` then reports it)."""
+        steps = self._manager.all_steps()
+        if not steps:
+            return None
+        step = max(steps)
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )
+        except Exception:  # a damaged step: restore_latest names it and falls back
+            return None
+        return step, conventions.with_current_key(restored.meta)
+
     def restore_latest(
         self, abstract_params: Any, abstract_opt_state: Any
     ) -> tuple[int, Any, Any, dict[str, Any]] | None:

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vgg_jax import checkpoint, compile_cache, models, preemption, sharding, writers
+from vgg_jax import checkpoint, checks, compile_cache, models, preemption, sharding, writers
 from vgg_jax.training import init_from, lock, optim
 from vgg_jax.training.steps import (
     TrainState,
@@ -77,6 +77,52 @@ def _check_config(config: ml_collections.ConfigDict, num_classes: int) -> None:
         )
 
 
+# Config values that shape the parameters or the optimiser's state: a checkpoint made with other
+# values cannot be resumed (its arrays have other shapes or another structure).
+STATE_SHAPING_KEYS = (
+    "model.name",
+    "model.num_classes",
+    "model.width",
+    "model.fc_width",
+    "optim.name",
+)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resumable(saved_config: dict, config: ml_collections.ConfigDict, where: str) -> None:
+    """Compares the config a checkpoint was trained with to the one resuming it: every value
+    changed is named in one warning (a changed batch size or shuffle seed changes the data order
+    from here on; a changed learning rate or epoch count is a choice), and a change of the net or
+    the optimiser fails at once in one line, before Orbax would report every step as unreadable."""
+    saved, now = _flat(saved_config), _flat(checkpoint.jsonable(config.to_dict()))
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if not changed:
+        return
+    described = {k: f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed}
+    if shaping := [described[k] for k in changed if k in STATE_SHAPING_KEYS]:
+        raise checks.ConfigError(
+            [
+                f"{where} was trained with another net or optimiser ({'; '.join(shaping)}): "
+                "its checkpoints cannot be resumed with this config. Use another --workdir "
+                "(config.init_from starts a net from a trained one's weights)."
+            ]
+        )
+    logging.warning(
+        "Resuming %s with a config that differs from the one it was trained with: %s.",
+        where,
+        "; ".join(described.values()),
+    )
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains ``config`` into ``workdir`` (resuming from its newest checkpoint that reads) and
     returns the final state. Validation runs every ``evals.every_epochs`` epochs and drives the
@@ -107,6 +153,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     plateau = optim.PlateauState()
     best_top1 = -math.inf  # the best validation top-1 saved so far (ckpt.keep_best)
 
+    if (saved := checkpoints.latest_meta()) is not None and "config" in saved[1]:
+        check_resumable(saved[1]["config"], config, f"step {saved[0]} in {workdir}")
     if (restored := checkpoints.restore_latest(state.params, state.opt_state)) is not None:
         latest, params, opt_state, meta = restored
         state = TrainState(jax.device_put(jnp.int32(latest), shardings.step), params, opt_state)
