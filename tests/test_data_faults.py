@@ -12,6 +12,7 @@ import subprocess
 import sys
 from unittest import mock
 
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -271,6 +272,30 @@ class ImageFolderFaultsTest(absltest.TestCase):
             data.DatasetError, "batch_size=8 is larger than the 6 decodable .*4 skipped"
         ):
             data.steps_per_epoch(config)  # today: 0 steps, a run that trains nothing
+
+    def test_evaluation_names_the_images_that_do_not_decode(self):
+        from vgg_jax import checkpoint, models
+        from vgg_jax.evaluation import runner
+
+        root = self.make_folder()  # 2 validation images a class
+        with open(os.path.join(root, "validation", "dog", "broken.jpg"), "wb") as f:
+            f.write(b"not an image")
+        config = self.folder_config(root)
+        config.model.num_classes = 2
+        config.evals.update(dict(methods=("dense",), multi_scales=(48,), flip=False))
+        data.prepare(config)
+        model = models.build_model(config.model, config.input.crop_size)
+        params = jax.tree_util.tree_map(
+            lambda leaf: np.full(leaf.shape, 0.01, np.float32), models.abstract_params(model)
+        )
+        workdir = self.create_tempdir().full_path
+        checkpoint.save_params(workdir, params, step=1, config=config)
+        with self.assertLogs(level="WARNING") as logs:
+            rows, about = runner.evaluate_checkpoints(config, workdir, "latest")
+        self.assertTrue(any("2 images" in m and "1 more of it do not" in m for m in logs.output))
+        self.assertEqual(about["data"]["images"], 2)
+        self.assertEqual(about["data"]["skipped_undecodable"], 1)  # today: nowhere in the results
+        self.assertEqual({row["count"] for row in rows}, {2})
 
     def test_exif_orientation_is_applied_as_pil_does(self):
         image = np.zeros((24, 40, 3), np.uint8)

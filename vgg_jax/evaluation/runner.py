@@ -581,6 +581,16 @@ def evaluate_checkpoints(
         batches = _default_batches
         expected_count = data.num_eval_examples(config)
         data_info = data.dataset_info(config)
+        skipped = data_info.bad_input.get(config.input.eval_split, {}).get("skipped_undecodable")
+        if skipped:
+            logging.warning(
+                "Evaluating on the %d images of %s/%s that decode; %d more of it do not and are "
+                "left out of every error rate (counted by python -m vgg_jax.tools.data).",
+                expected_count,
+                data_info.name,
+                config.input.eval_split,
+                skipped,
+            )
     default_choice = which if which in CHECKPOINT_CHOICES else "latest"
     entries = [(workdir, which)]
     if fusion:
@@ -616,6 +626,15 @@ def evaluate_checkpoints(
         processes=jax.process_count(),
         platform=jax.devices()[0].platform,
     )
+    if data_info is not None:
+        split = config.input.eval_split
+        counts = data_info.bad_input.get(split, {})
+        about["data"] = dict(
+            dataset=data_info.name,
+            split=split,
+            images=expected_count,
+            skipped_undecodable=counts.get("skipped_undecodable", 0),
+        )
     return rows, about
 
 
