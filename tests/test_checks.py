@@ -66,6 +66,12 @@ class CheckConfigTest(absltest.TestCase):
         self.assertStartsWith(line, "config.evals.single_scale=16")
         self.assertIn("at least input.crop_size (32)", line)
 
+    def test_a_test_scale_given_twice_is_caught(self):
+        config = fixtures.tiny_config(with_data=False, **{"evals.multi_scales": (32, 32, 48)})
+        (line,) = problems(config, "evaluate")  # today: labelled (32, 32, 48), averaged once
+        self.assertStartsWith(line, "config.evals.multi_scales=(32, 32, 48)")
+        self.assertIn("[32] given more than once", line)
+
     def test_workdir_that_is_a_file_and_unknown_mode(self):
         with tempfile.NamedTemporaryFile() as f:
             (line,) = problems(fixtures.tiny_config(with_data=False), "train", f.name)

@@ -105,6 +105,13 @@ def evals_problems(config: ml_collections.ConfigDict, data_devices: int) -> list
         )
     if not evals.multi_scales:
         problems.append("config.evals.multi_scales=(): give at least one test scale Q")
+    scales = [int(q) for q in evals.multi_scales]
+    if repeated := sorted({q for q in scales if scales.count(q) > 1}):
+        # Each scale is evaluated once: a repeat would be a label, not a weight.
+        problems.append(
+            f"config.evals.multi_scales={tuple(evals.multi_scales)!r}: {repeated} given more "
+            "than once; each test scale counts once in the average"
+        )
     crop = int(config.input.crop_size)
     small = [q for q in scales_needed(evals) if q < crop]
     if small:
