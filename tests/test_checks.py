@@ -72,6 +72,11 @@ class CheckConfigTest(absltest.TestCase):
         self.assertStartsWith(line, "config.evals.multi_scales=(32, 32, 48)")
         self.assertIn("[32] given more than once", line)
 
+    def test_evaluation_ignores_the_training_batch_size(self):
+        config = fixtures.tiny_config(with_data=False, **{"input.batch_size": 6})  # 4 devices
+        self.assertLen(problems(config, "train"), 1)
+        self.assertEmpty(problems(config, "evaluate"))  # today: refused for a batch it never uses
+
     def test_workdir_that_is_a_file_and_unknown_mode(self):
         with tempfile.NamedTemporaryFile() as f:
             (line,) = problems(fixtures.tiny_config(with_data=False), "train", f.name)

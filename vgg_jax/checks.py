@@ -128,7 +128,8 @@ def _check_input(p: _Problems, mode: str, data_devices: int) -> tuple[int, int] 
     )
     if p.value("input.dataset") == "image_folder" and not p.value("input.folder"):
         p.add("input.folder", "input.dataset='image_folder' needs the folder ROOT/<split>/<class>/")
-    for key in ("input.batch_size", "input.eval_batch_size"):
+    batch_keys = ("input.batch_size",) if mode in TRAINING_MODES else ()  # evaluate: no training
+    for key in (*batch_keys, "input.eval_batch_size"):
         p.number(
             key,
             lambda x: int(x) == x and x >= 1 and x % data_devices == 0,
