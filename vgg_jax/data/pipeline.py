@@ -326,8 +326,9 @@ def eval_schedule(
     examples: int = 0,
 ) -> list[EvalBatch]:
     """The global evaluation batches at test scale ``scale`` (see the module docstring); with
-    ``examples`` > 0, of that many decodable examples evenly spaced in record order (an image
-    folder's records come class by class, so every class keeps its share)."""
+    ``examples`` > 0, of that many decodable examples evenly spaced in record order (TFDS stores
+    a split's records shuffled, so this is a fixed sample whose class shares follow the split's
+    up to sampling noise, not class by class)."""
     valid = split_index.valid
     if 0 < examples < len(valid):
         valid = valid[np.linspace(0, len(valid), examples, endpoint=False).astype(np.int64)]
