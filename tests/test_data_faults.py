@@ -297,6 +297,18 @@ class ImageFolderFaultsTest(absltest.TestCase):
         self.assertEqual(about["data"]["skipped_undecodable"], 1)  # today: nowhere in the results
         self.assertEqual({row["count"] for row in rows}, {2})
 
+    def test_statistics_follow_a_changed_stats_max_images(self):
+        from vgg_jax.data import stats
+
+        config = self.folder_config(self.make_folder())  # 6 training images
+        config.model.num_classes = 2
+        data.prepare(config)
+        builder = sources.prepared_builder(config.input)
+        self.assertEqual(stats.load_stats(builder)["num_images"], 6)
+        config.input.stats_max_images = 3
+        data.prepare(config)
+        self.assertEqual(stats.load_stats(builder)["num_images"], 3)  # today: still 6
+
     def test_exif_orientation_is_applied_as_pil_does(self):
         image = np.zeros((24, 40, 3), np.uint8)
         image[:6, :10] = (255, 0, 0)  # a red top-left corner shows every turn and mirror

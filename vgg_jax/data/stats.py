@@ -104,7 +104,17 @@ def ensure_stats(
 ) -> dict:
     path = stats_path(builder, files_dir)
     if os.path.exists(path):
-        return load_stats(builder, files_dir)
+        stored = load_stats(builder, files_dir)
+        wanted = min(max_images, len(valid))
+        if stored.get("num_images", wanted) == wanted:
+            return stored
+        # input.stats_max_images changed since: the statistics follow the config.
+        logging.info(
+            "Statistics of %s were computed over %d images; input.stats_max_images asks for %d.",
+            builder.name,
+            stored["num_images"],
+            wanted,
+        )
     logging.info("Computing mean RGB and PCA of %s/%s.", builder.name, split)
     stats = compute_stats(builder, split, valid, max_images)
     os.makedirs(os.path.dirname(path), exist_ok=True)
