@@ -29,7 +29,7 @@ from absl.testing import absltest
 from etils import epath
 
 from tests import fixtures
-from vgg_jax import checkpoint, checks, sharding
+from vgg_jax import checkpoint, sharding
 from vgg_jax.evaluation import runner
 from vgg_jax.training import lock, loop
 
@@ -153,7 +153,7 @@ class ChangedConfigResumeTest(OneTrainedRun):
     def test_another_net_is_refused_in_one_line_and_nothing_is_moved(self):
         workdir = self.copy_of_run()
         steps = checkpoint.available_steps(workdir)
-        with self.assertRaises(checks.ConfigError) as raised:
+        with self.assertRaises(checkpoint.IncompatibleCheckpointError) as raised:
             loop.train(config_for(**{"model.fc_width": 8}), workdir)
         message = str(raised.exception)
         self.assertIn(f"step {steps[-1]} in {workdir}", message)

@@ -56,6 +56,10 @@ class UnreadableCheckpointError(CheckpointError):
     """No checkpoint that was asked for (or none at all) can be read back."""
 
 
+class IncompatibleCheckpointError(CheckpointError):
+    """A checkpoint made with another net or optimiser than the config that would resume it."""
+
+
 # Orbax's warnings about what this module does on purpose: periodic saves carry no validation
 # metrics (only the per-validation ones rank "best"), and readers open checkpoints read-only.
 EXPECTED_ORBAX_WARNINGS = (

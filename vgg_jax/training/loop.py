@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vgg_jax import checkpoint, checks, compile_cache, models, preemption, sharding, writers
+from vgg_jax import checkpoint, compile_cache, models, preemption, sharding, writers
 from vgg_jax.training import init_from, lock, optim
 from vgg_jax.training.steps import (
     TrainState,
@@ -109,12 +109,10 @@ def check_resumable(saved_config: dict, config: ml_collections.ConfigDict, where
         return
     described = {k: f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed}
     if shaping := [described[k] for k in changed if k in STATE_SHAPING_KEYS]:
-        raise checks.ConfigError(
-            [
-                f"{where} was trained with another net or optimiser ({'; '.join(shaping)}): "
-                "its checkpoints cannot be resumed with this config. Use another --workdir "
-                "(config.init_from starts a net from a trained one's weights)."
-            ]
+        raise checkpoint.IncompatibleCheckpointError(
+            f"{where} was trained with another net or optimiser ({'; '.join(shaping)}): "
+            "its checkpoints cannot be resumed with this config. Use another --workdir "
+            "(config.init_from starts a net from a trained one's weights)."
         )
     logging.warning(
         "Resuming %s with a config that differs from the one it was trained with: %s.",
