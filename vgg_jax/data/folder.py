@@ -9,8 +9,8 @@ The TFDS config is named after the folder's base name, a hash of its absolute pa
 what it holds (the training split's name and every image's path, size and modification time), so
 two folders never share prepared files, and a folder whose images were added, removed, renamed or
 rewritten since it was prepared is prepared again (with a warning naming the old copy) rather
-than read with its old labels and class names. Within one process a folder is listed again only
-when one of its directories changed.
+than read with its old labels and class names. A process lists a folder once and reads that copy
+until it prepares the folder again (``make_builder``).
 
 What is not an image is skipped, counted and named (``scan``): dangling symbolic links, files
 without a ``.jpg``/``.jpeg``/``.png`` name (``.txt``, ``.DS_Store``, ``.webp``, ``.gif``: the
@@ -139,37 +139,6 @@ def scan(root: str) -> FolderScan:
     return FolderScan(splits, skipped, digest.hexdigest())
 
 
-# root -> (its directories' modification times, their scan): a builder is made several times a
-# run, and listing a folder of a million images takes seconds.
-_SCANS: dict[str, tuple[tuple, FolderScan]] = {}
-
-
-def _directory_times(root: str) -> tuple:
-    """The modification times of ``root`` and of its split and class directories: any image
-    added, removed or renamed changes one of them."""
-    times = [os.stat(root).st_mtime_ns]
-    for split in _listed(root):
-        if split.is_dir():
-            times.append((split.name, split.stat().st_mtime_ns))
-            times.extend(
-                (split.name, c.name, c.stat().st_mtime_ns)
-                for c in _listed(split.path)
-                if c.is_dir()
-            )
-    return tuple(times)
-
-
-def current_scan(root: str) -> FolderScan:
-    """``scan(root)``, listed again only when one of the folder's directories changed since the
-    last call in this process (a file rewritten in place is seen by the next process)."""
-    times = _directory_times(root) if os.path.isdir(root) else None
-    cached = _SCANS.get(root)
-    if times is None or cached is None or cached[0] != times:
-        cached = (times, scan(root))
-        _SCANS[root] = cached
-    return cached[1]
-
-
 def list_splits(root: str) -> dict[str, dict[str, list[str]]]:
     """``{split: {class: [image paths]}}`` for ``root/<split>/<class>/<image>``."""
     return scan(root).splits
@@ -268,21 +237,23 @@ class VggJaxImageFolder(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release."}
 
-    def _scan(self) -> FolderScan:
-        """The listing the config's name was made from: the class names and the examples
-        written come from the same listing as the name that says what the folder held."""
-        folder_scan = current_scan(self.builder_config.root)
-        if config_name(self.builder_config.root, self.builder_config.train_split, folder_scan) != (
-            self.builder_config.name
-        ):
+    def folder_scan(self) -> FolderScan:
+        """The listing this builder's name was made from (``make_builder``): the class names and
+        the examples written come from the listing that the name says the folder held."""
+        config = self.builder_config
+        pinned = _PINNED.get((config.root, config.train_split))
+        if pinned is not None and pinned[0] == config.name:
+            return pinned[1]
+        folder_scan = scan(config.root)
+        if config_name(config.root, config.train_split, folder_scan) != config.name:
             raise DatasetError(
-                f"Image folder {self.builder_config.root} changed while it was being read; run "
-                "again when it no longer changes."
+                f"Image folder {config.root} no longer holds what {config.name} was named after; "
+                "run `python -m vgg_jax.tools.data --config=<your config>` to prepare it again."
             )
         return folder_scan
 
     def _info(self) -> tfds.core.DatasetInfo:
-        names = class_names(self._scan().splits, self.builder_config.train_split)
+        names = class_names(self.folder_scan().splits, self.builder_config.train_split)
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict(
                 {
@@ -295,7 +266,7 @@ class VggJaxImageFolder(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager
-        splits = self._scan().splits
+        splits = self.folder_scan().splits
         names = class_names(splits, self.builder_config.train_split)
         for split, classes in splits.items():
             unknown = sorted(set(classes) - set(names))
@@ -325,10 +296,22 @@ def config_name(root: str, train_split: str, folder_scan: FolderScan) -> str:
     return _name_prefix(root) + held
 
 
-def make_builder(root: str, data_dir: str | None, train_split: str = "train") -> VggJaxImageFolder:
+# (root, train_split) -> (config name, scan): the copy of a folder this process reads. A run
+# keeps reading the copy it started with when images are added to the folder meanwhile (its
+# evaluation then scores the data it trained on); preparing (``fresh``) lists the folder again.
+_PINNED: dict[tuple[str, str], tuple[str, FolderScan]] = {}
+
+
+def make_builder(
+    root: str, data_dir: str | None, train_split: str = "train", fresh: bool = False
+) -> VggJaxImageFolder:
+    """The builder of ``root`` as this process first listed it, or (``fresh``) as it is now."""
     root = os.path.abspath(root)
-    name = config_name(root, train_split, current_scan(root))
-    config = FolderConfig(name=name, root=root, train_split=train_split)
+    key = (root, train_split)
+    if fresh or key not in _PINNED:
+        folder_scan = scan(root)
+        _PINNED[key] = (config_name(root, train_split, folder_scan), folder_scan)
+    config = FolderConfig(name=_PINNED[key][0], root=root, train_split=train_split)
     return VggJaxImageFolder(config=config, data_dir=data_dir, file_format="array_record")
 
 

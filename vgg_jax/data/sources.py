@@ -45,8 +45,12 @@ def data_dir(input_config: ml_collections.ConfigDict) -> str | None:
     return os.path.expanduser(input_config.data_dir) if input_config.data_dir else None
 
 
-def get_builder(input_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    """The (possibly not yet prepared) TFDS builder that ``input_config`` names."""
+def get_builder(
+    input_config: ml_collections.ConfigDict, fresh: bool = False
+) -> tfds.core.DatasetBuilder:
+    """The (possibly not yet prepared) TFDS builder that ``input_config`` names; an image
+    folder as this process first listed it, or (``fresh``) as it is now
+    (``folder.make_builder``)."""
     check_dataset_name(input_config.dataset)
     if input_config.dataset == "builtin":
         return builtin.make_builder(
@@ -62,6 +66,7 @@ def get_builder(input_config: ml_collections.ConfigDict) -> tfds.core.DatasetBui
             os.path.expanduser(input_config.folder),
             data_dir(input_config),
             input_config.train_split,
+            fresh,
         )
     return tfds.builder("imagenet2012", data_dir=data_dir(input_config), file_format=FILE_FORMAT)
 
@@ -156,7 +161,7 @@ def _imagenet_download_config(manual_dir: str | None) -> tfds.download.DownloadC
 
 def prepare_builder(input_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """Runs the builder's generation unless its files already exist; returns the builder."""
-    builder = get_builder(input_config)
+    builder = get_builder(input_config, fresh=True)
     if builder.is_prepared():
         return builder
     project_files = files_dir(builder, input_config)
@@ -189,13 +194,13 @@ def prepare_builder(input_config: ml_collections.ConfigDict) -> tfds.core.Datase
             "replace it and run again."
         ) from e
     if input_config.dataset == "image_folder":
-        _report_skipped(builder.builder_config.root, project_files)
+        _report_skipped(builder, project_files)
     return builder
 
 
-def _report_skipped(root: str, directory: str) -> None:
+def _report_skipped(builder: folder.VggJaxImageFolder, directory: str) -> None:
     """One line in the log; every skipped entry named in a file beside the index."""
-    folder_scan = folder.current_scan(root)
+    root, folder_scan = builder.builder_config.root, builder.folder_scan()
     if folder_scan.skipped:
         path = folder.write_skipped_list(folder_scan, directory)
         logging.warning(
