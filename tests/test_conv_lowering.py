@@ -169,6 +169,31 @@ class RuleTest(absltest.TestCase):
             self.assertEqual(self.lowered_as((2, 2), 3), "conv")
             self.assertEqual(self.lowered_as((32, 32), 3, cin=3), "conv")
 
+    def test_an_empty_output_map_is_xla_s(self):
+        # A 5-row kernel on 3 rows (with no vertical padding): XLA gives an empty map; the
+        # matrix forms' slices would not line up.
+        x, w = jnp.ones((2, 3, 6, 3)), jnp.ones((5, 3, 3, 4))
+        numbers = ("NHWC", "HWIO", "NHWC")
+        out = conv_lowering.conv_general_dilated(
+            x, w, (1, 1), ((0, 0), (1, 1)), None, None, numbers
+        )
+        self.assertEqual(out.shape, (2, 0, 6, 4))
+
+    def test_below_float32_only_single_products_are_used(self):
+        # col2im adds shifted pieces: in bfloat16 that sum would round where XLA's convolution
+        # accumulates in float32; im2col's forward and its input gradient are single products.
+        def forms(batch, hw, cin, cout, itemsize):
+            return conv_lowering.conv_forms(
+                (batch, hw, hw, cin), (3, 3, cin, cout), ((1, 1),) * 2, itemsize
+            )
+
+        self.assertEqual(forms(64, 32, 3, 8, 4), (IM2COL, COL2IM, XLA))
+        self.assertEqual(forms(64, 32, 3, 8, 2), (IM2COL, XLA, XLA))
+        self.assertEqual(forms(64, 16, 8, 16, 2), (XLA, XLA, XLA))
+        self.assertEqual(forms(64, 16, 32, 8, 2)[0], XLA)
+        self.assertEqual(forms(64, 2, 64, 64, 2), (IM2COL, XLA, IM2COL))
+        self.assertEqual(forms(64, 16, 16, 3, 2)[1], IM2COL)  # 3 -> 16 gradient: a product
+
 
 class DevicesTest(absltest.TestCase):
     def test_chunks_on_one_device_only(self):

@@ -40,6 +40,12 @@ batch's buffer, as if neither chunks nor bands existed.
 The kernel gradient stays XLA's convolution except on maps with fewer pixels than taps (``im2col``
 with a kernel gradient alone measured 2.1 against 1.0 ms on the 3 -> 8 layer). ``nn.Conv`` still
 owns an ``(kh, kw, in, out)`` kernel, so checkpoints and imported weights do not change.
+
+Below float32 (bfloat16, float16) the forms that add shifted pieces (the ``col2im`` forward, and
+the transpose of ``im2col``, which is the input gradient in form ``col2im``) would add in that
+narrow type, where XLA's convolution accumulates in float32: 2.5-4.5x XLA's rounding error in
+bfloat16, 2x in a width-1/64 D's gradients. There those two stay XLA's; the ``im2col`` forward and
+the input gradient in form ``im2col`` are single products (float32 accumulation) and are kept.
 """
 
 from __future__ import annotations
@@ -102,14 +108,19 @@ def conv_forms(
     kh, kw, cin, cout = rhs_shape
     output_hw = [h + sum(padding[0]) - kh + 1, w + sum(padding[1]) - kw + 1]
     if fewer_pixels_than_taps(output_hw, (kh, kw)):
-        return IM2COL, COL2IM, IM2COL
+        return IM2COL, _precise(COL2IM, itemsize), IM2COL
     if chunks_allowed():  # the smallest piece: one output row and the input rows it reads
         input_pixels, output_pixels = kh * w, output_hw[1]
     else:
         input_pixels, output_pixels = n * h * w, n * output_hw[0] * output_hw[1]
     forward = few_channel_form(input_pixels, output_pixels, kh * kw, cin, cout, itemsize)
     input_gradient = few_channel_form(output_pixels, input_pixels, kh * kw, cout, cin, itemsize)
-    return forward, input_gradient, XLA
+    return _precise(forward, itemsize), _precise(input_gradient, itemsize), XLA
+
+
+def _precise(form: str, itemsize: int) -> str:
+    """``form``, unless it would add shifted pieces in a type narrower than float32."""
+    return XLA if form == COL2IM and itemsize < 4 else form
 
 
 def shifted_matmul_conv(
@@ -292,8 +303,9 @@ def conv_general_dilated(
     preferred_element_type: Any = None,
 ) -> jax.Array:
     """``lax.conv_general_dilated``'s signature (what ``nn.Conv`` calls): on a CPU, stride-1,
-    undilated, ungrouped NHWC convolutions with explicit non-negative padding are computed in the
-    forms ``conv_forms`` picks; XLA's convolution otherwise, and everywhere on GPU and TPU."""
+    undilated, ungrouped NHWC convolutions with explicit non-negative padding and a non-empty
+    output are computed in the forms ``conv_forms`` picks; XLA's convolution otherwise, and
+    everywhere on GPU and TPU."""
     conv = lambda: lax.conv_general_dilated(  # noqa: E731
         lhs,
         rhs,
@@ -320,6 +332,8 @@ def conv_general_dilated(
         or any(p < 0 for pair in padding for p in pair)
         or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
         != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_HWIO)
+        or lhs.shape[1] + sum(padding[0]) < rhs.shape[0]  # an empty output map
+        or lhs.shape[2] + sum(padding[1]) < rhs.shape[1]
     ):
         return conv()
     padding = tuple((int(low), int(high)) for low, high in padding)
