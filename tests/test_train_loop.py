@@ -65,8 +65,12 @@ def final_params(workdir: str):
 
 
 def wait_for_checkpoint(workdir: str, process: subprocess.Popen, step: int) -> None:
+    """Returns as soon as ``step`` is committed (Orbax renames its temporary directory to the
+    step's number), checked with a stat: an Orbax manager per poll took seconds on a loaded
+    machine, long enough for the tiny run to finish before the test's signal."""
     deadline = time.time() + 240
-    while step not in checkpoint.available_steps(workdir):
+    committed = os.path.join(workdir, checkpoint.SUBDIR, str(step))
+    while not os.path.isdir(committed) or step not in checkpoint.available_steps(workdir):
         if process.poll() is not None:
             raise AssertionError(f"training exited early:\n{process.stderr.read()}")
         if time.time() > deadline:
