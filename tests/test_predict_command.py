@@ -67,6 +67,29 @@ class PredictCommandTest(absltest.TestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
         super().tearDownClass()
 
+    def test_same_named_images_keep_their_own_maps_and_links_are_followed(self):
+        root = os.path.join(self.create_tempdir().full_path, "photos")
+        for name in ("a/x/1.jpg", "b/x/1.jpg", "x/dup.jpg", "x/dup.png"):
+            os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+            shutil.copy(os.path.join(self.folder, "cats/a.jpg"), os.path.join(root, name))
+        elsewhere = os.path.join(self.create_tempdir().full_path, "y")
+        os.makedirs(elsewhere)
+        shutil.copy(os.path.join(self.folder, "cats/a.jpg"), os.path.join(elsewhere, "2.jpg"))
+        os.symlink(elsewhere, os.path.join(root, "linked"))  # today: not searched
+        os.symlink(root, os.path.join(root, "a", "loop"))  # a link back up: no endless walk
+        os.symlink(os.path.join(root, "gone.jpg"), os.path.join(root, "x", "dangling.jpg"))
+        images = predict_tool.list_images([root])
+        self.assertIn(os.path.join(root, "linked", "2.jpg"), images)
+        self.assertLen(images, 6)
+        maps = os.path.join(self.tmp, "distinct_maps")
+        results = predict_tool.predict_files(self.predictor, images, top_k=2, score_maps=maps)
+        (dangling,) = [r for r in results if r["image"].endswith("dangling.jpg")]
+        self.assertStartsWith(dangling["error"], "cannot be read")  # today: a traceback
+        written = [p for r in results for p in r.get("score_maps", [])]
+        self.assertLen(written, 2 * (len(images) - 1))
+        self.assertLen(set(written), len(written))  # today: x_1 and x_dup written twice
+        self.assertEqual(sorted(os.listdir(maps)), sorted(os.path.basename(p) for p in written))
+
     def test_folder_top_k_names_and_skipped_files(self):
         images = predict_tool.list_images([self.folder])
         self.assertEqual(

@@ -33,12 +33,21 @@ def list_images(paths: Iterable[str]) -> list[str]:
     images = []
     for path in paths:
         if os.path.isdir(path):
-            found = sorted(
-                os.path.join(directory, name)
-                for directory, _, names in os.walk(path)
-                for name in names
-                if name.lower().endswith(IMAGE_EXTENSIONS)
-            )
+            found, seen = [], set()
+            # Linked folders are searched too, each real folder once (a link may loop back).
+            for directory, subdirectories, names in os.walk(path, followlinks=True):
+                real = os.path.realpath(directory)
+                if real in seen:
+                    subdirectories[:] = []
+                    continue
+                seen.add(real)
+                subdirectories.sort()  # which of two routes to one folder is kept: the first
+                found += [
+                    os.path.join(directory, name)
+                    for name in names
+                    if name.lower().endswith(IMAGE_EXTENSIONS)
+                ]
+            found.sort()
             if not found:
                 raise FileNotFoundError(f"No {'/'.join(IMAGE_EXTENSIONS)} files under {path}")
             images += found
@@ -89,12 +98,15 @@ def predict_files(
         class_names = [str(i) for i in range(model.num_classes)]
     scale = scale or predictor.test_scale
     chosen = resolve_class(map_class, class_names) if map_class else None
+    stems = map_stems(images)
     results = []
     for path in images:
         try:
             image = predict.read_image(path)
         except predict.UnreadableImageError as e:
             result = {"image": path, "error": str(e).removeprefix(f"{path}: ")}
+        except OSError as e:  # a dangling link, a file gone or unreadable
+            result = {"image": path, "error": f"cannot be read ({e.strerror or e})"}
         else:
             ranked, dense = predict.predict(
                 model,
@@ -119,7 +131,7 @@ def predict_files(
                     if chosen is None
                     else ranked[[g.class_index for g in ranked].index(chosen)]
                 )
-                stem = os.path.join(score_maps, _stem(path))
+                stem = os.path.join(score_maps, stems[path])
                 one = score_map.render(
                     image, dense, mapped.class_index, mapped.class_name, mapped.probability,
                     scale=scale, crop_size=model.crop_size,
@@ -143,6 +155,23 @@ def _stem(path: str) -> str:
     parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
     base = os.path.splitext(os.path.basename(path))[0]
     return f"{parent}_{base}" if parent else base
+
+
+def map_stems(images: list[str]) -> dict[str, str]:
+    """A distinct ``_stem`` per image: where two images would share one (``a/x/1.png`` and
+    ``b/x/1.png``, ``dup.jpg`` and ``dup.png``), the later ones get ``_2``, ``_3``, ... so no
+    image's maps overwrite another's."""
+    stems, used = {}, set()
+    for path in images:
+        key = os.path.abspath(path)
+        if key in stems:
+            continue
+        stem, n = _stem(path), 1
+        while (candidate := stem if n == 1 else f"{stem}_{n}") in used:
+            n += 1
+        used.add(candidate)
+        stems[key] = candidate
+    return {path: stems[os.path.abspath(path)] for path in images}
 
 
 def format_result(result: dict[str, Any]) -> list[str]:
@@ -183,6 +212,12 @@ def main(argv: list[str]) -> None:
         predictor = predict.load_predictor(values.workdir, which)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"predict: {e}")
+    if (
+        values.score_maps
+        and os.path.exists(values.score_maps)
+        and not os.path.isdir(values.score_maps)
+    ):
+        sys.exit(f"predict: --score_maps={values.score_maps} is a file; name a folder.")
     if values.scale is not None and values.scale < predictor.model.crop_size:
         sys.exit(f"predict: --scale={values.scale} is below the net's {predictor.model.crop_size}"
                  "-pixel crop.")  # fmt: skip
@@ -204,7 +239,7 @@ def main(argv: list[str]) -> None:
     if values.json:
         print(json.dumps(results, indent=1))
     elif skipped:
-        print(f"{skipped} of {len(results)} images skipped (they do not decode).")
+        print(f"{skipped} of {len(results)} images skipped (unreadable or not decodable).")
     if skipped == len(results):
         sys.exit(1)
 
