@@ -111,6 +111,45 @@ class ImportWeightsTest(absltest.TestCase):
         with self.assertRaisesRegex(ValueError, r"block3_conv2/kernel is \(3, 3, 16, 8\) in the"):
             importer.fit_model_config("D", self.params)
 
+    def test_widths_off_the_64ths_are_fitted(self):
+        for width in (0.1, 1 / 3, 0.3):  # today: "does not fit net D ... Pass the right --net"
+            params = random_params("D", crop_size=32, width=width, fc_width=16, num_classes=10)
+            config, _ = importer.fit_model_config("D", params)
+            model = models.build_model(config, 32)
+            self.assertEqual(
+                jax.tree_util.tree_map(np.shape, models.abstract_params(model)),
+                jax.tree_util.tree_map(np.shape, params),
+            )
+
+    def test_a_net_trained_here_comes_back_with_its_config_and_class_names(self):
+        from vgg_jax.evaluation import predict
+
+        trained = os.path.join(self.tmp, "trained")
+        config = paper.paper_config("A", None)
+        config.model.update(TINY)
+        config.input.update(dict(dataset="builtin", crop_size=32, data_dir=self.tmp + "/gone"))
+        config.input.pixel_std = (60.0, 60.0, 60.0)
+        convention = {"channel_order": "RGB", "pixel_range": 255.0, "mean": [120.0] * 3,
+                      "std": [60.0] * 3}  # fmt: skip
+        names = [f"shape{i}" for i in range(10)]
+        params = random_params("A", seed=4, crop_size=32)
+        checkpoint.save_params(trained, params, 7, config, convention, class_names=names)
+        path = os.path.join(self.tmp, "trained.npz")
+        export.export_checkpoint(trained, path)
+        workdir = os.path.join(self.tmp, "back")
+        summary = importer.import_to_checkpoint(path, "npz", workdir)
+        self.assertIn("the config it was trained with", importer.evaluate_command(
+            summary["net"], ml_collections.ConfigDict(summary["config"]), workdir))  # fmt: skip
+        _, _, meta = checkpoint.restore_params(workdir)
+        self.assertEqual(meta["config"]["input"]["dataset"], "builtin")  # today: imagenet2012
+        self.assertEqual(meta["class_names"], names)
+        # Its dataset is gone: predict still has the convention and the names (today: it asked
+        # for ImageNet's prepared files).
+        predictor = predict.load_predictor(workdir)
+        self.assertEqual(predictor.class_names, names)
+        self.assertEqual(predictor.input_convention["std"], [60.0] * 3)
+        assert_trees_equal(predictor.params, params)
+
     def test_missing_net_or_convention_is_asked_for(self):
         path = os.path.join(self.tmp, "bare.npz")
         export.save_npz(path, self.params, {})

@@ -427,12 +427,15 @@ def save_params(
     step: int = 0,
     config: ml_collections.ConfigDict | dict | None = None,
     input_convention: dict | None = None,
+    class_names: list[str] | None = None,
 ) -> str:
     """Writes a params-only checkpoint (e.g. imported weights) that ``--mode=evaluate`` and
     ``init_from`` accept. Returns the checkpoint directory."""
     if isinstance(config, ml_collections.ConfigDict):
         config = config.to_dict()
     meta = {"config": config, "input_convention": input_convention, "step": step}
+    if class_names is not None:
+        meta["class_names"] = list(class_names)
     manager = _Manager(
         _directory(workdir),
         item_names=ITEMS,

@@ -194,25 +194,33 @@ class Predictor:
 def load_predictor(workdir: str, which: str | int = "latest") -> Predictor:
     """The checkpoint in ``workdir`` (any: trained here or imported) as a ``Predictor``.
 
-    The input convention is the checkpoint's own (imported weights) or, for a net trained here,
-    the training set's mean RGB, read from the dataset the saved config names, and the config's
-    ``input.pixel_std``.
+    The input convention is the checkpoint's own (recorded by training and by imports) or, for a
+    checkpoint saved before training recorded it, the training set's mean RGB, read from the
+    dataset the saved config names, and the config's ``input.pixel_std``. Class names are the
+    checkpoint's own; else, for other than ImageNet's 1,000 classes, the dataset's if it is at
+    hand (indices otherwise: an imported net need not come with its dataset).
     """
     params, _, meta = checkpoint.restore_params(workdir, which)
     if not meta.get("config"):
         raise ValueError(f"The checkpoint in {workdir} has no config; build the model yourself.")
     config = ml_collections.ConfigDict(meta["config"])
     model = models.build_model(config.model, config.input.crop_size)
-    input_convention, class_names = meta.get("input_convention"), None
-    if input_convention is None or model.num_classes != NUM_IMAGENET_CLASSES:
+    input_convention, class_names = meta.get("input_convention"), meta.get("class_names")
+    if input_convention is None or (
+        class_names is None and model.num_classes != NUM_IMAGENET_CLASSES
+    ):
         from vgg_jax import data
         from vgg_jax.data import pipeline
 
-        info = data.dataset_info(config)
-        input_convention = input_convention or pipeline.trained_convention(
-            info.mean_rgb, config.input
-        )
-        if model.num_classes != NUM_IMAGENET_CLASSES:
+        try:
+            info = data.dataset_info(config)
+        except (FileNotFoundError, data.DatasetError):
+            if input_convention is None:
+                raise
+            info = None  # names are a nicety; the convention is what the numbers need
+        if input_convention is None:
+            input_convention = pipeline.trained_convention(info.mean_rgb, config.input)
+        if info is not None and model.num_classes != NUM_IMAGENET_CLASSES:
             class_names = info.class_names
     return Predictor(model, params, dict(input_convention), class_names, config)
 

@@ -170,8 +170,9 @@ def load(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def export_checkpoint(workdir: str, path: str | os.PathLike, which: str | int = "latest") -> dict:
     """Writes a checkpoint's params to ``path`` (.npz or .safetensors); returns the meta written:
-    ``net``, ``input_convention`` (None for nets trained here: the config's own pipeline),
-    ``config`` and ``step``."""
+    ``net``, ``input_convention`` (what the net's inputs are normalised by; None only for
+    checkpoints saved before training recorded it), ``config``, ``class_names`` (None when not
+    recorded) and ``step``."""
     from vgg_jax import checkpoint
 
     _suffix(path)  # fail before restoring a large checkpoint
@@ -181,6 +182,7 @@ def export_checkpoint(workdir: str, path: str | os.PathLike, which: str | int = 
         "net": (config.get("model") or {}).get("name"),
         "input_convention": checkpoint_meta.get("input_convention"),
         "config": config,
+        "class_names": checkpoint_meta.get("class_names"),
         "step": step,
     }
     save(path, params, meta)

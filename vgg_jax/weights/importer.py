@@ -47,6 +47,8 @@ class ImportedNet:
     net: str | None
     params: dict[str, Any]
     input_convention: conventions.InputConvention | None
+    config: dict[str, Any] | None = None  # the config an export of this project was trained with
+    class_names: list[str] | None = None
 
 
 def _from_torchvision(path: str) -> ImportedNet:
@@ -68,7 +70,13 @@ def _from_export(
 ) -> Callable[[str], ImportedNet]:
     def read(path: str) -> ImportedNet:
         params, meta = reader(path)
-        return ImportedNet(meta.get("net"), params, meta.get("input_convention"))
+        return ImportedNet(
+            meta.get("net"),
+            params,
+            meta.get("input_convention"),
+            meta.get("config") or None,
+            meta.get("class_names"),
+        )
 
     return read
 
@@ -109,12 +117,12 @@ def fit_model_config(net: str, params: Mapping[str, Any]) -> tuple[ml_collection
     last_channels = np.shape(params[last_conv]["kernel"])[-1]
     window = round((np.shape(params["fc1"]["kernel"])[0] / last_channels) ** 0.5)
     config = paper.model_config(net)
-    config.width = np.shape(params["block1_conv1"]["kernel"])[-1] / 64
     config.fc_width = int(np.shape(params["fc1"]["kernel"])[-1])
     config.num_classes = int(np.shape(params["fc3"]["kernel"])[-1])
     crop_size = int(window * 2**models.NUM_POOLS)
-    expected = _shapes(models.abstract_params(models.build_model(config, crop_size)))
     actual = _shapes(params)
+    config.width = _width_of(config, crop_size, actual)
+    expected = _shapes(models.abstract_params(models.build_model(config, crop_size)))
     for name in sorted(set(expected) | set(actual)):
         if expected.get(name) != actual.get(name):
             raise ValueError(
@@ -126,9 +134,41 @@ def fit_model_config(net: str, params: Mapping[str, Any]) -> tuple[ml_collection
     return config, crop_size
 
 
-def training_config(net: str, params: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """The paper's config of ``net`` (scale variant s256) with the model group fitted to
-    ``params``: what the checkpoint's meta records as the config it belongs to."""
+def _width_of(
+    config: ml_collections.ConfigDict, crop_size: int, shapes: Mapping[str, tuple[int, ...]]
+) -> float:
+    """The ``model.width`` that gives every conv of ``shapes`` its channel count: a conv of
+    ``base`` channels in Table 1 has ``max(1, round(width * base))``, so each count bounds the
+    width to an interval; the middle of their intersection (the first conv's count alone, over
+    64, misses most widths that are not multiples of 1/64). Falls back to that first estimate
+    when no width fits all (the shape check then names the layer)."""
+    full = config.copy_and_resolve_references()
+    full.width = 1.0
+    bases = _shapes(models.abstract_params(models.build_model(full, crop_size)))
+    low, high = 0.0, float("inf")
+    for name, shape in shapes.items():
+        if "_conv" in name and name.endswith("/bias") and name in bases:
+            channels, base = shape[0], bases[name][0]
+            low = max(low, (channels - 0.5) / base if channels > 1 else 0.0)
+            high = min(high, (channels + 0.5) / base)
+    if low < high < float("inf"):
+        return (low + high) / 2
+    return shapes["block1_conv1/bias"][0] / 64
+
+
+def training_config(
+    net: str, params: Mapping[str, Any], exported: Mapping[str, Any] | None = None
+) -> ml_collections.ConfigDict:
+    """What the checkpoint's meta records as the config it belongs to: the config an export of
+    this project carries (its dataset, input statistics and widths: a net trained on an image
+    folder predicts with that folder's settings) when its model fits ``params``, else the
+    paper's config of ``net`` (scale variant s256) with the model group fitted to ``params``."""
+    if exported and exported.get("model", {}).get("name") == net:
+        config = ml_collections.ConfigDict(dict(exported))
+        crop_size = int(config.input.crop_size)
+        expected = _shapes(models.abstract_params(models.build_model(config.model, crop_size)))
+        if expected == _shapes(params):
+            return config
     model_config, crop_size = fit_model_config(net, params)
     config = paper.paper_config(net, None)
     config.model = model_config
@@ -182,10 +222,15 @@ def import_to_checkpoint(
             f"--input_convention (one of {sorted(conventions.NAMED)})."
         )
     input_convention = conventions.checked(input_convention)
-    config = training_config(chosen_net, imported.params)
+    config = training_config(chosen_net, imported.params, imported.config)
     params = jax.tree_util.tree_map(np.asarray, imported.params)
     directory = checkpoint.save_params(
-        workdir, params, step=0, config=config, input_convention=dict(input_convention)
+        workdir,
+        params,
+        step=0,
+        config=config,
+        input_convention=dict(input_convention),
+        class_names=imported.class_names,
     )
     return dict(
         net=chosen_net,
@@ -197,7 +242,14 @@ def import_to_checkpoint(
 
 
 def evaluate_command(net: str, config: ml_collections.ConfigDict, workdir: str) -> str:
-    """The ``launch.py`` line that evaluates the imported net (with overrides for small nets)."""
+    """The ``launch.py`` line that evaluates the imported net (with overrides for small nets);
+    for a net this project trained on other data, with the config it was trained with."""
+    if config.input.dataset != "imagenet2012":
+        return (
+            f"python launch.py --config=<the config it was trained with> --mode=evaluate "
+            f"--workdir={workdir}  (it was trained on {config.input.dataset}"
+            f"{' ' + config.input.folder if config.input.get('folder') else ''})"
+        )
     defaults = paper.model_config(net)
     overrides = [
         f"--config.model.{key}={config.model[key]}"
