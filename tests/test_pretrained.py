@@ -154,12 +154,17 @@ class DownloadTest(absltest.TestCase):
             os.path.exists(pretrained.fetch(good_md5, self.cache, self.server.base_url))
         )
 
-    def test_a_cached_file_that_fails_its_hash_is_fetched_again(self):
+    def test_a_cached_file_that_fails_its_hash_is_kept_aside_and_fetched_again(self):
         with open(os.path.join(self.cache, "vgg16-x.pth"), "wb") as f:
             f.write(b"not the file")
-        path = pretrained.fetch(self.weights, self.cache, self.server.base_url)
+        with self.assertLogs(level="WARNING") as logs:
+            path = pretrained.fetch(self.weights, self.cache, self.server.base_url)
         with open(path, "rb") as f:
             self.assertEqual(f.read(), self.data)
+        aside = os.path.join(self.cache, "vgg16-x.pth.bad")
+        with open(aside, "rb") as f:
+            self.assertEqual(f.read(), b"not the file")  # today: deleted without a word
+        self.assertTrue(any(aside in line for line in logs.output))
 
     def test_no_server_and_missing_file_give_clear_errors(self):
         missing = dataclasses.replace(self.weights, path="vgg19-y.pth")

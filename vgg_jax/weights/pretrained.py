@@ -29,6 +29,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
+from absl import logging
+
 from vgg_jax import writers
 
 BASE_URLS = {
@@ -164,7 +166,8 @@ def fetch(
 
     ``progress(bytes_so_far, total_bytes_or_None)`` is called as the bytes arrive. A failed
     transfer raises ``DownloadError`` and keeps the partial file for the next call to resume; a
-    file whose hash does not match is deleted and raises ``HashMismatchError``.
+    downloaded file whose hash does not match is deleted and raises ``HashMismatchError``; a file
+    already in the cache whose hash does not match is moved to ``<name>.bad``, with a warning.
     """
     cache_dir = cache_dir or default_cache_dir()
     os.makedirs(cache_dir, exist_ok=True)
@@ -173,8 +176,11 @@ def fetch(
         try:
             verify(final, weights)
             return final
-        except HashMismatchError:
-            os.remove(final)  # not written by fetch (it renames only verified files): refetch
+        except HashMismatchError as e:
+            # Not written by fetch (it renames only verified files): someone's file, kept aside.
+            aside = final + ".bad"
+            os.replace(final, aside)
+            logging.warning("%s Moved it to %s; fetching the published file.", e, aside)
     partial = final + ".part"
     url = weights.url(base_url)
     _download(url, partial, progress, timeout_s)
