@@ -3,6 +3,8 @@
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +38,9 @@ def assert_bitwise_equal(test, actual, expected):
 def read_bytes(path):
     with open(path, "rb") as f:
         return f.read()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class ExportTest(parameterized.TestCase):
@@ -124,6 +129,26 @@ class ExportTest(parameterized.TestCase):
         self.assertEqual(meta["step"], 4)
         self.assertEqual(conventions.checked(meta["input_convention"]), conventions.TORCHVISION)
         self.assertEqual(meta["config"]["model"]["name"], "A")
+
+
+class ExportCommandTest(absltest.TestCase):
+    def test_bad_output_and_workdir_are_one_line(self):
+        tmp = self.create_tempdir().full_path
+        for flags, says in (
+            ([f"--workdir={tmp}", f"--out={tmp}/w.pt"], "unknown weight file suffix '.pt'"),
+            ([f"--workdir={tmp}", f"--out={tmp}/no/w.npz"], f"no folder {tmp}/no"),
+            ([f"--workdir={tmp}/none", f"--out={tmp}/w.npz"], "No checkpoints in"),
+        ):
+            result = subprocess.run(
+                [sys.executable, "-m", "vgg_jax.tools.export", *flags],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            self.assertNotEqual(result.returncode, 0)
+            self.assertNotIn("Traceback", result.stderr)  # today: a traceback of 8-11 frames
+            self.assertIn(says, result.stderr.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

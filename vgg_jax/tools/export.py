@@ -7,6 +7,9 @@ See ``vgg_jax.weights.export`` and docs/weights.md.
 
 from __future__ import annotations
 
+import os
+import sys
+
 from absl import app, flags
 
 from vgg_jax.tools import cli
@@ -18,7 +21,15 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     cli.quiet_library_logs()
     workdir, out = flags.FLAGS.workdir, flags.FLAGS.out
-    meta = export_checkpoint(workdir, out, flags.FLAGS.which)
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        sys.exit(f"export: no folder {folder} for --out={out}")
+    from vgg_jax import checkpoint
+
+    try:
+        meta = export_checkpoint(workdir, out, flags.FLAGS.which)
+    except (OSError, ValueError, checkpoint.CheckpointError) as e:
+        sys.exit(f"export: {e}")
     print(f"wrote {out}: net {meta['net']}, step {meta['step']}, from {workdir}")
 
 
