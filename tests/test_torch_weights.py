@@ -279,6 +279,27 @@ class TorchvisionImportTest(parameterized.TestCase):
         _, direct = torch_weights.params_from_state_dict(state_dict)
         self.assertEqual(net, "A")
         jax.tree_util.tree_map(np.testing.assert_array_equal, params, direct)
+        # PyTorch's tutorial layout and a LightningModule's "model." prefix (today: "Found 0
+        # conv layers").
+        tutorial = {"model_state_dict": state_dict, "optimizer_state_dict": {"state": {}}}
+        lightning = {"state_dict": {f"model.{k}": v for k, v in state_dict.items()}}
+        for nested in (tutorial, lightning):
+            _, params = torch_weights.params_from_state_dict(nested)
+            jax.tree_util.tree_map(np.testing.assert_array_equal, params, direct)
+        with self.assertRaisesRegex(ValueError, r"Its first keys: \['weights.0'"):
+            torch_weights.params_from_state_dict({"weights.0": np.zeros(3)})
+
+    def test_a_torchvision_state_dict_in_safetensors_imports_as_one(self):
+        from vgg_jax.weights import export, importer
+
+        state_dict = torchvision_state_dict("A", np.random.default_rng(6), **TINY)
+        path = os.path.join(self.create_tempdir().full_path, "vgg11.safetensors")
+        export.save_safetensors(path, state_dict)  # flat dotted names, no vgg_jax metadata
+        imported = importer.load(path, "safetensors")  # today: "they are not a VGG"
+        _, direct = torch_weights.params_from_state_dict(state_dict)
+        self.assertEqual(imported.net, "A")
+        self.assertEqual(imported.input_convention, torch_weights.TORCHVISION_INPUT)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, imported.params, direct)
 
 
 class WithPyTorchTest(absltest.TestCase):

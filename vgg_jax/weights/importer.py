@@ -70,6 +70,13 @@ def _from_export(
 ) -> Callable[[str], ImportedNet]:
     def read(path: str) -> ImportedNet:
         params, meta = reader(path)
+        if not meta and any(str(k).startswith(("features.", "pre_logits.")) for k in params):
+            # A torchvision or timm state dict saved as safetensors (as timm's VGGs are published
+            # on the Hugging Face hub): the same names as a .pth, so the same conversion.
+            from vgg_jax.weights import torchvision as torch_weights
+
+            net, converted = torch_weights.params_from_state_dict(params)
+            return ImportedNet(net, converted, torch_weights.TORCHVISION_INPUT)
         return ImportedNet(
             meta.get("net"),
             params,
@@ -223,7 +230,8 @@ def import_to_checkpoint(
         )
     input_convention = conventions.checked(input_convention)
     config = training_config(chosen_net, imported.params, imported.config)
-    params = jax.tree_util.tree_map(np.asarray, imported.params)
+    # Parameters stay float32 (models.py): a bfloat16 or float16 file is widened exactly.
+    params = jax.tree_util.tree_map(lambda a: np.asarray(a).astype(np.float32), imported.params)
     directory = checkpoint.save_params(
         workdir,
         params,

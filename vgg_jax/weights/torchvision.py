@@ -260,7 +260,7 @@ def params_from_state_dict(state_dict: Mapping[str, Any]) -> tuple[str, dict[str
         raise ValueError(
             f"Found {len(conv_indices)} conv layers (features.<i>.weight); torchvision's "
             + ", ".join(f"{TORCHVISION_NETS[n]} has {d}" for d, n in sorted(nets_by_depth.items()))
-            + "."
+            + f". Its first keys: {sorted(map(str, state_dict))[:8]}."
         )
     net = nets_by_depth[len(conv_indices)]
     expected = {f"features.{i}.{p}" for i in conv_indices for p in ("weight", "bias")}
@@ -367,10 +367,16 @@ def _unwrap(state_dict: Mapping[str, Any]) -> dict[str, Any]:
         raise TypeError(
             f"Expected a state dict (a mapping of names to tensors), got {state_dict!r}"
         )
-    for key in ("state_dict", "model"):
+    # Training scripts nest the weights: {"state_dict": ...} (Lightning, many repos),
+    # {"model_state_dict": ..., "optimizer_state_dict": ...} (PyTorch's tutorial), {"model": ...}.
+    for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(state_dict.get(key), Mapping):
             state_dict = state_dict[key]
-    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+    # nn.DataParallel's "module." and a LightningModule attribute's "model." prefixes.
+    for prefix in ("module.", "model."):
+        if state_dict and all(str(k).startswith(prefix) for k in state_dict):
+            state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items()}
+    return dict(state_dict)
 
 
 def _fc1_window(weight_shape: tuple[int, ...], channels: int) -> int:
