@@ -14,12 +14,15 @@ def topk_correct(scores: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     """Per example: 1.0 if the label is among the ``k`` highest scores, else 0.0.
 
     Ties are broken against the label (a label tied with the k-th score counts as wrong only if
-    more than k scores are >= it), so a constant score vector is never "correct" by accident.
+    more than k scores are >= it), so a constant score vector is never "correct" by accident. A
+    score vector holding a NaN ranks nothing and counts as wrong (every comparison with NaN is
+    false: it counted as right, so a broken net scored 0% error).
     """
     label_scores = jnp.take_along_axis(scores, labels[:, None], axis=-1)
     higher = jnp.sum(scores > label_scores, axis=-1)
     ties = jnp.sum(scores == label_scores, axis=-1) - 1
-    return ((higher + ties) < k).astype(jnp.float32)
+    ranked = ~jnp.any(jnp.isnan(scores), axis=-1)
+    return (((higher + ties) < k) & ranked).astype(jnp.float32)
 
 
 def classification_counts(

@@ -119,7 +119,8 @@ def make_validation_step(model: models.VGG, mesh: Mesh, param_shardings: Any):
     def validation_step(params, batch):
         scores = methods.dense_scores(model, params, batch["image"], batch["size"])
         mask = batch["mask"]
-        losses = metrics.cross_entropy(scores, batch["label"]) * mask
+        # where, not a product: a padded example's loss may be inf, and inf * 0 is NaN.
+        losses = jnp.where(mask, metrics.cross_entropy(scores, batch["label"]), 0.0)
         return {
             "loss_sum": losses.sum(),
             **metrics.classification_counts(scores, batch["label"], mask),
