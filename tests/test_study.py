@@ -5,6 +5,7 @@ tables, writing tables, verdicts and plots. It checks the mechanism, not accurac
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,6 +163,30 @@ class SmokeStudyTest(absltest.TestCase):
         for png in ("error_vs_depth.png", "curves.png"):
             with open(os.path.join(whole_dir, png), "rb") as f:
                 self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+    def test_a_changed_config_is_refused_for_finished_runs(self):
+        root = self.create_tempdir().full_path
+        config = smoke_study()
+        for run in plan.make_plan(config, root):
+            os.makedirs(run.workdir, exist_ok=True)
+            orchestrate._mark_finished(run, 1.0)
+        with open(os.path.join(root, "study_config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        changed = copy.deepcopy(config)
+        changed.scale_settings.small.num_epochs = 5
+
+        def must_not_run(run):
+            raise AssertionError(f"{run.name} ran again")
+
+        # Today: "all runs finished", the tables relabelled with 5 epochs that never ran.
+        with self.assertRaisesRegex(orchestrate.ChangedStudyError, "schedule.num_epochs 2 -> 5"):
+            orchestrate.run_study(changed, root, executor=must_not_run)
+        with open(os.path.join(root, "study_config.json")) as f:
+            self.assertEqual(json.load(f)["scale_settings"]["small"]["num_epochs"], 2)
+        # The same study moved elsewhere: only its paths differ, so its runs still count.
+        moved = os.path.join(self.create_tempdir().full_path, "moved")
+        shutil.copytree(root, moved)
+        orchestrate.check_finished_runs(plan.make_plan(config, moved))
 
     def test_a_run_stopped_by_sigterm_is_not_finished(self):
         root = self.create_tempdir().full_path

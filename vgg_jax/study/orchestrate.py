@@ -28,15 +28,71 @@ class Interrupted(RuntimeError):
     """Training stopped before its last step (a SIGTERM): the run is left unfinished."""
 
 
+class ChangedStudyError(ValueError):
+    """Finished runs were made with another config than the study now plans for them."""
+
+
+# Where things are, not what is computed: a study moved to another disk is the same study.
+_PATH_KEYS = (
+    "input.data_dir",
+    "input.manual_dir",
+    "input.index_dir",
+    "init_from.workdir",
+    "evals.fusion_workdirs",  # which nets are fused is in the run's name
+)
+
+
 def is_finished(run: plan.Run) -> bool:
     return os.path.exists(os.path.join(run.workdir, DONE_FILE))
 
 
 def _mark_finished(run: plan.Run, seconds: float) -> None:
     path = os.path.join(run.workdir, DONE_FILE)
+    record = dict(name=run.name, seconds=seconds, finished=time.time(), config=_flat_config(run))
     with open(path + ".tmp", "w") as f:
-        json.dump(dict(name=run.name, seconds=seconds, finished=time.time()), f)
+        json.dump(record, f)
     os.replace(path + ".tmp", path)
+
+
+def _flat_config(run: plan.Run) -> dict[str, Any]:
+    """The run's config as ``{"group.key": value}`` in JSON's types, paths left out."""
+    flat: dict[str, Any] = {}
+
+    def walk(tree: dict, prefix: str) -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif f"{prefix}{key}" not in _PATH_KEYS:
+                flat[f"{prefix}{key}"] = value
+
+    walk(json.loads(run.config.to_json_best_effort()), "")
+    return flat
+
+
+def check_finished_runs(runs: list[plan.Run]) -> None:
+    """Raises ``ChangedStudyError`` naming the finished runs whose recorded config differs from
+    the one the study now plans (a changed epoch count, scale or recipe): their results would
+    be reported under the new settings without having been made with them."""
+    changed = []
+    for run in runs:
+        try:
+            with open(os.path.join(run.workdir, DONE_FILE)) as f:
+                recorded = json.load(f).get("config")
+        except FileNotFoundError:
+            continue
+        if recorded is None:  # finished before runs recorded their config
+            continue
+        now = _flat_config(run)
+        keys = sorted(k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k))
+        if keys:
+            shown = ", ".join(f"{k} {recorded.get(k)!r} -> {now.get(k)!r}" for k in keys[:3])
+            changed.append(f"{run.name} ({shown}{', ...' if len(keys) > 3 else ''})")
+    if changed:
+        raise ChangedStudyError(
+            f"{len(changed)} finished runs were made with another config than this one: "
+            f"{'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}. Use a new --workdir "
+            "for the new settings, or delete those runs' directories to redo them here."
+        )
 
 
 def run_seconds(run: plan.Run) -> float | None:
@@ -102,6 +158,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, executor=execute) 
 def _run_study(study: ml_collections.ConfigDict, workdir: str, executor) -> dict[str, Any]:
     runs = plan.make_plan(study, workdir)
     by_name = {run.name: run for run in runs}
+    check_finished_runs(runs)  # before study_config.json is overwritten
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "study_config.json"), "w") as f:
         f.write(study.to_json_best_effort(indent=2))

@@ -192,6 +192,8 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> No
                 orchestrate.run_study(config, workdir)
             except orchestrate.Interrupted as stop:
                 sys.exit(f"Study stopped: {stop} Rerun the same command to resume.")
+            except orchestrate.ChangedStudyError as e:
+                sys.exit(f"Study refused: {e}")
         if mode == "evaluate_continuously":
             from vgg_jax.evaluation import continuous
 
