@@ -1,5 +1,6 @@
 """init_from: the paper's shallow-net initialisation and the scale fine-tune initialisation."""
 
+import os
 import tempfile
 
 import jax
@@ -87,8 +88,27 @@ class InitFromTest(absltest.TestCase):
             models.VGG(models.LAYOUTS["A"], num_classes=5, crop_size=32, width=1 / 8, fc_width=16),
             0,
         )
-        with self.assertRaisesRegex(ValueError, "widths must match"):
+        with self.assertRaisesRegex(ValueError, "block1_conv1: shape .*widths"):
             init_from.initial_params(config, wider)
+
+    def test_the_source_must_be_the_net_the_mode_copies_from(self):
+        net_e = os.path.join(self.create_tempdir().full_path, "e")
+        e_config = paper.paper_config("E", None)
+        e_config.model.update(dict(num_classes=5, width=1 / 16, fc_width=16))
+        checkpoint.save_params(net_e, init(tiny("E"), seed=4), step=9, config=e_config)
+        fresh = init(tiny("D"), seed=2)
+        config = paper.paper_config("D", "s384").init_from
+        config.update(dict(mode="full", workdir=net_e))
+        # E's layer names and shapes include all of D's: today copied without a word.
+        with self.assertRaisesRegex(ValueError, "copies from net D; .* holds net E"):
+            init_from.initial_params(config, fresh, "D")
+        config.mode = "shallow"
+        with self.assertRaisesRegex(ValueError, "copies from net A or A-LRN; .* holds net E"):
+            init_from.initial_params(config, fresh, "D")
+        config.mode = "full"
+        with self.assertLogs(level="INFO") as logs:
+            init_from.initial_params(config, init(tiny("E"), seed=5), "E")
+        self.assertTrue(any(f"from {net_e} step 9 (net E)" in line for line in logs.output))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,20 @@ class PlateauTest(absltest.TestCase):
             optim.check_schedule(schedule(kind="step"))
 
 
+class PlateauWarningTest(absltest.TestCase):
+    def test_too_few_validations_for_the_rule_are_said(self):
+        from vgg_jax.training import loop
+
+        config = paper.paper_config("A", "s256")
+        config.schedule.num_epochs, config.evals.every_epochs = 2, 5  # no validation at all
+        with self.assertLogs(level="WARNING") as logs:
+            loop.warn_if_the_plateau_rule_cannot_act(config)
+        self.assertIn("0 validations, and the plateau rule needs 3", logs.output[0])
+        config.schedule.num_epochs, config.evals.every_epochs = 3, 1  # 3 validations: enough
+        with self.assertNoLogs(level="WARNING"):
+            loop.warn_if_the_plateau_rule_cannot_act(config)
+
+
 class OptimizerTest(absltest.TestCase):
     def test_l2_on_kernels_added_to_gradient_before_momentum(self):
         config = ml_collections.ConfigDict(dict(learning_rate=0.1, momentum=0.9, weight_decay=0.5))

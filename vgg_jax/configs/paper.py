@@ -94,7 +94,9 @@ def schedule_config() -> ml_collections.ConfigDict:
         dict(
             kind="plateau",  # plateau (the paper), cosine, or constant
             num_epochs=74,
-            plateau_patience=2,  # epochs without a better validation top-1 before dividing
+            # Validations (one every evals.every_epochs epochs) without a better top-1
+            # before dividing the rate.
+            plateau_patience=2,
             plateau_factor=0.1,
             plateau_max_decays=3,
             plateau_min_delta=0.0,

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from vgg_jax import checkpoint
 
@@ -28,10 +29,20 @@ FC_LAYERS = ("fc1", "fc2", "fc3")
 SHALLOW_LAYERS = ("block1_conv1", "block2_conv1", "block3_conv1", "block3_conv2", *FC_LAYERS)
 
 
-def initial_params(init_config: ml_collections.ConfigDict, fresh: dict[str, Any]) -> dict[str, Any]:
-    """``fresh`` (a new net's params) with the layers ``init_from`` names replaced.
+# The nets each mode copies from (section 3.1): the deeper nets start from the trained net A.
+SOURCE_NETS = {"shallow": ("A", "A-LRN"), "fc": ("A", "A-LRN")}
 
-    Shardings and dtypes of ``fresh`` are kept; a layer whose shape differs fails loudly.
+
+def initial_params(
+    init_config: ml_collections.ConfigDict, fresh: dict[str, Any], net: str | None = None
+) -> dict[str, Any]:
+    """``fresh`` (a new net's params, of net ``net``) with the layers ``init_from`` names replaced.
+
+    Shardings and dtypes of ``fresh`` are kept; a layer whose shape differs fails loudly, naming
+    the layer. The source must be the net the mode copies from, as its checkpoint's config names
+    it (``shallow``, ``fc``: net A; ``full``: ``net`` itself): other nets share layer names and
+    shapes (E's are a superset of D's) and would be copied without a word. A log line names the
+    source, its step and the layers copied.
     """
     if init_config.mode not in MODES:
         raise ValueError(f"Unknown init_from.mode {init_config.mode!r}; valid: {list(MODES)}")
@@ -40,19 +51,40 @@ def initial_params(init_config: ml_collections.ConfigDict, fresh: dict[str, Any]
     if not init_config.workdir:
         raise ValueError(f"init_from.mode={init_config.mode!r} needs init_from.workdir.")
     which = "latest" if init_config.step is None else init_config.step
-    source, _, _ = checkpoint.restore_params(init_config.workdir, which)
+    source, step, meta = checkpoint.restore_params(init_config.workdir, which)
+    source_net = ((meta.get("config") or {}).get("model") or {}).get("name")
+    wanted = SOURCE_NETS.get(init_config.mode, (net,) if net else ())
+    if source_net is not None and wanted and source_net not in wanted:
+        raise ValueError(
+            f"init_from.mode={init_config.mode!r} copies from net {' or '.join(wanted)}; "
+            f"{init_config.workdir} step {step} holds net {source_net}."
+        )
     names = {"shallow": SHALLOW_LAYERS, "fc": FC_LAYERS}.get(init_config.mode, tuple(fresh))
     missing = [n for n in names if n not in source or n not in fresh]
     if missing:
         raise ValueError(f"init_from {init_config.workdir}: layers {missing} not in both nets.")
     params = dict(fresh)
     for name in names:
-        params[name] = jax.tree_util.tree_map(_copy_into, fresh[name], source[name])
+        try:
+            params[name] = jax.tree_util.tree_map(_copy_into, fresh[name], source[name])
+        except ValueError as e:
+            raise ValueError(f"init_from {init_config.workdir} step {step}: {name}: {e}") from None
+    logging.info(
+        "Initialised %d layers from %s step %d (net %s): %s.",
+        len(names),
+        init_config.workdir,
+        step,
+        source_net or "not recorded",
+        ", ".join(names),
+    )
     return params
 
 
 def _copy_into(target: jax.Array, value: Any) -> jax.Array:
     value = np.asarray(value)
     if value.shape != target.shape:
-        raise ValueError(f"Shape {value.shape} does not fit {target.shape}; widths must match.")
+        raise ValueError(
+            f"shape {value.shape} does not fit {target.shape} (widths, class count and crop "
+            "size must match)."
+        )
     return jax.device_put(value.astype(target.dtype), target.sharding)

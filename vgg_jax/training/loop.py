@@ -80,6 +80,7 @@ def _check_config(config: ml_collections.ConfigDict, num_classes: int) -> None:
 # Config values that shape the parameters or the optimiser's state: a checkpoint made with other
 # values cannot be resumed (its arrays have other shapes or another structure).
 STATE_SHAPING_KEYS = (
+    "input.crop_size",  # FC1 reads the last map of a crop: its kernel's shape
     "model.name",
     "model.num_classes",
     "model.width",
@@ -121,6 +122,25 @@ def check_resumable(saved_config: dict, config: ml_collections.ConfigDict, where
     )
 
 
+def warn_if_the_plateau_rule_cannot_act(config: ml_collections.ConfigDict) -> None:
+    """One warning when the run has too few validations for the plateau rule to divide the
+    rate (the first sets the best; ``plateau_patience`` more without a better one divide it)."""
+    if config.schedule.kind != "plateau":
+        return
+    validations = int(config.schedule.num_epochs) // int(config.evals.every_epochs)
+    needed = int(config.schedule.plateau_patience) + 1
+    if validations < needed:
+        logging.warning(
+            "%d epochs with a validation every %d: %d validations, and the plateau rule needs %d "
+            "to divide the learning rate, so it stays %g throughout.",
+            config.schedule.num_epochs,
+            config.evals.every_epochs,
+            validations,
+            needed,
+            config.optim.learning_rate,
+        )
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains ``config`` into ``workdir`` (resuming from its newest checkpoint that reads) and
     returns the final state. Validation runs every ``evals.every_epochs`` epochs and drives the
@@ -141,6 +161,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     input_convention = data.trained_convention(info.mean_rgb, config.input)
     steps_per_epoch = data.steps_per_epoch(config)
     total_steps = int(config.schedule.num_epochs * steps_per_epoch)
+    warn_if_the_plateau_rule_cannot_act(config)
     mesh = sharding.make_mesh(config.mesh)
     model = models.build_model(config.model, config.input.crop_size)
     tx = optim.make_optimizer(config.optim)
@@ -161,7 +182,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             best_top1 = meta["best_val_top1"]
         logging.info("Resumed from step %d in %s.", latest, workdir)
     else:
-        state = state.replace(params=init_from.initial_params(config.init_from, state.params))
+        state = state.replace(
+            params=init_from.initial_params(config.init_from, state.params, config.model.name)
+        )
 
     train_step = make_train_step(model, tx, mesh, shardings, config.seed)
     validation_step = make_validation_step(model, mesh, shardings.params)
