@@ -191,6 +191,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     writer = writers.MetricWriter(workdir)
     stop = preemption.StopSignal()
     start_step = int(state.step)
+    if start_step >= total_steps:
+        (logging.warning if start_step > total_steps else logging.info)(
+            "%s is at step %d of this config's %d (%g epochs): nothing to train.",
+            workdir,
+            start_step,
+            total_steps,
+            config.schedule.num_epochs,
+        )
     batches = on_device.train_batches(config, start_step, mesh)
     validation_batches = on_device.EvalBatchCache(
         config,
