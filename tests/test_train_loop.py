@@ -64,18 +64,30 @@ def final_params(workdir: str):
     return jax.device_get(params), step
 
 
-def wait_for_checkpoint(workdir: str, process: subprocess.Popen, step: int) -> None:
+def wait_for_checkpoint(
+    workdir: str, process: subprocess.Popen, step: int, started: bool = False
+) -> None:
     """Returns as soon as ``step`` is committed (Orbax renames its temporary directory to the
-    step's number), checked with a stat: an Orbax manager per poll took seconds on a loaded
-    machine, long enough for the tiny run to finish before the test's signal."""
+    step's number) or, with ``started``, as soon as its temporary directory appears; checked with
+    a listing: an Orbax manager per poll took seconds on a loaded machine, long enough for the
+    tiny run to finish before the test's signal."""
     deadline = time.time() + 240
-    committed = os.path.join(workdir, checkpoint.SUBDIR, str(step))
-    while not os.path.isdir(committed) or step not in checkpoint.available_steps(workdir):
+    directory = os.path.join(workdir, checkpoint.SUBDIR)
+
+    def there() -> bool:
+        names = os.listdir(directory) if os.path.isdir(directory) else []
+        if started:
+            return any(
+                n == str(step) or n.startswith(f"{step}{checkpoint.TMP_MARKER}") for n in names
+            )
+        return str(step) in names and step in checkpoint.available_steps(workdir)
+
+    while not there():
         if process.poll() is not None:
             raise AssertionError(f"training exited early:\n{process.stderr.read()}")
         if time.time() > deadline:
             raise AssertionError("no checkpoint in time")
-        time.sleep(0.05)
+        time.sleep(0.01)
 
 
 def orbax_only_file_names() -> set[str]:
@@ -202,7 +214,10 @@ class TrainLoopTest(absltest.TestCase):
         args = launch_args(self.data_dir, workdir, **extra)
         interrupted = launch_args(self.data_dir, workdir, "train_and_evaluate", **extra)
         process = subprocess.Popen(interrupted, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-        wait_for_checkpoint(workdir, process, 5)  # the first validation checkpoint
+        # The signal goes as the first validation's save starts: the 15 steps after it take a
+        # fraction of a second, and waiting for its commit left them to finish first on a
+        # loaded machine.
+        wait_for_checkpoint(workdir, process, 5, started=True)
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=300)
         self.assertEqual(process.returncode, 0, stderr[-3000:])
