@@ -60,9 +60,11 @@ def decode_full(encoded: tf.Tensor, fmt: tf.Tensor) -> tf.Tensor:
     )
 
 
-def decode_window(encoded: tf.Tensor, fmt: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
+def decode_window(
+    encoded: tf.Tensor, fmt: tf.Tensor, window: tf.Tensor, dct_method: str = TRAIN_DCT
+) -> tf.Tensor:
     """uint8 [h, w, 3] of the window ``[top, left, h, w]``; a JPEG decodes only that window,
-    with ``TRAIN_DCT``."""
+    with ``dct_method`` (``TRAIN_DCT``; bench/input_pipeline.py times the other)."""
     window = tf.cast(window, tf.int32)
 
     def from_png():
@@ -76,7 +78,7 @@ def decode_window(encoded: tf.Tensor, fmt: tf.Tensor, window: tf.Tensor) -> tf.T
             encoded,
             window,
             channels=3,
-            dct_method=TRAIN_DCT,
+            dct_method=dct_method,
             try_recover_truncated=True,
             acceptable_fraction=ACCEPTABLE_FRACTION,
         ),
@@ -173,12 +175,13 @@ def train_image(
     eigvecs: np.ndarray,
     convention: Mapping[str, Any],
     antialias: bool = False,
+    dct_method: str = TRAIN_DCT,
 ) -> tf.Tensor:
     """float32 [crop, crop, 3]: window decoded, flipped, resized, colour-shifted, normalised.
 
     The flip is done on the small uint8 window and the shift is folded into the normalisation's
     single add: full-size float passes cost as much as the resize (see bench/input_pipeline.py)."""
-    window = decode_window(encoded, fmt, params["window"])
+    window = decode_window(encoded, fmt, params["window"], dct_method)
     window = tf.cond(params["flip"], lambda: tf.reverse(window, [1]), lambda: window)
     image = resize(window, crop_size, crop_size, antialias)
     return normalise(image, convention, pca_colour_shift(params["alpha"], eigvals, eigvecs))
