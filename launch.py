@@ -36,6 +36,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _DISTRIBUTED.value or _COORDINATOR.value:
         cli.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif _NUM_PROCESSES.value is not None or _PROCESS_ID.value is not None:
+        raise app.UsageError(
+            "--num_processes/--process_id join a job only with --coordinator_address (or "
+            "--distributed); alone they would run one independent process."
+        )
     cli.run_or_exit(_MODE.value, _CONFIG.value, _WORKDIR.value)
 
 

@@ -14,6 +14,8 @@ from vgg_jax.configs import paper
 
 
 def get_config(arg=None):
+    if arg:
+        raise ValueError(f"Unknown config argument {arg!r}: the demo has no variants.")
     config = paper.paper_config("A", "jitter")
     config.model.num_classes = 10
     config.model.width = 1 / 8

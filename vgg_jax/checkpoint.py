@@ -384,6 +384,9 @@ def restore_params(
             step = manager.best_step()
             if step is None or manager.metrics(step) is None:
                 step = steps[-1]  # nothing was validated yet: the newest is the best we have
+                logging.warning(
+                    "%s has no validated checkpoint: 'best' is the newest, step %d.", workdir, step
+                )
         else:
             step = parse_step(which)
             if step not in steps:

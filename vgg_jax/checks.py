@@ -141,6 +141,13 @@ def _check_input(p: _Problems, mode: str, data_devices: int) -> tuple[int, int] 
             "input.train_scale_min",
             f"training needs crop_size ({crop}) <= train_scale_min <= train_scale_max ({smax})",
         )
+    std = p.value("input.pixel_std")
+    if std is not None and not (
+        isinstance(std, (tuple, list))
+        and len(std) == 3
+        and all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in std)
+    ):
+        p.add("input.pixel_std", "must be None or three positive numbers, one per RGB channel")
     p.number("input.eval_bucket_step", lambda x: int(x) == x and x >= 1, "must be >= 1")
     p.number(
         "evals.validation_bucket_step",
@@ -260,12 +267,34 @@ def check_config(
     facts = _check_input(p, mode, data_devices)
     if mode in TRAINING_MODES:
         _check_training(p)
+        if workdir is not None:
+            _check_init_source(p, workdir)
     _check_evals(p, data_devices)
     if workdir is not None and os.path.exists(workdir) and not os.path.isdir(workdir):
         p.lines.append(f"--workdir={workdir}: is a file, not a directory")
     if p.lines:
         raise ConfigError(p.lines)
     return facts
+
+
+def _check_init_source(p: _Problems, workdir: str) -> None:
+    """A new run's ``init_from.workdir`` holds a checkpoint (and ``init_from.step``), found now
+    rather than after the data is prepared (hours for ImageNet). A run that resumes from its own
+    checkpoint does not read it."""
+    from vgg_jax import checkpoint
+
+    source = p.value("init_from.workdir")
+    if p.value("init_from.mode") == "none" or not source or checkpoint.available_steps(workdir):
+        return
+    steps = checkpoint.available_steps(os.path.expanduser(source))
+    step = p.value("init_from.step")
+    if not steps:
+        p.add(
+            "init_from.workdir",
+            "holds no checkpoint (<workdir>/checkpoints/<step>/): train it first",
+        )
+    elif step is not None and int(step) not in steps:
+        p.add("init_from.step", f"not a checkpoint of {source}; it has {steps}")
 
 
 def _is_study(config: ml_collections.ConfigDict) -> bool:

@@ -80,6 +80,10 @@ def parse_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
     try:
         return flag_values(argv)
     except flags.Error as e:
+        message = str(e)
+        if "Error whilst parsing config file" in message:  # the config's own error, last
+            lines = [line for line in message.strip().splitlines() if line.strip()]
+            sys.exit(f"FATAL Flags parsing error: {lines[-1].strip()}")
         sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help.")
     except (AttributeError, KeyError) as e:
         sys.exit(_unknown_key_message(argv) or f"Bad config override: {e}")
@@ -121,9 +125,17 @@ def initialize_distributed(
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
-    )
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
+    except ValueError as e:  # nothing to auto-detect: not a TPU pod, SLURM job, ...
+        sys.exit(
+            f"--distributed: {e} No cluster was detected; pass --coordinator_address=host:port "
+            "--num_processes=N --process_id=i, or drop --distributed for one process."
+        )
     logging.info("Process %d of %d", jax.process_index(), jax.process_count())
 
 
@@ -152,12 +164,22 @@ def run_or_exit(mode: str, config: ml_collections.ConfigDict, workdir: str | Non
 def _one_line_errors() -> tuple[type[Exception], ...]:
     from vgg_jax.training import lock, loop
 
-    return (checkpoint.CheckpointError, lock.WorkdirBusyError, loop.NonFiniteLossError)
+    # FileNotFoundError: the library's say where the files go (tars, a dataset to prepare, a
+    # workdir's checkpoints).
+    return (
+        checkpoint.CheckpointError,
+        lock.WorkdirBusyError,
+        loop.NonFiniteLossError,
+        FileNotFoundError,
+    )
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> None:
     """What ``launch.py`` does after parsing flags: checks the whole config, then runs ``mode``."""
     quiet_library_logs()
+    # Once, here: "~/runs" after "=" is not expanded by the shell, and a relative path must mean
+    # one place for every part of the run.
+    workdir = os.path.abspath(os.path.expanduser(workdir)) if workdir else None
     check_or_exit(config, mode, workdir)
     if mode == "summary":
         from vgg_jax import models
