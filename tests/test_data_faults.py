@@ -301,6 +301,27 @@ class ImageFolderFaultsTest(absltest.TestCase):
         self.assertEqual(about["data"]["skipped_undecodable"], 1)  # today: nowhere in the results
         self.assertEqual({row["count"] for row in rows}, {2})
 
+    def test_a_net_of_other_classes_is_not_scored_as_this_datasets(self):
+        from vgg_jax import checkpoint, models
+        from vgg_jax.evaluation import runner
+
+        config = self.folder_config(self.make_folder())
+        config.model.num_classes = 2
+        config.evals.update(dict(methods=("dense",), multi_scales=(48,), flip=False))
+        data.prepare(config)
+        model = models.build_model(config.model, config.input.crop_size)
+        params = jax.tree_util.tree_map(
+            lambda leaf: np.full(leaf.shape, 0.01, np.float32), models.abstract_params(model)
+        )
+        workdir = self.create_tempdir().full_path
+        # The same two classes in the other order: output 0 meant "dog" to this net.
+        checkpoint.save_params(workdir, params, 1, config, class_names=["dog", "cat"])
+        with self.assertRaisesRegex(ValueError, "class 0: 'dog' there, 'cat' here"):
+            runner.evaluate_checkpoints(config, workdir, "latest")  # today: scored silently
+        config.evals.accept_checkpoint_net = True
+        rows, _ = runner.evaluate_checkpoints(config, workdir, "latest")
+        self.assertLen(rows, 1)
+
     def test_statistics_follow_a_changed_stats_max_images(self):
         from vgg_jax.data import stats
 

@@ -59,6 +59,7 @@ class Net:
     train_scale: str
     input_convention: dict | None  # the input convention it was trained with (None: not stored)
     train_input: dict  # the training config's input group (or the evaluation config's)
+    class_names: list[str] | None = None  # what its outputs mean, where the checkpoint says
 
 
 @dataclasses.dataclass
@@ -195,6 +196,7 @@ def load_net(
         train_scale=train_scale,
         input_convention=meta.get("input_convention"),
         train_input=dict(train_config.get("input") or fallback.input.to_dict()),
+        class_names=meta.get("class_names"),
     )
 
 
@@ -202,12 +204,17 @@ MODEL_KEYS = ("name", "num_classes", "width", "fc_width")
 
 
 def check_net_fits(
-    net: Net, config: ml_collections.ConfigDict, num_classes: int | None, own: bool = True
+    net: Net,
+    config: ml_collections.ConfigDict,
+    num_classes: int | None,
+    own: bool = True,
+    class_names: list[str] | None = None,
 ) -> None:
     """A net whose checkpoint describes another model than ``config`` does (``own``: the
-    workdir's net, whose results the evaluation writes; fusion partners may differ), or whose
-    class count is not the dataset's, would be scored silently wrong (100% error, or another
-    net's results written over this workdir's): an error unless ``evals.accept_checkpoint_net``."""
+    workdir's net, whose results the evaluation writes; fusion partners may differ), whose
+    class count is not the dataset's, or whose recorded classes are not the dataset's
+    ``class_names`` (another dataset, or another order: output i would be scored as class i of
+    this one), would be scored silently wrong: an error unless ``evals.accept_checkpoint_net``."""
     if config.evals.get("accept_checkpoint_net"):
         return
     model = net.model
@@ -230,13 +237,25 @@ def check_net_fits(
             f"{config.input.dataset!r} has {num_classes}. Pass "
             "--config.evals.accept_checkpoint_net=True to score it anyway."
         )
+    if net.class_names and class_names and list(net.class_names) != list(class_names):
+        pairs = list(zip(net.class_names, class_names, strict=False))
+        first = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
+        ours = net.class_names[first] if first < len(net.class_names) else None
+        theirs = class_names[first] if first < len(class_names) else None
+        raise ValueError(
+            f"Net {net.name} in {net.workdir} was trained on other classes than "
+            f"{config.input.dataset!r} has (class {first}: {ours!r} there, {theirs!r} here). "
+            "Pass --config.evals.accept_checkpoint_net=True to score it anyway."
+        )
 
 
-def check_convention(net: Net, config: ml_collections.ConfigDict) -> None:
+def check_convention(net: Net, config: ml_collections.ConfigDict, own: bool = True) -> None:
     """Each net is fed the input convention it was trained with; an explicit ``input.pixel_std``
-    in the evaluation config that contradicts it is a mistake, not an instruction."""
+    in the evaluation config that contradicts the workdir's own net (``own``) is a mistake, not
+    an instruction. Fusion partners bring their own conventions: the config's value is not
+    theirs to match."""
     wanted = config.input.get("pixel_std")
-    if wanted is None or net.input_convention is None:
+    if not own or wanted is None or net.input_convention is None:
         return
     stored = tuple(float(s) for s in net.input_convention["std"])
     if tuple(float(s) for s in wanted) != stored:
@@ -606,8 +625,14 @@ def evaluate_checkpoints(
     nets, outputs = [], []
     for position, (entry_workdir, choice) in enumerate(entries):
         net = load_net(entry_workdir, choice, mesh, config)
-        check_net_fits(net, config, num_classes, own=position == 0)
-        check_convention(net, config)
+        check_net_fits(
+            net,
+            config,
+            num_classes,
+            own=position == 0,
+            class_names=data_info.class_names if data_info else None,
+        )
+        check_convention(net, config, own=position == 0)
         if net.input_convention is None and data_info is not None:
             # Saved before checkpoints carried their convention: rebuild it from the saved
             # training config (its pixel_std), with the dataset's mean.
