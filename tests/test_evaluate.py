@@ -512,6 +512,23 @@ class RunnerTest(absltest.TestCase):
         by_method = {r["method"]: r["top1_error"] for r in rows}
         self.assertEqual(by_method, {"dense": 0.0, "multi_crop": 100.0, "dense+multi_crop": 0.0})
 
+    def test_fusion_names_tell_nets_apart_and_one_checkpoint_twice_is_refused(self):
+        root = self.create_tempdir_once()
+        logits = np.array([2.0, 0.0, -30.0, -30.0, -30.0])
+        for parent in ("a", "b"):
+            save_net(
+                os.path.join(root, parent, "w"), constant_params(self.model, logits), self.config
+            )
+        first, second = os.path.join(root, "a", "w"), os.path.join(root, "b", "w")
+        batches = fake_eval_batches(NUM_CLASSES)
+        config = tiny_config(fusion_workdirs=(second,))
+        rows, _ = runner.evaluate_checkpoints(config, first, "latest", batches=batches)
+        names = {r["net"] for r in rows}  # today: both "A (w)"
+        self.assertTrue({"A (a/w)", "A (b/w)"} <= names, names)
+        config = tiny_config(fusion_workdirs=(first + "/",))  # the same checkpoint again
+        with self.assertRaisesRegex(ValueError, "same checkpoint more than once"):
+            runner.evaluate_checkpoints(config, first, "latest", batches=batches)
+
     def test_watch_evaluates_each_new_checkpoint_once(self):
         workdir = self.create_tempdir_once()
         for step in (10, 20):

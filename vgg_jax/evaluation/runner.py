@@ -19,6 +19,7 @@ example counts exactly once whatever the batch size, device or process count.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -581,10 +582,25 @@ def _default_batches(
 
 
 def _unique_names(nets: Sequence[Net]) -> None:
+    """Names that tell the table's nets apart: the net, then its workdir's last folder, then as
+    many folders as it takes, then the step (two steps of one run). The same checkpoint twice is
+    an error: its "fusion" would be the net alone."""
+    places = [(os.path.realpath(net.workdir), net.step) for net in nets]
+    if len(set(places)) < len(places):
+        twice = sorted({f"{w} step {s}" for w, s in places if places.count((w, s)) > 1})
+        raise ValueError(f"The fusion lists the same checkpoint more than once: {twice}.")
     names = [net.name for net in nets]
-    for net in nets:
-        if names.count(net.name) > 1:
-            net.name = f"{net.name} ({net.workdir.rstrip('/').split('/')[-1]})"
+    for net, (real, _) in zip(nets, places, strict=True):
+        if names.count(net.name) == 1:
+            continue
+        parts = real.strip(os.sep).split(os.sep)
+        others = [w for n, (w, _) in zip(names, places, strict=True) if n == net.name and w != real]
+        depth = 1
+        while depth < len(parts) and any(w.endswith(os.sep.join(parts[-depth:])) for w in others):
+            depth += 1
+        where = os.sep.join(parts[-depth:])
+        same_run = any(w == real for w, _ in places if (w, _) != (real, net.step))
+        net.name = f"{net.name} ({where}{f' step {net.step}' if same_run else ''})"
 
 
 def evaluate_checkpoints(
