@@ -547,6 +547,12 @@ class RunnerTest(absltest.TestCase):
         save_net(workdir, self.params, self.config, step=30)
         again = continuous.watch(config, workdir, poll_seconds=0.1, timeout=0.3, batches=batches)
         self.assertEqual(sorted(again), [30])
+        # Other settings: every step again (today: "no new checkpoint", the old tables kept).
+        other = tiny_config(methods=("dense",), flip=False)
+        redone = continuous.watch(other, workdir, poll_seconds=0.1, timeout=0.3, batches=batches)
+        self.assertEqual(sorted(redone), [10, 20, 30])
+        with open(os.path.join(eval_dir, "step_20.json")) as f:
+            self.assertFalse(json.load(f)["settings"]["flip"])
 
     def test_bad_settings_fail_with_the_valid_choices(self):
         mesh = mesh_of(4)

@@ -9,6 +9,7 @@ a restarted watcher does not evaluate a step twice. The figures go to TensorBoar
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -27,11 +28,22 @@ EVAL_SUBDIR = "eval"
 STEP_FILE = re.compile(r"^step_(\d+)\.json$")
 
 
-def evaluated_steps(eval_dir: str) -> set[int]:
-    """Steps with a result file in ``eval_dir``."""
+def evaluated_steps(eval_dir: str, settings: dict[str, Any] | None = None) -> set[int]:
+    """Steps with a result file in ``eval_dir`` (with ``settings``: made with those evaluation
+    settings, or recorded before results carried them)."""
     if not os.path.isdir(eval_dir):
         return set()
-    return {int(m.group(1)) for name in os.listdir(eval_dir) if (m := STEP_FILE.match(name))}
+    steps = set()
+    for name in os.listdir(eval_dir):
+        if not (m := STEP_FILE.match(name)):
+            continue
+        if settings is not None:
+            with open(os.path.join(eval_dir, name)) as f:
+                recorded = json.load(f).get("settings")
+            if recorded is not None and recorded != settings:
+                continue
+        steps.add(int(m.group(1)))
+    return steps
 
 
 def _next_step(workdir: str, done: set[int], idle: bool) -> tuple[int | None, bool]:
@@ -86,7 +98,16 @@ def watch(
     poll = config.evals.poll_seconds if poll_seconds is None else poll_seconds
     timeout = config.evals.watch_timeout_seconds if timeout is None else timeout
     eval_dir = os.path.join(workdir, EVAL_SUBDIR)
-    done = evaluated_steps(eval_dir)
+    done = evaluated_steps(eval_dir, runner.evaluation_settings(config))
+    if other := sorted(evaluated_steps(eval_dir) - done):
+        logging.warning(
+            "Steps %s of %s were evaluated with other settings (methods, scales, flip, grid or "
+            "split): evaluating them again with these, replacing their results.",
+            other,
+            workdir,
+        )
+    if done:
+        logging.info("Steps %s were evaluated with these settings already: skipped.", sorted(done))
     mesh = sharding.make_mesh(config.mesh)
     writer = writers.MetricWriter(eval_dir)
     results: dict[int, list[dict[str, Any]]] = {}

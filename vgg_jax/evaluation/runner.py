@@ -581,6 +581,20 @@ def _default_batches(
     return data.eval_batches(config, scale, input_convention=input_convention)
 
 
+def evaluation_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What a table's figures depend on besides the checkpoint: recorded with the results, so a
+    result made with other settings is never taken for this one's (``continuous.watch``)."""
+    evals = config.evals
+    return dict(
+        methods=list(evals.methods),
+        single_scale=int(evals.single_scale),
+        multi_scales=[int(q) for q in evals.multi_scales],
+        flip=bool(evals.flip),
+        multi_crop_grid=int(evals.multi_crop_grid),
+        eval_split=config.input.eval_split,
+    )
+
+
 def _unique_names(nets: Sequence[Net]) -> None:
     """Names that tell the table's nets apart: the net, then its workdir's last folder, then as
     many folders as it takes, then the step (two steps of one run). The same checkpoint twice is
@@ -674,6 +688,7 @@ def evaluate_checkpoints(
         processes=jax.process_count(),
         platform=jax.devices()[0].platform,
     )
+    about["settings"] = evaluation_settings(config)
     if data_info is not None:
         split = config.input.eval_split
         counts = data_info.bad_input.get(split, {})
