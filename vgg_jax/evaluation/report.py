@@ -79,13 +79,14 @@ def write_results(
     checkpoints = ", ".join(
         f"{c['workdir']} step {c['step']}" for c in about.get("checkpoints", [])
     )
-    images = ""
+    images, what = "", "validation error"
     if data := about.get("data"):
         images = f" on {data['images']} images of {data['dataset']}/{data['split']}"
         if data["skipped_undecodable"]:
             images += f" ({data['skipped_undecodable']} more do not decode: left out)"
+        what = "error"  # the split is named: the train split's is not a validation error
     with open(markdown_path, "w") as f:
-        f.write(f"Top-1/top-5 validation error{images}; checkpoints: {checkpoints}.\n\n")
+        f.write(f"Top-1/top-5 {what}{images}; checkpoints: {checkpoints}.\n\n")
         f.write(format_table(rows) + "\n")
     return json_path, markdown_path
 
