@@ -277,13 +277,11 @@ class ImageFolderFaultsTest(absltest.TestCase):
         ):
             data.steps_per_epoch(config)  # today: 0 steps, a run that trains nothing
 
-    def test_evaluation_names_the_images_that_do_not_decode(self):
+    def evaluation_of_a_saved_net(self, root: str, class_names=None):
+        """A prepared 2-class folder config (dense at one scale) and a workdir holding a net of
+        constant weights for it."""
         from vgg_jax import checkpoint, models
-        from vgg_jax.evaluation import runner
 
-        root = self.make_folder()  # 2 validation images a class
-        with open(os.path.join(root, "validation", "dog", "broken.jpg"), "wb") as f:
-            f.write(b"not an image")
         config = self.folder_config(root)
         config.model.num_classes = 2
         config.evals.update(dict(methods=("dense",), multi_scales=(48,), flip=False))
@@ -293,7 +291,16 @@ class ImageFolderFaultsTest(absltest.TestCase):
             lambda leaf: np.full(leaf.shape, 0.01, np.float32), models.abstract_params(model)
         )
         workdir = self.create_tempdir().full_path
-        checkpoint.save_params(workdir, params, step=1, config=config)
+        checkpoint.save_params(workdir, params, 1, config, class_names=class_names)
+        return config, workdir
+
+    def test_evaluation_names_the_images_that_do_not_decode(self):
+        from vgg_jax.evaluation import runner
+
+        root = self.make_folder()  # 2 validation images a class
+        with open(os.path.join(root, "validation", "dog", "broken.jpg"), "wb") as f:
+            f.write(b"not an image")
+        config, workdir = self.evaluation_of_a_saved_net(root)
         with self.assertLogs(level="WARNING") as logs:
             rows, about = runner.evaluate_checkpoints(config, workdir, "latest")
         self.assertTrue(any("2 images" in m and "1 more of it do not" in m for m in logs.output))
@@ -302,20 +309,10 @@ class ImageFolderFaultsTest(absltest.TestCase):
         self.assertEqual({row["count"] for row in rows}, {2})
 
     def test_a_net_of_other_classes_is_not_scored_as_this_datasets(self):
-        from vgg_jax import checkpoint, models
         from vgg_jax.evaluation import runner
 
-        config = self.folder_config(self.make_folder())
-        config.model.num_classes = 2
-        config.evals.update(dict(methods=("dense",), multi_scales=(48,), flip=False))
-        data.prepare(config)
-        model = models.build_model(config.model, config.input.crop_size)
-        params = jax.tree_util.tree_map(
-            lambda leaf: np.full(leaf.shape, 0.01, np.float32), models.abstract_params(model)
-        )
-        workdir = self.create_tempdir().full_path
         # The same two classes in the other order: output 0 meant "dog" to this net.
-        checkpoint.save_params(workdir, params, 1, config, class_names=["dog", "cat"])
+        config, workdir = self.evaluation_of_a_saved_net(self.make_folder(), ["dog", "cat"])
         with self.assertRaisesRegex(ValueError, "class 0: 'dog' there, 'cat' here"):
             runner.evaluate_checkpoints(config, workdir, "latest")  # today: scored silently
         config.evals.accept_checkpoint_net = True
