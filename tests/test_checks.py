@@ -77,6 +77,19 @@ class CheckConfigTest(absltest.TestCase):
         self.assertLen(problems(config, "train"), 1)
         self.assertEmpty(problems(config, "evaluate"))  # today: refused for a batch it never uses
 
+    def test_pixel_std_and_an_empty_init_source_are_found_at_start_up(self):
+        config = fixtures.tiny_config(with_data=False, **{"input.pixel_std": (60.0, 60.0)})
+        (line,) = problems(config, "evaluate")  # today: found after the data is prepared
+        self.assertStartsWith(line, "config.input.pixel_std=(60.0, 60.0)")
+        empty = self.create_tempdir().full_path
+        config = fixtures.tiny_config(
+            with_data=False, **{"init_from.mode": "full", "init_from.workdir": empty}
+        )
+        workdir = os.path.join(self.create_tempdir().full_path, "new_run")
+        (line,) = problems(config, "train", workdir)
+        self.assertStartsWith(line, f"config.init_from.workdir={empty!r}: holds no checkpoint")
+        self.assertEmpty(problems(config, "train"))  # no workdir (a study's plan): not checked
+
     def test_workdir_that_is_a_file_and_unknown_mode(self):
         with tempfile.NamedTemporaryFile() as f:
             (line,) = problems(fixtures.tiny_config(with_data=False), "train", f.name)
