@@ -5,7 +5,7 @@
         --config.init_from.workdir=workdirs/vgg19_s384
 
 The argument picks the training scale: s256 (default), s384 or jitter (S in [256, 512]); see
-experiments/paper.py. Needs ImageNet: --config.input.manual_dir=DIR holding the two
+vgg_jax/configs/paper.py. Needs ImageNet: --config.input.manual_dir=DIR holding the two
 ILSVRC2012 tars.
 """
 
