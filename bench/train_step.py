@@ -212,7 +212,10 @@ def build_jax_step(config, image_size: int, batch_size: int, options: dict[str, 
 
 def build_torch_step(config, image_size: int, batch_size: int):
     """``build_torch_net``'s net trained one step per call on one synthetic batch."""
-    import torch
+    try:
+        import torch
+    except ImportError:
+        sys.exit("--vs-pytorch needs PyTorch: pip install -r bench/requirements.txt")
     from torch import nn
 
     from bench.torch_reference import build_torch_net

@@ -479,6 +479,7 @@ class RunnerTest(absltest.TestCase):
 
         rows, about = runner.evaluate_checkpoints(config, first, "latest", batches=label_0_batches)
         self.assertEqual([c["workdir"] for c in about["checkpoints"]], [first, second])
+        self.assertEqual([c["asked"] for c in about["checkpoints"]], ["latest", "latest"])
         fused = [r for r in rows if "&" in r["net"]]
         self.assertLen(fused, 3)  # dense, multi-crop, both
         for row in fused:

@@ -272,9 +272,19 @@ def check_config(
     _check_evals(p, data_devices)
     if workdir is not None and os.path.exists(workdir) and not os.path.isdir(workdir):
         p.lines.append(f"--workdir={workdir}: is a file, not a directory")
+    elif workdir is not None and (blocker := _file_above(workdir)):
+        p.lines.append(f"--workdir={workdir}: {blocker} above it is a file, not a directory")
     if p.lines:
         raise ConfigError(p.lines)
     return facts
+
+
+def _file_above(path: str) -> str | None:
+    """The first existing ancestor of ``path`` when it is a file (no directory can be made)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return parent if parent and not os.path.isdir(parent) else None
 
 
 def _check_init_source(p: _Problems, workdir: str) -> None:

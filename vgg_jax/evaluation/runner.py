@@ -652,9 +652,10 @@ def evaluate_checkpoints(
     if fusion:
         entries += [split_fusion_entry(e, default_choice) for e in config.evals.fusion_workdirs]
     num_classes = data_info.num_classes if data_info else None
-    nets, outputs = [], []
+    nets, outputs, asked = [], [], []
     for position, (entry_workdir, choice) in enumerate(entries):
         net = load_net(entry_workdir, choice, mesh, config)
+        asked.append(choice)
         check_net_fits(
             net,
             config,
@@ -681,7 +682,11 @@ def evaluate_checkpoints(
     if len(nets) > 1:
         rows += fusion_rows(config, nets, outputs)
     about = dict(
-        checkpoints=[dict(net=n.name, workdir=n.workdir, step=n.step) for n in nets],
+        # asked: "latest", "best" or a step; step: what was read (an unreadable newest falls back)
+        checkpoints=[
+            dict(net=n.name, workdir=n.workdir, step=n.step, asked=a)
+            for n, a in zip(nets, asked, strict=True)
+        ],
         flip=bool(config.evals.flip),
         multi_crop_grid=int(config.evals.multi_crop_grid),
         devices=jax.device_count(),
