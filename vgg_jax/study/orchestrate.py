@@ -17,6 +17,7 @@ from typing import Any
 
 import ml_collections
 from absl import logging
+from flax import traverse_util
 
 from vgg_jax.study import plan, report
 
@@ -56,17 +57,8 @@ def _mark_finished(run: plan.Run, seconds: float) -> None:
 
 def _flat_config(run: plan.Run) -> dict[str, Any]:
     """The run's config as ``{"group.key": value}`` in JSON's types, paths left out."""
-    flat: dict[str, Any] = {}
-
-    def walk(tree: dict, prefix: str) -> None:
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            elif f"{prefix}{key}" not in _PATH_KEYS:
-                flat[f"{prefix}{key}"] = value
-
-    walk(json.loads(run.config.to_json_best_effort()), "")
-    return flat
+    flat = traverse_util.flatten_dict(json.loads(run.config.to_json_best_effort()), sep=".")
+    return {key: value for key, value in flat.items() if key not in _PATH_KEYS}
 
 
 def check_finished_runs(runs: list[plan.Run]) -> None:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from flax import traverse_util
 
 from vgg_jax import checkpoint, compile_cache, models, preemption, sharding, writers
 from vgg_jax.training import init_from, lock, optim
@@ -89,22 +90,13 @@ STATE_SHAPING_KEYS = (
 )
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def check_resumable(saved_config: dict, config: ml_collections.ConfigDict, where: str) -> None:
     """Compares the config a checkpoint was trained with to the one resuming it: every value
     changed is named in one warning (a changed batch size or shuffle seed changes the data order
     from here on; a changed learning rate or epoch count is a choice), and a change of the net or
     the optimiser fails at once in one line, before Orbax would report every step as unreadable."""
-    saved, now = _flat(saved_config), _flat(checkpoint.jsonable(config.to_dict()))
+    saved = traverse_util.flatten_dict(saved_config, sep=".")
+    now = traverse_util.flatten_dict(checkpoint.jsonable(config.to_dict()), sep=".")
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     if not changed:
         return
