@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -554,6 +555,22 @@ class RunnerTest(absltest.TestCase):
         self.assertEqual(sorted(redone), [10, 20, 30])
         with open(os.path.join(eval_dir, "step_20.json")) as f:
             self.assertFalse(json.load(f)["settings"]["flip"])
+
+    def test_watch_stops_once_the_trainings_last_checkpoint_is_evaluated(self):
+        workdir = self.create_tempdir_once()
+        checkpoints = checkpoint.Checkpointer(workdir, async_save=False)
+        for step, final in ((10, False), (20, True)):  # as training saves them
+            meta = {"config": self.config.to_dict(), "final": final}
+            checkpoints.save(step, self.params, {"count": jnp.zeros((), jnp.int32)}, meta)
+        checkpoints.close()
+        config = tiny_config(methods=("dense",))
+        batches = fake_eval_batches(5)
+        start = time.monotonic()
+        results = continuous.watch(config, workdir, poll_seconds=0.1, timeout=600, batches=batches)
+        self.assertEqual(sorted(results), [10, 20])
+        again = continuous.watch(config, workdir, poll_seconds=0.1, timeout=600, batches=batches)
+        self.assertEqual(again, {})
+        self.assertLess(time.monotonic() - start, 120)  # not the 600 s timeout
 
     def test_bad_settings_fail_with_the_valid_choices(self):
         mesh = mesh_of(4)

@@ -365,6 +365,16 @@ def available_steps(workdir: str) -> list[int]:
         manager.close()
 
 
+def read_meta(workdir: str, step: int) -> dict[str, Any]:
+    """The JSON item of one committed checkpoint (no arrays are read)."""
+    manager = _read_only_manager(workdir)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return conventions.with_current_key(restored.meta)
+    finally:
+        manager.close()
+
+
 def restore_params(
     workdir: str, which: str | int = "latest", abstract_params: Any = None
 ) -> tuple[Any, int, dict[str, Any]]:

@@ -47,17 +47,29 @@ def evaluated_steps(eval_dir: str, settings: dict[str, Any] | None = None) -> se
 
 
 def _next_step(workdir: str, done: set[int], idle: bool) -> tuple[int | None, bool]:
-    """The oldest committed, not yet evaluated step, and whether to stop waiting (``idle``, the
-    timeout passed); every process gets process 0's answers, so all of them enter the same
-    collective computations and none waits for one that stopped."""
-    pending = [s for s in checkpoint.available_steps(workdir) if s not in done]
-    answer = np.array([pending[0] if pending else -1, idle], np.int64)
+    """The oldest committed, not yet evaluated step, and whether to stop waiting: the timeout
+    passed (``idle``), or every step is evaluated and the newest is the training's last
+    (``final`` in its meta: the schedule ended). Every process gets process 0's answers, so all
+    of them enter the same collective computations and none waits for one that stopped."""
+    steps = checkpoint.available_steps(workdir)
+    pending = [s for s in steps if s not in done]
+    finished = not pending and bool(steps) and _is_final(workdir, steps[-1])
+    answer = np.array([pending[0] if pending else -1, idle or finished], np.int64)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         answer = np.asarray(multihost_utils.broadcast_one_to_all(answer))
     step = int(answer[0])
+    if step < 0 and finished and answer[1]:
+        logging.info("Step %d is the training's last (schedule.num_epochs): stopping.", steps[-1])
     return (None if step < 0 else step), bool(answer[1])
+
+
+def _is_final(workdir: str, step: int) -> bool:
+    try:
+        return bool(checkpoint.read_meta(workdir, step).get("final", False))
+    except (FileNotFoundError, ValueError):  # deleted by keep-last-K meanwhile
+        return False
 
 
 def _sleep(seconds: float) -> None:
@@ -89,7 +101,8 @@ def watch(
 ) -> dict[int, list[dict[str, Any]]]:
     """Evaluates every checkpoint of ``workdir`` not evaluated before, then each new one as it
     appears, checking every ``poll_seconds`` (default ``evals.poll_seconds``). Stops once
-    ``timeout`` seconds (default ``evals.watch_timeout_seconds``) pass with no new checkpoint, or
+    ``timeout`` seconds (default ``evals.watch_timeout_seconds``) pass with no new checkpoint, once
+    the training's last checkpoint (its schedule's end) is evaluated and no newer one exists, or
     after evaluating a step >= ``stop_after_step``. Returns the rows of each step evaluated here.
 
     A checkpoint that training deletes (keep-last-K) before it is read is skipped with a warning.
@@ -119,7 +132,10 @@ def watch(
             step, idle = _next_step(workdir, done, time.monotonic() - last_new >= timeout)
             if step is None:
                 if idle:
-                    logging.info("No new checkpoint in %s for %.0f s; stopping.", workdir, timeout)
+                    if time.monotonic() - last_new >= timeout:
+                        logging.info(
+                            "No new checkpoint in %s for %.0f s; stopping.", workdir, timeout
+                        )
                     break
                 _sleep(poll)
                 continue

@@ -213,6 +213,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             "best_val_top1": None if math.isinf(best_top1) else best_top1,
             "input_convention": input_convention,
             "class_names": info.class_names,  # predict names classes without the dataset
+            "final": step >= total_steps,  # the schedule's end: a continuous evaluator stops
         }
         best = (
             None
