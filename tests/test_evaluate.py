@@ -13,6 +13,7 @@ import io
 import json
 import os
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -571,6 +572,23 @@ class RunnerTest(absltest.TestCase):
         again = continuous.watch(config, workdir, poll_seconds=0.1, timeout=600, batches=batches)
         self.assertEqual(again, {})
         self.assertLess(time.monotonic() - start, 120)  # not the 600 s timeout
+
+    def test_a_missing_checkpoint_fails_before_the_dataset_is_read(self):
+        from vgg_jax import data
+
+        empty, trained = self.create_tempdir_once(), self.create_tempdir_once()
+        save_net(trained, self.params, self.config, step=10)
+        reading = mock.patch.object(data, "num_eval_examples", side_effect=AssertionError("data"))
+        with (
+            reading,
+            self.assertRaisesRegex(FileNotFoundError, f"No committed checkpoint in {empty}"),
+        ):
+            runner.evaluate_checkpoints(tiny_config(), empty, "latest")
+        with reading, self.assertRaisesRegex(FileNotFoundError, "step 20 .* available: \\[10\\]"):
+            runner.evaluate_checkpoints(tiny_config(), trained, 20)
+        fused = tiny_config(fusion_workdirs=(empty,))
+        with reading, self.assertRaisesRegex(FileNotFoundError, f"checkpoint in {empty}"):
+            runner.evaluate_checkpoints(fused, trained, "latest")
 
     def test_bad_settings_fail_with_the_valid_choices(self):
         mesh = mesh_of(4)

@@ -365,6 +365,20 @@ def available_steps(workdir: str) -> list[int]:
         manager.close()
 
 
+def require_checkpoint(workdir: str, which: str | int = "latest") -> None:
+    """Fails at once, naming ``workdir``, when it holds no checkpoint that ``which`` ("latest",
+    "best" or a step) could read: before an evaluation prepares its dataset (hours for
+    ImageNet)."""
+    steps = available_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(
+            f"No committed checkpoint in {workdir} ({_directory(workdir)}/<step>/): train it "
+            "first (--mode=train) or import weights (python -m vgg_jax.tools.import_weights)."
+        )
+    if which not in ("latest", "best") and (step := parse_step(which)) not in steps:
+        raise FileNotFoundError(f"No checkpoint at step {step} in {workdir}; available: {steps}")
+
+
 def read_meta(workdir: str, step: int) -> dict[str, Any]:
     """The JSON item of one committed checkpoint (no arrays are read)."""
     manager = _read_only_manager(workdir)

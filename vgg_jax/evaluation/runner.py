@@ -630,6 +630,12 @@ def evaluate_checkpoints(
     checkpoints, and a description of what was evaluated. Nothing is printed or written."""
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
     check_evals(config, mesh)
+    default_choice = which if which in CHECKPOINT_CHOICES else "latest"
+    entries = [(workdir, which)]
+    if fusion:
+        entries += [split_fusion_entry(e, default_choice) for e in config.evals.fusion_workdirs]
+    for entry_workdir, choice in entries:  # before the dataset is prepared
+        checkpoint.require_checkpoint(entry_workdir, choice)
     expected_count, data_info = None, None
     if batches is None:
         from vgg_jax import data
@@ -647,10 +653,6 @@ def evaluate_checkpoints(
                 config.input.eval_split,
                 skipped,
             )
-    default_choice = which if which in CHECKPOINT_CHOICES else "latest"
-    entries = [(workdir, which)]
-    if fusion:
-        entries += [split_fusion_entry(e, default_choice) for e in config.evals.fusion_workdirs]
     num_classes = data_info.num_classes if data_info else None
     nets, outputs, asked = [], [], []
     for position, (entry_workdir, choice) in enumerate(entries):
