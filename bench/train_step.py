@@ -2,8 +2,7 @@
 plain PyTorch reference of the same net and batch trained in the same run.
 
     python bench/train_step.py --config=experiments/vgg16.py --vs-pytorch
-    python bench/train_step.py --config=experiments/vgg16.py --vs-pytorch --vs_default \
-        --xla_option=xla_cpu_experimental_ynn_fusion_type=
+    python bench/train_step.py --config=experiments/demo.py --batch=64 --image_size=32 --vs_default
     python bench/train_step.py --config=experiments/vgg16.py --batch=64 \
         --config.model.dtype=bfloat16
 
@@ -17,9 +16,10 @@ in blocks (``--block=10``): after a PyTorch step its OpenMP workers spin for a w
 from the JAX step that follows (the demo's net: 18 ms a JAX step one by one, 14 ms alone or with
 ``OMP_WAIT_POLICY=PASSIVE``, which in turn slows PyTorch's own step 14 -> 21 ms); each block
 starts with one untimed step. ``--xla_option key=value`` compiles the
-timed step with XLA compiler options (per executable, so the rest of the process is untouched);
-``--vs_default`` then also times the step compiled without them, alternating, for a one-process
-A/B of the options.
+timed step with XLA compiler options added to the library's (``xla_options.py``; per executable,
+so the rest of the process is untouched); ``--vs_default`` also times the step compiled with XLA's
+own defaults (neither the library's options nor ``--xla_option``), alternating, for a
+one-process A/B of the options (``speedup_vs_default``).
 
 MFU = analytic FLOPs per step / median step time / the device's peak. FLOPs per step are
 3 x 2 x the forward multiply-accumulates of the convolutions and FC layers (the backward pass costs
@@ -75,8 +75,8 @@ _XLA_OPTIONS = flags.DEFINE_multi_string(
 _VS_DEFAULT = flags.DEFINE_boolean(
     "vs_default",
     False,
-    "With --xla_option: also time the step compiled without the options, alternating, and print "
-    "the speed-up (one process, so machine load hits both).",
+    "Also time the step compiled with XLA's defaults (without the library's CPU options and "
+    "--xla_option), alternating, and print the speed-up (one process, so load hits both).",
 )
 
 # Peak dense FLOP/s per chip by (jax device_kind substring, compute dtype). GPU fp32 is the
@@ -249,12 +249,12 @@ def main(argv):
     del argv
     import jax
 
+    from vgg_jax import xla_options
+
     config = _CONFIG.value
     image_size = _IMAGE_SIZE.value or config.input.crop_size
     batch = _BATCH.value
     options = parse_options(_XLA_OPTIONS.value)
-    if _VS_DEFAULT.value and not options:
-        raise app.UsageError("--vs_default compares against --xla_option; give at least one.")
 
     start = time.perf_counter()
     model, mesh, jax_step = build_jax_step(config, image_size, batch, options)
@@ -263,7 +263,8 @@ def main(argv):
     # Contenders after the project's step, timed in turn within each round.
     others = []
     if _VS_DEFAULT.value:
-        others.append(("default", build_jax_step(config, image_size, batch, {})[2], ""))
+        with xla_options.xla_defaults():  # neither the library's CPU options nor --xla_option
+            others.append(("default", build_jax_step(config, image_size, batch, {})[2], ""))
     if _VS_PYTORCH.value:
         others.append(("pytorch", *build_torch_step(config, image_size, batch)))
     for _ in range(_WARMUP.value):

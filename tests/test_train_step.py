@@ -77,5 +77,17 @@ class ShardedStepTest(absltest.TestCase):
             sharding.make_mesh(ml_collections.ConfigDict(dict(data=3, model=1)), jax.devices()[:4])
 
 
+class XlaDefaultsTest(absltest.TestCase):
+    def test_xla_defaults_drops_the_library_options_inside_only(self):
+        from vgg_jax import xla_options
+
+        shipped = xla_options.cpu_compiler_options()
+        self.assertEqual(shipped, {"xla_cpu_experimental_ynn_fusion_type": ""})  # tests run on CPU
+        with self.assertRaises(KeyError), xla_options.xla_defaults():
+            self.assertIsNone(xla_options.cpu_compiler_options())
+            raise KeyError  # the options come back after an error too
+        self.assertEqual(xla_options.cpu_compiler_options(), shipped)
+
+
 if __name__ == "__main__":
     absltest.main()
