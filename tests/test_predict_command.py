@@ -139,6 +139,23 @@ class PredictCommandTest(absltest.TestCase):
             [f"{by_name['dogs/text.jpg']['image']}: skipped, not a JPEG or PNG"],
         )
 
+    def test_an_elongated_strip_is_skipped_not_blown_up(self):
+        folder = os.path.join(self.tmp, "strips")
+        os.makedirs(folder)
+        rng = np.random.default_rng(1)
+        for name, shape in (("strip.png", (4, 200, 3)), ("wide.png", (8, 128, 3))):
+            pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(tf.io.encode_png(pixels).numpy())
+        results = predict_tool.predict_files(
+            self.predictor, predict_tool.list_images([folder]), top_k=2, scale=64
+        )
+        by_name = {os.path.basename(r["image"]): r for r in results}
+        # 4x200 at Q=64 would be 64x3200 (today: computed); 8x128 (1:16) still is.
+        self.assertRegex(by_name["strip.png"]["error"], "4x200 .* 64x3200; crop it first")
+        self.assertLen(by_name["wide.png"]["top"], 2)
+        self.assertIn("skipped", predict_tool.format_result(by_name["strip.png"])[0])
+
     def test_chosen_class_and_default_scale(self):
         self.assertEqual(self.predictor.test_scale, 256)  # the paper config's single-scale Q
         names = list(predict.imagenet_class_names())

@@ -41,6 +41,16 @@ class UnreadableImageError(ValueError):
     """A file the input pipeline would skip: not a JPEG or PNG, or one that does not decode."""
 
 
+class TooElongatedError(ValueError):
+    """An image whose rescale to the test scale would be more than ``MAX_ASPECT`` crops long."""
+
+
+# Rescaled to its smaller side Q, an image this many times longer than wide is still computed
+# (a 1:16 banner at Q = 256 is 4,096 pixels long); a 10x2000 strip would become 256x51,200,
+# tens of GB of VGG16 activations, and end the process instead of failing.
+MAX_ASPECT = 16
+
+
 @functools.lru_cache(maxsize=1)
 def imagenet_classes() -> tuple[tuple[str, str], ...]:
     """``(WordNet ID, words)`` of the 1000 ILSVRC-2012 classes in label order (IDs sorted, the
@@ -143,6 +153,12 @@ def predict(
         raise ValueError(
             "uint8 pixels need input_convention= (the net's input convention; "
             "load_for_prediction returns it)."
+        )
+    if scale is not None and max(pixels.shape[:2]) > MAX_ASPECT * min(pixels.shape[:2]):
+        height, width = rescaled_size(*pixels.shape[:2], scale)
+        raise TooElongatedError(
+            f"{pixels.shape[0]}x{pixels.shape[1]} pixels, more than {MAX_ASPECT} times longer "
+            f"than wide: rescaled to Q={scale} it would be {height}x{width}; crop it first"
         )
     pixels = pixels.astype(np.float32)
     if scale is not None:

@@ -108,41 +108,45 @@ def predict_files(
         except OSError as e:  # a dangling link, a file gone or unreadable
             result = {"image": path, "error": f"cannot be read ({e.strerror or e})"}
         else:
-            ranked, dense = predict.predict(
-                model,
-                predictor.params,
-                image,
-                top_k=model.num_classes,
-                class_names=class_names,
-                input_convention=predictor.input_convention,
-                scale=scale,
-                flip=flip,
-            )
-            top = ranked[:top_k]
-            result = {
-                "image": path,
-                "scale": scale,
-                "size": [int(image.shape[0]), int(image.shape[1])],
-                "top": [guess._asdict() for guess in top],
-            }
-            if score_maps:
-                mapped = (
-                    top[0]
-                    if chosen is None
-                    else ranked[[g.class_index for g in ranked].index(chosen)]
+            try:
+                ranked, dense = predict.predict(
+                    model,
+                    predictor.params,
+                    image,
+                    top_k=model.num_classes,
+                    class_names=class_names,
+                    input_convention=predictor.input_convention,
+                    scale=scale,
+                    flip=flip,
                 )
-                stem = os.path.join(score_maps, stems[path])
-                one = score_map.render(
-                    image, dense, mapped.class_index, mapped.class_name, mapped.probability,
-                    scale=scale, crop_size=model.crop_size,
-                )  # fmt: skip
-                grid = score_map.render_top_k(
-                    image, dense, top, scale=scale, crop_size=model.crop_size
-                )
-                result["score_maps"] = [
-                    score_map.save(one, f"{stem}_map.png"),
-                    score_map.save(grid, f"{stem}_top{len(top)}.png"),
-                ]
+            except predict.TooElongatedError as e:
+                result = {"image": path, "error": str(e)}
+            else:
+                top = ranked[:top_k]
+                result = {
+                    "image": path,
+                    "scale": scale,
+                    "size": [int(image.shape[0]), int(image.shape[1])],
+                    "top": [guess._asdict() for guess in top],
+                }
+                if score_maps:
+                    mapped = (
+                        top[0]
+                        if chosen is None
+                        else ranked[[g.class_index for g in ranked].index(chosen)]
+                    )
+                    stem = os.path.join(score_maps, stems[path])
+                    one = score_map.render(
+                        image, dense, mapped.class_index, mapped.class_name, mapped.probability,
+                        scale=scale, crop_size=model.crop_size,
+                    )  # fmt: skip
+                    grid = score_map.render_top_k(
+                        image, dense, top, scale=scale, crop_size=model.crop_size
+                    )
+                    result["score_maps"] = [
+                        score_map.save(one, f"{stem}_map.png"),
+                        score_map.save(grid, f"{stem}_top{len(top)}.png"),
+                    ]
         results.append(result)
         if on_result:
             on_result(result)
