@@ -78,7 +78,7 @@ def scale_setting(
             single_scale=single_scale,  # Q of Table 3
             multi_scales=multi_scales,  # Q set of Table 4
             paper=paper,  # the paper's column it stands for: 256, 384 or jitter
-            num_epochs=num_epochs,
+            num_epochs=float(num_epochs),  # a float: the command line takes 0.5 too
             learning_rate=learning_rate,
             fine_tune_from=ml_collections.FieldReference(fine_tune_from, field_type=str),
             methods=methods,

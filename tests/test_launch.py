@@ -35,6 +35,7 @@ class LaunchTest(absltest.TestCase):
             "--mode=summary",
             "--config.model.num_classes=10",
             "--config.model.name=A-LRN",
+            "--config.schedule.num_epochs=1.5",  # fractional epochs (was: "invalid literal")
         )
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("block1_lrn", result.stdout)

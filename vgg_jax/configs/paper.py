@@ -93,7 +93,7 @@ def schedule_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             kind="plateau",  # plateau (the paper), cosine, or constant
-            num_epochs=74,
+            num_epochs=74.0,  # a float, so the command line takes 1.5 as well as 74
             # Validations (one every evals.every_epochs epochs) without a better top-1
             # before dividing the rate.
             plateau_patience=2,
