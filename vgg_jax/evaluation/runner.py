@@ -104,6 +104,11 @@ def evals_problems(config: ml_collections.ConfigDict, data_devices: int) -> list
         problems.append(
             f"config.evals.methods={tuple(evals.methods)!r}: unknown {unknown or 'empty'}; "
             f"valid: {list(METHODS)}"
+            + (
+                """ (several on the command line: --config.evals.methods='("dense","multi_crop")')"""
+                if any("," in str(m) for m in unknown)
+                else ""
+            )
         )
     if not evals.multi_scales:
         problems.append("config.evals.multi_scales=(): give at least one test scale Q")
