@@ -26,10 +26,11 @@ class BenchScriptsTest(absltest.TestCase):
     def test_train_step_prints_its_line(self):
         result = run_bench(
             "bench/train_step.py", "--config=experiments/demo.py", "--batch=8",
-            "--image_size=32", "--steps=2", "--warmup=1",
+            "--image_size=32", "--steps=2", "--warmup=1", "--vs_default",
         )  # fmt: skip
         self.assertEqual(result.returncode, 0, result.stderr[-2000:])
         self.assertIn("python bench/train_step.py", result.stdout)
+        self.assertIn("speedup_vs_default=", result.stdout)  # XLA's defaults, not --xla_option
 
 
 if __name__ == "__main__":
