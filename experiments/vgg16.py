@@ -1,12 +1,14 @@
 """VGG configuration D: 16 weight layers (Table 1), trained and tested as in the paper.
 
-    python launch.py --config=experiments/vgg16.py --workdir=workdirs/vgg16_s256
+    python launch.py --config=experiments/vgg16.py --workdir=workdirs/vgg16_s256 \
+        --config.init_from.workdir=workdirs/vgg11_s256
     python launch.py --config=experiments/vgg16.py:jitter --workdir=workdirs/vgg16_jitter \
         --config.init_from.workdir=workdirs/vgg16_s384
 
 The argument picks the training scale: s256 (default), s384 or jitter (S in [256, 512]); see
-vgg_jax/configs/paper.py. Needs ImageNet: --config.input.manual_dir=DIR holding the two
-ILSVRC2012 tars.
+vgg_jax/configs/paper.py. At S = 256 the net starts from the trained net A's first four convs and
+three FC layers (section 3.1; init_from.mode=shallow): train experiments/vgg11.py first.
+Needs ImageNet: --config.input.manual_dir=DIR holding the two ILSVRC2012 tars.
 """
 
 from vgg_jax.configs import paper

@@ -90,6 +90,18 @@ class CheckConfigTest(absltest.TestCase):
         self.assertStartsWith(line, f"config.init_from.workdir={empty!r}: holds no checkpoint")
         self.assertEmpty(problems(config, "train"))  # no workdir (a study's plan): not checked
 
+    def test_deeper_paper_nets_start_from_net_a_or_say_how(self):
+        from vgg_jax.configs import paper
+
+        for net, mode in (("A", "none"), ("A-LRN", "none"), ("D", "shallow"), ("B-5x5", "fc")):
+            self.assertEqual(paper.paper_config(net, "s256").init_from.mode, mode, net)
+        config = paper.paper_config("E", "s256")  # today: mode none, E from random N(0, 0.01^2)
+        config.input.manual_dir = "/nonexistent"
+        (line,) = [p for p in problems(config) if p.startswith("config.init_from")]
+        self.assertIn("section 3.1: net E starts from net A's layers", line)
+        self.assertIn("init_from.mode=none with model.init=glorot", line)
+        self.assertEmpty([p for p in problems(config, "evaluate") if "init_from" in p])
+
     def test_workdir_that_is_a_file_and_unknown_mode(self):
         with tempfile.NamedTemporaryFile() as f:
             (line,) = problems(fixtures.tiny_config(with_data=False), "train", f.name)

@@ -190,8 +190,18 @@ def _check_training(p: _Problems) -> None:
     p.one_of("optim.name", optim.OPTIMIZERS)
     p.one_of("schedule.kind", optim.SCHEDULES)
     p.one_of("init_from.mode", init_from.MODES)
-    if p.value("init_from.mode") != "none" and not p.value("init_from.workdir"):
-        p.add("init_from.workdir", f"init_from.mode={p.value('init_from.mode')!r} needs it")
+    if (mode := p.value("init_from.mode")) != "none" and not p.value("init_from.workdir"):
+        p.add(
+            "init_from.workdir",
+            f"init_from.mode={mode!r} needs it: "
+            + (
+                "the run this one fine-tunes (section 3.1: S=384 from S=256, jittered S from 384)"
+                if mode == "full"
+                else f"a trained net A's workdir (section 3.1: net {p.value('model.name')} "
+                "starts from net A's layers; train experiments/vgg11.py first), or "
+                "init_from.mode=none with model.init=glorot to start from scratch"
+            ),
+        )
     p.number(
         "optim.learning_rate",
         lambda x: _positive(x) and x <= MAX_LEARNING_RATE,

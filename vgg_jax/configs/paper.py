@@ -19,6 +19,11 @@ SCALE_VARIANTS = {
 # How each variant is initialised in the paper: the S=384 net from the S=256 net with lr 1e-3,
 # the jittered net fine-tuned from the S=384 net (also at lr 1e-3, as a fine-tune).
 FINE_TUNE_FROM = {"s384": "s256", "jitter": "s384"}
+# How each net starts at S = 256 (section 3.1): A and A-LRN from random init, the deeper nets
+# from the trained net A's first four convs and three FC layers (B-5x5's 5x5 convs cannot take
+# A's 3x3 ones: its FC layers only). Set init_from.workdir to net A's run, or init_from.mode to
+# "none" with model.init="glorot" (the paper's note: Glorot's init needs no pre-training).
+INIT_FROM_A = {"B": "shallow", "C": "shallow", "D": "shallow", "E": "shallow", "B-5x5": "fc"}
 
 
 def model_config(net: str) -> ml_collections.ConfigDict:
@@ -148,7 +153,8 @@ def paper_config(net: str, arg: str | None) -> ml_collections.ConfigDict:
     config.init_from = ml_collections.ConfigDict(
         dict(
             workdir=ml_collections.FieldReference(None, field_type=str),
-            mode="none",  # none, shallow (the paper's net-A init), fc, or full (scale fine-tune)
+            # none, shallow (the paper's net-A init), fc, or full (scale fine-tune)
+            mode=INIT_FROM_A.get(net, "none"),
             step=ml_collections.FieldReference(None, field_type=int),  # None: the newest
         )
     )

@@ -105,7 +105,8 @@ def evals_problems(config: ml_collections.ConfigDict, data_devices: int) -> list
             f"config.evals.methods={tuple(evals.methods)!r}: unknown {unknown or 'empty'}; "
             f"valid: {list(METHODS)}"
             + (
-                """ (several on the command line: --config.evals.methods='("dense","multi_crop")')"""
+                " (several on the command line: "
+                """--config.evals.methods='("dense","multi_crop")')"""
                 if any("," in str(m) for m in unknown)
                 else ""
             )
