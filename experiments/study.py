@@ -115,7 +115,8 @@ def get_config(arg=None):
     config.arms = ("random", "glorot")  # add "adam" for the extra Adam arm
     config.arm_settings = ml_collections.ConfigDict(
         dict(
-            # The paper's N(0, 0.01^2) from scratch, and Glorot's init (section 3.1).
+            # The paper's normal init from scratch (its "variance 10^-2" read as std 0.01, as in
+            # Caffe's fillers: models.kernel_initializer), and Glorot's init (section 3.1).
             random=dict(
                 nets=("E",), scales=("small",), overrides=dict(model=dict(init="paper_normal"))
             ),

@@ -6,7 +6,7 @@ multi-crop evaluation on the same batches and keeps, per example, each method's 
 (every example on every host: a few hundred MB for ImageNet), lined up across scales and nets by
 the batches' example ``index``. From those:
 
-* single-scale rows (Table 3, Table 5's first rows): the methods at Q = ``single_scale``;
+* single-scale rows (Table 3): the methods at Q = ``single_scale``;
 * multi-scale rows (Tables 4-5): softmax averaged over the Q set ``multi_scales``;
 * ``dense+multi_crop`` (Table 5): the two methods' softmax averaged;
 * fusion rows (Table 6): the nets' multi-scale softmax averaged.
