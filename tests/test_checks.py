@@ -4,11 +4,12 @@ valid, found before any data preparation or compilation."""
 import os
 import tempfile
 
+import numpy as np
 from absl.testing import absltest
 
 from experiments import demo
 from tests import fixtures
-from vgg_jax import checks
+from vgg_jax import checkpoint, checks
 
 
 def problems(config, mode="train", workdir=None) -> list[str]:
@@ -101,6 +102,9 @@ class CheckConfigTest(absltest.TestCase):
         self.assertIn("section 3.1: net E starts from net A's layers", line)
         self.assertIn("init_from.mode=none with model.init=glorot", line)
         self.assertEmpty([p for p in problems(config, "evaluate") if "init_from" in p])
+        resuming = self.create_tempdir().full_path  # its own checkpoint: init_from is not read
+        checkpoint.save_params(resuming, {"w": np.zeros(2, np.float32)}, step=5)
+        self.assertEmpty([p for p in problems(config, "train", resuming) if "init_from" in p])
 
     def test_workdir_that_is_a_file_and_unknown_mode(self):
         with tempfile.NamedTemporaryFile() as f:

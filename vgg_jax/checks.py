@@ -190,18 +190,6 @@ def _check_training(p: _Problems) -> None:
     p.one_of("optim.name", optim.OPTIMIZERS)
     p.one_of("schedule.kind", optim.SCHEDULES)
     p.one_of("init_from.mode", init_from.MODES)
-    if (mode := p.value("init_from.mode")) != "none" and not p.value("init_from.workdir"):
-        p.add(
-            "init_from.workdir",
-            f"init_from.mode={mode!r} needs it: "
-            + (
-                "the run this one fine-tunes (section 3.1: S=384 from S=256, jittered S from 384)"
-                if mode == "full"
-                else f"a trained net A's workdir (section 3.1: net {p.value('model.name')} "
-                "starts from net A's layers; train experiments/vgg11.py first), or "
-                "init_from.mode=none with model.init=glorot to start from scratch"
-            ),
-        )
     p.number(
         "optim.learning_rate",
         lambda x: _positive(x) and x <= MAX_LEARNING_RATE,
@@ -277,8 +265,7 @@ def check_config(
     facts = _check_input(p, mode, data_devices)
     if mode in TRAINING_MODES:
         _check_training(p)
-        if workdir is not None:
-            _check_init_source(p, workdir)
+        _check_init_source(p, workdir)
     _check_evals(p, data_devices)
     if workdir is not None and os.path.exists(workdir) and not os.path.isdir(workdir):
         p.lines.append(f"--workdir={workdir}: is a file, not a directory")
@@ -297,14 +284,28 @@ def _file_above(path: str) -> str | None:
     return parent if parent and not os.path.isdir(parent) else None
 
 
-def _check_init_source(p: _Problems, workdir: str) -> None:
-    """A new run's ``init_from.workdir`` holds a checkpoint (and ``init_from.step``), found now
-    rather than after the data is prepared (hours for ImageNet). A run that resumes from its own
-    checkpoint does not read it."""
+def _check_init_source(p: _Problems, workdir: str | None) -> None:
+    """A new run's ``init_from.workdir`` is given and holds a checkpoint (and ``init_from.step``),
+    found now rather than after the data is prepared (hours for ImageNet). A run that resumes
+    from its own checkpoint does not read it."""
     from vgg_jax import checkpoint
 
-    source = p.value("init_from.workdir")
-    if p.value("init_from.mode") == "none" or not source or checkpoint.available_steps(workdir):
+    source, mode = p.value("init_from.workdir"), p.value("init_from.mode")
+    if mode == "none" or (workdir is not None and checkpoint.available_steps(workdir)):
+        return
+    if not source:
+        p.add(
+            "init_from.workdir",
+            f"init_from.mode={mode!r} needs it: "
+            + (
+                "the run this one fine-tunes (section 3.1: S=384 from S=256, jittered S from 384)"
+                if mode == "full"
+                else f"a trained net A's workdir (section 3.1: net {p.value('model.name')} "
+                "starts from net A's layers; train experiments/vgg11.py first), or "
+                "init_from.mode=none with model.init=glorot to start from scratch"
+            ),
+        )
+    if not source or workdir is None:  # no workdir: a study's plan, whose sources it trains
         return
     steps = checkpoint.available_steps(os.path.expanduser(source))
     step = p.value("init_from.step")
