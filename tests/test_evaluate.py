@@ -608,5 +608,16 @@ class RunnerTest(absltest.TestCase):
             runner.evaluate_net(config, net, mesh, fake_eval_batches(4))
 
 
+class UnderflowTest(absltest.TestCase):
+    def test_a_label_whose_softmax_underflowed_is_reported(self):
+        logits = np.array([[120.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0]], np.float32)
+        probabilities = np.asarray(jax.nn.softmax(logits))  # all but the first are exactly 0
+        with self.assertLogs(level="WARNING") as logs:
+            counted = runner.counts(probabilities, np.array([1]))
+        self.assertEqual(counted["top5_correct"], 0.0)  # ranked 2nd by logit: unknowable here
+        self.assertIn("1 of 1 examples: the label's probability is 0", logs.output[0])
+        self.assertEqual(runner.underflowed_labels(np.full((1, 7), 1 / 7), np.array([1])), 0)
+
+
 if __name__ == "__main__":
     absltest.main()

@@ -287,7 +287,26 @@ def counts(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
             jnp.asarray(probabilities[start:stop]), jnp.asarray(labels[start:stop])
         )
         totals += [float(chunk[k]) for k in ("top1_correct", "top5_correct", "count")]
+    if unranked := underflowed_labels(probabilities, labels):
+        logging.warning(
+            "%d of %d examples: the label's probability is 0 in float32 (its logit some 90 or "
+            "more below the top one) with fewer than 5 classes above 0, so its rank is unknown "
+            "and it counts as a top-5 miss. Huge logits: is the input convention right?",
+            unranked,
+            len(labels),
+        )
     return dict(zip(("top1_correct", "top5_correct", "count"), totals.tolist(), strict=True))
+
+
+def underflowed_labels(probabilities: np.ndarray, labels: np.ndarray) -> int:
+    """Examples whose label's softmax underflowed to exactly 0 while fewer than 5 classes are
+    above 0: every zero ties, and ties count against the label (``metrics.topk_correct``), so
+    a label ranked 2nd by its logit can count as a top-5 miss."""
+    if len(labels) == 0:
+        return 0
+    k = min(5, probabilities.shape[-1])
+    label_p = np.take_along_axis(probabilities, labels[:, None], axis=-1)[:, 0]
+    return int(np.sum((label_p == 0) & (np.sum(probabilities > 0, axis=-1) < k)))
 
 
 def _to_host(array: jax.Array) -> np.ndarray:
