@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import jax
 import numpy as np
@@ -18,7 +19,7 @@ from absl.testing import absltest
 
 from experiments import demo
 from tests import fixtures
-from vgg_jax import checkpoint, data, sharding
+from vgg_jax import checkpoint, data, preemption, sharding
 from vgg_jax.evaluation import runner
 from vgg_jax.training import loop
 
@@ -130,11 +131,26 @@ class TrainLoopTest(absltest.TestCase):
         assert_trees_equal(params, jax.device_get(self.reference_state.params))
         _, _, meta = checkpoint.restore_params(self.reference_dir)
         validation = meta["validation"]
+        self.assertTrue(meta["final"])  # the schedule's end: a continuous evaluator stops there
         self.assertBetween(validation["val_top1_accuracy"], 0.0, 1.0)
         self.assertGreaterEqual(validation["val_top5_accuracy"], validation["val_top1_accuracy"])
         self.assertTrue(os.listdir(os.path.join(self.reference_dir, "tensorboard")))
         with open(os.path.join(self.reference_dir, "metrics.jsonl")) as f:
             self.assertIn("val_top1_accuracy", f.read())
+
+    def test_a_sigterm_during_the_last_save_still_stops_what_follows(self):
+        workdir = os.path.join(self.create_tempdir().full_path, "finished")
+        shutil.copytree(self.reference_dir, workdir)  # nothing left to train
+        self.addCleanup(setattr, preemption, "_stopped", False)
+        close = checkpoint.Checkpointer.close
+
+        def close_after_a_sigterm(checkpointer):
+            os.kill(os.getpid(), signal.SIGTERM)
+            close(checkpointer)
+
+        with mock.patch.object(checkpoint.Checkpointer, "close", close_after_a_sigterm):
+            loop.train(loop_config(self.data_dir), workdir)
+        self.assertTrue(preemption.stopped())  # today: False, and the evaluation ran
 
     def test_a_validation_saves_only_a_new_best(self):
         """With a rate too small to change any prediction, only the first validation is a new

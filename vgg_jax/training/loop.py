@@ -287,9 +287,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             if stopping:
                 logging.warning("Stopped at step %d after a termination signal.", done)
                 break
+        else:
+            # A SIGTERM after the last step's check (during its save, or with nothing to
+            # train) still stops what would follow: the evaluation of train_and_evaluate.
+            stop.requested()
     finally:
         checkpoints.close()
         writer.close()
+        if jax.process_count() == 1:
+            stop.requested()  # one that came while the last save was written
         stop.restore()
     return state
 
