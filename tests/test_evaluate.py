@@ -594,7 +594,7 @@ class RunnerTest(absltest.TestCase):
         mesh = mesh_of(4)
         with self.assertRaisesRegex(ValueError, "dense\\+multi_crop"):
             runner.check_evals(tiny_config(methods=("dense", "multicrop")), mesh)
-        with self.assertRaisesRegex(ValueError, "several on the command line: .*\"dense\""):
+        with self.assertRaisesRegex(ValueError, 'several on the command line: .*"dense"'):
             runner.check_evals(tiny_config(methods=("dense,multi_crop",)), mesh)
         with self.assertRaisesRegex(ValueError, "'best'"):
             runner.check_evals(tiny_config(checkpoint="newest"), mesh)

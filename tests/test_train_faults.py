@@ -168,8 +168,16 @@ class ChangedConfigResumeTest(OneTrainedRun):
             loop.train(config_for(**{"schedule.num_epochs": 2, "input.shuffle_seed": 7}), workdir)
         (line,) = [m for m in logs.output if "differs from the one it was trained with" in m]
         self.assertIn("input.shuffle_seed 0 -> 7", line)
-        self.assertIn("schedule.num_epochs 1 -> 2", line)
+        self.assertIn("schedule.num_epochs 1.0 -> 2.0", line)
         self.assertEqual(max(checkpoint.available_steps(workdir)), 2 * STEPS_PER_EPOCH)
+
+    def test_another_batch_size_is_refused_in_one_line(self):
+        workdir = self.copy_of_run()
+        config = config_for(**{"input.batch_size": 8})  # today: epochs miscounted
+        with self.assertRaisesRegex(
+            checkpoint.IncompatibleCheckpointError, "batches of 16; with batches of 8"
+        ):
+            loop.train(config, workdir)
 
 
 def disk_full_at(step: int):

@@ -92,15 +92,25 @@ STATE_SHAPING_KEYS = (
 
 def check_resumable(saved_config: dict, config: ml_collections.ConfigDict, where: str) -> None:
     """Compares the config a checkpoint was trained with to the one resuming it: every value
-    changed is named in one warning (a changed batch size or shuffle seed changes the data order
-    from here on; a changed learning rate or epoch count is a choice), and a change of the net or
-    the optimiser fails at once in one line, before Orbax would report every step as unreadable."""
+    changed is named in one warning (a changed shuffle seed changes the data order from here on;
+    a changed learning rate or epoch count is a choice), and a change of the net or the optimiser
+    fails at once in one line, before Orbax would report every step as unreadable, as does a
+    change of the batch size (a step is a number of batches: the epoch, the data position and the
+    schedule it stands for would all move)."""
     saved = traverse_util.flatten_dict(saved_config, sep=".")
     now = traverse_util.flatten_dict(checkpoint.jsonable(config.to_dict()), sep=".")
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     if not changed:
         return
     described = {k: f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed}
+    if "input.batch_size" in changed:
+        raise checkpoint.IncompatibleCheckpointError(
+            f"{where} counts its steps in batches of {saved.get('input.batch_size')}; with "
+            f"batches of {now.get('input.batch_size')} its step would be another epoch and "
+            "another place in the data, the schedule and the validations. Resume with "
+            f"input.batch_size={saved.get('input.batch_size')}, or start another --workdir from "
+            "this one's weights (init_from.mode=full)."
+        )
     if shaping := [described[k] for k in changed if k in STATE_SHAPING_KEYS]:
         raise checkpoint.IncompatibleCheckpointError(
             f"{where} was trained with another net or optimiser ({'; '.join(shaping)}): "
