@@ -3,6 +3,7 @@ valid, found before any data preparation or compilation."""
 
 import os
 import tempfile
+from unittest import mock
 
 import numpy as np
 from absl.testing import absltest
@@ -115,6 +116,22 @@ class CheckConfigTest(absltest.TestCase):
             self.assertIn(f"{f.name} above it is a file", line)
         with self.assertRaisesRegex(checks.ConfigError, "valid: .*'summary'"):
             checks.check_config(fixtures.tiny_config(with_data=False), "trian")
+
+    def test_a_read_only_workdir_is_found_before_an_evaluation(self):
+        read_only = self.create_tempdir().full_path  # root ignores mode bits: a read-only mount
+        real_access = os.access
+        access = lambda path, mode: path != read_only and real_access(path, mode)  # noqa: E731
+        config = fixtures.tiny_config(with_data=False)
+        with mock.patch.object(checks.os, "access", access):
+            for workdir, where in ((read_only, "it"), (f"{read_only}/new/run", read_only)):
+                (line,) = problems(config, "evaluate", workdir)  # today: a traceback at the end
+                self.assertEqual(
+                    line,
+                    f"--workdir={workdir}: {where}{'' if where == 'it' else ' above it'} is not "
+                    "writable (checkpoints, results and logs are written there); give a "
+                    "writable --workdir",
+                )
+        self.assertEmpty(problems(config, "evaluate", read_only))
 
     def test_image_folder_classes_are_counted_from_its_directories(self):
         with tempfile.TemporaryDirectory() as root:

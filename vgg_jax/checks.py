@@ -239,6 +239,8 @@ def check_config(
             ]
         )
     if mode == "study":
+        if workdir is not None and (problem := workdir_problem(workdir)):
+            raise ConfigError([problem])
         return _check_study(config, workdir)
     p = _Problems(config)
     _check_model(p)
@@ -267,13 +269,31 @@ def check_config(
         _check_training(p)
         _check_init_source(p, workdir)
     _check_evals(p, data_devices)
-    if workdir is not None and os.path.exists(workdir) and not os.path.isdir(workdir):
-        p.lines.append(f"--workdir={workdir}: is a file, not a directory")
-    elif workdir is not None and (blocker := _file_above(workdir)):
-        p.lines.append(f"--workdir={workdir}: {blocker} above it is a file, not a directory")
+    if workdir is not None and (problem := workdir_problem(workdir)):
+        p.lines.append(problem)
     if p.lines:
         raise ConfigError(p.lines)
     return facts
+
+
+def workdir_problem(workdir: str) -> str | None:
+    """Why nothing could be written into ``workdir`` (a file there or above it, a read-only
+    mount or directory), found at start-up: an evaluation of hours otherwise ends in a traceback
+    when it writes results.json, its table unprinted."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        return f"--workdir={workdir}: is a file, not a directory"
+    if blocker := _file_above(workdir):
+        return f"--workdir={workdir}: {blocker} above it is a file, not a directory"
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "it" if existing == os.path.abspath(workdir) else f"{existing} above it"
+        return (
+            f"--workdir={workdir}: {where} is not writable (checkpoints, results and logs are "
+            "written there); give a writable --workdir"
+        )
+    return None
 
 
 def _file_above(path: str) -> str | None:

@@ -752,7 +752,7 @@ def run_evaluation(
         compile_cache.CACHE_DIR,
     )
     if jax.process_index() == 0:
+        print(report.format_table(rows), flush=True)  # first: shown even if the write fails
         json_path, markdown_path = report.write_results(workdir, rows, about)
-        print(report.format_table(rows), flush=True)
         logging.info("Wrote %s and %s", json_path, markdown_path)
     return rows
