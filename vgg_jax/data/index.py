@@ -120,7 +120,8 @@ def build_index(builder: tfds.core.DatasetBuilder, split: str) -> SplitIndex:
 
 def _save(path: str, split_index: SplitIndex) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = path + ".tmp.npz"
+    # Per process: two runs preparing one data_dir at once must not write one temporary file.
+    temporary = f"{path}.{os.getpid()}.tmp.npz"
     np.savez(temporary, **dataclasses.asdict(split_index))
     os.replace(temporary, path)
 

@@ -118,7 +118,7 @@ def ensure_stats(
     logging.info("Computing mean RGB and PCA of %s/%s.", builder.name, split)
     stats = compute_stats(builder, split, valid, max_images)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = path + ".tmp"
+    temporary = f"{path}.{os.getpid()}.tmp"  # per process, as data/index.py's
     with open(temporary, "w") as f:
         json.dump(stats, f, indent=2)
     os.replace(temporary, path)
