@@ -179,7 +179,9 @@ class SmokeStudyTest(absltest.TestCase):
             raise AssertionError(f"{run.name} ran again")
 
         # Today: "all runs finished", the tables relabelled with 5 epochs that never ran.
-        with self.assertRaisesRegex(orchestrate.ChangedStudyError, "schedule.num_epochs 2.0 -> 5.0"):
+        with self.assertRaisesRegex(
+            orchestrate.ChangedStudyError, "schedule.num_epochs 2.0 -> 5.0"
+        ):
             orchestrate.run_study(changed, root, executor=must_not_run)
         with open(os.path.join(root, "study_config.json")) as f:
             self.assertEqual(json.load(f)["scale_settings"]["small"]["num_epochs"], 2)
