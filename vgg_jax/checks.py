@@ -280,28 +280,18 @@ def workdir_problem(workdir: str) -> str | None:
     """Why nothing could be written into ``workdir`` (a file there or above it, a read-only
     mount or directory), found at start-up: an evaluation of hours otherwise ends in a traceback
     when it writes results.json, its table unprinted."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        return f"--workdir={workdir}: is a file, not a directory"
-    if blocker := _file_above(workdir):
-        return f"--workdir={workdir}: {blocker} above it is a file, not a directory"
-    existing = os.path.abspath(workdir)
-    while not os.path.exists(existing):
+    target = existing = os.path.abspath(workdir)
+    while not os.path.exists(existing):  # the directory the run would create its workdir in
         existing = os.path.dirname(existing)
+    where = "it" if existing == target else f"{existing} above it"
+    if not os.path.isdir(existing):
+        return f"--workdir={workdir}: {where} is a file, not a directory"
     if not os.access(existing, os.W_OK | os.X_OK):
-        where = "it" if existing == os.path.abspath(workdir) else f"{existing} above it"
         return (
             f"--workdir={workdir}: {where} is not writable (checkpoints, results and logs are "
             "written there); give a writable --workdir"
         )
     return None
-
-
-def _file_above(path: str) -> str | None:
-    """The first existing ancestor of ``path`` when it is a file (no directory can be made)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    return parent if parent and not os.path.isdir(parent) else None
 
 
 def _check_init_source(p: _Problems, workdir: str | None) -> None:
