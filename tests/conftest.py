@@ -1,12 +1,34 @@
-"""Every test process sees four CPU devices, so sharding code runs on a real multi-device mesh
-(big_vision and the Flax examples test this way). Must run before JAX is imported."""
+"""Test-session settings, applied before JAX is imported.
+
+- Every test process sees four CPU devices, so sharding code runs on a real multi-device mesh
+  (big_vision and the Flax examples test this way).
+- XLA compiles without LLVM's optimisation passes (``--xla_backend_optimization_level=0``): the
+  suite's nets are tiny, so it spends most of its time compiling, and this halves that. The
+  programs and their numerics are XLA's own (no fast-math either way); only the machine code is
+  slower, which the benches measure, not the tests. Subprocesses inherit the flags.
+- The slow tests (subprocesses, multi-process runs) are collected first, so that with pytest-xdist
+  (``-n``, in ``pyproject.toml``) they start early instead of ending the run on one worker.
+"""
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # absltest's helpers (create_tempdir and friends) read absl flags; pytest does not parse them.
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+MAX_WORKERS = 4  # each worker holds JAX, TensorFlow and a tiny dataset: about 1.5 GB
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: slow first
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker per core, at most ``MAX_WORKERS``."""
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import atexit
 import functools
+import os
+import re
 import shutil
+import socket
 import tempfile
 from typing import Any
 
@@ -70,3 +73,19 @@ def builtin_data_dir() -> str:
     config.input.update(dict(dataset="builtin", builtin_size="tiny", data_dir=path))
     data.prepare(config)
     return path
+
+
+def free_port() -> int:
+    """A localhost port nobody listens on, for a JAX coordinator."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def host_devices_env(count: int) -> dict[str, str]:
+    """This process's environment for a subprocess that sees ``count`` CPU devices: the test
+    session's other XLA flags (``conftest.py``) stay."""
+    flags = re.sub(
+        r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")
+    )
+    return dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={count}")

@@ -6,7 +6,6 @@ built-in dataset, so they need no training run.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -96,10 +95,8 @@ class EvaluateModeTest(absltest.TestCase):
 
         # The same checkpoint evaluated by two processes (two CPU devices each; dense at one scale,
         # to save compilations): every example still counts once and the figures are the same.
-        with socket.socket() as s:
-            s.bind(("localhost", 0))
-            port = s.getsockname()[1]
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+        port = fixtures.free_port()
+        env = fixtures.host_devices_env(2)
         distributed = [
             f"--coordinator_address=localhost:{port}",
             "--num_processes=2",

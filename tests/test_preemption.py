@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -116,10 +115,8 @@ class TwoProcessPreemptionTest(absltest.TestCase):
     ) -> tuple[list[subprocess.Popen], list[str]]:
         """Two processes of two CPU devices each, logs to files (a full pipe would block one)."""
         os.makedirs(workdir, exist_ok=True)
-        with socket.socket() as s:
-            s.bind(("localhost", 0))
-            port = s.getsockname()[1]
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+        port = fixtures.free_port()
+        env = fixtures.host_devices_env(2)
         args = [sys.executable, "launch.py", "--config=experiments/demo.py"]
         args += [f"--workdir={workdir}", f"--mode={mode}"]
         args += [f"--config.{k}={v}" for k, v in overrides(cls.data_dir).items()]

@@ -5,7 +5,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -260,10 +259,8 @@ class TrainLoopTest(absltest.TestCase):
     @pytest.mark.slow
     def test_two_processes_match_one(self):
         workdir = self.create_tempdir().full_path
-        with socket.socket() as s:
-            s.bind(("localhost", 0))
-            port = s.getsockname()[1]
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+        port = fixtures.free_port()
+        env = fixtures.host_devices_env(2)
         processes = [
             subprocess.Popen(
                 launch_args(self.data_dir, workdir, **{"ckpt.every_steps": 1000})
