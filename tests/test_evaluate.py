@@ -113,8 +113,8 @@ def fake_eval_batches(num_examples: int, shuffle: bool = False, bucket_step: int
 
 # Jitted once per net (eager Flax compiles every primitive separately, which is slow).
 dense_scores = jax.jit(methods.dense_scores, static_argnums=0)
-dense_probabilities = jax.jit(methods.dense_probabilities, static_argnums=(0, 4))
-multi_crop_probabilities = jax.jit(methods.multi_crop_probabilities, static_argnums=0)
+dense_log_probabilities = jax.jit(methods.dense_log_probabilities, static_argnums=(0, 4))
+multi_crop_log_probabilities = jax.jit(methods.multi_crop_log_probabilities, static_argnums=0)
 grid_crops = jax.jit(methods.grid_crops, static_argnums=2)
 
 
@@ -126,6 +126,14 @@ def mesh_of(data: int, model: int = 1):
 
 def softmax(x):
     return np.asarray(jax.nn.softmax(jnp.asarray(x)))
+
+
+def dense_probabilities(*args, **kwargs):
+    return np.exp(dense_log_probabilities(*args, **kwargs))
+
+
+def multi_crop_probabilities(*args):
+    return np.exp(multi_crop_log_probabilities(*args))
 
 
 def caffe_dense_scores(model, params, image):
@@ -295,7 +303,7 @@ class MultiCropTest(absltest.TestCase):
             got = executable(params, jnp.asarray(masked), jnp.asarray(sizes))
             self.assertEqual(crop_rounds.rounds_run - before, rounds)
             want = multi_crop_probabilities(model, params, masked, sizes)
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(np.exp(got), want, rtol=1e-5, atol=1e-6)
 
     def test_portrait_buckets_run_transposed_through_the_landscape_programs(self):
         model = tiny_model()
@@ -316,8 +324,8 @@ class MultiCropTest(absltest.TestCase):
             self.assertEqual(functions.compilations - before, 2)
             want_dense = dense_probabilities(model, params, portrait, tall, True)
             want_crops = multi_crop_probabilities(model, params, portrait, tall)
-            np.testing.assert_allclose(got["dense"], want_dense, rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(got["multi_crop"], want_crops, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(np.exp(got["dense"]), want_dense, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(np.exp(got["multi_crop"]), want_crops, rtol=1e-5, atol=1e-6)
 
 
 def reference_probabilities(model, params, num_examples, scale):
@@ -329,7 +337,7 @@ def reference_probabilities(model, params, num_examples, scale):
     images, sizes = jnp.asarray(batch["image"]), jnp.asarray(batch["size"])
     dense = dense_probabilities(model, params, images, sizes, True)
     crops = multi_crop_probabilities(model, params, images, sizes)
-    return np.asarray(dense), np.asarray(crops), batch["label"]
+    return dense, crops, batch["label"]
 
 
 def errors(probabilities, labels):
@@ -398,8 +406,8 @@ class RunnerTest(absltest.TestCase):
                 self.assertAlmostEqual(got[key]["top5_error"], want["top5_error"], places=4)
                 self.assertGreater(got[key]["images_per_second"], 0)
             for method in ("dense", "multi_crop"):  # portrait buckets ran transposed
-                np.testing.assert_allclose(
-                    outputs.multi_scale[method], expected[(method, (32, 48))], atol=1e-5
+                np.testing.assert_allclose(  # kept as logarithms
+                    np.exp(outputs.multi_scale[method]), expected[(method, (32, 48))], atol=1e-5
                 )
 
     def test_the_net_compiles_once_per_bucket_shape_and_once_for_all_crops(self):
@@ -499,8 +507,8 @@ class RunnerTest(absltest.TestCase):
         # multi-crop says logits_2; the combined row must be right where a logit mean is wrong.
         labels = np.zeros(4, np.int32)
         outputs = {
-            "dense": np.tile(softmax(logits_1), (4, 1)),
-            "multi_crop": np.tile(softmax(logits_2), (4, 1)),
+            "dense": np.tile(np.log(softmax(logits_1)), (4, 1)),
+            "multi_crop": np.tile(np.log(softmax(logits_2)), (4, 1)),
         }
         rows = runner.method_rows(
             "A",
@@ -609,14 +617,22 @@ class RunnerTest(absltest.TestCase):
 
 
 class UnderflowTest(absltest.TestCase):
-    def test_a_label_whose_softmax_underflowed_is_reported(self):
+    def test_a_label_whose_softmax_underflows_keeps_its_rank(self):
+        # Label 1 is ranked 2nd by both "methods". Its softmax (about e^-120) is below float32's
+        # smallest, so averaged as probabilities it tied at 0 with every class but the first
+        # and counted as a top-5 miss; averaged in log space it ranks 2nd.
         logits = np.array([[120.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0]], np.float32)
-        probabilities = np.asarray(jax.nn.softmax(logits))  # all but the first are exactly 0
-        with self.assertLogs(level="WARNING") as logs:
-            counted = runner.counts(probabilities, np.array([1]))
-        self.assertEqual(counted["top5_correct"], 0.0)  # ranked 2nd by logit: unknowable here
-        self.assertIn("1 of 1 examples: the label's probability is 0", logs.output[0])
-        self.assertEqual(runner.underflowed_labels(np.full((1, 7), 1 / 7), np.array([1])), 0)
+        others = np.array([[119.0, 0.0, -3.0, -1.0, -2.0, -5.0, -4.0]], np.float32)
+        probabilities = [softmax(logits), softmax(others)]
+        self.assertEqual(np.mean(probabilities, axis=0)[0, 1], 0.0)  # what the mean loses
+        log_probabilities = [np.asarray(jax.nn.log_softmax(x)) for x in (logits, others)]
+        combined = runner.combine(log_probabilities)
+        self.assertEqual(np.argsort(-combined[0])[:2].tolist(), [0, 1])
+        np.testing.assert_allclose(
+            np.exp(combined), np.mean(probabilities, axis=0), rtol=1e-6, atol=0
+        )
+        counted = runner.counts(combined, np.array([1]))
+        self.assertEqual((counted["top1_correct"], counted["top5_correct"]), (0.0, 1.0))
 
 
 if __name__ == "__main__":

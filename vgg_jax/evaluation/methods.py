@@ -3,12 +3,12 @@
 Batches are images of different sizes zero-padded at the bottom and right into one bucket shape,
 with their valid ``sizes`` ``(N, 2)``; every function here keeps the padding out of the result:
 
-* ``dense_probabilities``: the fully-convolutional net on the whole image, its class score map
-  averaged over the image's own cells, softmax; averaged with the horizontally flipped image's
-  softmax (the flip mirrors each image inside its valid region, so the padding stays put);
-* ``multi_crop_probabilities``: a ``grid x grid`` regular grid of crop-size crops per image (first
-  at the top-left corner, last at the bottom-right) plus their flips, cut on the device, each
-  classified, softmax averaged over the crops (50 per scale for the paper's 5x5 grid).
+* ``dense_log_probabilities``: the fully-convolutional net on the whole image, its class score
+  map averaged over the image's own cells, softmax; averaged with the horizontally flipped
+  image's softmax (the flip mirrors each image inside its valid region, so the padding stays put);
+* ``multi_crop_log_probabilities``: a ``grid x grid`` regular grid of crop-size crops per image
+  (first at the top-left corner, last at the bottom-right) plus their flips, cut on the device,
+  each classified, softmax averaged over the crops (50 per scale for the paper's 5x5 grid).
 
 ``CompiledFunctions`` jits them once per net and mesh and compiles once per bucket shape up to
 transposition (a portrait batch runs transposed, with ``models.transposed_params``, through its
@@ -17,7 +17,10 @@ cutting one round's crops, cheap to compile for every bucket shape, and classify
 compiled once for all shapes, scales and checkpoints, since every crop has the crop size. It
 classifies each distinct crop once, weighted by how many grid positions share it (at Q = crop
 size a grid row or column repeats one crop: ``distinct_grid_positions``). Softmax outputs, never
-logits, are what later steps average (scales, methods, nets).
+logits, are what later steps average (scales, methods, nets), as the paper does; they are kept
+as logarithms (``log_softmax``, averaged by ``log_mean_exp``) so that a class whose probability
+is below float32's smallest (a logit some 90 or more below the top one) keeps its rank instead
+of tying with every other such class at 0.
 """
 
 from __future__ import annotations
@@ -61,6 +64,13 @@ def mirror_within_valid(images: jax.Array, sizes: jax.Array, transposed: Any = F
     )
 
 
+def log_mean_exp(log_values: jax.Array, axis: int) -> jax.Array:
+    """``log(mean(exp(log_values)))`` along ``axis``, without leaving log space."""
+    return jax.nn.logsumexp(log_values, axis=axis) - np.log(log_values.shape[axis]).astype(
+        log_values.dtype
+    )
+
+
 def dense_scores(
     model: models.VGG, params: Any, images: jax.Array, sizes: jax.Array | None = None
 ) -> jax.Array:
@@ -77,16 +87,17 @@ def dense_outputs(
     flip: bool = True,
     transposed: Any = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """Dense evaluation of a batch: the class score maps ``(N, h, w, classes)`` and the softmax
-    ``(N, classes)`` of their average over each image's valid cells, averaged with the flipped
-    image's softmax when ``flip`` (the paper averages the soft-max posteriors of an image and its
-    flip). ``sizes=None``: every image fills the batch's shape. ``transposed``: the images are
-    transposed and ``params`` are ``models.transposed_params`` (the flip is then top-bottom)."""
+    """Dense evaluation of a batch: the class score maps ``(N, h, w, classes)`` and the log of
+    the softmax ``(N, classes)`` of their average over each image's valid cells, averaged with
+    the flipped image's softmax when ``flip`` (the paper averages the soft-max posteriors of an
+    image and its flip). ``sizes=None``: every image fills the batch's shape. ``transposed``: the
+    images are transposed and ``params`` are ``models.transposed_params`` (the flip is then
+    top-bottom)."""
     if sizes is None:
         sizes = jnp.broadcast_to(jnp.asarray(images.shape[1:3], jnp.int32), (images.shape[0], 2))
     if not flip:
         score_map, scores = model.apply({"params": params}, images, sizes, method="dense")
-        return score_map, jax.nn.softmax(scores)
+        return score_map, jax.nn.log_softmax(scores)
     # Each image followed by its flip, one batch of 2N through one copy of the net: half the
     # program to compile (one per bucket shape), and the batch axis keeps its sharding.
     both = jnp.stack([images, mirror_within_valid(images, sizes, transposed)], axis=1)
@@ -94,11 +105,13 @@ def dense_outputs(
     score_maps, scores = model.apply(
         {"params": params}, both, jnp.repeat(sizes, 2, axis=0), method="dense"
     )
-    probabilities = jax.nn.softmax(scores).reshape(images.shape[0], 2, -1).mean(axis=1)
-    return score_maps.reshape(images.shape[0], 2, *score_maps.shape[1:])[:, 0], probabilities
+    log_probabilities = log_mean_exp(
+        jax.nn.log_softmax(scores).reshape(images.shape[0], 2, -1), axis=1
+    )
+    return score_maps.reshape(images.shape[0], 2, *score_maps.shape[1:])[:, 0], log_probabilities
 
 
-def dense_probabilities(
+def dense_log_probabilities(
     model: models.VGG,
     params: Any,
     images: jax.Array,
@@ -106,7 +119,7 @@ def dense_probabilities(
     flip: bool = True,
     transposed: Any = False,
 ) -> jax.Array:
-    """Dense evaluation's softmax ``(N, classes)`` (``dense_outputs`` without the maps)."""
+    """Dense evaluation's log-softmax ``(N, classes)`` (``dense_outputs`` without the maps)."""
     return dense_outputs(model, params, images, sizes, flip, transposed)[1]
 
 
@@ -146,13 +159,13 @@ def grid_crops(
 ) -> jax.Array:
     """All crops at once ``(N, grid * grid * (2 if flip), crop, crop, C)``: the grid in row-major
     order, then the same crops flipped. For inspection and tests; evaluation goes position by
-    position (``multi_crop_probabilities``) so only ``2N`` crops are in memory at a time."""
+    position (``multi_crop_log_probabilities``) so only ``2N`` crops are in memory at a time."""
     offsets = grid_offsets(sizes, crop_size, grid)
     crops = jax.vmap(lambda o: crops_at(images, o, crop_size), in_axes=1, out_axes=1)(offsets)
     return jnp.concatenate([crops, crops[:, :, :, ::-1]], axis=1) if flip else crops
 
 
-def multi_crop_probabilities(
+def multi_crop_log_probabilities(
     model: models.VGG,
     params: Any,
     images: jax.Array,
@@ -160,8 +173,8 @@ def multi_crop_probabilities(
     grid: int = 5,
     flip: bool = True,
 ) -> jax.Array:
-    """Multi-crop evaluation's softmax ``(N, classes)``: the mean over the ``grid x grid`` crops
-    and (``flip``) their mirror images of each crop's classifier softmax.
+    """Multi-crop evaluation's log-softmax ``(N, classes)``: the log of the mean over the
+    ``grid x grid`` crops and (``flip``) their mirror images of each crop's classifier softmax.
 
     A scan over grid positions classifies one crop per image and its flip per iteration, so the
     memory is that of a ``2N`` batch whatever the grid. The flip of a crop is the crop of the
@@ -178,12 +191,12 @@ def multi_crop_probabilities(
             crops = jnp.stack([crops, crops[:, :, ::-1]], axis=1)
         crops = crops.reshape(batch * copies, *crops.shape[-3:])
         logits = model.apply({"params": params}, crops)
-        probabilities = jax.nn.softmax(logits).reshape(batch, copies, -1)
-        return total + probabilities.sum(axis=1), None
+        log_probabilities = jax.nn.log_softmax(logits).reshape(batch, copies, -1)
+        return jnp.logaddexp(total, jax.nn.logsumexp(log_probabilities, axis=1)), None
 
-    start = jnp.zeros((batch, model.num_classes), jnp.float32)
+    start = jnp.full((batch, model.num_classes), -jnp.inf, jnp.float32)
     total, _ = jax.lax.scan(add_position, start, offsets)
-    return total / (grid * grid * copies)
+    return total - np.log(np.float32(grid * grid * copies))
 
 
 def distinct_grid_positions(
@@ -251,7 +264,7 @@ def planned_crops(
     return crops.reshape(-1, *crops.shape[-3:])
 
 
-def add_crop_softmax(
+def add_crop_log_softmax(
     model: models.VGG,
     params: Any,
     crops: jax.Array,
@@ -259,12 +272,13 @@ def add_crop_softmax(
     position: jax.Array,
     total: jax.Array,
 ) -> jax.Array:
-    """``total`` ``(N, classes)`` plus, per image, its ``weights[:, position]`` times the summed
-    softmax of its ``crops`` (its ``len(crops) // N`` consecutive rows)."""
-    probabilities = jax.nn.softmax(model.apply({"params": params}, crops))
-    summed = probabilities.reshape(total.shape[0], -1, total.shape[1]).sum(axis=1)
-    weight = jnp.take(weights, position, axis=1).astype(total.dtype)
-    return total + weight[:, None] * summed
+    """In log space, ``total`` ``(N, classes)`` plus, per image, its ``weights[:, position]``
+    times the summed softmax of its ``crops`` (its ``len(crops) // N`` consecutive rows); a
+    weight of 0 (no such crop) leaves ``total`` as it is."""
+    log_probabilities = jax.nn.log_softmax(model.apply({"params": params}, crops))
+    summed = jax.nn.logsumexp(log_probabilities.reshape(total.shape[0], -1, total.shape[1]), axis=1)
+    log_weight = jnp.log(jnp.take(weights, position, axis=1).astype(total.dtype))
+    return jnp.logaddexp(total, log_weight[:, None] + summed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,10 +287,11 @@ class CropMethod:
     ``plan(sizes) -> (offsets, weights, rounds)`` (once per batch size), ``cut(images, offsets,
     position, transposed) -> crops`` (per bucket shape, a gather: quick to compile) and
     ``classify(params, crops, weights, position, total) -> total`` (the net, once per batch
-    size). The result is
-    ``total / divisor`` after ``rounds`` cut-and-classify rounds (at most ``positions``), softmax
-    ``(N, num_classes)``. ``multi_crop_probabilities`` in one program gives the same numbers but
-    compiles the net once per bucket shape and classifies every grid position, repeats included."""
+    size). ``total`` is a log-sum of softmax outputs, and the result
+    ``total - log(divisor)`` after ``rounds`` cut-and-classify rounds (at most ``positions``), a
+    log-softmax ``(N, num_classes)``. ``multi_crop_log_probabilities`` in one program gives the
+    same numbers but compiles the net once per bucket shape and classifies every grid position,
+    repeats included."""
 
     plan: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
     cut: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -287,11 +302,11 @@ class CropMethod:
 
 
 def multi_crop_method(model: models.VGG, grid: int = 5, flip: bool = True) -> CropMethod:
-    """``multi_crop_probabilities`` as a ``CropMethod`` that classifies each distinct crop once."""
+    """``multi_crop_log_probabilities`` as a ``CropMethod``, each distinct crop classified once."""
     return CropMethod(
         plan=functools.partial(distinct_crops_plan, crop_size=model.crop_size, grid=grid),
         cut=functools.partial(planned_crops, crop_size=model.crop_size, flip=flip),
-        classify=functools.partial(add_crop_softmax, model),
+        classify=functools.partial(add_crop_log_softmax, model),
         positions=grid * grid,
         divisor=float(grid * grid * (2 if flip else 1)),
         num_classes=model.num_classes,
@@ -317,8 +332,9 @@ class _CropExecutable:
         transposed: jax.Array | None = None,
     ) -> jax.Array:
         transposed = self.upright if transposed is None else transposed
-        total = jax.device_put(
-            np.zeros((images.shape[0], self.method.num_classes), np.float32), self.total_sharding
+        total = jax.device_put(  # log 0: no crop yet
+            np.full((images.shape[0], self.method.num_classes), -np.inf, np.float32),
+            self.total_sharding,
         )
         offsets, weights, rounds = self.plan(sizes)
         rounds = int(np.asarray(rounds.addressable_data(0)))  # replicated: same on every process
@@ -329,7 +345,7 @@ class _CropExecutable:
             # all-reduces over a model axis can wait on each other's rendezvous for ever.
             total.block_until_ready()
             self.rounds_run += 1
-        return total / np.float32(self.method.divisor)
+        return total - np.log(np.float32(self.method.divisor))
 
 
 class _Oriented:
@@ -508,7 +524,7 @@ def net_param_shardings(model: models.VGG, mesh: Mesh) -> Any:
 def compiled_methods(
     model: models.VGG, mesh: Mesh, flip: bool = True, grid: int = 5
 ) -> CompiledFunctions:
-    """The paper's two base methods of one net (softmax ``(N, classes)`` each), one instance per
+    """The paper's two base methods of one net (log-softmax ``(N, classes)`` each), one instance per
     (net, mesh, flip, grid), shared by every checkpoint of a net (continuous evaluation reuses
     the executables)."""
     functions = {
@@ -531,4 +547,4 @@ def _oriented_dense(
     sizes: jax.Array,
     transposed: jax.Array,
 ) -> jax.Array:
-    return dense_probabilities(model, params, images, sizes, flip, transposed)
+    return dense_log_probabilities(model, params, images, sizes, flip, transposed)

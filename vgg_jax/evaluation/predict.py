@@ -170,19 +170,23 @@ def predict(
         )
     if input_convention is not None:
         pixels = conventions.normalize(pixels, _full_convention(input_convention))
-    score_maps, probabilities = jax.device_get(
+    score_maps, log_probabilities = jax.device_get(
         _dense_one_image(model, flip)(params, jnp.asarray(pixels)[None])
     )
-    score_map, probabilities = score_maps[0], probabilities[0]
+    score_map, log_probabilities = score_maps[0], log_probabilities[0]
     if class_names is None and model.num_classes == NUM_IMAGENET_CLASSES:
         class_names = imagenet_class_names()
     if class_names is not None and len(class_names) != model.num_classes:
         raise ValueError(
             f"{len(class_names)} class names for a net with {model.num_classes} classes."
         )
-    best = np.argsort(-probabilities, kind="stable")[:top_k]
+    best = np.argsort(-log_probabilities, kind="stable")[:top_k]  # ranks even underflowed ones
     top = [
-        ClassScore(int(i), class_names[i] if class_names else str(int(i)), float(probabilities[i]))
+        ClassScore(
+            int(i),
+            class_names[i] if class_names else str(int(i)),
+            float(np.exp(log_probabilities[i])),
+        )
         for i in best
     ]
     return top, np.asarray(score_map)

@@ -3,6 +3,7 @@
 For each net (the workdir's, then each of ``evals.fusion_workdirs``) and each test scale Q in
 ``{evals.single_scale} | evals.multi_scales``, one pass over the validation split runs dense and
 multi-crop evaluation on the same batches and keeps, per example, each method's softmax on the host
+(as its logarithm: ``combine``)
 (every example on every host: a few hundred MB for ImageNet), lined up across scales and nets by
 the batches' example ``index``. From those:
 
@@ -273,40 +274,24 @@ def check_convention(net: Net, config: ml_collections.ConfigDict, own: bool = Tr
         )
 
 
-def combine(probabilities: Sequence[np.ndarray]) -> np.ndarray:
-    """The paper's combination of methods, scales and nets: the mean of their softmax outputs."""
-    return np.mean(np.stack(probabilities), axis=0)
+def combine(log_probabilities: Sequence[np.ndarray]) -> np.ndarray:
+    """The paper's combination of methods, scales and nets: the mean of their softmax outputs,
+    here of their logarithms (``methods.log_mean_exp``), so no class's rank is lost to a
+    probability below float32's smallest."""
+    stacked = np.stack(log_probabilities)
+    return np.logaddexp.reduce(stacked, axis=0) - np.log(stacked.shape[0]).astype(stacked.dtype)
 
 
-def counts(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def counts(log_probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Top-1/top-5 hits and the example count (every process holds every example's outputs)."""
     totals = np.zeros(3, np.float64)
     for start in range(0, max(len(labels), 1), COUNT_CHUNK):
         stop = start + COUNT_CHUNK
         chunk = metrics.classification_counts(
-            jnp.asarray(probabilities[start:stop]), jnp.asarray(labels[start:stop])
+            jnp.asarray(log_probabilities[start:stop]), jnp.asarray(labels[start:stop])
         )
         totals += [float(chunk[k]) for k in ("top1_correct", "top5_correct", "count")]
-    if unranked := underflowed_labels(probabilities, labels):
-        logging.warning(
-            "%d of %d examples: the label's probability is 0 in float32 (its logit some 90 or "
-            "more below the top one) with fewer than 5 classes above 0, so its rank is unknown "
-            "and it counts as a top-5 miss. Huge logits: is the input convention right?",
-            unranked,
-            len(labels),
-        )
     return dict(zip(("top1_correct", "top5_correct", "count"), totals.tolist(), strict=True))
-
-
-def underflowed_labels(probabilities: np.ndarray, labels: np.ndarray) -> int:
-    """Examples whose label's softmax underflowed to exactly 0 while fewer than 5 classes are
-    above 0: every zero ties, and ties count against the label (``metrics.topk_correct``), so
-    a label ranked 2nd by its logit can count as a top-5 miss."""
-    if len(labels) == 0:
-        return 0
-    k = min(5, probabilities.shape[-1])
-    label_p = np.take_along_axis(probabilities, labels[:, None], axis=-1)[:, 0]
-    return int(np.sum((label_p == 0) & (np.sum(probabilities > 0, axis=-1) < k)))
 
 
 def _to_host(array: jax.Array) -> np.ndarray:
@@ -321,7 +306,7 @@ class ScaleOutputs:
     """Every real example of the split at one scale (all processes' examples, on every host),
     in ``index`` order when the batches name their examples, else in the order they came."""
 
-    results: dict[str, np.ndarray]  # function name -> (examples, ...), e.g. softmax per method
+    results: dict[str, np.ndarray]  # function name -> (examples, ...), e.g. log-softmax per method
     labels: np.ndarray
     index: np.ndarray | None
     seconds: dict[str, float]  # function name -> device seconds (compilation excluded)
@@ -415,17 +400,17 @@ def method_rows(
     net_name: str,
     train_scale: str,
     scales: Sequence[int],
-    probabilities: dict[str, np.ndarray],
+    log_probabilities: dict[str, np.ndarray],
     labels: np.ndarray,
     seconds: dict[str, float],
     eval_methods: Sequence[str],
     step: Any,
 ) -> list[dict[str, Any]]:
-    """One row per method from per-example softmax of the base methods."""
+    """One row per method from per-example log-softmax of the base methods."""
     rows = []
     for method in eval_methods:
         parts = method.split("+")
-        combined = combine([probabilities[p] for p in parts])
+        combined = combine([log_probabilities[p] for p in parts])
         totals = counts(combined, labels)
         elapsed = sum(seconds[p] for p in parts)
         rows.append(
@@ -541,7 +526,8 @@ def evaluate_net(
             )
         if scale in multi:
             for method in run:
-                sums[method] = sums.get(method, 0.0) + outputs.results[method]
+                found = outputs.results[method]  # log-softmax: summed as probabilities
+                sums[method] = np.logaddexp(sums[method], found) if method in sums else found
                 seconds[method] += outputs.seconds[method]
         elapsed = time.perf_counter() - started
         logging.info(
@@ -561,7 +547,7 @@ def evaluate_net(
             else f"; about {writers.format_duration(elapsed / position * (len(scales) - position))}"
             " left for this net",
         )
-    multi_scale = {m: s / len(multi) for m, s in sums.items()}
+    multi_scale = {m: s - np.log(len(multi)).astype(s.dtype) for m, s in sums.items()}
     if list(multi) != [int(evals.single_scale)]:
         rows += method_rows(
             net.name,
