@@ -432,8 +432,30 @@ class RunnerTest(absltest.TestCase):
             functions.compilations, 2 * len(landscape) + 2 + len(portrait) + bool(portrait)
         )
 
+    def use_cache_dir(self, path):
+        """JAX's persistent cache directory set to ``path`` for this test (the suite sets its
+        own in ``conftest.py``)."""
+        self.addCleanup(
+            jax.config.update, "jax_compilation_cache_dir", jax.config.jax_compilation_cache_dir
+        )
+        jax.config.update("jax_compilation_cache_dir", path)
+
+    def test_the_cache_is_the_workdirs_unless_the_user_set_one(self):
+        workdir, own = self.create_tempdir_once(), self.create_tempdir_once()
+        self.use_cache_dir(None)
+        with compile_cache.workdir_cache(workdir) as path:
+            self.assertEqual(path, os.path.join(workdir, compile_cache.CACHE_DIR))
+            self.assertEqual(jax.config.jax_persistent_cache_min_compile_time_secs, 0.0)
+        self.assertIsNone(jax.config.jax_compilation_cache_dir)
+        self.use_cache_dir(own)
+        with compile_cache.workdir_cache(workdir) as path:
+            self.assertEqual(path, own)
+            self.assertEqual(jax.config.jax_persistent_cache_min_compile_time_secs, 0.0)
+        self.assertEqual(jax.config.jax_compilation_cache_dir, own)
+
     def test_second_evaluation_compiles_no_program(self):
         workdir = self.create_tempdir_once()
+        self.use_cache_dir(None)  # the workdir's cache
         save_net(workdir, self.params, self.config, step=5)
         batches = fake_eval_batches(9, bucket_step=16)
         counts = [compile_cache.program_counts()]

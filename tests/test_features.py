@@ -1,6 +1,7 @@
 """Penultimate-layer descriptors (dense FC2 averaged over cells, flips and scales, L2-normalised),
 the linear classifier, and ``python -m vgg_jax.tools.features`` on a tiny trained demo net."""
 
+import functools
 import os
 import re
 import shutil
@@ -35,14 +36,19 @@ def tiny_net(num_classes: int = 5):
 
 def reference_descriptor(model, params, image: np.ndarray) -> np.ndarray:
     """FC2 after ReLU of one unpadded image through the dense form, mean over all its cells."""
+    return np.asarray(_mean_fc2(model, params, jnp.asarray(image)[None]))[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)  # eager Flax compiles every primitive: slow
+def _mean_fc2(model, params, images):
     _, state = model.apply(
         {"params": params},
-        jnp.asarray(image)[None],
+        images,
         method="dense",
         capture_intermediates=True,
         mutable=["intermediates"],
     )
-    return np.maximum(np.asarray(state["intermediates"]["fc2"]["__call__"][0]), 0).mean((1, 2))[0]
+    return jnp.maximum(state["intermediates"]["fc2"]["__call__"][0], 0).mean((1, 2))
 
 
 class SyntheticSplit:

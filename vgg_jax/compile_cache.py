@@ -3,6 +3,10 @@ evaluation loads its programs instead of compiling them (the demo's evaluation c
 dozen, one per method and bucket shape; training compiles the step, the batch function and the
 validation step). The cache is keyed by the program, the compiler options and the jaxlib version,
 so a stale entry is never used; delete ``<workdir>/xla_cache`` to reclaim the space.
+
+A cache directory set before the run (``JAX_COMPILATION_CACHE_DIR``, or
+``jax.config.update("jax_compilation_cache_dir", ...)``) is used instead of the workdir's: one
+cache for many workdirs (sweeps, the test suite, a shared disk on a cluster).
 """
 
 from __future__ import annotations
@@ -26,12 +30,15 @@ def workdir_cache(workdir: str) -> Iterator[str]:
     however quick to compile: the demo's are each under a few seconds but many); the previous
     setting comes back on exit, so a process that later deletes the workdir (tests, notebooks)
     does not keep writing into it. Nested blocks keep the outermost directory: the study's runs
-    (one workdir each) share the study's cache, where a net's seeds compile to the same programs."""
+    (one workdir each) share the study's cache, where a net's seeds compile to the same programs.
+    A directory the user set before (module docstring) is kept the same way."""
     if _active:
         yield _active[0]
         return
-    path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CACHE_DIR)
-    os.makedirs(path, exist_ok=True)
+    path = jax.config.jax_compilation_cache_dir
+    if not path:
+        path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CACHE_DIR)
+        os.makedirs(path, exist_ok=True)
     previous = (
         jax.config.jax_compilation_cache_dir,
         jax.config.jax_persistent_cache_min_compile_time_secs,

@@ -726,7 +726,7 @@ def run_evaluation(
     ``evals.fusion_workdirs``), prints the table and writes ``results.json`` and ``results.md``
     into ``workdir`` (process 0). Returns the rows."""
     compiled, loaded = compile_cache.program_counts()
-    with compile_cache.workdir_cache(workdir):
+    with compile_cache.workdir_cache(workdir) as cache_dir:
         rows, about = evaluate_checkpoints(
             config, workdir, parse_checkpoint_choice(config.evals.checkpoint), batches=batches
         )
@@ -735,7 +735,7 @@ def run_evaluation(
         "Evaluation compiled %d programs and loaded %d from %s.",
         compiled,
         loaded,
-        compile_cache.CACHE_DIR,
+        cache_dir,
     )
     if jax.process_index() == 0:
         print(report.format_table(rows), flush=True)  # first: shown even if the write fails

@@ -147,11 +147,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains ``config`` into ``workdir`` (resuming from its newest checkpoint that reads) and
     returns the final state. Validation runs every ``evals.every_epochs`` epochs and drives the
     plateau rule. Fails at once if another trainer holds the workdir (``lock.WorkdirBusyError``)."""
-    with lock.hold(workdir), compile_cache.workdir_cache(workdir):
-        return _train(config, workdir)
+    with lock.hold(workdir), compile_cache.workdir_cache(workdir) as cache_dir:
+        return _train(config, workdir, cache_dir)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def _train(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> TrainState:
     from vgg_jax import data
     from vgg_jax.data import on_device
 
@@ -244,7 +244,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 logging.info(
                     "First step done %.1f s after start-up began (compiled or loaded from %s).",
                     time.perf_counter() - started,
-                    compile_cache.CACHE_DIR,
+                    cache_dir,
                 )
             pending.append(sums)
             checkpoints.check()  # a failed asynchronous save stops the run now
