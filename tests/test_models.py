@@ -1,5 +1,7 @@
 """Tests of vgg_jax.models: Table 1 layouts, Table 2 parameter counts, dense form, LRN, dtypes."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +29,18 @@ def tiny(name="A", **kwargs):
     defaults = dict(num_classes=5, crop_size=32, width=1 / 16, fc_width=16, initializer="glorot")
     defaults.update(kwargs)
     return models.VGG(models.LAYOUTS[name], **defaults)
+
+
+@functools.partial(jax.jit, static_argnums=0)  # eager Flax compiles every primitive: slow
+def init(model, images):
+    """``model``'s parameters for ``images``' shape, from key 0."""
+    return model.init(jax.random.key(0), images)["params"]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def dense(model, params, images, sizes=None):
+    """``model``'s dense form: ``(score_map, scores)``."""
+    return model.apply({"params": params}, images, sizes, method="dense")
 
 
 class ParameterCountTest(parameterized.TestCase):
@@ -95,7 +109,7 @@ class ParameterCountTest(parameterized.TestCase):
 class DenseFormTest(absltest.TestCase):
     def setUp(self):
         self.model = tiny("B")
-        self.params = self.model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+        self.params = init(self.model, jnp.zeros((1, 32, 32, 3)))
 
     def test_crop_sized_score_map_equals_logits(self):
         images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
@@ -126,7 +140,7 @@ class DenseFormTest(absltest.TestCase):
         # it (the whole image's features, so crops differ: dense evaluation sees context).
         model = tiny("A", crop_size=64)
         images = jax.random.normal(jax.random.key(2), (1, 96, 128, 3))
-        params = model.init(jax.random.key(0), images[:, :64, :64])["params"]
+        params = init(model, images[:, :64, :64])
         (score_map, scores), state = model.apply(
             {"params": params}, images, method="dense", mutable=["intermediates"]
         )
@@ -147,17 +161,17 @@ class DenseFormTest(absltest.TestCase):
 
     def test_padded_image_with_sizes_equals_unpadded(self):
         model = tiny("A", crop_size=64)
-        params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+        params = init(model, jnp.zeros((1, 64, 64, 3)))
         images = jax.random.normal(jax.random.key(3), (2, 75, 101, 3))
-        score_map, scores = model.apply({"params": params}, images, method="dense")
+        score_map, scores = dense(model, params, images)
         # Pad into a larger bucket; garbage in the padding must not leak in.
         padded = jnp.full((2, 128, 160, 3), 7.0).at[:, :75, :101].set(images)
         sizes = jnp.array([[75, 101], [75, 101]])
-        padded_map, padded_scores = model.apply({"params": params}, padded, sizes, method="dense")
+        padded_map, padded_scores = dense(model, params, padded, sizes)
         self.assertEqual(score_map.shape, (2, 2, 3, 5))  # ceil(75/32) - 1, ceil(101/32) - 1
         np.testing.assert_allclose(padded_map[:, :2, :3], score_map, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(padded_scores, scores, rtol=1e-5, atol=1e-6)
-        unmasked = model.apply({"params": params}, padded, method="dense")[1]
+        unmasked = dense(model, params, padded)[1]
         self.assertFalse(np.allclose(unmasked, scores, rtol=1e-3))
 
     def test_transposed_params_see_the_transposed_image(self):
@@ -165,20 +179,20 @@ class DenseFormTest(absltest.TestCase):
         # C has 1x1 convs and an odd-sized, padded image exercises the masks.
         for name in ("A", "C"):
             model = tiny(name, crop_size=64)
-            params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+            params = init(model, jnp.zeros((1, 64, 64, 3)))
             images = jax.random.normal(jax.random.key(4), (2, 96, 128, 3))
             sizes = jnp.array([[96, 128], [75, 101]])
-            score_map, scores = model.apply({"params": params}, images, sizes, method="dense")
+            score_map, scores = dense(model, params, images, sizes)
             flipped = models.transposed_params(model, params)
-            transposed_map, transposed_scores = model.apply(
-                {"params": flipped}, jnp.swapaxes(images, 1, 2), sizes[:, ::-1], method="dense"
+            transposed_map, transposed_scores = dense(
+                model, flipped, jnp.swapaxes(images, 1, 2), sizes[:, ::-1]
             )
             np.testing.assert_allclose(
                 jnp.swapaxes(transposed_map, 1, 2), score_map, rtol=1e-5, atol=1e-5
             )
             np.testing.assert_allclose(transposed_scores, scores, rtol=1e-5, atol=1e-6)
             # Not the same parameters with the image merely transposed.
-            plain = model.apply({"params": params}, jnp.swapaxes(images, 1, 2), method="dense")
+            plain = dense(model, params, jnp.swapaxes(images, 1, 2))
             self.assertFalse(np.allclose(plain[1], scores, rtol=1e-3))
 
     def test_one_parameter_tree(self):
@@ -196,7 +210,7 @@ class BehaviourTest(absltest.TestCase):
     def test_dropout_only_in_training(self):
         model = tiny("A", dropout_rate=0.5)
         images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
-        params = model.init(jax.random.key(0), images)["params"]
+        params = init(model, images)
         eval_a = model.apply({"params": params}, images)
         eval_b = model.apply({"params": params}, images, train=False)
         np.testing.assert_array_equal(eval_a, eval_b)
@@ -209,7 +223,7 @@ class BehaviourTest(absltest.TestCase):
     def test_bfloat16_compute_float32_params(self):
         model = tiny("A", dtype=jnp.bfloat16)
         images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-        params = model.init(jax.random.key(0), images)["params"]
+        params = init(model, images)
         dtypes = {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)}
         self.assertEqual(dtypes, {jnp.dtype(jnp.float32)})
         _, state = model.apply(
@@ -240,12 +254,12 @@ class BehaviourTest(absltest.TestCase):
     def test_initialisers(self):
         images = jnp.zeros((1, 32, 32, 3))
         normal = tiny("A", width=1.0, initializer="paper_normal", init_std=0.01)
-        params = normal.init(jax.random.key(0), images)["params"]
+        params = init(normal, images)
         kernel = params["block4_conv1"]["kernel"]
         self.assertAlmostEqual(float(jnp.std(kernel)), 0.01, delta=0.0005)
         self.assertEqual(float(jnp.abs(params["block4_conv1"]["bias"]).max()), 0.0)
         glorot = tiny("A", width=1.0, initializer="glorot")
-        params = glorot.init(jax.random.key(0), images)["params"]
+        params = init(glorot, images)
         kernel = params["block4_conv2"]["kernel"]  # fan_in = fan_out = 9 * 512
         limit = np.sqrt(6 / (2 * 9 * 512))
         self.assertLessEqual(float(jnp.abs(kernel).max()), limit)
