@@ -41,4 +41,5 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto``: one worker per core, at most ``MAX_WORKERS``."""
-    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(MAX_WORKERS, cores or 1))

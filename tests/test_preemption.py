@@ -80,18 +80,14 @@ class OneProcessTest(absltest.TestCase):
         self.assertEqual(signal.getsignal(signal.SIGTERM), signal.SIG_IGN)
 
 
-@pytest.mark.slow
-class TwoProcessPreemptionTest(absltest.TestCase):
+class TwoProcessTestCase(absltest.TestCase):
+    """Launching, waiting for and cleaning up after two-process runs (no tests of its own)."""
+
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
         cls.tmp = tempfile.mkdtemp()
         cls.data_dir = fixtures.builtin_data_dir()
-        cls.reference_dir = os.path.join(cls.tmp, "reference")
-        processes, logs = cls.launch(cls.reference_dir, "train")
-        cls.finish(processes, logs)
-        cls.reference_params, step = final_params(cls.reference_dir)
-        assert step == TOTAL_STEPS, step
 
     @classmethod
     def tearDownClass(cls):
@@ -158,6 +154,18 @@ class TwoProcessPreemptionTest(absltest.TestCase):
                 raise AssertionError(f"no {what} within {WAIT_SECONDS} s")
             time.sleep(0.05)
 
+
+@pytest.mark.slow
+class TwoProcessPreemptionTest(TwoProcessTestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.reference_dir = os.path.join(cls.tmp, "reference")
+        processes, logs = cls.launch(cls.reference_dir, "train")
+        cls.finish(processes, logs)
+        cls.reference_params, step = final_params(cls.reference_dir)
+        assert step == TOTAL_STEPS, step
+
     def stop_and_resume(self, signalled: tuple[int, ...]) -> None:
         workdir = self.create_tempdir().full_path
         processes, logs = self.launch(workdir, "train")
@@ -212,6 +220,12 @@ class TwoProcessPreemptionTest(absltest.TestCase):
         for text in texts:
             self.assertIn("Evaluation stopped after a termination signal", text)
         self.assertFalse(os.path.exists(results))
+
+
+@pytest.mark.slow
+class TwoProcessContinuousEvaluationTest(TwoProcessTestCase):
+    """Needs no trained reference: its own class, so pytest-xdist can run it on another worker
+    while the training tests run."""
 
     def test_sigterm_to_process_1_stops_continuous_evaluation_on_both(self):
         workdir = self.create_tempdir().full_path  # no checkpoint: both poll, in step
