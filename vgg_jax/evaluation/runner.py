@@ -3,9 +3,8 @@
 For each net (the workdir's, then each of ``evals.fusion_workdirs``) and each test scale Q in
 ``{evals.single_scale} | evals.multi_scales``, one pass over the validation split runs dense and
 multi-crop evaluation on the same batches and keeps, per example, each method's softmax on the host
-(as its logarithm: ``combine``)
-(every example on every host: a few hundred MB for ImageNet), lined up across scales and nets by
-the batches' example ``index``. From those:
+(every example on every host: a few hundred MB for ImageNet; as its logarithm, see ``combine``),
+lined up across scales and nets by the batches' example ``index``. From those:
 
 * single-scale rows (Table 3): the methods at Q = ``single_scale``;
 * multi-scale rows (Tables 4-5): softmax averaged over the Q set ``multi_scales``;
