@@ -32,7 +32,7 @@ from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
 
-MAX_WORKERS = 4  # each worker holds JAX, TensorFlow and a tiny dataset: about 1.5 GB
+MAX_WORKERS = 4  # each worker holds its own JAX, TensorFlow and tiny dataset in memory
 
 
 def pytest_collection_modifyitems(config, items) -> None:

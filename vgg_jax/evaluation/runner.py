@@ -275,8 +275,8 @@ def check_convention(net: Net, config: ml_collections.ConfigDict, own: bool = Tr
 
 def combine(log_probabilities: Sequence[np.ndarray]) -> np.ndarray:
     """The paper's combination of methods, scales and nets: the mean of their softmax outputs,
-    here of their logarithms (``methods.log_mean_exp``), so no class's rank is lost to a
-    probability below float32's smallest."""
+    taken on their logarithms (on the host, as ``methods.log_mean_exp`` does on the device), so
+    no class's rank is lost to a probability below float32's smallest."""
     stacked = np.stack(log_probabilities)
     return np.logaddexp.reduce(stacked, axis=0) - np.log(stacked.shape[0]).astype(stacked.dtype)
 
