@@ -1,6 +1,7 @@
 """Batches on the device: the decoded in-memory copy, the jitted augmentation (same pixels as the
 ``tf.data`` path's resize), exact resume, the kept validation batches and the prefetch thread."""
 
+import dataclasses
 import gc
 import itertools
 import threading
@@ -86,6 +87,29 @@ class DecodedTrainBatchesTest(absltest.TestCase):
         expected = tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
         np.testing.assert_array_equal(self.split.image(row), expected.numpy())
         self.assertEqual(self.split.label[row], int(label))
+
+    def test_every_chunk_lands_at_its_rows(self):
+        """Chunks of 7 images (the split's 100 end in a short one): every row holds its own
+        image and label, as decoded one by one."""
+        builder = sources.prepared_builder(self.config.input)
+        with mock.patch.object(decoded, "CHUNK", 7):
+            split = decoded.decode_split(builder, "train", self.split_index)
+        reader = sources.RecordReader(builder, "train")
+        records = reader.read(self.split_index.valid)
+        self.assertLen(records, 100)
+        for row, record in enumerate(records):
+            encoded, label = sources.parse(record)
+            expected = tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
+            np.testing.assert_array_equal(split.image(row), expected.numpy())
+            self.assertEqual(split.label[row], int(label))
+
+    def test_a_stale_index_is_named(self):
+        builder = sources.prepared_builder(self.config.input)
+        stale = dataclasses.replace(self.split_index, height=self.split_index.height.copy())
+        example = self.split_index.valid[40]
+        stale.height[example] += 1
+        with self.assertRaisesRegex(ValueError, f"example {example} decoded to .* index is stale"):
+            decoded.decode_split(builder, "train", stale)
 
     def test_small_splits_use_it_and_zero_turns_it_off(self):
         self.assertTrue(on_device.uses_decoded_cache(self.config))
