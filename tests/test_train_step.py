@@ -4,6 +4,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl.testing import absltest
+from jax._src import dispatch
 from jax.sharding import PartitionSpec as P
 
 from vgg_jax import models, sharding
@@ -91,3 +92,44 @@ class XlaDefaultsTest(absltest.TestCase):
 
 if __name__ == "__main__":
     absltest.main()
+
+
+class CompileAheadTest(absltest.TestCase):
+    """``compile_ahead`` leaves the step's first call nothing to trace or compile."""
+
+    def first_step_work(self, ahead: bool, batch_size: int = 8) -> list[str]:
+        mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=4, model=1)))
+        net = models.build_model(tiny_model_config(), crop_size=32)
+        tx = optim.make_optimizer(paper.optim_config())
+        _, abstract = steps.abstract_train_state(net, tx, mesh)
+        step = steps.make_train_step(net, tx, mesh, steps.shardings_of(abstract), seed=0)
+        if ahead:
+            steps.compile_ahead(step, abstract, mesh, batch_size, 32)()
+        state, _ = steps.create_train_state(net, tx, mesh, seed=0)
+        batch = sharding.global_batch(synthetic_batches(1, batch_size)[0], mesh)
+        work = []
+
+        def listener(event: str, duration: float, **_) -> None:
+            if event in (dispatch.JAXPR_TRACE_EVENT, dispatch.BACKEND_COMPILE_EVENT):
+                work.append(event)
+
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            jax.block_until_ready(step(state, batch, np.float32(0.05)))
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+        return work
+
+    def test_the_first_step_finds_its_program_compiled(self):
+        self.assertIn(dispatch.JAXPR_TRACE_EVENT, self.first_step_work(ahead=False))
+        self.assertEqual(self.first_step_work(ahead=True), [])
+
+    def test_a_failed_compilation_is_raised_by_wait(self):
+        mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=4, model=1)))
+        net = models.build_model(tiny_model_config(), crop_size=32)
+        tx = optim.make_optimizer(paper.optim_config())
+        _, abstract = steps.abstract_train_state(net, tx, mesh)
+        step = steps.make_train_step(net, tx, mesh, steps.shardings_of(abstract), seed=0)
+        wait = steps.compile_ahead(step, abstract, mesh, 6, 32)  # 6 rows over 4 devices
+        with self.assertRaisesRegex(ValueError, "divisible|evenly"):
+            wait()

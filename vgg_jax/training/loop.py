@@ -22,9 +22,12 @@ from vgg_jax import checkpoint, compile_cache, models, preemption, sharding, wri
 from vgg_jax.training import init_from, lock, optim
 from vgg_jax.training.steps import (
     TrainState,
+    abstract_train_state,
+    compile_ahead,
     create_train_state,
     make_train_step,
     make_validation_step,
+    shardings_of,
 )
 
 # The per-epoch validation batches stay on the device across epochs up to this size.
@@ -156,6 +159,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> T
     from vgg_jax.data import on_device
 
     started = time.perf_counter()
+    mesh = sharding.make_mesh(config.mesh)
+    model = models.build_model(config.model, config.input.crop_size)
+    tx = optim.make_optimizer(config.optim)
+    _, abstract_state = abstract_train_state(model, tx, mesh)
+    train_step = make_train_step(model, tx, mesh, shardings_of(abstract_state), config.seed)
+    step_compiled = compile_ahead(
+        train_step, abstract_state, mesh, config.input.batch_size, config.input.crop_size
+    )
     _prepare_data_once(config)
     info = data.dataset_info(config)
     _check_config(config, info.num_classes)
@@ -164,9 +175,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> T
     steps_per_epoch = data.steps_per_epoch(config)
     total_steps = int(config.schedule.num_epochs * steps_per_epoch)
     warn_if_the_plateau_rule_cannot_act(config)
-    mesh = sharding.make_mesh(config.mesh)
-    model = models.build_model(config.model, config.input.crop_size)
-    tx = optim.make_optimizer(config.optim)
     phase = time.perf_counter()
     state, shardings = create_train_state(model, tx, mesh, config.seed)
     logging.info("Initialised the net's state in %.1f s.", time.perf_counter() - phase)
@@ -188,7 +196,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> T
             params=init_from.initial_params(config.init_from, state.params, config.model.name)
         )
 
-    train_step = make_train_step(model, tx, mesh, shardings, config.seed)
     validation_step = make_validation_step(model, mesh, shardings.params)
     writer = writers.MetricWriter(workdir)
     stop = preemption.StopSignal()
@@ -210,6 +217,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> T
         config.evals.validation_examples,
         config.evals.validation_bucket_step,
     )
+    phase = time.perf_counter()
+    step_compiled()
+    if (waited := time.perf_counter() - phase) > 1:
+        logging.info("Waited %.1f s for the train step's compilation.", waited)
     pending: list[dict[str, jax.Array]] = []
     last_log = time.perf_counter()
 

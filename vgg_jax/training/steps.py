@@ -7,6 +7,8 @@ folded into the dropout RNG (``fold_in(seed, step)``), so a resumed run draws th
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -26,23 +28,44 @@ class TrainState:
     opt_state: Any
 
 
-def create_train_state(
-    model: models.VGG, tx: optax.GradientTransformation, mesh: Mesh, seed: int
-) -> tuple[TrainState, TrainState]:
-    """A fresh state created directly in its shardings; returns ``(state, shardings)``."""
+def abstract_train_state(
+    model: models.VGG, tx: optax.GradientTransformation, mesh: Mesh
+) -> tuple[Callable[[jax.Array], TrainState], TrainState]:
+    """``(init, abstract)``: the state's initialiser (of an RNG key), and the state as
+    ``jax.ShapeDtypeStruct`` leaves, each with its sharding on ``mesh``, found by tracing alone
+    (``jax.eval_shape``: nothing is computed)."""
     size = model.crop_size
 
     def init(rng):
         params = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
-    rng = jax.random.key(seed)
-    abstract = jax.eval_shape(init, rng)
+    shapes = jax.eval_shape(init, jax.random.key(0))
     shardings = TrainState(
         sharding.replicated(mesh),
-        sharding.param_shardings(mesh, abstract.params),
-        sharding.param_shardings(mesh, abstract.opt_state),
+        sharding.param_shardings(mesh, shapes.params),
+        sharding.param_shardings(mesh, shapes.opt_state),
     )
+    abstract = jax.tree_util.tree_map(
+        lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+        shapes,
+        shardings,
+    )
+    return init, abstract
+
+
+def shardings_of(abstract: TrainState) -> TrainState:
+    """The shardings of ``abstract_train_state``'s state, in its structure."""
+    return jax.tree_util.tree_map(lambda leaf: leaf.sharding, abstract)
+
+
+def create_train_state(
+    model: models.VGG, tx: optax.GradientTransformation, mesh: Mesh, seed: int
+) -> tuple[TrainState, TrainState]:
+    """A fresh state created directly in its shardings; returns ``(state, shardings)``."""
+    init, abstract = abstract_train_state(model, tx, mesh)
+    shardings = shardings_of(abstract)
+    rng = jax.random.key(seed)
     init = jax.jit(init, out_shardings=shardings).lower(rng)
     return init.compile(compiler_options=_init_compiler_options())(rng), shardings
 
@@ -132,3 +155,44 @@ def make_validation_step(model: models.VGG, mesh: Mesh, param_shardings: Any):
         out_shardings=sharding.replicated(mesh),
         compiler_options=xla_options.cpu_compiler_options(),
     )
+
+
+def compile_ahead(
+    train_step: Any, state: TrainState, mesh: Mesh, batch_size: int, crop_size: int
+) -> Callable[[], None]:
+    """Starts compiling ``train_step`` (``make_train_step``'s) for ``state``
+    (``abstract_train_state``'s) and global batches of ``batch_size`` in a background thread,
+    and returns ``wait()``, which blocks until it is done and raises what the compilation raised.
+
+    Training compiles its step while the data is prepared, the state initialised and the images
+    decoded, instead of after them: the demo's step takes 8-11 s to compile on a 2-core CPU, as
+    long as all of those together (docs/performance.md, "Start-up"). The step's first call then
+    finds the program in JAX's caches (in memory, and the persistent cache of
+    ``compile_cache.workdir_cache``); a call whose arguments differ from these shapes simply
+    compiles, so this only ever saves time. Call ``wait()`` before the first step, so the two
+    never compile the same program at once."""
+    size = crop_size
+    where = sharding.batch_sharding(mesh)
+    batch = {
+        "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32, sharding=where),
+        "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=where),
+    }
+    learning_rate = jax.ShapeDtypeStruct((), jnp.float32)
+    failure: list[BaseException] = []
+
+    def compile_step() -> None:
+        try:
+            train_step.lower(state, batch, learning_rate).compile()
+        except BaseException as error:  # noqa: BLE001 - raised again by wait()
+            failure.append(error)
+
+    # A daemon: a run that fails before its first step does not wait for the compilation.
+    thread = threading.Thread(target=compile_step, name="compile train step", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    return wait
