@@ -371,6 +371,34 @@ class ImageFolderFaultsTest(absltest.TestCase):
         self.assertIs(folder.upright(upright_bytes), upright_bytes)  # stored unchanged
 
 
+class IndexReadErrorTest(absltest.TestCase):
+    def test_a_record_that_cannot_be_read_stops_the_index_instead_of_dropping_the_rest(self):
+        config = fixtures.tiny_config()
+        builder = sources.prepared_builder(config.input)
+        read = sources.RecordReader.read
+        calls = []
+
+        def flaky(reader, positions):
+            calls.append(len(positions))
+            if len(calls) == 3:  # records 32-47 of 100: a damaged chunk, an NFS hiccup
+                raise RuntimeError("Corrupted Riegeli/records file: chunk data hash mismatch")
+            return read(reader, positions)
+
+        with (
+            mock.patch.object(index, "_READ_CHUNK", 16),
+            mock.patch.object(sources.RecordReader, "read", flaky),
+            self.assertRaises(data.DatasetError) as raised,
+        ):
+            index.build_index(builder, "train")  # was: 68 of 100 marked undecodable, no error
+        message = str(raised.exception)
+        self.assertNotIn("\n", message)
+        self.assertIn("vgg_jax_shapes/train from record 32 of 100", message)
+        self.assertIn("chunk data hash mismatch", message)
+        # Undamaged records still index in full, every example decodable.
+        with mock.patch.object(index, "_READ_CHUNK", 16):
+            self.assertEqual(len(index.build_index(builder, "train").valid), 100)
+
+
 def project_files(data_dir: str) -> list[str]:
     return [
         path
