@@ -22,7 +22,7 @@ from tests import fixtures, testdata
 from tests.test_data_imagenet import NUM_VAL, PER_CLASS, SYNSETS, TINY_COUNTS, imagenet_config
 from vgg_jax import checks, data
 from vgg_jax.configs import paper
-from vgg_jax.data import folder, index, sources, verify
+from vgg_jax.data import folder, index, sources, transforms, verify
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
@@ -369,6 +369,25 @@ class ImageFolderFaultsTest(absltest.TestCase):
             self.assertEqual(folder.exif_orientation(buffer.getvalue()), 8)
         upright_bytes = testdata.jpeg(image)
         self.assertIs(folder.upright(upright_bytes), upright_bytes)  # stored unchanged
+
+    def test_truncated_rotated_photo_is_turned_and_decoded_as_the_pipeline_decodes(self):
+        from vgg_jax.evaluation import predict
+
+        photo = tf.io.decode_jpeg(testdata.photo_like_jpeg(0, 120, 160)).numpy()
+        whole = testdata.exif_jpeg(photo, 6)  # shown 120 wide and 160 tall
+        cut = testdata.truncated(whole, keep=0.6)  # an interrupted upload: 60% of the rows
+        path = os.path.join(self.create_tempdir().full_path, "cut.jpg")
+        with open(path, "wb") as f:
+            f.write(cut)
+        stored = folder.upright(cut)
+        # Was stored sideways (160 x 120), unlike what predict (and a viewer) shows.
+        self.assertEqual(tuple(tf.image.extract_jpeg_shape(stored).numpy()), (160, 120, 3))
+        self.assertEqual(predict.read_image(path).shape, (160, 120, 3))
+        # The accurate DCT, as every other decode (TensorFlow's default differs by up to ~20).
+        pixels = tf.io.decode_jpeg(whole, channels=3, dct_method=transforms.ACCURATE_DCT)
+        turned = np.ascontiguousarray(np.rot90(pixels.numpy(), k=-1))
+        expected = tf.io.encode_jpeg(turned, quality=folder.UPRIGHT_JPEG_QUALITY).numpy()
+        self.assertEqual(folder.upright(whole), expected)
 
 
 class IndexReadErrorTest(absltest.TestCase):

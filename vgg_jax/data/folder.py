@@ -21,8 +21,9 @@ an error naming it: as a class it would silently get no examples.
 EXIF orientation (photos from phones and cameras store pixels sideways plus an Orientation tag
 that viewers apply): a JPEG whose tag says anything but "upright" is turned upright once, at
 preparation, the way ``PIL.ImageOps.exif_transpose`` does, and stored re-encoded (JPEG quality
-95, without the tag). Doing it here costs one decode and encode of those files only, and keeps
-training's window decode and the index's sizes right without any per-step work.
+95, without the tag; decoded as the pipeline decodes, truncated files included). Doing it here
+costs one decode and encode of those files only, and keeps training's window decode and the
+index's sizes right without any per-step work.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vgg_jax.data import DatasetError
+from vgg_jax.data import DatasetError, transforms
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 SKIPPED_FILES_NAME = "vgg_jax_skipped_files.txt"
@@ -218,12 +219,17 @@ def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
 
 def upright(encoded: bytes) -> bytes:
     """``encoded`` unchanged unless it is a JPEG with an EXIF orientation other than upright;
-    then re-encoded upright (an undecodable file is left as it is for the index to skip)."""
+    then re-encoded upright (an undecodable file is left as it is for the index to skip).
+
+    Decoded as the pipeline decodes every JPEG (``transforms.decode_full``: the accurate DCT,
+    a truncated file kept with its missing rows grey when enough of it is there), so the pixels
+    stored are those training would have seen, turned; a truncated photo is turned upright too,
+    as ``evaluation.predict.read_image`` shows it (it was stored sideways before)."""
     orientation = exif_orientation(encoded)
     if orientation == 1:
         return encoded
     try:
-        image = tf.io.decode_jpeg(encoded, channels=3).numpy()
+        image = transforms.decode_full(tf.constant(encoded), transforms.JPEG).numpy()
     except tf.errors.OpError:
         return encoded
     turned = np.ascontiguousarray(apply_orientation(image, orientation))
