@@ -229,5 +229,15 @@ class PredictCommandLineTest(absltest.TestCase):
         self.assertNotIn("Traceback", broken.stderr)
 
 
+class ResolveClassTest(absltest.TestCase):
+    def test_a_class_named_by_a_number_is_chosen_by_its_name_not_its_index(self):
+        names = sorted(str(i) for i in range(12))  # an image folder's 0..11, sorted as text
+        self.assertEqual(names[:5], ["0", "1", "10", "11", "2"])
+        self.assertEqual(names[predict_tool.resolve_class("2", names)], "2")  # was "10"
+        self.assertEqual(names[predict_tool.resolve_class("11", names)], "11")  # was "9"
+        self.assertEqual(predict_tool.resolve_class("12", [*names, "x"]), 12)  # not a name
+        self.assertEqual(predict_tool.resolve_class("1", ["cat", "dog"]), 1)  # an index still
+
+
 if __name__ == "__main__":
     absltest.main()

@@ -59,8 +59,13 @@ def list_images(paths: Iterable[str]) -> list[str]:
 
 
 def resolve_class(chosen: str, class_names: list[str]) -> int:
-    """``--map_class``: a class index, or a name (exact, else the one class whose name contains
-    it, case-insensitive)."""
+    """``--map_class``: a class name exactly as written, else a class index, else a name
+    (case-insensitive, or its first comma-separated words, else the one class whose name contains
+    it). A name comes before an index: an image folder's classes are often numbers sorted as
+    text (``0, 1, 10, 11, 2, ...``), where ``2`` would otherwise map class ``10``; every class is
+    still reachable by its name."""
+    if chosen in class_names:
+        return class_names.index(chosen)
     if chosen.isdigit() and int(chosen) < len(class_names):
         return int(chosen)
     lowered = chosen.lower()
@@ -258,7 +263,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("flip", True, "Average with the horizontally flipped image, as evaluation.")
     flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
     flags.DEFINE_string("score_maps", None, "Write score-map PNGs into this folder.")
-    flags.DEFINE_string("map_class", None, "Map this class (index or name), not the top one.")
+    flags.DEFINE_string("map_class", None, "Map this class (name, else index), not the top one.")
     flags.mark_flag_as_required("workdir")
 
 
