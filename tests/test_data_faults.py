@@ -331,6 +331,18 @@ class ImageFolderFaultsTest(absltest.TestCase):
         data.prepare(config)
         self.assertEqual(stats.load_stats(builder)["num_images"], 3)  # today: still 6
 
+    def test_file_names_that_are_not_utf8_are_images_and_class_names_an_error(self):
+        root = self.make_folder()
+        latin1 = os.path.join(os.fsencode(root), b"train", b"cat", b"caf\xe9.jpg")  # from a zip
+        with open(latin1, "wb") as f:
+            f.write(_jpeg_bytes(7))
+        config = self.folder_config(root)
+        data.prepare(config)  # was: UnicodeEncodeError from the folder's hash, then from TFDS
+        self.assertEqual(data.dataset_info(config).num_train, 7)
+        os.makedirs(os.path.join(os.fsencode(root), b"validation", b"\xe9t\xe9"))
+        with self.assertRaisesRegex(data.DatasetError, r"validation/\\xe9t\\xe9 has a name"):
+            folder.scan(root)
+
     def test_exif_orientation_is_applied_as_pil_does(self):
         image = np.zeros((24, 40, 3), np.uint8)
         image[:6, :10] = (255, 0, 0)  # a red top-left corner shows every turn and mirror

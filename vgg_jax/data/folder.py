@@ -87,16 +87,36 @@ def _listed(directory: str) -> list[os.DirEntry]:
 
 def _directories(directory: str, skipped: list[tuple[str, str]], what: str) -> list[os.DirEntry]:
     """The sub-directories of ``directory`` by name; other entries and hidden directories go to
-    ``skipped``."""
+    ``skipped``. A split or class name must be text: it names the split, or is the label."""
     kept = []
     for entry in _listed(directory):
         if not entry.is_dir():
             skipped.append((entry.path, f"not a {what} directory"))
         elif entry.name.startswith("."):
             skipped.append((entry.path, "hidden directory"))
+        elif not _is_text(entry.name):
+            raise DatasetError(
+                f"The {what} folder {_printable(entry.path)} has a name that is not UTF-8 text "
+                f"(written in another encoding); rename it: its name is the {what}'s name."
+            )
         else:
             kept.append(entry)
     return kept
+
+
+def _is_text(name: str) -> bool:
+    """Whether a file name from the OS is valid UTF-8 (Python keeps other bytes as surrogates:
+    ``caf\\udce9.jpg`` for a Latin-1 ``café.jpg``, which cannot be encoded back to UTF-8)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(path: str) -> str:
+    """``path`` as UTF-8 text, a byte that is not UTF-8 shown as ``\\xe9``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def scan(root: str) -> FolderScan:
@@ -120,7 +140,8 @@ def scan(root: str) -> FolderScan:
                 images.append(entry.path)
                 stat = entry.stat()
                 where = f"{split.name}/{class_dir.name}/{entry.name}"
-                digest.update(f"{where}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+                # fsencode: a file name need not be UTF-8 (its bytes are hashed as they are).
+                digest.update(os.fsencode(f"{where}\0{stat.st_size}\0{stat.st_mtime_ns}\n"))
             if not images:
                 empty.append(class_dir.path)
             classes[class_dir.name] = images
@@ -155,7 +176,7 @@ def write_skipped_list(folder_scan: FolderScan, directory: str) -> str:
     path = os.path.join(directory, SKIPPED_FILES_NAME)
     os.makedirs(directory, exist_ok=True)
     with open(path, "w") as f:
-        f.writelines(f"{why}\t{skipped}\n" for skipped, why in folder_scan.skipped)
+        f.writelines(f"{why}\t{_printable(skipped)}\n" for skipped, why in folder_scan.skipped)
     return path
 
 
@@ -288,7 +309,8 @@ class VggJaxImageFolder(tfds.core.GeneratorBasedBuilder):
         for name, paths in classes.items():
             for path in paths:
                 with open(path, "rb") as f:
-                    yield path, {"image": upright(f.read()), "label": name}
+                    # The key is only hashed (the records' order): any file name will do.
+                    yield _printable(path), {"image": upright(f.read()), "label": name}
 
 
 def _name_prefix(root: str) -> str:
