@@ -261,6 +261,18 @@ class ImageFolderFaultsTest(absltest.TestCase):
         data.prepare(config)
         self.assertEqual(data.dataset_info(config).class_names, ["cat", "dog"])
 
+    def test_a_missing_split_is_one_line_before_anything_is_copied(self):
+        root = os.path.join(self.create_tempdir().full_path, "photos")
+        testdata.write_image_folder(root, {"training": 2, "val": 1}, ["cat", "dog"])
+        config = self.folder_config(root)
+        with self.assertRaises(data.DatasetError) as raised:
+            data.prepare(config)  # was: the whole folder copied, then a ValueError traceback
+        message = str(raised.exception)
+        self.assertNotIn("\n", message)
+        self.assertIn("no split folder 'train' or 'validation'", message)
+        self.assertIn("it holds ['training', 'val']", message)
+        self.assertEmpty(os.listdir(config.input.data_dir))  # nothing copied
+
     def test_fewer_decodable_images_than_a_batch_is_an_error_not_an_empty_run(self):
         root = self.make_folder()  # 6 training images
         for name in ("cat", "dog"):

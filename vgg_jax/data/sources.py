@@ -162,6 +162,8 @@ def _imagenet_download_config(manual_dir: str | None) -> tfds.download.DownloadC
 def prepare_builder(input_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """Runs the builder's generation unless its files already exist; returns the builder."""
     builder = get_builder(input_config, fresh=True)
+    if input_config.dataset == "image_folder":
+        _check_folder_splits(builder, input_config)
     if builder.is_prepared():
         return builder
     project_files = files_dir(builder, input_config)
@@ -196,6 +198,24 @@ def prepare_builder(input_config: ml_collections.ConfigDict) -> tfds.core.Datase
     if input_config.dataset == "image_folder":
         _report_skipped(builder, project_files)
     return builder
+
+
+def _check_folder_splits(
+    builder: folder.VggJaxImageFolder, input_config: ml_collections.ConfigDict
+) -> None:
+    """The training and evaluation splits must be folders of the image folder: said in one line
+    before the folder is copied (``check_split`` said it after, with a traceback)."""
+    held = builder.folder_scan().splits
+    wanted = dict.fromkeys([input_config.train_split, input_config.eval_split])
+    missing = [split for split in wanted if split not in held]
+    if missing:
+        raise DatasetError(
+            f"Image folder {builder.builder_config.root} has no split folder "
+            f"{' or '.join(map(repr, missing))} (config.input.train_split="
+            f"{input_config.train_split!r}, eval_split={input_config.eval_split!r}); it holds "
+            f"{sorted(held)}. Set --config.input.train_split and --config.input.eval_split to "
+            "two of them, or rename the folders."
+        )
 
 
 def _report_skipped(builder: folder.VggJaxImageFolder, directory: str) -> None:
