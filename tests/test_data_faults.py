@@ -273,6 +273,15 @@ class ImageFolderFaultsTest(absltest.TestCase):
         self.assertIn("it holds ['training', 'val']", message)
         self.assertEmpty(os.listdir(config.input.data_dir))  # nothing copied
 
+    def test_a_split_name_tfds_cannot_read_is_one_line_before_anything_is_copied(self):
+        root = os.path.join(self.create_tempdir().full_path, "photos")
+        testdata.write_image_folder(root, {"train": 2, "val set": 1}, ["cat", "dog"])
+        config = self.folder_config(root)
+        config.input.eval_split = "val set"
+        with self.assertRaisesRegex(data.DatasetError, "val set'.*rename it .*'val_set'"):
+            data.prepare(config)  # was: copied, then "Error parsing split 'val set'" when read
+        self.assertEmpty(os.listdir(config.input.data_dir))
+
     def test_fewer_decodable_images_than_a_batch_is_an_error_not_an_empty_run(self):
         root = self.make_folder()  # 6 training images
         for name in ("cat", "dog"):

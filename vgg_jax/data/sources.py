@@ -19,6 +19,7 @@ data_dir is read-only (a shared cluster copy): ``files_dir``.
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 import tempfile
 
@@ -34,6 +35,9 @@ DATASETS = ("imagenet2012", "image_folder", "builtin")
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 IMAGENET_SPLIT_TARS = dict(zip(("train", "validation"), IMAGENET_TARS, strict=True))
 FILE_FORMAT = "array_record"
+# What TFDS reads as one split's name (``tfds.core.splits._SUB_SPEC_RE``).
+_SPLIT_NAME = re.compile(r"[\w-]+")
+_NOT_IN_SPLIT_NAME = re.compile(r"[^\w-]+")
 
 
 def check_dataset_name(name: str) -> None:
@@ -216,6 +220,16 @@ def _check_folder_splits(
             f"{sorted(held)}. Set --config.input.train_split and --config.input.eval_split to "
             "two of them, or rename the folders."
         )
+    for split in wanted:
+        # TFDS reads a split by a spec (``train[:10%]+test``): other names fail only when read,
+        # after the whole folder is copied ("Error parsing split 'test.v2'").
+        if not _SPLIT_NAME.fullmatch(split):
+            renamed = _NOT_IN_SPLIT_NAME.sub("_", split)
+            raise DatasetError(
+                f"Split folder {os.path.join(builder.builder_config.root, split)!r}: TFDS reads "
+                "only split names of letters, digits, '_' and '-'; rename it (e.g. "
+                f"{renamed!r}) and set the config's split name to match."
+            )
 
 
 def _report_skipped(builder: folder.VggJaxImageFolder, directory: str) -> None:
