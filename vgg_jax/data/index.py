@@ -10,10 +10,9 @@ are left out of every order (skipped and counted, never a crash). The decode che
 of the cost of a full decode.
 
 Only an example's decode may fail and be counted: a record that cannot be read (a damaged
-``array_record`` chunk, an I/O error) stops the pass with ``DatasetError`` and nothing is saved.
-Before, ``ignore_errors`` also swallowed the reader's error, which ended the record stream there,
-so every later example was marked undecodable and that index was saved and reused (one damaged
-555-byte chunk: 344 of 600 training examples gone, the class check passing).
+``array_record`` chunk, an I/O error) stops the pass with ``DatasetError`` and nothing is saved:
+``tf.data``'s ``ignore_errors`` would end the record stream at it, and every later example would
+be marked undecodable in an index that is saved and reused.
 """
 
 from __future__ import annotations
