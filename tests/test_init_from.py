@@ -110,6 +110,17 @@ class InitFromTest(absltest.TestCase):
             init_from.initial_params(config, init(tiny("E"), seed=5), "E")
         self.assertTrue(any(f"from {net_e} step 9 (net E)" in line for line in logs.output))
 
+    def test_a_source_trained_on_other_classes_is_refused(self):
+        names = ["ant", "bee", "cow", "dog", "elk"]
+        source = os.path.join(self.create_tempdir().full_path, "a")
+        checkpoint.save_params(source, self.net_a, step=3, class_names=names)
+        fresh = init(tiny("D"), seed=2)
+        config = paper.paper_config("D", None).init_from
+        config.update(dict(mode="shallow", workdir=source))
+        init_from.initial_params(config, fresh, "D", names)  # the same classes: copied
+        with self.assertRaisesRegex(ValueError, "other classes .*class 1: 'bee' there, 'cat' here"):
+            init_from.initial_params(config, fresh, "D", ["ant", "cat", "cow", "dog", "elk"])
+
 
 if __name__ == "__main__":
     absltest.main()

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import glob
 import json
@@ -29,7 +30,7 @@ from absl.testing import absltest
 from etils import epath
 
 from tests import fixtures
-from vgg_jax import checkpoint, sharding
+from vgg_jax import checkpoint, data, sharding
 from vgg_jax.evaluation import runner
 from vgg_jax.training import lock, loop
 
@@ -170,6 +171,39 @@ class ChangedConfigResumeTest(OneTrainedRun):
         self.assertIn("input.shuffle_seed 0 -> 7", line)
         self.assertIn("schedule.num_epochs 1.0 -> 2.0", line)
         self.assertEqual(max(checkpoint.available_steps(workdir)), 2 * STEPS_PER_EPOCH)
+
+    def resumed_on(self, workdir: str, **changes) -> None:
+        """Trains the copy a second epoch on the same data, as described with ``changes``."""
+        real = data.dataset_info
+
+        def changed(config):
+            return dataclasses.replace(real(config), **changes)
+
+        with mock.patch.object(data, "dataset_info", changed):
+            loop.train(config_for(**{"schedule.num_epochs": 2}), workdir)
+
+    def test_a_dataset_with_other_classes_is_refused_when_resuming(self):
+        workdir = self.copy_of_run()
+        steps = checkpoint.available_steps(workdir)
+        names = list(checkpoint.restore_params(workdir)[2]["class_names"])
+        renamed = [*names[:2], "zebra", *names[3:]]  # a class folder renamed: labels move
+        with self.assertRaisesRegex(
+            checkpoint.IncompatibleCheckpointError,
+            f"other classes than the dataset now has \\(class 2: {names[2]!r} there, 'zebra' "
+            "here\\): resuming would train each output on another class",
+        ):
+            self.resumed_on(workdir, class_names=renamed)
+        self.assertEqual(checkpoint.available_steps(workdir), steps)
+
+    def test_a_changed_mean_warns_and_keeps_the_trained_convention(self):
+        workdir = self.copy_of_run()
+        trained = checkpoint.restore_params(workdir)[2]["input_convention"]
+        with self.assertLogs("absl", "WARNING") as logs:
+            self.resumed_on(workdir, mean_rgb=np.float32([1.0, 2.0, 3.0]))
+        self.assertTrue(any("mean RGB has changed" in line for line in logs.output))
+        last = max(checkpoint.available_steps(workdir))
+        self.assertEqual(last, 2 * STEPS_PER_EPOCH)
+        self.assertEqual(checkpoint.restore_params(workdir, last)[2]["input_convention"], trained)
 
     def test_another_batch_size_is_refused_in_one_line(self):
         workdir = self.copy_of_run()

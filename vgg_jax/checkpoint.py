@@ -60,6 +60,20 @@ class IncompatibleCheckpointError(CheckpointError):
     """A checkpoint made with another net or optimiser than the config that would resume it."""
 
 
+def class_difference(recorded: list[str] | None, now: list[str] | None) -> str | None:
+    """Where a checkpoint's class names (its ``class_names`` meta) and a dataset's first differ,
+    as ``class 3: 'ant' there, 'bee' here``; None when they agree or either is unknown. Output i
+    of a net is class i of the list it was trained on: another list (a renamed, added or removed
+    class folder shifts every later label) makes every output another class."""
+    if not recorded or not now or list(recorded) == list(now):
+        return None
+    pairs = list(zip(recorded, now, strict=False))
+    first = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
+    there = recorded[first] if first < len(recorded) else None
+    here = now[first] if first < len(now) else None
+    return f"class {first}: {there!r} there, {here!r} here"
+
+
 # Orbax's warnings about what this module does on purpose: periodic saves carry no validation
 # metrics (only the per-validation ones rank "best"), and readers open checkpoints read-only.
 EXPECTED_ORBAX_WARNINGS = (

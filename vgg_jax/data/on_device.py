@@ -138,7 +138,8 @@ class EvalBatchCache:
     """The evaluation batches at one scale as global device arrays, read once and kept while
     they fit in ``max_bytes`` (the per-epoch validation re-reads the same images every epoch);
     ``examples`` > 0 takes that many of the split (``pipeline.eval_schedule``); ``bucket_step``
-    > 0 rounds the buckets' long side to it instead of ``input.eval_bucket_step``.
+    > 0 rounds the buckets' long side to it instead of ``input.eval_bucket_step``;
+    ``input_convention`` (a checkpoint's) replaces the one the config trains with.
 
     In one process, a batch's filler rows (the last batch of each orientation is filled up to
     the batch size with masked copies of nothing) are dropped but for a multiple of
@@ -153,9 +154,11 @@ class EvalBatchCache:
         max_bytes: int,
         examples: int = 0,
         bucket_step: int = 0,
+        input_convention: dict | None = None,
     ):
         self.config, self.scale, self.mesh, self.max_bytes = config, scale, mesh, max_bytes
         self.examples, self.bucket_step = examples, bucket_step
+        self.input_convention = input_convention
         self._kept: list[dict[str, jax.Array]] | None = None
 
     def __iter__(self) -> Iterator[dict[str, jax.Array]]:
@@ -164,7 +167,11 @@ class EvalBatchCache:
             return
         kept, size = [], 0
         host = pipeline.eval_batches(
-            self.config, self.scale, examples=self.examples, bucket_step=self.bucket_step
+            self.config,
+            self.scale,
+            input_convention=self.input_convention,
+            examples=self.examples,
+            bucket_step=self.bucket_step,
         )
         if jax.process_count() == 1:  # several: every process must keep the same rows
             multiple = TAIL_MULTIPLE * self.mesh.shape[sharding.DATA]

@@ -244,14 +244,10 @@ def check_net_fits(
             f"{config.input.dataset!r} has {num_classes}. Pass "
             "--config.evals.accept_checkpoint_net=True to score it anyway."
         )
-    if net.class_names and class_names and list(net.class_names) != list(class_names):
-        pairs = list(zip(net.class_names, class_names, strict=False))
-        first = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
-        ours = net.class_names[first] if first < len(net.class_names) else None
-        theirs = class_names[first] if first < len(class_names) else None
+    if difference := checkpoint.class_difference(net.class_names, class_names):
         raise ValueError(
             f"Net {net.name} in {net.workdir} was trained on other classes than "
-            f"{config.input.dataset!r} has (class {first}: {ours!r} there, {theirs!r} here). "
+            f"{config.input.dataset!r} has ({difference}). "
             "Pass --config.evals.accept_checkpoint_net=True to score it anyway."
         )
 

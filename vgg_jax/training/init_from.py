@@ -34,15 +34,20 @@ SOURCE_NETS = {"shallow": ("A", "A-LRN"), "fc": ("A", "A-LRN")}
 
 
 def initial_params(
-    init_config: ml_collections.ConfigDict, fresh: dict[str, Any], net: str | None = None
+    init_config: ml_collections.ConfigDict,
+    fresh: dict[str, Any],
+    net: str | None = None,
+    class_names: list[str] | None = None,
 ) -> dict[str, Any]:
     """``fresh`` (a new net's params, of net ``net``) with the layers ``init_from`` names replaced.
 
     Shardings and dtypes of ``fresh`` are kept; a layer whose shape differs fails loudly, naming
     the layer. The source must be the net the mode copies from, as its checkpoint's config names
     it (``shallow``, ``fc``: net A; ``full``: ``net`` itself): other nets share layer names and
-    shapes (E's are a superset of D's) and would be copied without a word. A log line names the
-    source, its step and the layers copied.
+    shapes (E's are a superset of D's) and would be copied without a word. Every mode copies FC3,
+    whose output i is class i of the source's dataset: the source's recorded class names must be
+    ``class_names`` (this run's), when both are known. A log line names the source, its step and
+    the layers copied.
     """
     if init_config.mode not in MODES:
         raise ValueError(f"Unknown init_from.mode {init_config.mode!r}; valid: {list(MODES)}")
@@ -58,6 +63,11 @@ def initial_params(
         raise ValueError(
             f"init_from.mode={init_config.mode!r} copies from net {' or '.join(wanted)}; "
             f"{init_config.workdir} step {step} holds net {source_net}."
+        )
+    if difference := checkpoint.class_difference(meta.get("class_names"), class_names):
+        raise ValueError(
+            f"init_from {init_config.workdir} step {step} was trained on other classes than "
+            f"this run's dataset ({difference}): its FC3 would score each class as another."
         )
     names = {"shallow": SHALLOW_LAYERS, "fc": FC_LAYERS}.get(init_config.mode, tuple(fresh))
     missing = [n for n in names if n not in source or n not in fresh]

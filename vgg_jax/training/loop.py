@@ -127,6 +127,31 @@ def check_resumable(saved_config: dict, config: ml_collections.ConfigDict, where
     )
 
 
+def check_same_data(
+    saved_meta: dict, class_names: list[str] | None, input_convention: dict, where: str
+) -> None:
+    """A checkpoint resumed on a dataset whose class list changed (a class folder renamed, added
+    or removed: every later label moves) would go on training each output on another class: an
+    error naming the first class that differs. A changed mean (images added or removed) only
+    warns: the run keeps the checkpoint's input convention."""
+    if difference := checkpoint.class_difference(saved_meta.get("class_names"), class_names):
+        raise checkpoint.IncompatibleCheckpointError(
+            f"{where} was trained on other classes than the dataset now has ({difference}): "
+            "resuming would train each output on another class. Restore the dataset, or start "
+            "another --workdir (init_from.mode=full copies the weights, then the classes must "
+            "match too)."
+        )
+    saved = saved_meta.get("input_convention")
+    if saved and saved != checkpoint.jsonable(input_convention):
+        logging.warning(
+            "The training data's mean RGB has changed since %s was saved (%s then, %s now): "
+            "the run goes on with the input convention it was trained with.",
+            where,
+            saved.get("mean"),
+            input_convention.get("mean"),
+        )
+
+
 def warn_if_the_plateau_rule_cannot_act(config: ml_collections.ConfigDict) -> None:
     """One warning when the run has too few validations for the plateau rule to divide the
     rate (the first sets the best; ``plateau_patience`` more without a better one divide it)."""
@@ -182,8 +207,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> T
     plateau = optim.PlateauState()
     best_top1 = -math.inf  # the best validation top-1 saved so far (ckpt.keep_best)
 
-    if (saved := checkpoints.latest_meta()) is not None and "config" in saved[1]:
-        check_resumable(saved[1]["config"], config, f"step {saved[0]} in {workdir}")
+    if (saved := checkpoints.latest_meta()) is not None:
+        where = f"step {saved[0]} in {workdir}"
+        if "config" in saved[1]:
+            check_resumable(saved[1]["config"], config, where)
+        check_same_data(saved[1], info.class_names, input_convention, where)
+        # The net goes on seeing its inputs as it did: the mean of a folder that gained images
+        # since has moved, but the net's first layer was trained on the old one.
+        input_convention = saved[1].get("input_convention") or input_convention
     if (restored := checkpoints.restore_latest(state.params, state.opt_state)) is not None:
         latest, params, opt_state, meta = restored
         state = TrainState(jax.device_put(jnp.int32(latest), shardings.step), params, opt_state)
@@ -193,7 +224,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> T
         logging.info("Resumed from step %d in %s.", latest, workdir)
     else:
         state = state.replace(
-            params=init_from.initial_params(config.init_from, state.params, config.model.name)
+            params=init_from.initial_params(
+                config.init_from, state.params, config.model.name, info.class_names
+            )
         )
 
     validation_step = make_validation_step(model, mesh, shardings.params)
@@ -208,7 +241,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> T
             total_steps,
             config.schedule.num_epochs,
         )
-    batches = on_device.train_batches(config, start_step, mesh)
+    batches = on_device.train_batches(config, start_step, mesh, input_convention=input_convention)
     validation_batches = on_device.EvalBatchCache(
         config,
         config.evals.single_scale,
@@ -216,6 +249,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> T
         VALIDATION_CACHE_BYTES,
         config.evals.validation_examples,
         config.evals.validation_bucket_step,
+        input_convention,
     )
     phase = time.perf_counter()
     step_compiled()
