@@ -119,16 +119,19 @@ def build_index(builder: tfds.core.DatasetBuilder, split: str) -> SplitIndex:
     signature = (tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.string))
     ds = generator_dataset.from_generator(records, output_signature=signature).unbatch()
     ds = ds.map(transforms.no_autograph(_probe), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.ignore_errors()
+    # Batched after the errors are dropped: tf.data hands Python whole chunks, not examples.
+    ds = ds.ignore_errors().batch(_READ_CHUNK)
     fmt = np.full(total, transforms.UNDECODABLE, np.uint8)
     height, width = np.zeros(total, np.int32), np.zeros(total, np.int32)
     channels, truncated = np.zeros(total, np.uint8), np.zeros(total, bool)
     label = np.full(total, -1, np.int32)
     report = ProgressLog(f"Indexing {builder.name}/{split}", total)
-    for done, (position, kind, shape, cut, lab) in enumerate(ds.as_numpy_iterator(), 1):
-        report.update(done)
+    done = 0
+    for position, kind, shape, cut, lab in ds.as_numpy_iterator():
         fmt[position], truncated[position], label[position] = kind, cut, lab
-        height[position], width[position], channels[position] = shape
+        height[position], width[position], channels[position] = shape.T
+        done += len(position)
+        report.update(done)
     if failed:
         start, error = failed[0]
         where = os.fspath(builder.data_dir)
