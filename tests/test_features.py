@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -246,6 +247,30 @@ class CommandTest(absltest.TestCase):
         for value in (feature_error / 100, pixel_error / 100):  # 9 examples: multiples of 1/9
             self.assertAlmostEqual(value * 9, round(value * 9), places=3)
             self.assertBetween(value, 0.0, 1.0)
+
+    def test_a_checkpoint_without_its_convention_is_fed_its_training_configs_std(self):
+        """The checkpoint was saved before checkpoints carried their input convention: it is
+        rebuilt from the checkpoint's training config (the demo's ``pixel_std`` 60), not from
+        the command's config (here 1, as the paper's nets)."""
+        from experiments import demo
+        from vgg_jax import data
+
+        config = demo.get_config()
+        overrides = {**self.overrides, "evals.multi_scales": (32, 48)}
+        config.update_from_flattened_dict(overrides)
+        config.input.pixel_std = (1.0, 1.0, 1.0)
+        seen = []
+
+        class Seen(Exception):
+            pass
+
+        def eval_batches(config, scale, *, input_convention=None, **_):
+            seen.append(input_convention)
+            raise Seen
+
+        with mock.patch.object(data, "eval_batches", eval_batches), self.assertRaises(Seen):
+            features.linear_probe(config, self.workdir)
+        self.assertEqual(tuple(seen[0]["std"]), (60.0, 60.0, 60.0))
 
 
 if __name__ == "__main__":

@@ -272,6 +272,7 @@ def linear_probe(
     data.prepare(config)
     info = data.dataset_info(config)
     net = runner.load_net(workdir, runner.parse_checkpoint_choice(which), mesh, config)
+    runner.fill_convention(net, info.mean_rgb)
     scales = tuple(int(q) for q in config.evals.multi_scales)
 
     def split_descriptors(split: str) -> Descriptors:

@@ -252,6 +252,17 @@ def check_net_fits(
         )
 
 
+def fill_convention(net: Net, mean_rgb: Any) -> None:
+    """A net saved before checkpoints carried their input convention gets it rebuilt from its
+    saved training config (its ``pixel_std``) and ``mean_rgb`` (the dataset's), not from the
+    command's config, whose ``pixel_std`` may be another net's."""
+    if net.input_convention is None:
+        from vgg_jax import data
+
+        train_input = ml_collections.ConfigDict(net.train_input)
+        net.input_convention = data.trained_convention(mean_rgb, train_input)
+
+
 def check_convention(net: Net, config: ml_collections.ConfigDict, own: bool = True) -> None:
     """Each net is fed the input convention it was trained with; an explicit ``input.pixel_std``
     in the evaluation config that contradicts the workdir's own net (``own``) is a mistake, not
@@ -672,13 +683,8 @@ def evaluate_checkpoints(
             class_names=data_info.class_names if data_info else None,
         )
         check_convention(net, config, own=position == 0)
-        if net.input_convention is None and data_info is not None:
-            # Saved before checkpoints carried their convention: rebuild it from the saved
-            # training config (its pixel_std), with the dataset's mean.
-            from vgg_jax import data
-
-            train_input = ml_collections.ConfigDict(net.train_input)
-            net.input_convention = data.trained_convention(data_info.mean_rgb, train_input)
+        if data_info is not None:
+            fill_convention(net, data_info.mean_rgb)
         logging.info("Evaluating net %s, step %d, from %s", net.name, net.step, net.workdir)
         nets.append(net)
         outputs.append(evaluate_net(config, net, mesh, batches, expected_count))
