@@ -13,12 +13,14 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+# Only light imports here: a worker process spawned to draw the built-in dataset imports this
+# module again (JAX, Orbax and TensorFlow come with vgg_jax.tools.cli, inside main).
+from vgg_jax import modes
 from vgg_jax.data import shapes
-from vgg_jax.tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:argument].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-_MODE = flags.DEFINE_enum("mode", "train_and_evaluate", cli.MODES, "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train_and_evaluate", list(modes.MODES), "What to run.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (multi-host; auto-detects TPU/SLURM)."
 )
@@ -32,6 +34,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def main(argv: list[str]) -> None:
+    from vgg_jax.tools import cli
+
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _DISTRIBUTED.value or _COORDINATOR.value:
@@ -45,6 +49,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from vgg_jax.tools import cli
+
     shapes.allow_worker_processes()  # guarded: a spawned worker may import this module again
     flags.mark_flag_as_required("config")
     app.run(main, flags_parser=lambda argv: cli.parse_flags(flags.FLAGS, argv or sys.argv))

@@ -20,8 +20,26 @@ def launch(*args):
     )
 
 
+# What a worker process spawned to draw the built-in dataset does: import the program's main
+# module again (as ``__mp_main__``), here launch.py's or ``python -m vgg_jax.tools.data``'s.
+WORKER_IMPORTS = {
+    "launch.py": "runpy.run_path('launch.py', run_name='__mp_main__')",
+    "tools.data": "runpy.run_module('vgg_jax.tools.data', run_name='__mp_main__')",
+}
+HEAVY = "print(sorted(name for name in ('jax', 'orbax', 'tensorflow') if name in sys.modules))"
+
+
 @pytest.mark.slow
 class LaunchTest(absltest.TestCase):
+    def test_a_spawned_worker_imports_the_commands_without_jax_or_tensorflow(self):
+        for command, imports in WORKER_IMPORTS.items():
+            code = f"import runpy, sys; {imports}; {HEAVY}"
+            result = subprocess.run(
+                [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True
+            )
+            self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+            self.assertEqual(result.stdout.strip(), "[]", command)
+
     def test_summary_ends_with_paper_parameter_count(self):
         result = launch("--config=experiments/vgg19.py", "--mode=summary")
         self.assertEqual(result.returncode, 0, result.stderr)

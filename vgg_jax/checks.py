@@ -21,11 +21,11 @@ from typing import Any
 import jax
 import ml_collections
 
-from vgg_jax import models
+from vgg_jax import models, modes
 from vgg_jax.evaluation import runner
 from vgg_jax.training import init_from, optim
 
-MODES = ("train_and_evaluate", "train", "evaluate", "evaluate_continuously", "summary", "study")
+MODES = modes.MODES
 # What the python -m vgg_jax.tools programs check as: features reads another dataset's images
 # through a trained net, so the net's class count need not be the dataset's.
 TOOL_MODES = ("features",)

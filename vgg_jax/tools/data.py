@@ -17,14 +17,17 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+# Only light imports here: a spawned worker that draws the built-in dataset imports this module
+# again (JAX and Orbax come with vgg_jax.tools.cli, imported where it is used).
 from vgg_jax import data
 from vgg_jax.data import shapes
-from vgg_jax.tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.")
 
 
 def main(argv: list[str]) -> None:
+    from vgg_jax.tools import cli
+
     del argv
     cli.quiet_library_logs()
     config = _CONFIG.value
@@ -43,6 +46,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from vgg_jax.tools import cli
+
     shapes.allow_worker_processes()  # guarded: a spawned worker may import this module again
     flags.mark_flags_as_required(["config"])
     app.run(main, flags_parser=lambda argv: cli.parse_flags(flags.FLAGS, argv or sys.argv))
