@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from unittest import mock
 
 import jax
@@ -98,6 +99,67 @@ class DamagedImagenetTarTest(absltest.TestCase):
         self.assertLen(problems, 2)
         self.assertStartsWith(problems[0], "config.input.expected_counts='train=lots': must be")
         self.assertStartsWith(problems[1], f"config.input.index_dir={a_file!r}: is a file")
+
+
+class ImagenetValidationNamesTest(absltest.TestCase):
+    """TFDS labels the validation images by their position in the tar's sorted names: a tar of
+    other names is refused before anything is prepared, naming what is wrong, instead of being
+    labelled with other images' labels."""
+
+    def write_validation_tar(self, names: list[str]) -> None:
+        with tarfile.open(os.path.join(self.manual_dir, sources.IMAGENET_TARS[1]), "w") as tar:
+            for i, name in enumerate(names):
+                payload = _jpeg_bytes(i)
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+    def setUp(self):
+        super().setUp()
+        self.manual_dir = self.create_tempdir().full_path
+        testdata.write_ilsvrc_tars(self.manual_dir, SYNSETS, per_class=PER_CLASS, num_val=NUM_VAL)
+        self.config = imagenet_config(self.create_tempdir().full_path, self.manual_dir)
+
+    def test_names_tfds_would_label_wrong_are_refused_before_preparing(self):
+        val = [f"ILSVRC2012_val_{k:08d}.JPEG" for k in range(1, 6)]
+        cases = {
+            # a subset with a gap: today every image after it got another image's label
+            "not the first 5 (ILSVRC2012_val_00000002.JPEG is missing)": [
+                val[0],
+                *val[2:],
+                "ILSVRC2012_val_00000009.JPEG",
+            ],
+            # valprep.sh's class folders, re-tarred: today all 50,000 labelled, wrong
+            "holds 'n01751748/ILSVRC2012_val_00000001.JPEG'": [f"n01751748/{val[0]}", *val[1:]],
+            "holds 'LOC_val_solution.csv'": [*val, "LOC_val_solution.csv"],  # shifts nothing here
+            "holds './ILSVRC2012_val_00000001.JPEG'": [f"./{n}" for n in val],  # a KeyError today
+            "more than once": [*val, val[2]],
+        }
+        for expected, names in cases.items():
+            with self.subTest(expected):
+                self.write_validation_tar(names)
+                self.assertIn(
+                    expected,
+                    sources.validation_tar_problem(
+                        os.path.join(self.manual_dir, sources.IMAGENET_TARS[1])
+                    ),
+                )
+        self.write_validation_tar([f"n01751748/{val[0]}", *val[1:]])
+        with self.assertRaises(data.DatasetError) as raised:
+            data.prepare(self.config)
+        message = str(raised.exception)
+        self.assertNotIn("\n", message)
+        self.assertIn(sources.IMAGENET_TARS[1], message)
+        self.assertIn("n01751748/ILSVRC2012_val_00000001.JPEG", message)
+        self.assertFalse(sources.get_builder(self.config.input).is_prepared())
+
+    def test_the_original_names_or_their_first_n_are_accepted(self):
+        path = os.path.join(self.manual_dir, sources.IMAGENET_TARS[1])
+        self.assertIsNone(sources.validation_tar_problem(path))  # written by write_ilsvrc_tars
+        self.write_validation_tar([f"ILSVRC2012_val_{k:08d}.JPEG" for k in (3, 1, 2)])
+        self.assertIsNone(sources.validation_tar_problem(path))  # order in the tar is free
+        testdata.truncate_file(path, keep=0.5)  # a damaged tar is tar_damage's to explain
+        self.assertIsNone(sources.validation_tar_problem(path))
 
 
 def _jpeg_bytes(seed: int) -> bytes:

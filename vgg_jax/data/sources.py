@@ -34,6 +34,9 @@ from vgg_jax.data import DatasetError, builtin, folder
 DATASETS = ("imagenet2012", "image_folder", "builtin")
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 IMAGENET_SPLIT_TARS = dict(zip(("train", "validation"), IMAGENET_TARS, strict=True))
+# The names TFDS's imagenet2012 builder labels right, and how many validation labels it has.
+_VALIDATION_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG")
+IMAGENET_VALIDATION_IMAGES = 50_000
 FILE_FORMAT = "array_record"
 # What TFDS reads as one split's name (``tfds.core.splits._SUB_SPEC_RE``).
 _SPLIT_NAME = re.compile(r"[\w-]+")
@@ -149,6 +152,40 @@ def imagenet_culprit(manual_dir: str | None, split: str | None) -> tuple[str, bo
     return f"{' or '.join(names)} in {where} is likely damaged", False
 
 
+def validation_tar_problem(path: str) -> str | None:
+    """Why TFDS would give the images of the validation tar at ``path`` other images' labels, or
+    None when it labels them right (or the tar cannot be read: ``tar_damage`` explains that).
+
+    TFDS's ``imagenet2012`` builder labels the validation images by position: the i-th name of
+    the tar, sorted, gets the i-th line of its ``validation_labels.txt`` (the labels of
+    ``ILSVRC2012_val_00000001.JPEG`` to ``_00050000.JPEG`` in order). So only a tar of exactly
+    the first N of those names, at its top level, is labelled right; a subset with gaps, images
+    in class folders (``valprep.sh``'s layout) or one extra file sorting first shift the labels
+    of every image after it, with no error."""
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            names = tar.getnames()
+    except (OSError, tarfile.TarError):
+        return None
+    numbers = set()
+    for name in names:
+        found = _VALIDATION_NAME.fullmatch(name)
+        if not found:
+            return f"it holds {name!r}, not an ILSVRC2012_val_NNNNNNNN.JPEG at its top level"
+        number = int(found.group(1))
+        if number in numbers:
+            return f"it holds {name!r} more than once"
+        numbers.add(number)
+    if len(numbers) > IMAGENET_VALIDATION_IMAGES:
+        return f"it holds {len(numbers):,} images, ILSVRC-2012 has {IMAGENET_VALIDATION_IMAGES:,}"
+    if gaps := sorted(set(range(1, len(numbers) + 1)) - numbers):
+        return (
+            f"its {len(numbers):,} images are not the first {len(numbers):,} "
+            f"(ILSVRC2012_val_{gaps[0]:08d}.JPEG is missing)"
+        )
+    return None
+
+
 def _imagenet_download_config(manual_dir: str | None) -> tfds.download.DownloadConfig:
     where = os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else None
     missing = [n for n in IMAGENET_TARS if where is None or not os.path.exists(f"{where}/{n}")]
@@ -159,6 +196,15 @@ def _imagenet_download_config(manual_dir: str | None) -> tfds.download.DownloadC
             + " (from https://image-net.org/download-images) in one directory and pass it as "
             f"--config.input.manual_dir=DIR. Missing: {', '.join(missing)}"
             + (f" in {where}." if where else " (config.input.manual_dir is not set).")
+        )
+    validation_tar = os.path.join(where, IMAGENET_SPLIT_TARS["validation"])
+    if problem := validation_tar_problem(validation_tar):
+        raise DatasetError(
+            f"{validation_tar} would be labelled wrong: {problem}. TFDS gives the i-th name of "
+            "the validation tar, sorted, the label of ILSVRC2012_val_<i>.JPEG, so the tar must "
+            "hold ILSVRC2012_val_00000001.JPEG to _N.JPEG (all 50,000, or the first N) at its "
+            "top level and nothing else: use the original tar, or flatten class folders and "
+            "take a prefix for a subset."
         )
     return tfds.download.DownloadConfig(manual_dir=where)
 
