@@ -162,6 +162,36 @@ class ImagenetValidationNamesTest(absltest.TestCase):
         self.assertIsNone(sources.validation_tar_problem(path))
 
 
+class UnlabelledSplitTest(absltest.TestCase):
+    def test_imagenets_unlabelled_test_split_is_neither_scored_nor_trained_on(self):
+        manual_dir = self.create_tempdir().full_path
+        testdata.write_ilsvrc_tars(manual_dir, SYNSETS, per_class=PER_CLASS, num_val=NUM_VAL)
+        with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_test.tar"), "w") as tar:
+            for i in range(3):  # TFDS prepares it as a third split, every label -1
+                payload = _jpeg_bytes(i)
+                info = tarfile.TarInfo(f"ILSVRC2012_test_{i + 1:08d}.JPEG")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+        config = imagenet_config(self.create_tempdir().full_path, manual_dir)
+        config.input.eval_split = "test"
+        with self.assertRaises(data.DatasetError) as raised:
+            data.prepare(config)  # today: every test image scored wrong, a 100% error table
+        message = str(raised.exception)
+        self.assertIn("imagenet2012/test has 3 examples without a label", message)
+        self.assertIn("config.input.eval_split", message)
+        self.assertTrue(sources.get_builder(config.input).is_prepared())  # nothing moved aside
+        config.input.eval_split = "validation"
+        data.prepare(config)
+        self.assertEqual(data.dataset_info(config).num_eval, NUM_VAL)
+        # An evaluation reads the split's index (made above) without preparing: refused too.
+        config.input.eval_split = "test"
+        with self.assertRaisesRegex(data.DatasetError, "imagenet2012/test has 3 examples"):
+            data.dataset_info(config)
+        config.input.eval_split, config.input.train_split = "validation", "test"
+        with self.assertRaisesRegex(data.DatasetError, "config.input.train_split"):
+            data.dataset_info(config)  # today: trained every image as the last class
+
+
 def _jpeg_bytes(seed: int) -> bytes:
     image, _ = testdata.builtin.draw_example(seed, "train", seed)
     return testdata.jpeg(image)

@@ -92,7 +92,9 @@ def prepare(config: ml_collections.ConfigDict) -> None:
         sources.check_writable(files_dir)  # at once, not after indexing (45 min on ImageNet)
     verify.check_examples(builder, input_config, files_dir)
     for split in splits:
-        index.ensure_index(builder, split, files_dir)
+        verify.check_labelled(
+            builder, input_config, split, index.ensure_index(builder, split, files_dir)
+        )
     train_index = index.load_index(builder, input_config.train_split, files_dir)
     verify.check_classes(builder, input_config, train_index, files_dir)
     if computed_stats:
@@ -119,6 +121,11 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
     builder = sources.prepared_builder(input_config)
     train = _split_index(builder, input_config.train_split, input_config)
     evaluation = _split_index(builder, input_config.eval_split, input_config)
+    for split, split_index in (
+        (input_config.train_split, train),
+        (input_config.eval_split, evaluation),
+    ):
+        verify.check_labelled(builder, input_config, split, split_index)
     chosen = _stats(input_config, builder)
     label = builder.info.features["label"]
     return DatasetInfo(

@@ -140,3 +140,27 @@ def check_classes(
         missing = sorted(set(range(int(label.num_classes))) - set(present.tolist()))
         what += f" (none decodable in: {', '.join(label.names[i] for i in missing[:10])})"
     _fail(builder, input_config, files_dir, split, what)
+
+
+def check_labelled(
+    builder: tfds.core.DatasetBuilder,
+    input_config: ml_collections.ConfigDict,
+    split: str,
+    split_index: index.SplitIndex,
+) -> None:
+    """A split whose decodable examples carry no label (TFDS stores -1: ImageNet's test split,
+    prepared when ``ILSVRC2012_img_test.tar`` is in ``manual_dir``) cannot be trained on or
+    scored: its table said 100% error, and training took label -1 as the last class. Raises
+    ``DatasetError`` naming the config key; the prepared files are fine and stay."""
+    unlabelled = int((split_index.label[split_index.valid] < 0).sum())
+    if not unlabelled:
+        return
+    keys = [k for k in ("train_split", "eval_split") if input_config.get(k) == split]
+    labelled = [str(s) for s in builder.info.splits if str(s) != split]
+    raise DatasetError(
+        f"{builder.name}/{split} has {unlabelled:,} examples without a label (label -1"
+        + (": ImageNet's test set is unlabelled" if builder.name == "imagenet2012" else "")
+        + "), so it cannot be trained on or scored; set "
+        + " and ".join(f"config.input.{k}" for k in keys or ["eval_split"])
+        + f" to a labelled split ({', '.join(map(repr, sorted(labelled)))})."
+    )
