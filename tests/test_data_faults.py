@@ -63,6 +63,25 @@ class DamagedImagenetTarTest(absltest.TestCase):
         self.assertEqual(info.bad_input["train"]["examples"], PER_CLASS * len(SYNSETS))
         self.assertEqual(info.num_train, 11)  # the one corrupt image is skipped, as always
 
+    def test_a_subset_whose_class_count_is_not_given_is_kept_and_the_count_asked_for(self):
+        self.write_tars()
+        self.config.input.expected_counts = "train=12,validation=5"  # 3 synsets; no classes=
+        with self.assertRaises(data.DatasetError) as raised:
+            data.prepare(self.config)  # today: "likely damaged", moved aside, prepared again
+        message = str(raised.exception)
+        self.assertIn("3 classes, expected 1,000", message)
+        self.assertIn("add classes=3", message)
+        self.assertNotIn("damaged", message)
+        builder = sources.get_builder(self.config.input)
+        self.assertTrue(builder.is_prepared())
+        self.assertFalse(os.path.exists(f"{builder.data_dir}.bad"))
+        info_file = os.path.join(builder.data_dir, "dataset_info.json")
+        written = os.stat(info_file).st_mtime_ns
+        self.config.input.expected_counts = TINY_COUNTS
+        data.prepare(self.config)
+        self.assertEqual(os.stat(info_file).st_mtime_ns, written)  # not prepared again
+        self.assertEqual(data.dataset_info(self.config).num_train, 11)
+
     def test_truncated_tar_is_one_line_naming_it(self):
         self.write_tars()
         testdata.truncate_file(os.path.join(self.manual_dir, TRAIN_TAR), keep=0.6)
