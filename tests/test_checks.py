@@ -74,6 +74,20 @@ class CheckConfigTest(absltest.TestCase):
         self.assertStartsWith(line, "config.evals.multi_scales=(32, 32, 48)")
         self.assertIn("[32] given more than once", line)
 
+    def test_epochs_that_round_down_to_no_step_are_caught_for_a_new_run(self):
+        config = fixtures.tiny_config(with_data=False, **{"schedule.num_epochs": 0.1})
+        (line,) = problems(config, "train_and_evaluate")  # 100 images, batch 16: 6 steps
+        # today: "nothing to train", then the evaluation's "train it first"
+        self.assertStartsWith(line, "config.schedule.num_epochs=0.1: an epoch is 6 steps")
+        self.assertIn("give at least 0.167", line)
+        config.schedule.num_epochs = 0.2  # int(1.2): one step
+        self.assertEmpty(problems(config, "train_and_evaluate"))
+        config.schedule.num_epochs = 0.1
+        trained = self.create_tempdir().full_path  # evaluated again after its training
+        checkpoint.save_params(trained, {"w": np.zeros(2, np.float32)}, step=6)
+        self.assertEmpty(problems(config, "train_and_evaluate", trained))
+        self.assertEmpty(problems(config, "evaluate"))
+
     def test_evaluation_ignores_the_training_batch_size(self):
         config = fixtures.tiny_config(with_data=False, **{"input.batch_size": 6})  # 4 devices
         self.assertLen(problems(config, "train"), 1)

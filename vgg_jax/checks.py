@@ -268,6 +268,8 @@ def check_config(
     if mode in TRAINING_MODES:
         _check_training(p)
         _check_init_source(p, workdir)
+        if facts is not None:
+            _check_some_step(p, facts[1], workdir)
     _check_evals(p, data_devices)
     if workdir is not None and (problem := workdir_problem(workdir)):
         p.lines.append(problem)
@@ -292,6 +294,31 @@ def workdir_problem(workdir: str) -> str | None:
             "written there); give a writable --workdir"
         )
     return None
+
+
+def _check_some_step(p: _Problems, num_train: int, workdir: str | None) -> None:
+    """A new run whose ``schedule.num_epochs`` rounds down to no step (``int(num_epochs *
+    steps_per_epoch)``, as the loop counts) would train nothing, save nothing, and end in its
+    evaluation's "no committed checkpoint ... train it first"."""
+    from vgg_jax import checkpoint
+
+    epochs, batch = p.value("schedule.num_epochs"), p.value("input.batch_size")
+    numbers = all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in (epochs, batch)
+    )
+    if not numbers or num_train < batch or not math.isfinite(epochs):
+        return  # their own rules say what is wrong
+    steps_per_epoch = int(num_train // batch)
+    if int(epochs * steps_per_epoch) >= 1:
+        return
+    if workdir is not None and checkpoint.available_steps(workdir):
+        return  # a trained run, evaluated again: nothing to train is what was asked
+    p.add(
+        "schedule.num_epochs",
+        f"an epoch is {steps_per_epoch} steps of batch {batch} ({num_train} training examples), "
+        f"so {epochs:g} epochs is no step and training would save nothing; give at least "
+        f"{1 / steps_per_epoch:.3g}",
+    )
 
 
 def _check_init_source(p: _Problems, workdir: str | None) -> None:
