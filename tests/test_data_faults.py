@@ -82,6 +82,19 @@ class DamagedImagenetTarTest(absltest.TestCase):
         self.assertEqual(os.stat(info_file).st_mtime_ns, written)  # not prepared again
         self.assertEqual(data.dataset_info(self.config).num_train, 11)
 
+    def test_an_interrupted_preparation_is_redone_and_what_it_left_named(self):
+        self.write_tars()
+        builder = sources.get_builder(self.config.input)
+        left = os.path.join(os.path.dirname(builder.data_dir), "incomplete.K1LLED_5.1.0")
+        os.makedirs(left)  # what a preparation killed halfway leaves (TFDS's temporary copy)
+        with open(os.path.join(left, "imagenet2012-train.array_record-00000-of-00001"), "wb") as f:
+            f.write(b"\0" * 1000)
+        with self.assertLogs(level="WARNING") as logs:
+            data.prepare(self.config)  # today: left there, unnamed, at every interruption
+        self.assertTrue(any("interrupted preparation(s) of imagenet2012" in x for x in logs.output))
+        self.assertTrue(any(left in x for x in logs.output))
+        self.assertEqual(data.dataset_info(self.config).bad_input["train"]["examples"], 12)
+
     def test_truncated_tar_is_one_line_naming_it(self):
         self.write_tars()
         testdata.truncate_file(os.path.join(self.manual_dir, TRAIN_TAR), keep=0.6)

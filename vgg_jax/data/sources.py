@@ -218,6 +218,7 @@ def prepare_builder(input_config: ml_collections.ConfigDict) -> tfds.core.Datase
         return builder
     project_files = files_dir(builder, input_config)
     check_writable(project_files)  # the index follows; better to know before TFDS's hours
+    _warn_of_interrupted_preparations(builder)
     logging.info("Preparing %s into %s.", builder.name, builder.data_dir)
     if input_config.dataset == "image_folder" and (earlier := folder.earlier_copies(builder)):
         logging.warning(
@@ -248,6 +249,41 @@ def prepare_builder(input_config: ml_collections.ConfigDict) -> tfds.core.Datase
     if input_config.dataset == "image_folder":
         _report_skipped(builder, project_files)
     return builder
+
+
+def interrupted_preparations(builder: tfds.core.DatasetBuilder) -> list[str]:
+    """What earlier preparations of ``builder``'s version left when killed: TFDS writes into
+    ``incomplete.<random>_<version>`` beside the version directory and renames it at the end, so
+    an interrupted preparation is never taken for a finished one, but it is never resumed or
+    deleted either (a killed ImageNet preparation leaves up to its whole size, every time)."""
+    version_dir = os.fspath(builder.data_dir)
+    parent, version = os.path.dirname(version_dir), os.path.basename(version_dir)
+    if not os.path.isdir(parent):
+        return []
+    return sorted(
+        os.path.join(parent, name)
+        for name in os.listdir(parent)
+        if name.startswith("incomplete.") and name.endswith(f"_{version}")
+    )
+
+
+def _warn_of_interrupted_preparations(builder: tfds.core.DatasetBuilder) -> None:
+    if left := interrupted_preparations(builder):
+        size = sum(
+            os.path.getsize(os.path.join(root, name))
+            for directory in left
+            for root, _, names in os.walk(directory)
+            for name in names
+        )
+        logging.warning(
+            "%d interrupted preparation(s) of %s left %s (%.1f GB): TFDS starts again from the "
+            "beginning and never deletes them. Delete them unless another process is preparing "
+            "this dataset now.",
+            len(left),
+            builder.name,
+            ", ".join(left),
+            size / 1e9,
+        )
 
 
 def _check_folder_splits(
