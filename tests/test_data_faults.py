@@ -133,10 +133,11 @@ class DamagedImagenetTarTest(absltest.TestCase):
         self.assertStartsWith(problems[1], f"config.input.index_dir={a_file!r}: is a file")
 
 
-class ImagenetValidationNamesTest(absltest.TestCase):
-    """TFDS labels the validation images by their position in the tar's sorted names: a tar of
-    other names is refused before anything is prepared, naming what is wrong, instead of being
-    labelled with other images' labels."""
+class ImagenetTarLayoutTest(absltest.TestCase):
+    """TFDS labels the validation images by their position in the tar's sorted names, and reads
+    the train tar as one tar per synset: tars laid out otherwise are refused before anything is
+    prepared, naming what is wrong, instead of being labelled with other images' labels or
+    reported as damaged."""
 
     def write_validation_tar(self, names: list[str]) -> None:
         with tarfile.open(os.path.join(self.manual_dir, sources.IMAGENET_TARS[1]), "w") as tar:
@@ -183,6 +184,28 @@ class ImagenetValidationNamesTest(absltest.TestCase):
         self.assertNotIn("\n", message)
         self.assertIn(sources.IMAGENET_TARS[1], message)
         self.assertIn("n01751748/ILSVRC2012_val_00000001.JPEG", message)
+        self.assertFalse(sources.get_builder(self.config.input).is_prepared())
+
+    def test_a_train_tar_of_folders_or_extra_files_is_named_not_called_damaged(self):
+        path = os.path.join(self.manual_dir, sources.IMAGENET_TARS[0])
+        self.assertIsNone(sources.train_tar_problem(path))  # one tar per synset
+        cases = {
+            "holds 'n01440764/n01440764_0.JPEG', not a <synset>.tar": "n01440764/n01440764_0.JPEG",
+            "holds 'README.txt'": "README.txt",
+            "holds 'n00004475.tar', not one of ILSVRC-2012's 1,000 synsets": "n00004475.tar",
+        }
+        for expected, name in cases.items():
+            with self.subTest(name), tarfile.open(path, "w") as tar:
+                payload = _jpeg_bytes(0)
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+            self.assertIn(expected, sources.train_tar_problem(path))
+        with self.assertRaises(data.DatasetError) as raised:
+            data.prepare(self.config)  # today: "invalid header ... likely damaged; replace it"
+        message = str(raised.exception)
+        self.assertIn(f"{sources.IMAGENET_TARS[0]} is not laid out as ILSVRC-2012's", message)
+        self.assertNotIn("likely damaged", message)
         self.assertFalse(sources.get_builder(self.config.input).is_prepared())
 
     def test_the_original_names_or_their_first_n_are_accepted(self):

@@ -36,6 +36,7 @@ IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 IMAGENET_SPLIT_TARS = dict(zip(("train", "validation"), IMAGENET_TARS, strict=True))
 # The names TFDS's imagenet2012 builder labels right, and how many validation labels it has.
 _VALIDATION_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG")
+_SYNSET_TAR = re.compile(r"n\d{8}\.tar")
 IMAGENET_VALIDATION_IMAGES = 50_000
 FILE_FORMAT = "array_record"
 # What TFDS reads as one split's name (``tfds.core.splits._SUB_SPEC_RE``).
@@ -186,6 +187,34 @@ def validation_tar_problem(path: str) -> str | None:
     return None
 
 
+def train_tar_problem(path: str) -> str | None:
+    """Why TFDS's ``imagenet2012`` builder cannot read the train tar at ``path``, or None (also
+    when it is not a readable tar: ``tar_damage`` explains that). It reads each member as one
+    synset's tar and takes its name for the label: a tar of class folders or of images, or an
+    extra file, failed deep in TFDS with "invalid header", reported as a damaged tar."""
+    synsets = set(_imagenet_synsets())
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                name = os.path.normpath(member.name)
+                base = os.path.basename(name)
+                if not member.isfile() or base.startswith(".") or name.endswith("~"):
+                    continue  # TFDS skips these
+                if not _SYNSET_TAR.fullmatch(name):
+                    return f"it holds {member.name!r}, not a <synset>.tar such as n01440764.tar"
+                if name[:-4] not in synsets:
+                    return f"it holds {member.name!r}, not one of ILSVRC-2012's 1,000 synsets"
+    except (OSError, tarfile.TarError):
+        return None
+    return None
+
+
+def _imagenet_synsets() -> list[str]:
+    path = tfds.core.tfds_path("datasets/imagenet2012/labels.txt")
+    with open(os.fspath(path)) as f:
+        return f.read().split()
+
+
 def _imagenet_download_config(manual_dir: str | None) -> tfds.download.DownloadConfig:
     where = os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else None
     missing = [n for n in IMAGENET_TARS if where is None or not os.path.exists(f"{where}/{n}")]
@@ -196,6 +225,13 @@ def _imagenet_download_config(manual_dir: str | None) -> tfds.download.DownloadC
             + " (from https://image-net.org/download-images) in one directory and pass it as "
             f"--config.input.manual_dir=DIR. Missing: {', '.join(missing)}"
             + (f" in {where}." if where else " (config.input.manual_dir is not set).")
+        )
+    train_tar = os.path.join(where, IMAGENET_SPLIT_TARS["train"])
+    if problem := train_tar_problem(train_tar):
+        raise DatasetError(
+            f"{train_tar} is not laid out as ILSVRC-2012's: {problem}. TFDS reads it as one tar "
+            "per synset (n01440764.tar holding n01440764_*.JPEG, ...), as image-net.org ships "
+            "it; make each class folder a <synset>.tar and put those in it, nothing else."
         )
     validation_tar = os.path.join(where, IMAGENET_SPLIT_TARS["validation"])
     if problem := validation_tar_problem(validation_tar):
