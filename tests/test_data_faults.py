@@ -663,6 +663,37 @@ class ReadOnlyDataDirTest(absltest.TestCase):
         self.assertEmpty(project_files(data_dir))
 
 
+class SharedIndexDirTest(absltest.TestCase):
+    def test_two_data_dirs_sharing_an_index_dir_each_get_their_own_index(self):
+        root = self.create_tempdir().full_path
+        index_dir = os.path.join(root, "index")  # keyed by imagenet2012/5.1.0 only
+        configs, counts = [], ((4, 5), (8, 9))
+        for name, (per_class, num_val) in zip(("small", "bigger"), counts, strict=True):
+            manual = os.path.join(root, name, "manual")
+            testdata.write_ilsvrc_tars(manual, SYNSETS, per_class=per_class, num_val=num_val)
+            config = imagenet_config(os.path.join(root, name, "tfds"), manual)
+            config.input.update(
+                dict(
+                    index_dir=index_dir,
+                    stats_source="computed",
+                    expected_counts=f"train={3 * per_class},validation={num_val},classes=3",
+                )
+            )
+            data.prepare(config)
+            info = data.dataset_info(config)
+            # today, for "bigger": the small set's index, 11 of 23 training images, 5 of 9 scored
+            self.assertEqual(info.bad_input["train"]["examples"], 3 * per_class)
+            self.assertEqual(info.num_train, 3 * per_class - 1)  # its one corrupt image
+            self.assertEqual(info.num_eval, num_val)
+            configs.append((config, info.mean_rgb))
+        (small, small_mean), (_, bigger_mean) = configs
+        self.assertFalse(np.allclose(small_mean, bigger_mean))  # statistics made again too
+        with self.assertRaisesRegex(index.StaleIndexError, "made from other imagenet2012/train"):
+            data.dataset_info(small)  # an evaluation does not prepare: told to, not misled
+        data.prepare(small)
+        np.testing.assert_allclose(data.dataset_info(small).mean_rgb, small_mean, rtol=1e-6)
+
+
 @pytest.mark.slow
 class DataToolTest(absltest.TestCase):
     def test_mistyped_key_is_one_line(self):

@@ -149,12 +149,24 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else ""
 
 
-def _save(path: str, split_index: SplitIndex) -> None:
+def split_source(builder: tfds.core.DatasetBuilder, split: str) -> str:
+    """What the index of ``split`` is made from, as TFDS recorded it when it wrote the split: an
+    index (or statistics) made from other files (``input.index_dir`` is keyed by the dataset's
+    name and version only, so two data_dirs of ``imagenet2012`` share it) is told apart."""
+    info = builder.info.splits[split]
+    return f"{int(info.num_examples)} examples, {int(info.num_bytes)} bytes"
+
+
+def _save(path: str, split_index: SplitIndex, source: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     # Per process: two runs preparing one data_dir at once must not write one temporary file.
     temporary = f"{path}.{os.getpid()}.tmp.npz"
-    np.savez(temporary, **dataclasses.asdict(split_index))
+    np.savez(temporary, **dataclasses.asdict(split_index), source=np.asarray(source))
     os.replace(temporary, path)
+
+
+class StaleIndexError(DatasetError):
+    """The index on disk was made from other TFDS files than the builder's."""
 
 
 def load_index(
@@ -166,25 +178,42 @@ def load_index(
             f"No index for split {split!r} at {path}. Run `python -m vgg_jax.tools.data "
             "--config=<your config>` (or data.prepare(config)) first."
         )
-    return _load(path, os.path.getmtime(path))
+    split_index, source = _load(path, os.path.getmtime(path))
+    now = split_source(builder, split)
+    if len(split_index.fmt) != int(builder.info.splits[split].num_examples) or (
+        source is not None and source != now
+    ):
+        made = source or f"{len(split_index.fmt)} examples"
+        raise StaleIndexError(
+            f"The index {path} was made from other {builder.name}/{split} files ({made}) than "
+            f"those in {builder.data_dir} ({now}); two data_dirs sharing one input.index_dir? "
+            "Run `python -m vgg_jax.tools.data --config=<your config>` to index them again."
+        )
+    return split_index
 
 
 @functools.lru_cache(maxsize=16)
-def _load(path: str, mtime: float) -> SplitIndex:
+def _load(path: str, mtime: float) -> tuple[SplitIndex, str | None]:
     del mtime  # part of the cache key: a rebuilt index is read again
     with np.load(path) as stored:
-        return SplitIndex(**{f.name: stored[f.name] for f in dataclasses.fields(SplitIndex)})
+        split_index = SplitIndex(**{f.name: stored[f.name] for f in dataclasses.fields(SplitIndex)})
+        source = str(stored["source"]) if "source" in stored.files else None  # older indexes
+    return split_index, source
 
 
 def ensure_index(
     builder: tfds.core.DatasetBuilder, split: str, files_dir: str | None = None
 ) -> SplitIndex:
-    """The split's index, built and saved on first use."""
+    """The split's index, built and saved on first use, and again when the one on disk was made
+    from other files."""
     path = index_path(builder, split, files_dir)
     if os.path.exists(path):
-        return load_index(builder, split, files_dir)
+        try:
+            return load_index(builder, split, files_dir)
+        except StaleIndexError as e:
+            logging.warning("%s Indexing again.", str(e).rsplit(" Run ", 1)[0])
     logging.info("Indexing %s/%s (sizes, formats, decode check).", builder.name, split)
     split_index = build_index(builder, split)
-    _save(path, split_index)
+    _save(path, split_index, split_source(builder, split))
     logging.info("Indexed %s/%s: %s", builder.name, split, split_index.counts())
     return split_index

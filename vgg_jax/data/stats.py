@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from vgg_jax import conventions
-from vgg_jax.data import generator_dataset, sources, transforms
+from vgg_jax.data import generator_dataset, index, sources, transforms
 from vgg_jax.data.progress import ProgressLog
 
 # ImageNet's published values: the Caffe VGG mean (BGR [103.939, 116.779, 123.68] as RGB) and the
@@ -110,20 +110,35 @@ def ensure_stats(
     files_dir: str | None = None,
 ) -> dict:
     path = stats_path(builder, files_dir)
+    source = index.split_source(builder, split)
     if os.path.exists(path):
         stored = load_stats(builder, files_dir)
         wanted = min(max_images, len(valid))
-        if stored.get("num_images", wanted) == wanted:
+        if stored.get("source_files", source) != source:
+            # input.index_dir shared by two data_dirs of one dataset: not these images' values.
+            logging.warning(
+                "Statistics in %s were computed from other %s/%s files (%s; now %s): computing "
+                "them again.",
+                path,
+                builder.name,
+                split,
+                stored["source_files"],
+                source,
+            )
+        elif stored.get("num_images", wanted) == wanted:
             return stored
-        # input.stats_max_images changed since: the statistics follow the config.
-        logging.info(
-            "Statistics of %s were computed over %d images; input.stats_max_images asks for %d.",
-            builder.name,
-            stored["num_images"],
-            wanted,
-        )
+        else:
+            # input.stats_max_images changed since: the statistics follow the config.
+            logging.info(
+                "Statistics of %s were computed over %d images; input.stats_max_images asks "
+                "for %d.",
+                builder.name,
+                stored["num_images"],
+                wanted,
+            )
     logging.info("Computing mean RGB and PCA of %s/%s.", builder.name, split)
     stats = compute_stats(builder, split, valid, max_images)
+    stats["source_files"] = source
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.{os.getpid()}.tmp"  # per process, as data/index.py's
     with open(temporary, "w") as f:
