@@ -19,6 +19,7 @@ LEVELS = {
     "vgg_jax.configs": 0,
     "vgg_jax.conventions": 0,
     "vgg_jax.metrics": 0,
+    "vgg_jax.modes": 0,
     "vgg_jax.models": 1,
     "vgg_jax.sharding": 1,
     "vgg_jax.preemption": 1,
