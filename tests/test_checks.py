@@ -80,7 +80,7 @@ class CheckConfigTest(absltest.TestCase):
         # today: "nothing to train", then the evaluation's "train it first"
         self.assertStartsWith(line, "config.schedule.num_epochs=0.1: an epoch is 6 steps")
         self.assertIn("give at least 0.167", line)
-        config.schedule.num_epochs = 0.2  # int(1.2): one step
+        config.schedule.num_epochs = 0.167  # the value suggested: int(1.002), one step
         self.assertEmpty(problems(config, "train_and_evaluate"))
         config.schedule.num_epochs = 0.1
         trained = self.create_tempdir().full_path  # evaluated again after its training

@@ -317,7 +317,7 @@ def _check_some_step(p: _Problems, num_train: int, workdir: str | None) -> None:
         "schedule.num_epochs",
         f"an epoch is {steps_per_epoch} steps of batch {batch} ({num_train} training examples), "
         f"so {epochs:g} epochs is no step and training would save nothing; give at least "
-        f"{1 / steps_per_epoch:.3g}",
+        f"{math.ceil(1000 / steps_per_epoch) / 1000:g}",  # rounded up: it gives one step
     )
 
 
