@@ -361,9 +361,10 @@ def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
     for attempt in range(READ_RETRIES - 1):
         try:
             return ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             # A running trainer's keep-last-K deleted a step between Orbax listing the directory
-            # and reading that step's timestamp; the next listing no longer has it.
+            # and reading that step's timestamp (NotADirectoryError: gone between Orbax's
+            # ``exists`` and ``is_dir``); the next listing no longer has it.
             time.sleep(0.05 * (attempt + 1))
     return ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
 
