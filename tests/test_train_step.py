@@ -1,5 +1,8 @@
 """The jitted train step on 1, 4 and 2x2 (data x model) CPU devices gives the same parameters."""
 
+import os
+from unittest import mock
+
 import jax
 import ml_collections
 import numpy as np
@@ -83,11 +86,26 @@ class XlaDefaultsTest(absltest.TestCase):
         from vgg_jax import xla_options
 
         shipped = xla_options.cpu_compiler_options()
-        self.assertEqual(shipped, {"xla_cpu_experimental_ynn_fusion_type": ""})  # tests run on CPU
+        # Tests run on a CPU, with their own LLVM level in XLA_FLAGS (conftest.py), which wins.
+        self.assertEqual(shipped, {"xla_cpu_experimental_ynn_fusion_type": ""})
         with self.assertRaises(KeyError), xla_options.xla_defaults():
             self.assertIsNone(xla_options.cpu_compiler_options())
             raise KeyError  # the options come back after an error too
         self.assertEqual(xla_options.cpu_compiler_options(), shipped)
+
+    def test_llvm_level_two_unless_the_user_set_one(self):
+        from vgg_jax import xla_options
+
+        flags = os.environ.get("XLA_FLAGS", "")
+        mine = flags.replace("--xla_backend_optimization_level=0", "")
+        with mock.patch.dict(os.environ, {"XLA_FLAGS": mine}):
+            self.assertEqual(
+                xla_options.cpu_compiler_options()["xla_backend_optimization_level"], 2
+            )
+        with mock.patch.dict(
+            os.environ, {"XLA_FLAGS": mine + " --xla_backend_optimization_level=1"}
+        ):
+            self.assertNotIn("xla_backend_optimization_level", xla_options.cpu_compiler_options())
 
 
 if __name__ == "__main__":
