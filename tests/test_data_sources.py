@@ -52,6 +52,29 @@ class BuiltinTest(absltest.TestCase):
             self.assertEqual(label, expected_label)
             self.assertBetween(min(image.shape[:2]), 20, 24)
 
+    def test_jpegs_are_the_bytes_tensorflow_wrote(self):
+        """The stored JPEGs are encoded with PIL in the drawing workers; the dataset's bytes (and
+        so every published table) were TensorFlow's encoder's: they must stay the same."""
+        import tensorflow as tf
+
+        for index in range(8):
+            image, _ = shapes.draw_example(0, "train", index)
+            ours = shapes.encode_jpeg(image)
+            tensorflow = tf.io.encode_jpeg(
+                image, quality=shapes.JPEG_QUALITY, chroma_downsampling=False
+            ).numpy()
+            self.assertEqual(ours, tensorflow)
+        with (
+            mock.patch.object(shapes, "PARALLEL_FROM", 2),
+            mock.patch.object(shapes, "_workers_allowed", True),
+            mock.patch.object(shapes.os, "sched_getaffinity", return_value={0, 1}, create=True),
+        ):
+            drawn = list(shapes.draw_split(0, "train", 3, as_jpeg=True))
+        for index, (jpeg, label) in enumerate(drawn):
+            image, expected_label = shapes.draw_example(0, "train", index)
+            self.assertEqual(jpeg, shapes.encode_jpeg(image))
+            self.assertEqual(label, expected_label)
+
     def test_sizes_classes_and_colour_carry_no_label(self):
         sizes, labels, colours = [], [], []
         for i in range(200):

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vgg_jax.data import shapes
@@ -28,14 +26,8 @@ from vgg_jax.data.progress import ProgressLog
 # The dataset's classes and images (drawn by shapes.py), under the dataset's name.
 CLASS_NAMES, MAX_ASPECT, draw_example = shapes.CLASS_NAMES, shapes.MAX_ASPECT, shapes.draw_example
 
-JPEG_QUALITY = 90
-
 # Sizes by name: ``config.input.builtin_size``.
 SIZES = {"full": (5000, 1000), "small": (1000, 200), "tiny": (100, 40)}
-
-
-def encode_jpeg(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
-    return tf.io.encode_jpeg(image, quality=quality, chroma_downsampling=False).numpy()
 
 
 @dataclasses.dataclass
@@ -86,10 +78,10 @@ class VggJaxShapes(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str, count: int):
         report = ProgressLog(f"Generating the built-in {split} split", count)
-        drawn = shapes.draw_split(self.builder_config.seed, split, count)
-        for index, (image, label) in enumerate(drawn):
+        drawn = shapes.draw_split(self.builder_config.seed, split, count, as_jpeg=True)
+        for index, (jpeg, label) in enumerate(drawn):
             report.update(index)
-            yield index, {"image": encode_jpeg(image), "label": label}
+            yield index, {"image": jpeg, "label": label}
 
 
 def make_builder(size: str, seed: int, data_dir: str | None) -> VggJaxShapes:

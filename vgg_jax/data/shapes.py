@@ -7,11 +7,13 @@ three, so the dataset is the same on every machine, in any generation order and 
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 from collections.abc import Iterator
 
 import numpy as np
+from PIL import Image
 
 CLASS_NAMES = (
     "disk",
@@ -30,6 +32,7 @@ MAX_ASPECT = 1.6  # long side / short side, log-uniform in [1, MAX_ASPECT]
 OBJECT_RADIUS = (0.15, 0.45)  # fraction of the short side, log-uniform
 MAX_ROTATION = np.deg2rad(20.0)  # small, so square and diamond stay distinct classes
 SPLIT_IDS = {"train": 0, "validation": 1}
+JPEG_QUALITY = 90  # the stored images' (builtin.py)
 
 
 def _shape_distance(label: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -170,16 +173,37 @@ def allow_worker_processes() -> None:
     _workers_allowed = True
 
 
-def _draw_indexed(args: tuple[int, str, int, tuple[int, int]]) -> tuple[np.ndarray, int]:
-    return draw_example(*args)
+def encode_jpeg(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+    """``image`` (uint8 RGB) as a baseline JPEG with full-resolution colour (4:4:4): byte for byte
+    what ``tf.io.encode_jpeg(image, quality=quality, chroma_downsampling=False)`` writes, the
+    dataset's format since its first release (both are libjpeg-turbo with its standard tables
+    and TensorFlow's JFIF header says 300 dpi; tests/test_data_sources.py compares them). PIL,
+    not TensorFlow, so the workers that draw the images encode them too: TensorFlow's eager op
+    cost the main process about 1.2 ms an image, a fifth of the demo's dataset generation."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(
+        buffer, format="JPEG", quality=quality, subsampling=0, dpi=(300, 300)
+    )
+    return buffer.getvalue()
 
 
-def draw_split(seed: int, split: str, count: int) -> Iterator[tuple[np.ndarray, int]]:
-    """``draw_example`` for indices 0 .. count - 1, in order; drawn by one process per core when
+def _draw_indexed(
+    args: tuple[int, str, int, tuple[int, int], bool],
+) -> tuple[np.ndarray | bytes, int]:
+    *example, as_jpeg = args
+    image, label = draw_example(*example)
+    return (encode_jpeg(image) if as_jpeg else image), label
+
+
+def draw_split(
+    seed: int, split: str, count: int, as_jpeg: bool = False
+) -> Iterator[tuple[np.ndarray | bytes, int]]:
+    """``draw_example`` for indices 0 .. count - 1, in order, each image as an array or, with
+    ``as_jpeg``, as ``encode_jpeg``'s bytes; drawn (and encoded) by one process per core when
     there are ``PARALLEL_FROM`` or more and the program allows it (``allow_worker_processes``;
-    drawing is 85% of generating the demo's dataset, the caller encodes and stores meanwhile).
-    Workers are spawned, not forked: the caller holds JAX's and TensorFlow's threads."""
-    tasks = [(seed, split, index, SHORT_SIDE) for index in range(count)]
+    drawing is most of generating the demo's dataset, the caller stores meanwhile). Workers are
+    spawned, not forked: the caller holds JAX's and TensorFlow's threads."""
+    tasks = [(seed, split, index, SHORT_SIDE, as_jpeg) for index in range(count)]
     usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None  # Linux
     processes = min(len(usable) if usable else os.cpu_count() or 1, 8)
     if count < PARALLEL_FROM or processes < 2 or not _workers_allowed:
