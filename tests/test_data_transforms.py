@@ -147,6 +147,26 @@ class TrainTransformTest(absltest.TestCase):
         np.testing.assert_allclose(eigvecs.T @ eigvecs, np.eye(3), atol=1e-9)
         self.assertTrue(np.all(np.diff(eigvals) <= 0))
 
+    def test_moments_are_exact_whatever_the_grouping(self):
+        """The moments are whole-number sums scaled once: images passed one by one, in another
+        order or as one chunk (as the statistics pass hands them over) give the same bits, and
+        the sums equal Python's exact integer arithmetic (slices of 1 << 20 pixels included)."""
+        rng = np.random.default_rng(1)
+        images = [rng.integers(0, 256, (h, 37, 3), dtype=np.uint8) for h in (5, 300, 40, 29000)]
+        one_by_one = stats.pixel_moments(images)
+        chunk = np.concatenate([image.reshape(-1) for image in reversed(images)])
+        for other in (stats.pixel_moments(images[::-1]), stats.pixel_moments([chunk])):
+            for a, b in zip(one_by_one, other, strict=True):
+                np.testing.assert_array_equal(a, b)
+        pixels = np.concatenate([image.reshape(-1, 3) for image in images]).astype(object)
+        exact_total = pixels.sum(0)
+        exact_outer = pixels.T.dot(pixels)
+        np.testing.assert_array_equal(one_by_one[0] * 255.0, exact_total.astype(np.float64))
+        np.testing.assert_array_equal(
+            np.round(one_by_one[1] * 255.0**2), exact_outer.astype(np.float64)
+        )
+        self.assertEqual(one_by_one[2], len(pixels))
+
 
 class DatasetLevelTest(absltest.TestCase):
     @classmethod

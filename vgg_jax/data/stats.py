@@ -38,6 +38,7 @@ IMAGENET_STATS = {
 }
 STATS_SOURCES = ("auto", "computed", "published")
 CHUNK = 256  # images handed from tf.data to Python at a time
+_PIXELS_AT_A_TIME = 1 << 20  # float64 copies of at most 24 MB, whatever the images' sizes
 
 
 def stats_path(builder: tfds.core.DatasetBuilder, files_dir: str | None = None) -> str:
@@ -47,14 +48,24 @@ def stats_path(builder: tfds.core.DatasetBuilder, files_dir: str | None = None) 
 
 
 def pixel_moments(images: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
-    """Sum of pixels, sum of pixel outer products (float64, pixels in [0, 1]) and pixel count."""
-    total, outer, count = np.zeros(3), np.zeros((3, 3)), 0
+    """Sum of pixels, sum of pixel outer products (float64, pixels in [0, 1]) and pixel count of
+    ``images`` (uint8 arrays of RGB pixels, any shape ``(..., 3)``: one image or many).
+
+    The sums are made over the 0-255 values as whole numbers: each product is at most 255**2 and
+    each array's sums (BLAS, in float64) stay exact while under 2**53, so they are added to
+    int64 totals exactly and scaled to [0, 1] once at the end. The result then depends neither
+    on the order of the images nor on how they are grouped, and whole chunks of images cost one
+    sum and one matrix product each (image by image, in Python, was 1.3 s of the demo's
+    4.5 s)."""
+    total, outer, count = np.zeros(3, np.int64), np.zeros((3, 3), np.int64), 0
     for image in images:
-        pixels = image.reshape(-1, 3).astype(np.float64) / 255.0
-        total += pixels.sum(0)
-        outer += pixels.T @ pixels
-        count += len(pixels)
-    return total, outer, count
+        flat = image.reshape(-1, 3)
+        for start in range(0, len(flat), _PIXELS_AT_A_TIME):
+            pixels = flat[start : start + _PIXELS_AT_A_TIME].astype(np.float64)
+            total += (np.ones(len(pixels)) @ pixels).astype(np.int64)  # sum(0), 10x faster
+            outer += (pixels.T @ pixels).astype(np.int64)
+        count += len(flat)
+    return total / 255.0, outer / 255.0**2, count
 
 
 def stats_from_moments(total: np.ndarray, outer: np.ndarray, count: int) -> dict:
@@ -85,16 +96,15 @@ def compute_stats(
     )
     ds = ds.map(transforms.no_autograph(decoded), num_parallel_calls=tf.data.AUTOTUNE)
     # Chunks of images to Python, not single images (tf.data's per-element cost in Python was
-    # most of this pass's time on small images); the moments still add image by image.
+    # most of this pass's time on small images).
     ds = ds.ragged_batch(CHUNK).prefetch(2)
     report = ProgressLog(f"Mean RGB and PCA of {builder.name}/{split}", len(chosen))
 
     def images():
         done = 0
         for chunk in ds:
-            flat, lengths = chunk.flat_values.numpy(), chunk.row_lengths().numpy()
-            yield from np.split(flat, np.cumsum(lengths)[:-1])
-            done += len(lengths)
+            yield chunk.flat_values.numpy()  # the chunk's images' pixels, one after another
+            done += len(chunk.row_lengths().numpy())
             report.update(done)
 
     stats = stats_from_moments(*pixel_moments(images()))
