@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -288,13 +287,25 @@ def combine(log_probabilities: Sequence[np.ndarray]) -> np.ndarray:
     return np.logaddexp.reduce(stacked, axis=0) - np.log(stacked.shape[0]).astype(stacked.dtype)
 
 
+_classification_counts = jax.jit(metrics.classification_counts)
+
+
 def counts(log_probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Top-1/top-5 hits and the example count (every process holds every example's outputs)."""
+    """Top-1/top-5 hits and the example count (every process holds every example's outputs).
+
+    One jitted program per power of two of rows (padded rows masked out), so every row of an
+    evaluation's table shares one: run op by op, the counts compiled 14 small programs, a
+    second of the demo's evaluation."""
     totals = np.zeros(3, np.float64)
     for start in range(0, max(len(labels), 1), COUNT_CHUNK):
-        stop = start + COUNT_CHUNK
-        chunk = metrics.classification_counts(
-            jnp.asarray(log_probabilities[start:stop]), jnp.asarray(labels[start:stop])
+        scores = log_probabilities[start : start + COUNT_CHUNK]
+        chunk_labels = labels[start : start + COUNT_CHUNK]
+        rows = len(chunk_labels)
+        padded = min(COUNT_CHUNK, 1 << max(rows - 1, 0).bit_length())
+        chunk = _classification_counts(
+            np.pad(scores, ((0, padded - rows), (0, 0))),
+            np.pad(chunk_labels, (0, padded - rows)),
+            np.arange(padded) < rows,
         )
         totals += [float(chunk[k]) for k in ("top1_correct", "top5_correct", "count")]
     return dict(zip(("top1_correct", "top5_correct", "count"), totals.tolist(), strict=True))
