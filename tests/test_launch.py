@@ -40,6 +40,53 @@ class LaunchTest(absltest.TestCase):
             self.assertEqual(result.returncode, 0, result.stderr[-2000:])
             self.assertEqual(result.stdout.strip(), "[]", command)
 
+    def test_the_step_starts_compiling_before_tensorflow_loads(self):
+        """A training run checks its config and starts compiling its step before anything
+        imports TensorFlow (7-9 s of one core on a 2-core CPU), so the two overlap; the config
+        checks alone import neither TensorFlow nor TFDS, for every config shipped."""
+        code = """
+import importlib
+import os
+import sys
+from unittest import mock
+from vgg_jax.tools import cli
+from vgg_jax.training import loop
+
+class Started(Exception):
+    pass
+
+def compile_ahead(*args, **kwargs):
+    print("tensorflow at compile_ahead:", "tensorflow" in sys.modules)
+    raise Started
+
+config = importlib.import_module("experiments.demo").get_config()
+with mock.patch.object(loop, "compile_ahead", compile_ahead):
+    try:
+        cli.run("train", config, sys.argv[1])
+    except Started:
+        pass
+for name, mode in [("demo", "train"), ("vgg11", "train"), ("vgg16", "evaluate"), ("vgg19", "evaluate")]:
+    cli.checks.check_config(importlib.import_module(f"experiments.{name}").get_config(), mode)
+config = importlib.import_module("experiments.demo").get_config()
+config.input.dataset, config.input.folder = "image_folder", sys.argv[1]
+config.model.num_classes = 1
+os.makedirs(os.path.join(sys.argv[1], "train", "cat"))
+open(os.path.join(sys.argv[1], "train", "cat", "a.jpg"), "wb").close()
+cli.checks.check_config(config, "evaluate")
+print("loaded by the checks:", sorted({"tensorflow", "tensorflow_datasets"} & set(sys.modules)))
+"""
+        with tempfile.TemporaryDirectory() as workdir:
+            result = subprocess.run(
+                [sys.executable, "-c", code, workdir],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertIn("tensorflow at compile_ahead: False", result.stdout)
+        self.assertIn("loaded by the checks: []", result.stdout)
+
     def test_summary_ends_with_paper_parameter_count(self):
         result = launch("--config=experiments/vgg19.py", "--mode=summary")
         self.assertEqual(result.returncode, 0, result.stderr)

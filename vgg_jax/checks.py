@@ -80,23 +80,23 @@ def dataset_facts(input_config: ml_collections.ConfigDict) -> tuple[int, int] | 
     if input_config.dataset == "imagenet2012":
         return 1000, 1_281_167
     if input_config.dataset == "builtin":
-        from vgg_jax.data import builtin
+        from vgg_jax.data import choices, shapes
 
-        if input_config.builtin_size not in builtin.SIZES:
+        if input_config.builtin_size not in choices.BUILTIN_SIZES:
             return None
-        return len(builtin.CLASS_NAMES), builtin.SIZES[input_config.builtin_size][0]
+        return len(shapes.CLASS_NAMES), choices.BUILTIN_SIZES[input_config.builtin_size][0]
     if input_config.dataset == "image_folder" and input_config.folder:
         root = os.path.join(os.path.expanduser(input_config.folder), input_config.train_split)
         if not os.path.isdir(root):
             return None
-        from vgg_jax.data import folder
+        from vgg_jax.data import choices
 
         def is_image(entry: os.DirEntry) -> bool:
             name = entry.name.lower()
             return (
                 entry.is_file()
                 and not name.startswith(".")
-                and name.endswith(folder.IMAGE_EXTENSIONS)
+                and name.endswith(choices.IMAGE_EXTENSIONS)
             )
 
         classes = [e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
@@ -117,10 +117,10 @@ def _check_model(p: _Problems) -> None:
 
 
 def _check_input(p: _Problems, mode: str, data_devices: int) -> tuple[int, int] | None:
-    from vgg_jax.data import sources, stats
+    from vgg_jax.data import choices
 
-    p.one_of("input.dataset", sources.DATASETS)
-    p.one_of("input.stats_source", stats.STATS_SOURCES)
+    p.one_of("input.dataset", choices.DATASETS)
+    p.one_of("input.stats_source", choices.STATS_SOURCES)
     cell = 2**models.NUM_POOLS
     crop = p.value("input.crop_size")
     p.number(
@@ -176,9 +176,9 @@ def _check_input(p: _Problems, mode: str, data_devices: int) -> tuple[int, int] 
 def _check_data_files(p: _Problems) -> None:
     """``input.expected_counts``' form and ``input.index_dir`` (writability is tried at
     preparation, where the directory is known in full)."""
-    from vgg_jax.data import verify
+    from vgg_jax.data import choices
 
-    why = verify.expected_counts_problem(p.value("input.expected_counts"))
+    why = choices.expected_counts_problem(p.value("input.expected_counts"))
     if why:
         p.add("input.expected_counts", why)
     index_dir = p.value("input.index_dir")

@@ -20,14 +20,14 @@ import dataclasses
 
 import tensorflow_datasets as tfds
 
-from vgg_jax.data import shapes
+from vgg_jax.data import choices, shapes
 from vgg_jax.data.progress import ProgressLog
 
 # The dataset's classes and images (drawn by shapes.py), under the dataset's name.
 CLASS_NAMES, MAX_ASPECT, draw_example = shapes.CLASS_NAMES, shapes.MAX_ASPECT, shapes.draw_example
 
 # Sizes by name: ``config.input.builtin_size``.
-SIZES = {"full": (5000, 1000), "small": (1000, 200), "tiny": (100, 40)}
+SIZES = choices.BUILTIN_SIZES
 
 
 @dataclasses.dataclass

@@ -39,9 +39,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vgg_jax.data import DatasetError, transforms
+from vgg_jax.data import DatasetError, choices, transforms
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_EXTENSIONS = choices.IMAGE_EXTENSIONS
 SKIPPED_FILES_NAME = "vgg_jax_skipped_files.txt"
 UPRIGHT_JPEG_QUALITY = 95
 _EXIF_ORIENTATION_TAG = 0x0112

@@ -29,9 +29,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from vgg_jax.data import DatasetError, builtin, folder
+from vgg_jax.data import DatasetError, builtin, choices, folder
 
-DATASETS = ("imagenet2012", "image_folder", "builtin")
+DATASETS = choices.DATASETS
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 IMAGENET_SPLIT_TARS = dict(zip(("train", "validation"), IMAGENET_TARS, strict=True))
 # The names TFDS's imagenet2012 builder labels right, and how many validation labels it has.

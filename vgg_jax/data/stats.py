@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from vgg_jax import conventions
-from vgg_jax.data import generator_dataset, index, sources, transforms
+from vgg_jax.data import choices, generator_dataset, index, sources, transforms
 from vgg_jax.data.progress import ProgressLog
 
 # ImageNet's published values: the Caffe VGG mean (BGR [103.939, 116.779, 123.68] as RGB) and the
@@ -36,7 +36,7 @@ IMAGENET_STATS = {
     "num_images": None,
     "source": "published",
 }
-STATS_SOURCES = ("auto", "computed", "published")
+STATS_SOURCES = choices.STATS_SOURCES
 CHUNK = 256  # images handed from tf.data to Python at a time
 _PIXELS_AT_A_TIME = 1 << 20  # float64 copies of at most 24 MB, whatever the images' sizes
 

@@ -26,39 +26,12 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vgg_jax.data import DatasetError, index, sources
+from vgg_jax.data import DatasetError, choices, index, sources
 
-# Published sizes (ILSVRC-2012: Russakovsky et al., 2015; TFDS's imagenet2012 builder).
-PUBLISHED_COUNTS = {"imagenet2012": {"train": 1_281_167, "validation": 50_000, "classes": 1000}}
-EXPECTED_COUNTS_FORMS = (
-    "'published' (ImageNet's published counts for imagenet2012; every labelled class present "
-    "otherwise), 'none', or 'SPLIT=N,...[,classes=N]' such as 'train=12,validation=5,classes=3'"
-)
-
-
-def parse_expected_counts(spec: str, dataset: str) -> dict[str, int] | None:
-    """``{split or "classes": count}`` from ``input.expected_counts``; None for ``none``.
-    Raises ``ValueError`` on any other form."""
-    if spec == "none":
-        return None
-    if spec == "published":
-        return dict(PUBLISHED_COUNTS.get(dataset, {}))
-    counts = {}
-    for item in str(spec).split(","):
-        key, equals, value = (part.strip() for part in item.partition("="))
-        if not key or not equals or not value.isdigit():
-            raise ValueError(f"{item!r} is not SPLIT=N; valid forms: {EXPECTED_COUNTS_FORMS}")
-        counts[key] = int(value)
-    return counts
-
-
-def expected_counts_problem(spec: str) -> str | None:
-    """Why ``spec`` is not a valid ``input.expected_counts``, for ``checks.check_config``."""
-    try:
-        parse_expected_counts(spec, "")
-    except (ValueError, TypeError):
-        return f"must be {EXPECTED_COUNTS_FORMS}"
-    return None
+PUBLISHED_COUNTS = choices.PUBLISHED_COUNTS
+EXPECTED_COUNTS_FORMS = choices.EXPECTED_COUNTS_FORMS
+parse_expected_counts = choices.parse_expected_counts
+expected_counts_problem = choices.expected_counts_problem
 
 
 def _culprit(builder: tfds.core.DatasetBuilder, input_config, split: str) -> str:

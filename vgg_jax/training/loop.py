@@ -181,7 +181,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
 def _train(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> TrainState:
     from vgg_jax import data
-    from vgg_jax.data import on_device
 
     started = time.perf_counter()
     mesh = sharding.make_mesh(config.mesh)
@@ -192,6 +191,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> T
     step_compiled = compile_ahead(
         train_step, abstract_state, mesh, config.input.batch_size, config.input.crop_size
     )
+    # TensorFlow loads from here on (7-9 s of one core on a 2-core CPU), beside the compilation.
+    from vgg_jax.data import on_device
+
     _prepare_data_once(config)
     info = data.dataset_info(config)
     _check_config(config, info.num_classes)
