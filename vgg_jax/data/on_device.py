@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from vgg_jax import sharding
+from vgg_jax import sharding, xla_options
 from vgg_jax.data import augment, decoded, pipeline, sources
 from vgg_jax.data.prefetch import Prefetched
 
@@ -111,11 +111,18 @@ def _decoded_train_batches(config, start_step, mesh, input_convention) -> Iterat
         return {"image": augment.normalise(image, convention, shift), "label": label[rows]}
 
     batch_sharding = sharding.batch_sharding(mesh)
-    drawn = jax.jit(draw_steps, in_shardings=(replicated,) * 3, out_shardings=(replicated,) * 3)
+    options = xla_options.cpu_compiler_options()  # the draws compile in ~0.7 s instead of 1.3
+    drawn = jax.jit(
+        draw_steps,
+        in_shardings=(replicated,) * 3,
+        out_shardings=(replicated,) * 3,
+        compiler_options=options,
+    )
     jitted = jax.jit(
         make_batch,
         in_shardings=(replicated,) * 4,
         out_shardings={"image": batch_sharding, "label": batch_sharding},
+        compiler_options=options,
     )
     order = pipeline.TrainOrder(len(split.label), input_config.shuffle_seed)
     batch_size = input_config.batch_size
