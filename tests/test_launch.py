@@ -65,7 +65,8 @@ with mock.patch.object(loop, "compile_ahead", compile_ahead):
         cli.run("train", config, sys.argv[1])
     except Started:
         pass
-for name, mode in [("demo", "train"), ("vgg11", "train"), ("vgg16", "evaluate"), ("vgg19", "evaluate")]:
+shipped = [("demo", "train"), ("vgg11", "train"), ("vgg16", "evaluate"), ("vgg19", "evaluate")]
+for name, mode in shipped:
     cli.checks.check_config(importlib.import_module(f"experiments.{name}").get_config(), mode)
 config = importlib.import_module("experiments.demo").get_config()
 config.input.dataset, config.input.folder = "image_folder", sys.argv[1]
