@@ -79,7 +79,7 @@ def check_finished_runs(runs: list[plan.Run]) -> None:
         keys = sorted(
             k
             for k in recorded.keys() | now.keys()
-            if paper.recorded_value(recorded, k) != paper.recorded_value(now, k)
+            if paper.recorded_value(recorded, k) != now.get(k)
         )
         if keys:
             shown = ", ".join(f"{k} {recorded.get(k)!r} -> {now.get(k)!r}" for k in keys[:3])

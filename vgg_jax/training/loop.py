@@ -104,9 +104,7 @@ def check_resumable(saved_config: dict, config: ml_collections.ConfigDict, where
     saved = traverse_util.flatten_dict(saved_config, sep=".")
     now = traverse_util.flatten_dict(checkpoint.jsonable(config.to_dict()), sep=".")
     changed = sorted(
-        k
-        for k in saved.keys() | now.keys()
-        if paper.recorded_value(saved, k) != paper.recorded_value(now, k)
+        k for k in saved.keys() | now.keys() if paper.recorded_value(saved, k) != now.get(k)
     )
     if not changed:
         return
