@@ -26,17 +26,6 @@ FINE_TUNE_FROM = {"s384": "s256", "jitter": "s384"}
 INIT_FROM_A = {"B": "shallow", "C": "shallow", "D": "shallow", "E": "shallow", "B-5x5": "fc"}
 
 
-# Keys added since runs began recording their config (a checkpoint's meta, a study's finished
-# runs), each with the value that does what runs recorded without it did: a record that lacks
-# one is compared as if it held that value, so an old run is not taken for a changed one.
-ADDED_KEYS = {"input.eval_max_batch_pixels": 0}
-
-
-def recorded_value(recorded: dict, key: str):
-    """``recorded[key]`` of a flat recorded config, or the added key's old-behaviour value."""
-    return recorded.get(key, ADDED_KEYS.get(key))
-
-
 def model_config(net: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
