@@ -75,10 +75,6 @@ def input_config(scale: dict) -> ml_collections.ConfigDict:
             batch_size=256,  # global batch over all devices and processes
             eval_batch_size=64,  # global; the last batch is padded and masked
             eval_bucket_step=32,  # eval images padded to (Q, long side rounded up to this)
-            # Padded pixels (rows x bucket height x width) a global eval batch may hold; a batch
-            # of elongated images that would pad to more has fewer rows. 0: eval_batch_size
-            # images of aspect 4 at Q (every batch of ImageNet or the demo is full).
-            eval_max_batch_pixels=0,
             shuffle_seed=0,
             num_parallel_calls=-1,  # -1: tf.data AUTOTUNE
             prefetch=2,
