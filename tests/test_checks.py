@@ -36,6 +36,7 @@ class CheckConfigTest(absltest.TestCase):
                 "evals.methods": ("dnese",),
                 "model.name": "F",
                 "input.batch_size": 6,  # 4 fake devices (conftest)
+                "input.builtin_size": "ful",  # was a traceback from TFDS's builder config
             },
         )
         lines = problems(config)
@@ -46,6 +47,7 @@ class CheckConfigTest(absltest.TestCase):
             "config.evals.methods=('dnese',)": "dense+multi_crop",
             "config.model.name='F'": "'E'",
             "config.input.batch_size=6": "4 devices",
+            "config.input.builtin_size='ful'": "'full'",
         }
         for start, valid in expected.items():
             line = [x for x in lines if x.startswith(start)]

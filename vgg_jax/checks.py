@@ -120,6 +120,8 @@ def _check_input(p: _Problems, mode: str, data_devices: int) -> tuple[int, int] 
     from vgg_jax.data import choices
 
     p.one_of("input.dataset", choices.DATASETS)
+    if p.value("input.dataset") == "builtin":
+        p.one_of("input.builtin_size", sorted(choices.BUILTIN_SIZES))
     p.one_of("input.stats_source", choices.STATS_SOURCES)
     cell = 2**models.NUM_POOLS
     crop = p.value("input.crop_size")

@@ -28,10 +28,7 @@ import tensorflow_datasets as tfds
 
 from vgg_jax.data import DatasetError, choices, index, sources
 
-PUBLISHED_COUNTS = choices.PUBLISHED_COUNTS
-EXPECTED_COUNTS_FORMS = choices.EXPECTED_COUNTS_FORMS
 parse_expected_counts = choices.parse_expected_counts
-expected_counts_problem = choices.expected_counts_problem
 
 
 def _culprit(builder: tfds.core.DatasetBuilder, input_config, split: str) -> str:
