@@ -190,6 +190,29 @@ class SmokeStudyTest(absltest.TestCase):
         shutil.copytree(root, moved)
         orchestrate.check_finished_runs(plan.make_plan(config, moved))
 
+    def test_runs_finished_before_a_config_key_existed_still_count(self):
+        """A key added since a run finished (input.eval_max_batch_pixels), at the value that
+        behaves as before, is no change: the study goes on instead of refusing every run."""
+        root = self.create_tempdir().full_path
+        config = smoke_study()
+        runs = plan.make_plan(config, root)
+        for run in runs:
+            os.makedirs(run.workdir, exist_ok=True)
+            orchestrate._mark_finished(run, 1.0)
+            path = os.path.join(run.workdir, orchestrate.DONE_FILE)
+            with open(path) as f:
+                record = json.load(f)
+            del record["config"]["input.eval_max_batch_pixels"]  # recorded before the key
+            with open(path, "w") as f:
+                json.dump(record, f)
+        orchestrate.check_finished_runs(runs)
+        changed = copy.deepcopy(config)
+        changed.base.input.eval_max_batch_pixels = 10**6
+        with self.assertRaisesRegex(
+            orchestrate.ChangedStudyError, "input.eval_max_batch_pixels None -> 1000000"
+        ):
+            orchestrate.check_finished_runs(plan.make_plan(changed, root))
+
     def test_a_run_stopped_by_sigterm_is_not_finished(self):
         root = self.create_tempdir().full_path
         config = smoke_study()

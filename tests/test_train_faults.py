@@ -214,6 +214,21 @@ class ChangedConfigResumeTest(OneTrainedRun):
             loop.train(config, workdir)
 
 
+class RecordedConfigTest(absltest.TestCase):
+    def test_a_key_added_since_the_checkpoint_is_no_change(self):
+        """A checkpoint saved before input.eval_max_batch_pixels existed, resumed with its
+        default (the old behaviour): no "config differs" warning; another value is named."""
+        config = fixtures.tiny_config(with_data=False)
+        saved = checkpoint.jsonable(config.to_dict())
+        del saved["input"]["eval_max_batch_pixels"]
+        with self.assertNoLogs("absl", "WARNING"):
+            loop.check_resumable(saved, config, "the run")
+        config.input.eval_max_batch_pixels = 1000
+        with self.assertLogs("absl", "WARNING") as logs:
+            loop.check_resumable(saved, config, "the run")
+        self.assertIn("input.eval_max_batch_pixels None -> 1000", logs.output[0])
+
+
 def disk_full_at(step: int):
     """Makes Orbax's Python-side writes into step ``step``'s temporary directory fail as on a
     full disk (TensorStore's array writes cannot be patched from Python)."""

@@ -152,6 +152,11 @@ def _check_input(p: _Problems, mode: str, data_devices: int) -> tuple[int, int] 
         p.add("input.pixel_std", "must be None or three positive numbers, one per RGB channel")
     p.number("input.eval_bucket_step", lambda x: int(x) == x and x >= 1, "must be >= 1")
     p.number(
+        "input.eval_max_batch_pixels",
+        lambda x: int(x) == x and x >= 0,
+        "must be a whole number >= 0 (0: eval_batch_size images of aspect 4)",
+    )
+    p.number(
         "evals.validation_bucket_step",
         lambda x: int(x) == x and x >= 0,
         "must be >= 1 (or 0: input.eval_bucket_step)",

@@ -26,6 +26,17 @@ FINE_TUNE_FROM = {"s384": "s256", "jitter": "s384"}
 INIT_FROM_A = {"B": "shallow", "C": "shallow", "D": "shallow", "E": "shallow", "B-5x5": "fc"}
 
 
+# Keys added since runs began recording their config (a checkpoint's meta, a study's finished
+# runs), each with the value that does what runs recorded without it did: a record that lacks
+# one is compared as if it held that value, so an old run is not taken for a changed one.
+ADDED_KEYS = {"input.eval_max_batch_pixels": 0}
+
+
+def recorded_value(recorded: dict, key: str):
+    """``recorded[key]`` of a flat recorded config, or the added key's old-behaviour value."""
+    return recorded.get(key, ADDED_KEYS.get(key))
+
+
 def model_config(net: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
@@ -75,6 +86,10 @@ def input_config(scale: dict) -> ml_collections.ConfigDict:
             batch_size=256,  # global batch over all devices and processes
             eval_batch_size=64,  # global; the last batch is padded and masked
             eval_bucket_step=32,  # eval images padded to (Q, long side rounded up to this)
+            # Padded pixels (rows x bucket height x width) a global eval batch may hold; a batch
+            # of elongated images that would pad to more has fewer rows. 0: eval_batch_size
+            # images of aspect 4 at Q (every batch of ImageNet or the demo is full).
+            eval_max_batch_pixels=0,
             shuffle_seed=0,
             num_parallel_calls=-1,  # -1: tf.data AUTOTUNE
             prefetch=2,

@@ -14,6 +14,7 @@ Either way a batch is a pure function of (seed, step), so resuming is bitwise.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import jax
@@ -179,6 +180,7 @@ class EvalBatchCache:
             input_convention=self.input_convention,
             examples=self.examples,
             bucket_step=self.bucket_step,
+            row_multiple=math.lcm(jax.process_count(), self.mesh.shape[sharding.DATA]),
         )
         if jax.process_count() == 1:  # several: every process must keep the same rows
             multiple = TAIL_MULTIPLE * self.mesh.shape[sharding.DATA]

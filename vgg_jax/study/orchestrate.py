@@ -19,6 +19,7 @@ import ml_collections
 from absl import logging
 from flax import traverse_util
 
+from vgg_jax.configs import paper
 from vgg_jax.study import plan, report
 
 DONE_FILE = "study_run.json"
@@ -75,7 +76,11 @@ def check_finished_runs(runs: list[plan.Run]) -> None:
         if recorded is None:  # finished before runs recorded their config
             continue
         now = _flat_config(run)
-        keys = sorted(k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k))
+        keys = sorted(
+            k
+            for k in recorded.keys() | now.keys()
+            if paper.recorded_value(recorded, k) != paper.recorded_value(now, k)
+        )
         if keys:
             shown = ", ".join(f"{k} {recorded.get(k)!r} -> {now.get(k)!r}" for k in keys[:3])
             changed.append(f"{run.name} ({shown}{', ...' if len(keys) > 3 else ''})")

@@ -19,6 +19,7 @@ from absl import logging
 from flax import traverse_util
 
 from vgg_jax import checkpoint, compile_cache, models, preemption, sharding, writers
+from vgg_jax.configs import paper
 from vgg_jax.training import init_from, lock, optim
 from vgg_jax.training.steps import (
     TrainState,
@@ -102,7 +103,11 @@ def check_resumable(saved_config: dict, config: ml_collections.ConfigDict, where
     schedule it stands for would all move)."""
     saved = traverse_util.flatten_dict(saved_config, sep=".")
     now = traverse_util.flatten_dict(checkpoint.jsonable(config.to_dict()), sep=".")
-    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    changed = sorted(
+        k
+        for k in saved.keys() | now.keys()
+        if paper.recorded_value(saved, k) != paper.recorded_value(now, k)
+    )
     if not changed:
         return
     described = {k: f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed}
