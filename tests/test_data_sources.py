@@ -175,6 +175,41 @@ class ImageFolderTest(absltest.TestCase):
         self.assertEqual(sum(int(b["mask"].sum()) for b in evaluation), 4)
         self.assertEqual(data.num_eval_examples(self.config), 4)
 
+    def test_an_evaluation_pass_ends_without_waiting_for_the_teardown(self):
+        """``eval_batches`` must not hold the ``tf.data`` iterator itself: released when its
+        frame ended, in the consumer's thread, it stalled evaluation scales 1.5-7 s."""
+        released = threading.Event()
+        where: list[str] = []
+        real_batches = pipeline._batches
+
+        class SlowToRelease:
+            def __init__(self, batches):
+                self.batches = batches
+
+            def __iter__(self):
+                return self
+
+            def __next__(self):
+                return next(self.batches)
+
+            def __del__(self):
+                time.sleep(1.0)
+                where.append(threading.current_thread().name)
+                released.set()
+
+        with mock.patch.object(
+            pipeline, "_batches", lambda *args: SlowToRelease(real_batches(*args))
+        ):
+            batches = data.eval_batches(self.config, 32, process_index=0, process_count=1)
+            scored = 0
+            while scored < 4:  # the split's 4 images, the last batch's filler after them
+                scored += int(next(batches)["mask"].sum())
+            started = time.perf_counter()
+            self.assertIsNone(next(batches, None))
+            self.assertLess(time.perf_counter() - started, 0.5)
+        self.assertTrue(released.wait(10))
+        self.assertNotEqual(where, [threading.current_thread().name])
+
     def test_missing_folder_explains_the_layout(self):
         with self.assertRaisesRegex(FileNotFoundError, "<split>/<class>/<image>"):
             folder.list_splits(os.path.join(self.root, "nowhere"))
@@ -207,11 +242,10 @@ class PlannedBatchesTest(absltest.TestCase):
                 where.append(threading.current_thread().name)
                 released.set()
 
-        source = SlowToRelease()
-        planned = pipeline._planned_batches(source, 3)
+        made: list[SlowToRelease] = []
+        planned = pipeline._planned_batches(lambda: made.append(SlowToRelease()) or made[0], 3)
         got = [next(planned)["batch"] for _ in range(3)]
-        asked = source.asked
-        del source
+        asked = made.pop().asked
         started = time.perf_counter()
         self.assertIsNone(next(planned, None))  # the end, at once
         self.assertLess(time.perf_counter() - started, 0.5)

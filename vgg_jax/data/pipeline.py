@@ -15,16 +15,20 @@ side at any scale Q, and in the same order at every Q);
 consecutive runs of the global eval batch size G form the batches, each padded to
 (Q, long side rounded up to ``eval_bucket_step``) or its transpose. So the shapes are few, only the
 last batch of each orientation holds masked filler examples, and every process computes the same
-schedule from the cached index and takes its slice of every global batch.
+schedule from the cached index and takes its slice of every global batch. A run that would pad to
+more than ``input.eval_max_batch_pixels`` (very elongated images) is cut shorter instead
+(``eval_schedule``), so memory stays bounded; normal datasets' batches are all full.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+import math
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import ml_collections
 import numpy as np
@@ -206,16 +210,42 @@ def _parallel_calls(input_config: ml_collections.ConfigDict) -> int:
     return tf.data.AUTOTUNE if calls < 0 else calls
 
 
-def _batches(chunks, signature, preprocess, local: int, input_config) -> Iterator[dict]:
-    """Host chunks of one local batch each (numpy ids and raw records, planned in order) ->
-    ``preprocess`` per example in a parallel, order-keeping map -> the same local batches."""
+def _examples(chunks, signature, preprocess, input_config) -> tf.data.Dataset:
+    """Host chunks (numpy ids and raw records, planned in order) -> ``preprocess`` per example
+    in a parallel, order-keeping map."""
     ds = generator_dataset.from_generator(chunks, output_signature=signature).unbatch()
-    ds = ds.map(
+    return ds.map(
         transforms.no_autograph(preprocess),
         num_parallel_calls=_parallel_calls(input_config),
         deterministic=True,
     )
+
+
+def _batches(chunks, signature, preprocess, local: int, input_config) -> Iterator[dict]:
+    """Host chunks of one local batch each -> the examples (``_examples``) -> the same local
+    batches."""
+    ds = _examples(chunks, signature, preprocess, input_config)
     ds = ds.batch(local, drop_remainder=True).prefetch(input_config.prefetch)
+    return ds.as_numpy_iterator()
+
+
+def _varying_batches(chunks, signature, preprocess, rows: list[int], input_config) -> Iterator:
+    """``_batches`` for chunks of ``rows[k]`` examples each: ``batch`` takes one size, so the
+    examples are numbered and each chunk's run of them is one window of its own size (the
+    windows fill one after the other, so the order is kept)."""
+    sizes = tf.constant(rows, tf.int64)
+    ends = tf.constant(np.cumsum(rows), tf.int64)
+
+    def chunk_of(position, example):
+        return tf.searchsorted(ends, position[None], side="right", out_type=tf.int64)[0]
+
+    ds = _examples(chunks, signature, preprocess, input_config).enumerate()
+    ds = ds.group_by_window(
+        key_func=chunk_of,
+        reduce_func=lambda chunk, window: window.batch(sizes[chunk]),
+        window_size_func=lambda chunk: sizes[chunk],
+    )
+    ds = ds.map(lambda position, batch: batch).prefetch(input_config.prefetch)
     return ds.as_numpy_iterator()
 
 
@@ -321,8 +351,61 @@ def train_batches(
 @dataclasses.dataclass(frozen=True)
 class EvalBatch:
     bucket: tuple[int, int]  # padded (height, width) of every image of the batch
-    ids: np.ndarray  # int64 [G] record indices; -1 for masked filler examples
-    sizes: np.ndarray  # int32 [G, 2] valid (h, w) after the rescale
+    ids: np.ndarray  # int64 [rows] record indices; -1 for masked filler examples
+    sizes: np.ndarray  # int32 [rows, 2] valid (h, w) after the rescale
+
+
+# The automatic pixel budget of an evaluation batch (``eval_pixel_budget``): the full global batch
+# of images this many times longer than wide (ImageNet's photos are about 1.33, the demo's at most
+# 1.6), so only batches holding rarer, more elongated images lose rows.
+BUDGET_ASPECT = 4
+
+
+def _round_up(value, step: int):
+    return -(-value // step) * step
+
+
+def eval_pixel_budget(global_batch: int, scale: int, bucket_step: int, max_pixels: int = 0) -> int:
+    """Padded pixels (rows x bucket height x bucket width) an evaluation batch at test scale
+    ``scale`` may hold: ``max_pixels`` (``input.eval_max_batch_pixels``) when > 0, else the full
+    batch of ``BUDGET_ASPECT``:1 images, so a normal split's batches are all full and one banner
+    (100:1) cannot make a batch of hundreds of GB of activations."""
+    if max_pixels > 0:
+        return int(max_pixels)
+    return global_batch * scale * _round_up(BUDGET_ASPECT * scale, bucket_step)
+
+
+def eval_row_multiple(global_batch: int, process_count: int, devices: int) -> int:
+    """The granularity of an evaluation batch's rows: lcm(processes, gcd(batch, devices)). The
+    mesh's data axis divides the device count and (config checks) the batch, so the gcd; the
+    process count divides the batch; so this divides ``global_batch``, and a batch of a multiple
+    of it splits evenly over the processes and the data devices."""
+    return math.lcm(process_count, math.gcd(global_batch, devices))
+
+
+def _fitting_rows(pixels: np.ndarray, global_batch: int, budget: int, multiple: int) -> np.ndarray:
+    """Rows of a batch of images ``pixels`` each: the most (a multiple of ``multiple``, at most
+    ``global_batch``) within ``budget``; at least ``multiple``, so every image gets a batch."""
+    fit = budget // pixels // multiple * multiple
+    return np.minimum(global_batch, np.maximum(multiple, fit))
+
+
+def _batch_take(
+    long_side: np.ndarray, last: bool, scale: int, bucket_step: int, limits: tuple[int, int, int]
+) -> tuple[int, int]:
+    """(examples taken, batch rows) for the next batch from ``long_side``, the next (at most
+    ``global_batch``) examples' long sides in schedule order; ``last``: they are all that is
+    left of the orientation. The most examples whose batch stays within the budget, a multiple
+    of ``multiple`` unless they are the last; only the last batch is filled up with filler."""
+    global_batch, budget, multiple = limits
+    count = np.arange(1, len(long_side) + 1)
+    pixels = scale * _round_up(np.maximum.accumulate(long_side), bucket_step).astype(np.int64)
+    fitting = _fitting_rows(pixels, global_batch, budget, multiple)
+    whole = count % multiple == 0
+    if last:
+        whole[-1] = True
+    taken = int(count[(count <= fitting) & whole].max())
+    return taken, int(fitting[taken - 1]) if last and taken == len(long_side) else taken
 
 
 def eval_schedule(
@@ -331,19 +414,31 @@ def eval_schedule(
     global_batch: int,
     bucket_step: int,
     examples: int = 0,
+    *,
+    max_pixels: int = 0,
+    row_multiple: int = 1,
 ) -> list[EvalBatch]:
     """The global evaluation batches at test scale ``scale`` (see the module docstring); with
     ``examples`` > 0, of that many decodable examples evenly spaced in record order (TFDS stores
     a split's records shuffled, so this is a fixed sample whose class shares follow the split's
-    up to sampling noise, not class by class)."""
+    up to sampling noise, not class by class).
+
+    A batch holds ``global_batch`` rows unless that many would pad to more pixels than
+    ``eval_pixel_budget(..., max_pixels)``: then the most rows that fit, a multiple of
+    ``row_multiple`` (at least one multiple), so memory stays bounded whatever the images'
+    shapes and every example is still scored, in the same order at every scale."""
+    if row_multiple < 1 or global_batch % row_multiple:
+        raise ValueError(f"row_multiple {row_multiple} does not divide the batch {global_batch}.")
+    budget = eval_pixel_budget(global_batch, scale, bucket_step, max_pixels)
     valid = split_index.valid
     if 0 < examples < len(valid):
         valid = valid[np.linspace(0, len(valid), examples, endpoint=False).astype(np.int64)]
     original_h, original_w = split_index.height[valid], split_index.width[valid]
     heights, widths = transforms.eval_size(original_h, original_w, scale)
     batches = []
-    # Aspect ratio does not depend on Q, so the order (and every batch's examples) is the same at
-    # every test scale, as multi-scale evaluation needs; the long side at Q grows with it.
+    # Aspect ratio does not depend on Q, so the order is the same at every test scale, as
+    # multi-scale evaluation needs (and every batch's examples too while all batches are full);
+    # the long side at Q grows with it.
     aspect = np.maximum(original_h, original_w) / np.maximum(np.minimum(original_h, original_w), 1)
     for portrait in (False, True):
         chosen = (original_h > original_w) == portrait
@@ -351,11 +446,17 @@ def eval_schedule(
         order = np.lexsort((ids, aspect[chosen]))
         ids, h, w = ids[order], h[order], w[order]
         long_side = np.maximum(h, w)
-        for start in range(0, len(ids), global_batch):
-            part = slice(start, start + global_batch)
-            longest = int(-(-long_side[part].max() // bucket_step) * bucket_step)
+        start = 0
+        while start < len(ids):
+            window = long_side[start : start + global_batch]
+            last = start + len(window) == len(ids)
+            taken, rows = _batch_take(
+                window, last, scale, bucket_step, (global_batch, budget, row_multiple)
+            )
+            part = slice(start, start + taken)
+            longest = int(_round_up(long_side[part].max(), bucket_step))
             bucket = (longest, scale) if portrait else (scale, longest)
-            filler = global_batch - len(ids[part])
+            filler = rows - taken
             batches.append(
                 EvalBatch(
                     bucket=bucket,
@@ -365,6 +466,7 @@ def eval_schedule(
                     ).astype(np.int32),
                 )
             )
+            start += taken
     return batches
 
 
@@ -378,6 +480,7 @@ def eval_batches(
     process_count: int | None = None,
     examples: int = 0,
     bucket_step: int = 0,
+    row_multiple: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Every decodable example of the split (or ``examples`` of them, ``eval_schedule``) once,
     rescaled to smallest side ``scale``, uncropped, top-left in a zero-padded bucket: {"image":
@@ -385,7 +488,11 @@ def eval_batches(
     bool [B_local], "index": int32 [B_local] (the example's record index in the split, -1 for
     filler)}. Every process yields the same number of batches with the same shapes in the same
     order, and the examples come in the same order at every ``scale``. Buckets round the long
-    side up to ``bucket_step`` (0: ``input.eval_bucket_step``)."""
+    side up to ``bucket_step`` (0: ``input.eval_bucket_step``).
+
+    B_local is ``eval_batch_size / processes`` but in batches that would pad to more than
+    ``input.eval_max_batch_pixels`` (``eval_pixel_budget``): those hold fewer rows, a multiple of
+    ``row_multiple`` (0: ``eval_row_multiple`` of this run's devices)."""
     input_config = config.input
     split = split or input_config.eval_split
     process_index, process_count = _processes(process_index, process_count)
@@ -396,22 +503,31 @@ def eval_batches(
     convention = _input_convention(
         input_convention, _stats(input_config, builder)["mean_rgb"], input_config
     )
+    bucket_step = bucket_step or input_config.eval_bucket_step
     schedule = eval_schedule(
-        split_index, scale, global_batch, bucket_step or input_config.eval_bucket_step, examples
+        split_index,
+        scale,
+        global_batch,
+        bucket_step,
+        examples,
+        max_pixels=int(input_config.get("eval_max_batch_pixels") or 0),
+        row_multiple=row_multiple or _default_row_multiple(global_batch, process_count),
     )
+    local_rows = [len(batch.ids) // process_count for batch in schedule]
+    _log_smaller_batches(schedule, global_batch, scale)
     reader = sources.RecordReader(builder, split)
-    mine = slice(process_index * local, (process_index + 1) * local)
 
     def chunks():
-        for batch in schedule:
-            ids = batch.ids[mine]
+        for batch, rows in zip(schedule, local_rows, strict=True):
+            ids = batch.ids[process_index * rows : (process_index + 1) * rows]
             real = ids >= 0
-            serialized = [b""] * local
+            serialized = [b""] * rows
             for i, record in zip(np.flatnonzero(real), reader.read(ids[real]), strict=True):
                 serialized[i] = record
             fmt = np.where(real, split_index.fmt[np.maximum(ids, 0)], 0).astype(np.int32)
-            bucket = np.tile(batch.bucket, (local, 1))
-            yield fmt, batch.sizes[mine], bucket, real, serialized, ids.astype(np.int32)
+            bucket = np.tile(batch.bucket, (rows, 1))
+            sizes = batch.sizes[process_index * rows : (process_index + 1) * rows]
+            yield fmt, sizes, bucket, real, serialized, ids.astype(np.int32)
 
     def preprocess(fmt, size, bucket, mask, serialized, example_index):
         def real():
@@ -424,26 +540,59 @@ def eval_batches(
         image, label = tf.cond(mask, real, filler)
         return {"image": image, "size": size, "label": label, "mask": mask, "index": example_index}
 
+    uniform = all(rows == local for rows in local_rows)
+    rows = local if uniform else None  # the chunks' length: fixed, or varying batch by batch
     signature = (
-        tf.TensorSpec([local], tf.int32),
-        tf.TensorSpec([local, 2], tf.int32),
-        tf.TensorSpec([local, 2], tf.int32),
-        tf.TensorSpec([local], tf.bool),
-        tf.TensorSpec([local], tf.string),
-        tf.TensorSpec([local], tf.int32),  # "index": the example's record id, -1 for filler
+        tf.TensorSpec([rows], tf.int32),
+        tf.TensorSpec([rows, 2], tf.int32),
+        tf.TensorSpec([rows, 2], tf.int32),
+        tf.TensorSpec([rows], tf.bool),
+        tf.TensorSpec([rows], tf.string),
+        tf.TensorSpec([rows], tf.int32),  # "index": the example's record id, -1 for filler
     )
-    yield from _planned_batches(
-        _batches(chunks, signature, preprocess, local, input_config), len(schedule)
-    )
+    if uniform:  # every normal split: the fixed batching, as fast as ever
+        make = functools.partial(_batches, chunks, signature, preprocess, local, input_config)
+    else:
+        make = functools.partial(
+            _varying_batches, chunks, signature, preprocess, local_rows, input_config
+        )
+    yield from _planned_batches(make, len(schedule))
 
 
-def _planned_batches(batches: Iterator[dict], count: int) -> Iterator[dict]:
-    """The first ``count`` (all the planned) ``batches``, then done at once.
+def _default_row_multiple(global_batch: int, process_count: int) -> int:
+    import jax
+
+    return eval_row_multiple(global_batch, process_count, jax.device_count())
+
+
+def _log_smaller_batches(schedule: list[EvalBatch], global_batch: int, scale: int) -> None:
+    """Says when elongated images made batches smaller (more batches, more programs)."""
+    smaller = [batch for batch in schedule if len(batch.ids) < global_batch]
+    if smaller:
+        largest = max(smaller, key=lambda batch: batch.bucket[0] * batch.bucket[1])
+        logging.info(
+            "Q=%d: %d of %d evaluation batches hold fewer than %d rows (down to %d, bucket up to "
+            "%s) to stay within input.eval_max_batch_pixels.",
+            scale,
+            len(smaller),
+            len(schedule),
+            global_batch,
+            min(len(batch.ids) for batch in smaller),
+            largest.bucket,
+        )
+
+
+def _planned_batches(make_batches: Callable[[], Iterator[dict]], count: int) -> Iterator[dict]:
+    """The first ``count`` (all the planned) batches of ``make_batches()``, then done at once.
 
     Neither asks ``tf.data`` for its end nor waits for the pipeline's teardown: with JAX busy in
     another thread, ``from_generator``'s end-of-sequence took 7-8 s to arrive, and releasing the
     finished iterator 1.4-3.9 s (the evaluator waited that long after every test scale's last
-    batch; the training's first validation too). A daemon thread releases it instead."""
+    batch; the training's first validation too). A daemon thread releases it instead. The iterator
+    is made here so that no caller can hold it: one held in the calling generator's frame was
+    released when that frame ended, in the consumer's thread (input stalls of 1.5-7 s at the end
+    of an evaluation scale)."""
+    batches = make_batches()
     for _ in range(count):
         yield next(batches)
     holder = [batches]
