@@ -39,6 +39,20 @@ class ConsoleLinesTest(absltest.TestCase):
         self.assertIn("| 2m30s left", line)
         self.assertNotIn("top-1 66", line)
 
+    def test_top5_of_five_classes_or_fewer_is_logged_as_not_applicable(self):
+        # Validation and training sums of a 3-class net hold no top-5 count: the lines said
+        # "top-5 error 0.00%" as if it were measured.
+        totals = dict(loss_sum=6.0, top1_correct=3.0, count=4.0)
+        validation = loop._summarise(totals, "val_")
+        self.assertNotIn("val_top5_accuracy", validation)
+        scalars = loop._summarise(totals, "train_") | dict(
+            learning_rate=0.01, images_per_second=64.0
+        )
+        with self.assertLogs("absl", "INFO") as logs:
+            loop._log_progress(100, 400, 50, scalars, batch_size=32)
+        (line,) = logs.output
+        self.assertIn("top-1 error 25.00% top-5 error n/a |", line)
+
     def test_evaluation_pass_gives_the_time_left(self):
         from test_evaluate import fake_eval_batches, init_params, mesh_of, tiny_config, tiny_model
 

@@ -638,6 +638,34 @@ class RunnerTest(absltest.TestCase):
             runner.evaluate_net(config, net, mesh, fake_eval_batches(4))
 
 
+class FewClassesTest(absltest.TestCase):
+    def test_top5_of_five_classes_or_fewer_is_not_applicable_in_every_output(self):
+        # 3 classes: every label is in the top 5, so top-5 error printed 0.00 as a measurement.
+        labels = np.array([0, 1, 2, 0])
+        log_probabilities = np.log(np.full((4, 3), 1 / 3, np.float32))
+        log_probabilities[:, 1] += 0.5
+        rows = runner.method_rows(
+            "A", "256", [256], {"dense": log_probabilities}, labels, {"dense": 1.0}, ["dense"], 7
+        )
+        (row,) = rows
+        self.assertIsNone(row["top5_error"])
+        self.assertEqual(row["top1_error"], 75.0)
+        table = report.format_table(rows)
+        cells = [c.strip() for c in table.splitlines()[2].strip("|").split("|")]
+        self.assertEqual(cells[4:6], ["75.00", "n/a"])
+        self.assertNotIn(f"{report.scalar_name(row, 'top5_error')}", continuous._scalars(rows))
+        directory = self.create_tempdir().full_path
+        json_path, markdown_path = report.write_results(directory, rows, {"checkpoints": []})
+
+        def no_constants(name):
+            raise ValueError(f"{name} is not JSON")
+
+        with open(json_path) as f:  # strict JSON: no NaN
+            self.assertIsNone(json.load(f, parse_constant=no_constants)["rows"][0]["top5_error"])
+        with open(markdown_path) as f:
+            self.assertIn("| n/a ", f.read())
+
+
 class UnderflowTest(absltest.TestCase):
     def test_a_label_whose_softmax_underflows_keeps_its_rank(self):
         # Label 1 is ranked 2nd by both "methods". Its softmax (about e^-120) is below float32's

@@ -28,7 +28,22 @@ class TopKTest(absltest.TestCase):
             scores, jnp.asarray([0, 1]), jnp.asarray([True, False])
         )
         self.assertEqual({k: float(v) for k, v in counts.items()},
-                         {"top1_correct": 1.0, "top5_correct": 1.0, "count": 1.0})  # fmt: skip
+                         {"top1_correct": 1.0, "count": 1.0})  # fmt: skip
+
+    def test_top5_is_not_counted_with_five_classes_or_fewer(self):
+        # With 5 classes or fewer every label is among the five best: top-5 error was a 0.00%
+        # that measured nothing, and a 3-class folder's user read it as a perfect net.
+        labels = jnp.asarray([0, 1])
+        for num_classes in (3, 5):
+            scores = jnp.tile(jnp.arange(num_classes, dtype=jnp.float32), (2, 1))
+            counts = metrics.classification_counts(scores, labels)
+            self.assertNotIn("top5_correct", counts)
+            errors = metrics.errors_from_counts(counts)
+            self.assertIsNone(errors["top5_error"])
+            self.assertEqual(errors["top1_error"], 100.0)
+        scores = jnp.tile(jnp.arange(6, dtype=jnp.float32), (2, 1))  # label 0 ranks 6th of 6
+        errors = metrics.errors_from_counts(metrics.classification_counts(scores, labels))
+        self.assertEqual(errors["top5_error"], 50.0)
 
 
 if __name__ == "__main__":

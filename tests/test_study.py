@@ -17,7 +17,7 @@ from absl.testing import absltest
 from experiments import study as study_config
 from tests import fixtures
 from vgg_jax import checks
-from vgg_jax.study import findings, orchestrate, plan
+from vgg_jax.study import findings, orchestrate, plan, report
 from vgg_jax.training import loop
 
 
@@ -89,6 +89,34 @@ class VerdictTest(absltest.TestCase):
         _, mean, se = findings.verdict("lower", [1.0, 2.0, 3.0])
         self.assertAlmostEqual(mean, 2.0)
         self.assertAlmostEqual(se, 1.0 / 3**0.5)
+
+
+class FewClassesReportTest(absltest.TestCase):
+    def test_top5_of_five_classes_or_fewer_reads_not_applicable(self):
+        # A study on a 3-class folder: results.json holds no top-5 error (null); the tables
+        # showed the old 0.0 as a measurement.
+        config = study_config.get_config("smoke")
+        config.update(dict(nets=("A", "B"), seeds=(0,), scales=("small",), arms=()))
+        config.fusion, config.fusion_scale = (("A", "B"),), "small"
+        runs = plan.make_plan(config, self.create_tempdir().full_path)
+        for run in runs:
+            evals = run.config.evals
+            members = run.net.split("+")
+            nets = [*members, " & ".join(members)] if run.is_fusion else [run.net]
+            errors = dict(top1_error=40.0, top5_error=None)
+            rows = [
+                dict(net=net, test_scales=list(scales), method=method, **errors)
+                for net in nets
+                for scales in ([evals.single_scale], evals.multi_scales)
+                for method in evals.methods
+            ]
+            os.makedirs(run.workdir)
+            with open(os.path.join(run.workdir, "results.json"), "w") as f:
+                json.dump({"rows": rows}, f)
+        results = {run.name: report.run_figures(run) for run in runs}
+        markdown = report.render_markdown(config, results, findings.judge(config, results), 3, 3, 0)
+        self.assertIn("| 40.0 / n/a |", markdown)
+        self.assertNotRegex(markdown, r"40\.0 / (\||0\.0)")
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -86,7 +86,8 @@ def _scalars(rows: list[dict[str, Any]]) -> dict[str, float]:
     scalars = {}
     for row in rows:
         for metric in ("top1_error", "top5_error", "images_per_second"):
-            scalars[report.scalar_name(row, metric)] = row[metric]
+            if row[metric] is not None:  # top-5 of 5 classes or fewer: no figure
+                scalars[report.scalar_name(row, metric)] = row[metric]
     return scalars
 
 

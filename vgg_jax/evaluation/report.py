@@ -3,7 +3,8 @@
 A row is a plain dict: ``net``, ``train_scale`` (S, e.g. "256" or "[256;512]"), ``test_scales``
 (the Q set, a list), ``method`` (``dense``, ``multi_crop`` or ``dense+multi_crop``),
 ``top1_error`` and ``top5_error`` (%), ``images_per_second``, ``count`` (examples counted) and
-``step`` (the checkpoint's step; a tuple of steps for fused nets).
+``step`` (the checkpoint's step; a tuple of steps for fused nets). ``top5_error`` is ``None``
+(``null`` in JSON, "n/a" in tables) for a net of 5 classes or fewer, where it measures nothing.
 """
 
 from __future__ import annotations
@@ -40,14 +41,20 @@ def test_scales_text(scales: Sequence[int]) -> str:
     return ",".join(str(q) for q in scales)
 
 
+def error_text(error: float | None, unit: str = "") -> str:
+    """An error for tables and log lines: ``12.34`` (then ``unit``), or ``n/a`` for a top-k that
+    measures nothing (``None``: 5 classes or fewer for top-5)."""
+    return "n/a" if error is None else f"{error:.2f}{unit}"
+
+
 def _cells(row: dict[str, Any]) -> list[str]:
     return [
         row["net"],
         row["train_scale"],
         test_scales_text(row["test_scales"]),
         METHOD_TITLES.get(row["method"], row["method"]),
-        f"{row['top1_error']:.2f}",
-        f"{row['top5_error']:.2f}",
+        error_text(row["top1_error"]),
+        error_text(row["top5_error"]),
         f"{row['images_per_second']:.1f}",
         str(int(row["count"])),
     ]

@@ -143,6 +143,12 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.1f}" if n == 1 else f"{mean:.1f} ± {std:.1f}"
 
 
+def _top1_top5(top1: str, top5: str) -> str:
+    """A "top-1 / top-5" cell; top-5 is "n/a" where the runs had no top-5 figure (5 classes or
+    fewer: every label is among the five best)."""
+    return f"{top1} / {top5 or 'n/a'}" if top1 else ""
+
+
 def _paper(pair: tuple[float, float] | None) -> str:
     return f"{pair[0]} / {pair[1]}" if pair else ""
 
@@ -178,9 +184,9 @@ def table3(study, results, key: str, paper_figures: dict) -> str:
             top5 = _cell(_seed_values(study, results, "paper", net, scale, key + "/top5"))
             paper = paper_figures.get(study.scale_settings[scale].paper, {}).get(net)
             if net == "B-5x5" and study.scale_settings[scale].paper == "256":
-                row += [f"{top1} / {top5}" if top1 else "", "B's + 7 (section 4.1)"]
+                row += [_top1_top5(top1, top5), "B's + 7 (section 4.1)"]
             else:
-                row += [f"{top1} / {top5}" if top1 else "", _paper(paper)]
+                row += [_top1_top5(top1, top5), _paper(paper)]
         rows.append(row)
     return _table(header, rows)
 
@@ -199,7 +205,7 @@ def table5(study, results) -> str:
         for m in methods:
             top1 = _cell(_seed_values(study, results, "paper", net, scale, f"{m}@multi"))
             top5 = _cell(_seed_values(study, results, "paper", net, scale, f"{m}@multi/top5"))
-            row.append(f"{top1} / {top5}" if top1 else "")
+            row.append(_top1_top5(top1, top5))
         paper = PAPER_TABLE5.get(net)
         row.append(" / ".join(str(paper[m][0]) for m in methods if m in paper) if paper else "")
         rows.append(row)
@@ -220,7 +226,7 @@ def table6(study, results) -> str:
                 [
                     " & ".join(fused),
                     METHOD_TITLES.get(m, m),
-                    f"{top1} / {top5}" if top1 else "",
+                    _top1_top5(top1, top5),
                     _paper(PAPER_TABLE6.get(m)),
                 ]
             )

@@ -20,6 +20,7 @@ from flax import traverse_util
 
 from vgg_jax import checkpoint, compile_cache, models, preemption, sharding, writers
 from vgg_jax.configs import paper
+from vgg_jax.evaluation import report
 from vgg_jax.training import init_from, lock, optim
 from vgg_jax.training.steps import (
     TrainState,
@@ -45,12 +46,21 @@ def _sum(sums: list[dict[str, jax.Array]]) -> dict[str, float]:
 
 
 def _summarise(totals: dict[str, float], prefix: str) -> dict[str, float]:
+    """Loss and accuracies; no top-5 accuracy for 5 classes or fewer (always 1: no figure)."""
     count = max(totals["count"], 1.0)
-    return {
+    scalars = {
         f"{prefix}loss": totals["loss_sum"] / count,
         f"{prefix}top1_accuracy": totals["top1_correct"] / count,
-        f"{prefix}top5_accuracy": totals["top5_correct"] / count,
     }
+    if "top5_correct" in totals:
+        scalars[f"{prefix}top5_accuracy"] = totals["top5_correct"] / count
+    return scalars
+
+
+def _error_text(scalars: dict[str, float], accuracy: str) -> str:
+    """``12.34%`` from the accuracy named ``accuracy``, ``n/a`` where it was not measured."""
+    value = scalars.get(accuracy)
+    return report.error_text(None if value is None else 100 * (1 - value), "%")
 
 
 def run_validation(validation_step, params, batches) -> dict:
@@ -323,13 +333,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> T
                 )
                 writer.write_scalars(done, {**validation, "val_seconds": validation_seconds})
                 logging.info(
-                    "epoch %d validation on %d images: loss %.4f top-1 error %.2f%% top-5 error "
-                    "%.2f%% (%.1f s)",
+                    "epoch %d validation on %d images: loss %.4f top-1 error %s top-5 error %s "
+                    "(%.1f s)",
                     epoch,
                     validation["val_images"],
                     validation["val_loss"],
-                    100 * (1 - validation["val_top1_accuracy"]),
-                    100 * (1 - validation["val_top5_accuracy"]),
+                    _error_text(validation, "val_top1_accuracy"),
+                    _error_text(validation, "val_top5_accuracy"),
                     validation_seconds,
                 )
             # A validation saves only a new best (the one ``ckpt.keep_best`` keeps): with Orbax's
@@ -398,14 +408,14 @@ def _log_progress(
     steps_per_second = scalars["images_per_second"] / batch_size
     eta = writers.format_duration((total - step) / steps_per_second) if steps_per_second else "?"
     logging.info(
-        "step %d/%d epoch %.2f | loss %.4f top-1 error %.2f%% top-5 error %.2f%% | lr %.2e | "
+        "step %d/%d epoch %.2f | loss %.4f top-1 error %s top-5 error %s | lr %.2e | "
         "%.1f img/s | %s left",
         step,
         total,
         step / steps_per_epoch,
         scalars["train_loss"],
-        100 * (1 - scalars["train_top1_accuracy"]),
-        100 * (1 - scalars["train_top5_accuracy"]),
+        _error_text(scalars, "train_top1_accuracy"),
+        _error_text(scalars, "train_top5_accuracy"),
         scalars["learning_rate"],
         scalars["images_per_second"],
         eta,
