@@ -550,6 +550,35 @@ class ImageFolderFaultsTest(absltest.TestCase):
         upright_bytes = testdata.jpeg(image)
         self.assertIs(folder.upright(upright_bytes), upright_bytes)  # stored unchanged
 
+    def test_only_jpegs_cut_short_count_as_truncated_not_those_with_data_after_their_end(self):
+        # Cameras and editors append data after a JPEG's end-of-image marker, and some files
+        # are padded; those counted as truncated (the check was: the last two bytes are not
+        # FF D9). A JPEG cut in its scan after an EXIF thumbnail (whose own FF D9 comes first)
+        # is truncated all the same.
+        root = os.path.join(self.create_tempdir().full_path, "photos")
+        testdata.write_image_folder(root, {"train": 2}, ["cat", "dog"])
+        photo = tf.io.decode_jpeg(testdata.photo_like_jpeg(0, 120, 160)).numpy()
+        whole = testdata.jpeg(photo)
+        files = {
+            "complete.jpg": whole,
+            "trailing.jpg": whole + b"\x00\x01 camera maker's trailer \xff\xd8\xff",
+            "padded.jpg": whole + bytes(4096),
+            "thumbnail.jpg": testdata.jpeg_with_thumbnail(photo),
+            "cut.jpg": testdata.truncated(whole, keep=0.6),
+            "cut_after_thumbnail.jpg": testdata.truncated(testdata.jpeg_with_thumbnail(photo)),
+        }
+        for name, payload in files.items():
+            with open(os.path.join(root, "train", "cat", name), "wb") as f:
+                f.write(payload)
+        config = self.folder_config(root)
+        config.model.num_classes = 2
+        config.input.eval_split = "train"
+        data.prepare(config)
+        counts = data.dataset_info(config).bad_input["train"]
+        self.assertEqual(counts["examples"], 4 + len(files))
+        self.assertEqual(counts["skipped_undecodable"], 0)
+        self.assertEqual(counts["truncated_jpeg"], 2)  # today: 4, trailing and padded
+
     def test_truncated_rotated_photo_is_turned_and_decoded_as_the_pipeline_decodes(self):
         from vgg_jax.evaluation import predict
 

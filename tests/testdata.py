@@ -105,6 +105,15 @@ def exif_jpeg(image: np.ndarray, orientation: int) -> bytes:
     return encoded[:2] + _segment(0xE1, b"Exif\x00\x00" + tiff) + encoded[2:]
 
 
+def jpeg_with_thumbnail(image: np.ndarray) -> bytes:
+    """A JPEG of ``image`` whose APP1 "Exif" segment holds a thumbnail JPEG, as cameras write
+    it: the thumbnail's own start-of-scan and end-of-image markers come before the image's."""
+    thumbnail = jpeg(image[::4, ::4])
+    tiff = b"MM\x00\x2a" + struct.pack(">I", 8) + struct.pack(">H", 0) + struct.pack(">I", 0)
+    encoded = jpeg(image)
+    return encoded[:2] + _segment(0xE1, b"Exif\x00\x00" + tiff + thumbnail) + encoded[2:]
+
+
 def damage_tar_middle(path: str, length: int = 512) -> int:
     """Overwrites ``length`` bytes from the header of the member nearest the middle of the tar
     at ``path`` (random bytes, as a bad disk block would): Python's tarfile then stops there

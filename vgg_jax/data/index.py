@@ -30,6 +30,8 @@ from vgg_jax.data import DatasetError, generator_dataset, sources, transforms
 from vgg_jax.data.progress import ProgressLog
 
 _READ_CHUNK = 256
+_END_OF_IMAGE = b"\xff\xd9"
+_START_OF_SCAN = 0xDA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +40,7 @@ class SplitIndex:
     height: np.ndarray  # int32, 0 where undecodable
     width: np.ndarray
     channels: np.ndarray  # uint8: 1 grayscale, 3 colour, 4 CMYK/YCCK JPEG
-    truncated: np.ndarray  # bool: a JPEG without its end marker (decoded, the rest grey)
+    truncated: np.ndarray  # bool: a JPEG cut before its end marker (decoded, the rest grey)
     label: np.ndarray  # int32
 
     @property
@@ -90,11 +92,40 @@ def _probe(position: tf.Tensor, serialized: tf.Tensor):
         return tf.shape(tf.io.decode_png(encoded), out_type=tf.int32)
 
     shape = tf.cond(tf.equal(fmt, transforms.PNG), png, jpeg)
+
+    def ends_before_its_end_marker():
+        cut = tf.numpy_function(jpeg_truncated, [encoded], tf.bool, stateful=False)
+        return tf.reshape(cut, [])
+
+    # Most JPEGs end with their end marker: only the others (cut, or with data after the end)
+    # are read in Python, so the pass over an ordinary split pays nothing for the check.
+    ends_with_end_marker = tf.equal(tf.strings.substr(encoded, -2, 2), _END_OF_IMAGE)
     truncated = tf.logical_and(
         tf.equal(fmt, transforms.JPEG),
-        tf.not_equal(tf.strings.substr(encoded, -2, 2), b"\xff\xd9"),
+        tf.cond(ends_with_end_marker, lambda: tf.constant(False), ends_before_its_end_marker),
     )
     return position, fmt, shape, truncated, label
+
+
+def jpeg_truncated(encoded: bytes) -> bool:
+    """Whether a JPEG's bytes end before the image's end-of-image marker (FF D9): a file cut
+    short. Bytes after that marker (a camera's or editor's trailer, padding) are not the image's
+    and do not make it truncated.
+
+    The segments before the first scan are skipped by their lengths, so the markers of an EXIF
+    thumbnail (a whole JPEG inside an APP segment, end marker included) are never taken for the
+    image's. From the scan on, FF D9 can only be the end marker: in entropy-coded data an FF is
+    always followed by 00 or a restart marker (D0-D7)."""
+    position, size = 2, len(encoded)  # after the start-of-image marker
+    while position + 4 <= size and encoded[position] == 0xFF:
+        marker = encoded[position + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            position += 1
+            continue
+        if marker == _START_OF_SCAN:
+            break
+        position += 2 + int.from_bytes(encoded[position + 2 : position + 4], "big")
+    return encoded.find(_END_OF_IMAGE, position) < 0
 
 
 def build_index(builder: tfds.core.DatasetBuilder, split: str) -> SplitIndex:
