@@ -107,6 +107,39 @@ class DamagedImagenetTarTest(absltest.TestCase):
         self.assertNotIn("ILSVRC2012_img_val.tar", message)  # that one is fine
         self.assertFalse(sources.get_builder(self.config.input).is_prepared())
 
+    def test_a_truncated_synset_tar_inside_the_train_tar_is_one_line_naming_both(self):
+        # The train tar is whole; one synset tar packed in it was cut short, in a member's data
+        # or where a member's header starts. Today TFDS fails reading it (tarfile's ReadError,
+        # after every synset before it) and the line says "ILSVRC2012_img_train.tar or
+        # ILSVRC2012_img_val.tar ... is likely damaged": neither the synset tar nor which tar.
+        self.write_tars()
+        train_tar = os.path.join(self.manual_dir, TRAIN_TAR)
+        synset_tar = f"{SYNSETS[1]}.tar"
+        with tarfile.open(train_tar) as outer:
+            inner = outer.extractfile(synset_tar)
+            with tarfile.open(fileobj=inner) as tar:
+                third = tar.getmembers()[2]
+        self.config.input.expected_counts = "none"  # a subset: no count to catch a short class
+        half = third.offset_data + third.size // 2
+        cuts = {
+            half: f"member {third.name} ends at byte {third.offset_data + third.size:,}",
+            third.offset: "without the end-of-archive blocks",
+        }
+        shutil.copy(train_tar, f"{train_tar}.good")
+        for keep, what in cuts.items():
+            testdata.cut_synset_tar(train_tar, synset_tar, keep)
+            with self.assertRaises(data.DatasetError) as raised:
+                data.prepare(self.config)
+            message = str(raised.exception)
+            self.assertNotIn("\n", message)
+            self.assertIn(f"{TRAIN_TAR} holds a truncated {synset_tar}", message)
+            self.assertIn(what, message)
+            self.assertIn(self.manual_dir, message)
+            self.assertIn("Download", message)
+            self.assertFalse(sources.get_builder(self.config.input).is_prepared())
+            shutil.copy(f"{train_tar}.good", train_tar)
+        self.assertIsNone(sources.tar_damage(train_tar))
+
     def test_expected_counts_default_to_imagenets_published_ones(self):
         config = paper.paper_config("D", "s256")
         self.assertEqual(config.input.expected_counts, "published")

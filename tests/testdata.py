@@ -128,6 +128,20 @@ def damage_tar_middle(path: str, length: int = 512) -> int:
     return offset
 
 
+def cut_synset_tar(path: str, synset_tar: str, keep: int) -> None:
+    """Rewrites the ILSVRC-2012 train tar at ``path`` with its member ``synset_tar`` cut to its
+    first ``keep`` bytes, as when a synset tar copied short was packed: the train tar itself is
+    whole, the synset tar inside it is not."""
+    with tarfile.open(path) as tar:
+        members = [(member, tar.extractfile(member).read()) for member in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for member, payload in members:
+            if member.name == synset_tar:
+                payload = payload[:keep]
+                member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+
+
 def truncate_file(path: str, keep: float = 0.6) -> None:
     """Cuts the file at ``path`` to its first ``keep`` fraction (an interrupted copy)."""
     with open(path, "r+b") as f:

@@ -22,6 +22,7 @@ import os
 import re
 import tarfile
 import tempfile
+from typing import BinaryIO
 
 import ml_collections
 import numpy as np
@@ -105,35 +106,82 @@ def check_writable(directory: str) -> None:
         ) from e
 
 
-def tar_damage(path: str) -> str | None:
-    """What is wrong with the tar at ``path`` as a sequence of headers, or None if nothing shows.
+def _header_damage(f: BinaryIO, size: int, whole: str) -> tuple[bool, str] | None:
+    """What is wrong with the tar read from ``f`` (``size`` bytes from its start) as a sequence of
+    headers: (whether it is truncated, what shows it), or None if nothing shows. ``whole`` names
+    the tar in the text ("the file").
 
     Walks the member headers only (seeking over the data, seconds even for ImageNet's 140 GB):
     Python's ``tarfile`` stops silently at a bad header after the first, so a tar with damaged
     bytes in the middle reads as a shorter tar; here the bytes after the last readable header are
-    looked at, and a member running past the end of the file shows a truncated tar."""
+    looked at, and a member running past the end shows a truncated tar."""
+    with tarfile.open(fileobj=f, mode="r:") as tar:
+        for member in tar:
+            end = member.offset_data + member.size
+            if end > size:
+                return True, f"member {member.name} ends at byte {end:,}, {whole} has {size:,}"
+        f.seek(tar.offset)
+        tail = f.read(2 * tarfile.BLOCKSIZE)
+    if len(tail) < 2 * tarfile.BLOCKSIZE:
+        return True, f"it ends at byte {size:,} without the end-of-archive blocks"
+    if tail.strip(b"\0"):
+        return False, (
+            f"a bad tar header at byte {tar.offset:,} of {size:,} (Python's tarfile stops "
+            "reading there without an error)"
+        )
+    return None
+
+
+def tar_damage(path: str) -> str | None:
+    """What is wrong with the tar at ``path`` as a sequence of headers (``_header_damage``), or
+    in a synset tar it holds (``synset_tar_damage``); None if nothing shows."""
+    name = os.path.basename(path)
+    try:
+        with open(path, "rb") as f:
+            damage = _header_damage(f, os.path.getsize(path), "the file")
+    except (OSError, tarfile.TarError) as e:
+        return f"{name} is not a readable tar ({type(e).__name__}: {e})"
+    if damage is None:
+        return synset_tar_damage(path)
+    truncated, detail = damage
+    return f"{name} is truncated: {detail}" if truncated else f"{name} has {detail}"
+
+
+def synset_tar_damage(path: str) -> str | None:
+    """What is wrong with a ``<synset>.tar`` inside the tar at ``path`` (ILSVRC-2012's train tar
+    holds one per class), or None if nothing shows (or the tar itself is damaged: ``tar_damage``
+    says that). A synset tar cut short made TFDS fail deep in ``tarfile`` after reading every
+    synset before it, naming neither tar.
+
+    Cheap enough to run before preparing: a whole tar ends with zero blocks, so each synset tar's
+    last two blocks are read, and only one that ends otherwise has its member headers walked, to
+    say where it is cut."""
     name = os.path.basename(path)
     try:
         size = os.path.getsize(path)
-        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            for member in tar:
-                end = member.offset_data + member.size
-                if end > size:
-                    return (
-                        f"{name} is truncated: member {member.name} ends at byte {end:,}, the "
-                        f"file has {size:,}"
-                    )
-            f.seek(tar.offset)
-            tail = f.read(2 * tarfile.BLOCKSIZE)
-    except (OSError, tarfile.TarError) as e:
-        return f"{name} is not a readable tar ({type(e).__name__}: {e})"
-    if len(tail) < 2 * tarfile.BLOCKSIZE:
-        return f"{name} is truncated: it ends at byte {size:,} without the end-of-archive blocks"
-    if tail.strip(b"\0"):
-        return (
-            f"{name} has a bad tar header at byte {tar.offset:,} of {size:,} (Python's tarfile "
-            "stops reading there without an error)"
-        )
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as outer:
+            synset_tars = [
+                member
+                for member in outer
+                if _SYNSET_TAR.fullmatch(os.path.normpath(member.name))
+                and member.offset_data + member.size <= size
+            ]
+            for member in synset_tars:
+                if member.size >= 2 * tarfile.BLOCKSIZE:
+                    f.seek(member.offset_data + member.size - 2 * tarfile.BLOCKSIZE)
+                    if not f.read(2 * tarfile.BLOCKSIZE).strip(b"\0"):
+                        continue  # ends with the end-of-archive blocks (or the record's zeros)
+                synset_tar = outer.extractfile(member)
+                try:
+                    damage = _header_damage(synset_tar, member.size, "the synset tar")
+                except tarfile.TarError as e:
+                    damage = False, f"not a readable tar ({type(e).__name__}: {e})"
+                if damage is not None:
+                    truncated, detail = damage
+                    state = "a truncated" if truncated else "a damaged"
+                    return f"{name} holds {state} {member.name}: {detail}"
+    except (OSError, tarfile.TarError):
+        return None
     return None
 
 
@@ -232,6 +280,12 @@ def _imagenet_download_config(manual_dir: str | None) -> tfds.download.DownloadC
             f"{train_tar} is not laid out as ILSVRC-2012's: {problem}. TFDS reads it as one tar "
             "per synset (n01440764.tar holding n01440764_*.JPEG, ...), as image-net.org ships "
             "it; make each class folder a <synset>.tar and put those in it, nothing else."
+        )
+    if damage := synset_tar_damage(train_tar):
+        raise DatasetError(
+            f"{damage} (in {where}); TFDS would fail on it after reading every synset before it. "
+            f"Download {IMAGENET_SPLIT_TARS['train']} again, or copy it again from a good copy, "
+            "and run again."
         )
     validation_tar = os.path.join(where, IMAGENET_SPLIT_TARS["validation"])
     if problem := validation_tar_problem(validation_tar):
