@@ -131,7 +131,13 @@ def check_labelled(
     """A split whose decodable examples carry no label (TFDS stores -1: ImageNet's test split,
     prepared when ``ILSVRC2012_img_test.tar`` is in ``manual_dir``) cannot be trained on or
     scored: its table said 100% error, and training took label -1 as the last class. Raises
-    ``DatasetError`` naming the config key; the prepared files are fine and stay."""
+    ``DatasetError`` naming the config key; the prepared files are fine and stay.
+
+    Nor can an evaluation split none of whose examples decode (an image folder's validation
+    split of WebP or GIF files named .jpg): its table said 100% top-1 and top-5 error, over 0
+    images. (The training split is ``check_classes``'s: it also moves damaged files aside.)"""
+    if not len(split_index.valid) and split != input_config.get("train_split"):
+        _no_decodable_example(builder, split, split_index, input_config.dataset)
     unlabelled = int((split_index.label[split_index.valid] < 0).sum())
     if not unlabelled:
         return
@@ -143,4 +149,20 @@ def check_labelled(
         + "), so it cannot be trained on or scored; set "
         + " and ".join(f"config.input.{k}" for k in keys or ["eval_split"])
         + f" to a labelled split ({', '.join(map(repr, sorted(labelled)))})."
+    )
+
+
+def _no_decodable_example(
+    builder: tfds.core.DatasetBuilder, split: str, split_index: index.SplitIndex, dataset: str
+) -> None:
+    if dataset == "image_folder":
+        fix = (
+            f"check the folder {os.path.join(builder.builder_config.root, split)} (only JPEG "
+            "and PNG decode, whatever a file is named: WebP, GIF or HEIC files named .jpg do not)"
+        )
+    else:
+        fix = f"the prepared files in {builder.data_dir} may be damaged"
+    raise DatasetError(
+        f"{builder.name}/{split} has no image that decodes ({len(split_index.fmt):,} skipped as "
+        f"undecodable), so it cannot be scored: {fix}."
     )

@@ -1,0 +1,71 @@
+"""Image folders as users lay them out by mistake: a split whose images all fail to decode (WebP
+or GIF files named .jpg), images put straight into a split folder, macOS's zip metadata, and class
+names that differ only in their Unicode form."""
+
+import io
+import os
+
+from absl.testing import absltest
+
+from tests import fixtures, testdata
+from vgg_jax import data
+from vgg_jax.data import builtin
+
+
+def _jpeg(k: int) -> bytes:
+    image, _ = builtin.draw_example(0, "train", k)
+    return testdata.jpeg(image)
+
+
+def _webp(k: int) -> bytes:
+    from PIL import Image
+
+    image, _ = builtin.draw_example(0, "train", k)
+    encoded = io.BytesIO()
+    Image.fromarray(image).save(encoded, "WEBP")
+    return encoded.getvalue()
+
+
+def _write(path: str, encoded: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(encoded)
+
+
+class FolderEdgeCasesTest(absltest.TestCase):
+    def make_folder(self, validation: bool = True) -> str:
+        """``photos/train/{cat,dog}/`` with 3 JPEGs each, and (``validation``) one each in
+        ``photos/validation/``."""
+        root = os.path.join(self.create_tempdir().full_path, "photos")
+        for c, name in enumerate(("cat", "dog")):
+            for i in range(3):
+                _write(os.path.join(root, "train", name, f"{i}.jpg"), _jpeg(10 * c + i))
+            if validation:
+                _write(os.path.join(root, "validation", name, "v.jpg"), _jpeg(50 + c))
+        return root
+
+    def folder_config(self, root: str):
+        return fixtures.tiny_config(
+            **{
+                "input.dataset": "image_folder",
+                "input.folder": root,
+                "input.data_dir": self.create_tempdir().full_path,
+                "model.num_classes": 2,
+            }
+        )
+
+    def test_an_evaluation_split_without_a_decodable_image_is_an_error(self):
+        root = self.make_folder(validation=False)
+        for name in ("cat", "dog"):  # web downloads: WebP named .jpg
+            _write(os.path.join(root, "validation", name, "v.jpg"), _webp(3))
+        config = self.folder_config(root)
+        # Was accepted: num_eval 0, and the evaluator's table said 100% top-1 and top-5 error.
+        with self.assertRaisesRegex(
+            data.DatasetError,
+            r"validation has no image that decodes \(2 skipped as undecodable.*cannot be scored",
+        ):
+            data.prepare(config)
+
+
+if __name__ == "__main__":
+    absltest.main()
