@@ -66,6 +66,23 @@ class FolderEdgeCasesTest(absltest.TestCase):
         ):
             data.prepare(config)
 
+    def test_images_straight_in_a_split_folder_are_not_called_a_missing_folder(self):
+        root = self.make_folder(validation=False)
+        for i in range(3):  # ImageNet's own validation layout: no class folders
+            _write(os.path.join(root, "validation", f"{i}.jpg"), _jpeg(60 + i))
+        config = self.folder_config(root)
+        # Was: "has no split folder 'validation' ...; it holds ['train']".
+        with self.assertRaisesRegex(
+            data.DatasetError,
+            r"split folder .*photos/validation holds no class folder \(3 files straight in it, "
+            r"e\.g\. 0\.jpg\); put each image in validation/<class>/",
+        ):
+            data.prepare(config)
+        for i in range(3):
+            os.remove(os.path.join(root, "validation", f"{i}.jpg"))
+        with self.assertRaisesRegex(data.DatasetError, "photos/validation holds no class folder"):
+            data.prepare(config)
+
 
 if __name__ == "__main__":
     absltest.main()

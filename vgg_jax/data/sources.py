@@ -381,9 +381,13 @@ def _check_folder_splits(
 ) -> None:
     """The training and evaluation splits must be folders of the image folder: said in one line
     before the folder is copied (``check_split`` said it after, with a traceback)."""
-    held = builder.folder_scan().splits
+    folder_scan = builder.folder_scan()
+    held, root = folder_scan.splits, builder.builder_config.root
     wanted = dict.fromkeys([input_config.train_split, input_config.eval_split])
     missing = [split for split in wanted if split not in held]
+    for split in missing:
+        if os.path.isdir(os.path.join(root, split)):
+            _no_class_folders(folder_scan, root, split)
     if missing:
         raise DatasetError(
             f"Image folder {builder.builder_config.root} has no split folder "
@@ -402,6 +406,24 @@ def _check_folder_splits(
                 "only split names of letters, digits, '_' and '-'; rename it (e.g. "
                 f"{renamed!r}) and set the config's split name to match."
             )
+
+
+def _no_class_folders(folder_scan: folder.FolderScan, root: str, split: str) -> None:
+    """A split folder that exists but holds no class folder, said so: the split was reported
+    missing ("has no split folder 'validation'; it holds ['train']") when its images lay straight
+    in it, as ImageNet's validation images do."""
+    directory = os.path.join(root, split)
+    files = [
+        os.path.basename(path)
+        for path, why in folder_scan.skipped
+        if why == "not a class directory" and os.path.dirname(path) == directory
+    ]
+    held = f"{len(files)} files straight in it, e.g. {files[0]}" if files else "it is empty"
+    raise DatasetError(
+        f"Image folder split folder {directory} holds no class folder ({held}); put each image "
+        f"in {split}/<class>/<image> (the class folder's name is its label, as in the training "
+        f"split), or set config.input.train_split/eval_split to another split."
+    )
 
 
 def _report_skipped(builder: folder.VggJaxImageFolder, directory: str) -> None:
