@@ -5,6 +5,7 @@ names that differ only in their Unicode form."""
 import io
 import os
 
+import numpy as np
 from absl.testing import absltest
 
 from tests import fixtures, testdata
@@ -81,6 +82,32 @@ class FolderEdgeCasesTest(absltest.TestCase):
         for i in range(3):
             os.remove(os.path.join(root, "validation", f"{i}.jpg"))
         with self.assertRaisesRegex(data.DatasetError, "photos/validation holds no class folder"):
+            data.prepare(config)
+
+    def test_class_names_in_another_unicode_form_are_the_same_class(self):
+        """macOS writes names decomposed (NFD: 'e' + a combining accent), Linux keyboards
+        composed (NFC): the same class folder, copied from each, had two names that print
+        alike."""
+        composed, decomposed = "caf\u00e9", "cafe\u0301"
+        root = self.make_folder(validation=False)
+        os.rename(os.path.join(root, "train", "cat"), os.path.join(root, "train", composed))
+        _write(os.path.join(root, "validation", decomposed, "v.jpg"), _jpeg(50))
+        _write(os.path.join(root, "validation", "dog", "v.jpg"), _jpeg(51))
+        config = self.folder_config(root)
+        # Was: "Split 'validation' ... has classes ['café'] that the training split 'train'
+        # lacks; classes: ['café', 'dog']".
+        data.prepare(config)
+        info = data.dataset_info(config)
+        self.assertEqual(info.class_names, [composed, "dog"])
+        batches = data.eval_batches(config, 48, process_index=0, process_count=1)
+        labels = np.concatenate([b["label"][b["mask"]] for b in batches])
+        self.assertEqual(sorted(labels.tolist()), [0, 1])
+
+        _write(os.path.join(root, "train", decomposed, "0.jpg"), _jpeg(70))
+        # Was: two classes, 'café' and 'café', each with some of the class's images.
+        with self.assertRaisesRegex(
+            data.DatasetError, r"train/caf.* and .*train/caf.* are one name written two ways"
+        ):
             data.prepare(config)
 
 

@@ -34,6 +34,7 @@ import hashlib
 import os
 import re
 import struct
+import unicodedata
 
 import numpy as np
 import tensorflow as tf
@@ -129,8 +130,14 @@ def scan(root: str) -> FolderScan:
     splits, skipped, empty = {}, [], []
     digest = hashlib.sha1()
     for split in _directories(root, skipped, "split"):
-        classes = {}
+        classes, by_form = {}, {}
         for class_dir in _directories(split.path, skipped, "class"):
+            if (alike := by_form.setdefault(name_form(class_dir.name), class_dir)) != class_dir:
+                raise DatasetError(
+                    f"Class folders {alike.path} and {class_dir.path} are one name written two "
+                    "ways (Unicode's composed and decomposed forms, as Linux and macOS write "
+                    "accents): as two classes they would split one class's images; merge them."
+                )
             images = []
             for entry in _listed(class_dir.path):
                 why = _why_skipped(entry)
@@ -159,6 +166,13 @@ def scan(root: str) -> FolderScan:
             f"extensions {IMAGE_EXTENSIONS}, e.g. {root}/train/cat/001.jpg."
         )
     return FolderScan(splits, skipped, digest.hexdigest())
+
+
+def name_form(name: str) -> str:
+    """The form class names are matched by: Unicode's composed form (NFC). macOS writes names
+    decomposed (NFD: "e" then a combining accent), so one class folder copied from a Mac and
+    from Linux has two names that print alike."""
+    return unicodedata.normalize("NFC", name)
 
 
 def list_splits(root: str) -> dict[str, dict[str, list[str]]]:
@@ -295,15 +309,22 @@ class VggJaxImageFolder(tfds.core.GeneratorBasedBuilder):
         del dl_manager
         splits = self.folder_scan().splits
         names = class_names(splits, self.builder_config.train_split)
+        # Another split's class folder is the training class of the same name in either form.
+        by_form = {name_form(name): name for name in names}
         for split, classes in splits.items():
-            unknown = sorted(set(classes) - set(names))
+            unknown = sorted(c for c in classes if name_form(c) not in by_form)
             if unknown:
                 raise DatasetError(
                     f"Split {split!r} of {self.builder_config.root} has classes {unknown} that "
                     f"the training split {self.builder_config.train_split!r} lacks; classes: "
                     f"{names}"
                 )
-        return {split: self._generate_examples(classes) for split, classes in splits.items()}
+        return {
+            split: self._generate_examples(
+                {by_form[name_form(c)]: paths for c, paths in classes.items()}
+            )
+            for split, classes in splits.items()
+        }
 
     def _generate_examples(self, classes: dict[str, list[str]]):
         for name, paths in classes.items():
