@@ -110,6 +110,21 @@ class FolderEdgeCasesTest(absltest.TestCase):
         ):
             data.prepare(config)
 
+    def test_macos_zip_metadata_is_neither_a_split_nor_a_class(self):
+        """A zip made on a Mac unpacks with ``__MACOSX/`` beside the splits, holding an
+        AppleDouble ``._<name>`` file per image."""
+        root = self.make_folder()
+        for where in ("__MACOSX/train/cat/._0.jpg", "train/dog/__MACOSX/._0.jpg"):
+            _write(os.path.join(root, where), b"\x00\x05\x16\x07 AppleDouble")
+        config = self.folder_config(root)
+        # Was: "Empty class folders (no .jpg/.jpeg/.png image): .../__MACOSX/train. Add images
+        # or remove the folder".
+        with self.assertLogs(level="WARNING") as logs:
+            data.prepare(config)
+        self.assertTrue(any("2 macOS zip metadata" in m for m in logs.output), logs.output)
+        info = data.dataset_info(config)
+        self.assertEqual((info.class_names, info.num_train), (["cat", "dog"], 6))
+
 
 if __name__ == "__main__":
     absltest.main()

@@ -15,7 +15,8 @@ until it prepares the folder again (``make_builder``).
 What is not an image is skipped, counted and named (``scan``): dangling symbolic links, files
 without a ``.jpg``/``.jpeg``/``.png`` name (``.txt``, ``.DS_Store``, ``.webp``, ``.gif``: the
 pipeline decodes only JPEG and PNG), hidden files and directories (``.thumbs``,
-``.ipynb_checkpoints``: never a split or a class) and nested directories. An empty class folder is
+``.ipynb_checkpoints``: never a split or a class), macOS's zip metadata (``__MACOSX``) and nested
+directories. An empty class folder is
 an error naming it: as a class it would silently get no examples.
 
 EXIF orientation (photos from phones and cameras store pixels sideways plus an Orientation tag
@@ -67,9 +68,15 @@ class FolderScan:
         return f"{len(self.skipped)} files ({parts})"
 
 
+# What macOS's zip adds beside what was zipped: AppleDouble ``._<name>`` files, never images.
+MACOS_ZIP_METADATA = "__MACOSX"
+
+
 def _why_skipped(entry: os.DirEntry) -> str | None:
     if entry.is_symlink() and not os.path.exists(entry.path):
         return "dangling link"
+    if entry.name == MACOS_ZIP_METADATA and entry.is_dir():
+        return "macOS zip metadata"
     if entry.is_dir():
         return "nested directory"
     if entry.name.startswith("."):
@@ -95,6 +102,8 @@ def _directories(directory: str, skipped: list[tuple[str, str]], what: str) -> l
             skipped.append((entry.path, f"not a {what} directory"))
         elif entry.name.startswith("."):
             skipped.append((entry.path, "hidden directory"))
+        elif entry.name == MACOS_ZIP_METADATA:
+            skipped.append((entry.path, "macOS zip metadata"))
         elif not _is_text(entry.name):
             raise DatasetError(
                 f"The {what} folder {_printable(entry.path)} has a name that is not UTF-8 text "
