@@ -125,6 +125,29 @@ class FolderEdgeCasesTest(absltest.TestCase):
         info = data.dataset_info(config)
         self.assertEqual((info.class_names, info.num_train), (["cat", "dog"], 6))
 
+    def test_one_file_reached_by_two_links_is_named(self):
+        """Folders built with symbolic links into a pool of photos: a validation link to a
+        training photo is scored on what the net trained on, and a photo linked into two classes
+        carries two labels. Both were silent."""
+        root = self.make_folder()
+        train = os.path.join(root, "train")
+        os.symlink(
+            os.path.join(train, "cat", "0.jpg"), os.path.join(root, "validation", "cat", "l.jpg")
+        )
+        os.symlink(os.path.join(train, "cat", "1.jpg"), os.path.join(train, "dog", "l.jpg"))
+        os.symlink(os.path.join(train, "dog", "0.jpg"), os.path.join(train, "dog", "again.jpg"))
+        config = self.folder_config(root)
+        with self.assertLogs(level="WARNING") as logs:
+            data.prepare(config)
+        warned = [m for m in logs.output if "more than one path" in m]
+        self.assertLen(warned, 1, logs.output)
+        self.assertRegex(
+            warned[0],
+            r"3 images are one file reached by more than one path \(symbolic links\): 1 in two "
+            r"splits \(evaluated on what it trains on\), 1 in two classes \(two labels\), 1 twice "
+            r"in one class; e\.g\. .*validation/cat/l\.jpg is .*train/cat/0\.jpg",
+        )
+
 
 if __name__ == "__main__":
     absltest.main()

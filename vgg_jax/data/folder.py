@@ -60,12 +60,36 @@ class FolderScan:
     splits: dict[str, dict[str, list[str]]]  # {split: {class: [image paths]}}
     skipped: list[tuple[str, str]]  # (path, why), in listing order
     fingerprint: str = ""  # a hash of every image's path (from the root), size and mtime
+    # (path, the path it is a second way to, where: one of ``_SAME_FILE``), in listing order
+    same_file: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
 
     def skipped_summary(self) -> str:
         """``3 files (1 dangling link, 2 not .jpg/.jpeg/.png)``."""
         reasons = collections.Counter(why for _, why in self.skipped)
         parts = ", ".join(f"{count} {why}" for why, count in sorted(reasons.items()))
         return f"{len(self.skipped)} files ({parts})"
+
+    def same_file_summary(self) -> str | None:
+        """What the images reached by more than one path are, most harmful first, with an
+        example; None when every image is its own file."""
+        if not self.same_file:
+            return None
+        where = collections.Counter(kind for _, _, kind in self.same_file)
+        parts = ", ".join(f"{where[kind]} {kind}" for kind in _SAME_FILE if where[kind])
+        path, first, _ = min(self.same_file, key=lambda item: _SAME_FILE.index(item[2]))
+        return (
+            f"{len(self.same_file)} images are one file reached by more than one path (symbolic "
+            f"links): {parts}; e.g. {_printable(path)} is {_printable(first)}"
+        )
+
+
+# Where the second path to a file lies, from the most harmful: a validation image that is a
+# training image inflates the scores; one in two classes is trained towards two labels.
+_SAME_FILE = (
+    "in two splits (evaluated on what it trains on)",
+    "in two classes (two labels)",
+    "twice in one class",
+)
 
 
 # What macOS's zip adds beside what was zipped: AppleDouble ``._<name>`` files, never images.
@@ -138,6 +162,10 @@ def scan(root: str) -> FolderScan:
         )
     splits, skipped, empty = {}, [], []
     digest = hashlib.sha1()
+    # Each image's file as (split, class, path) where first reached: the listing reads a linked
+    # file's real path only (``entry.is_symlink`` costs no system call).
+    reached: dict[str, tuple[str, str, str]] = {}
+    same_file = []
     for split in _directories(root, skipped, "split"):
         classes, by_form = {}, {}
         for class_dir in _directories(split.path, skipped, "class"):
@@ -148,12 +176,23 @@ def scan(root: str) -> FolderScan:
                     "accents): as two classes they would split one class's images; merge them."
                 )
             images = []
+            real_class_dir = os.path.realpath(class_dir.path)
             for entry in _listed(class_dir.path):
                 why = _why_skipped(entry)
                 if why:
                     skipped.append((entry.path, why))
                     continue
                 images.append(entry.path)
+                real = (
+                    os.path.realpath(entry.path)
+                    if entry.is_symlink()
+                    else os.path.join(real_class_dir, entry.name)
+                )
+                here = (split.name, class_dir.name, entry.path)
+                first = reached.setdefault(real, here)
+                if first is not here:
+                    kind = 0 if first[0] != split.name else 1 if first[1] != class_dir.name else 2
+                    same_file.append((entry.path, first[2], _SAME_FILE[kind]))
                 stat = entry.stat()
                 where = f"{split.name}/{class_dir.name}/{entry.name}"
                 # fsencode: a file name need not be UTF-8 (its bytes are hashed as they are).
@@ -174,7 +213,7 @@ def scan(root: str) -> FolderScan:
             f"No images found under {root}. Expected {root}/<split>/<class>/<image> with "
             f"extensions {IMAGE_EXTENSIONS}, e.g. {root}/train/cat/001.jpg."
         )
-    return FolderScan(splits, skipped, digest.hexdigest())
+    return FolderScan(splits, skipped, digest.hexdigest(), same_file)
 
 
 def name_form(name: str) -> str:

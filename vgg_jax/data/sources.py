@@ -427,8 +427,11 @@ def _no_class_folders(folder_scan: folder.FolderScan, root: str, split: str) -> 
 
 
 def _report_skipped(builder: folder.VggJaxImageFolder, directory: str) -> None:
-    """One line in the log; every skipped entry named in a file beside the index."""
+    """One line in the log; every skipped entry named in a file beside the index. And one line
+    when some images are one file reached by two paths (``FolderScan.same_file_summary``)."""
     root, folder_scan = builder.builder_config.root, builder.folder_scan()
+    if same_file := folder_scan.same_file_summary():
+        logging.warning("Image folder %s: %s.", root, same_file)
     if folder_scan.skipped:
         path = folder.write_skipped_list(folder_scan, directory)
         logging.warning(
