@@ -26,7 +26,7 @@ from tests import fixtures
 from vgg_jax import checkpoint, compile_cache, metrics, models, sharding
 from vgg_jax.evaluation import continuous, methods, report, runner
 
-NUM_CLASSES = 5
+NUM_CLASSES = 7  # more than 5, so top-5 error is a real measurement
 CROP = 32
 ASPECTS = (1.0, 1.5, 0.5, 1.25, 2.0)  # width / height; below 1: portrait
 
@@ -403,6 +403,7 @@ class RunnerTest(absltest.TestCase):
                 self.assertEqual(count, num_examples)
                 self.assertEqual(got[key]["count"], num_examples, (data, model, batch_size, key))
                 self.assertAlmostEqual(got[key]["top1_error"], want["top1_error"], places=4)
+                self.assertIsNotNone(want["top5_error"])
                 self.assertAlmostEqual(got[key]["top5_error"], want["top5_error"], places=4)
                 self.assertGreater(got[key]["images_per_second"], 0)
             for method in ("dense", "multi_crop"):  # portrait buckets ran transposed
@@ -494,8 +495,8 @@ class RunnerTest(absltest.TestCase):
     def test_fusion_and_combination_average_softmax_not_logits(self):
         # Two nets that ignore their input. Net 1 leans to class 0, net 2 strongly to class 2.
         # Averaged logits pick class 1; averaged softmax picks class 0, the label of every example.
-        logits_1 = np.array([2.0, 0.0, -30.0, -30.0, -30.0])
-        logits_2 = np.array([-30.0, 0.0, 1.0, -30.0, -30.0])
+        logits_1 = np.pad([2.0, 0.0], (0, NUM_CLASSES - 2), constant_values=-30.0)
+        logits_2 = np.pad([-30.0, 0.0, 1.0], (0, NUM_CLASSES - 3), constant_values=-30.0)
         self.assertEqual(np.argmax((logits_1 + logits_2) / 2), 1)
         self.assertEqual(np.argmax(softmax(logits_1) + softmax(logits_2)), 0)
 
@@ -547,7 +548,7 @@ class RunnerTest(absltest.TestCase):
 
     def test_fusion_names_tell_nets_apart_and_one_checkpoint_twice_is_refused(self):
         root = self.create_tempdir_once()
-        logits = np.array([2.0, 0.0, -30.0, -30.0, -30.0])
+        logits = np.pad([2.0, 0.0], (0, NUM_CLASSES - 2), constant_values=-30.0)
         for parent in ("a", "b"):
             save_net(
                 os.path.join(root, parent, "w"), constant_params(self.model, logits), self.config
