@@ -582,6 +582,15 @@ class ImageFolderFaultsTest(absltest.TestCase):
             self.assertEqual(folder.exif_orientation(buffer.getvalue()), 8)
         upright_bytes = testdata.jpeg(image)
         self.assertIs(folder.upright(upright_bytes), upright_bytes)  # stored unchanged
+        # Some writers store the tag as another integer type (LONG, ...): PIL turns all of them
+        # but an unsigned BYTE (read as bytes); so must we.
+        for kind in testdata.TIFF_INTEGER_TYPES:
+            encoded = testdata.exif_jpeg(image, 6, kind)
+            self.assertEqual(folder.exif_orientation(encoded), 1 if kind == 1 else 6, kind)
+            if Image is not None:
+                reference = ImageOps.exif_transpose(Image.open(io.BytesIO(encoded)))
+                turned = tf.io.decode_jpeg(folder.upright(encoded))
+                self.assertEqual(turned.shape[:2], reference.size[::-1], kind)
 
     def test_only_jpegs_cut_short_count_as_truncated_not_those_with_data_after_their_end(self):
         # Cameras and editors append data after a JPEG's end-of-image marker, and some files

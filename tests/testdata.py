@@ -95,11 +95,18 @@ def odd_images(seed: int = 0) -> dict[str, bytes]:
     }
 
 
-def exif_jpeg(image: np.ndarray, orientation: int) -> bytes:
+# TIFF's integer field types (type number -> struct format: BYTE, SHORT, LONG, SBYTE, SSHORT,
+# SLONG), as an IFD entry stores them.
+TIFF_INTEGER_TYPES = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i"}
+
+
+def exif_jpeg(image: np.ndarray, orientation: int, kind: int = 3) -> bytes:
     """A JPEG of ``image`` (as stored, before any turn) carrying an EXIF Orientation tag
-    (0x0112), as cameras write it: an APP1 "Exif" segment, big-endian TIFF, one IFD entry."""
+    (0x0112), as cameras write it: an APP1 "Exif" segment, big-endian TIFF, one IFD entry of
+    TIFF type ``kind`` (3, SHORT, as the EXIF standard says; some writers use others)."""
     tiff = b"MM\x00\x2a" + struct.pack(">I", 8)  # byte order, magic 42, first IFD at 8
-    tiff += struct.pack(">H", 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0)
+    value = struct.pack(">" + TIFF_INTEGER_TYPES[kind], orientation).ljust(4, b"\x00")
+    tiff += struct.pack(">H", 1) + struct.pack(">HHI", 0x0112, kind, 1) + value
     tiff += struct.pack(">I", 0)  # no next IFD
     encoded = jpeg(image)
     return encoded[:2] + _segment(0xE1, b"Exif\x00\x00" + tiff) + encoded[2:]

@@ -233,13 +233,32 @@ def class_names(splits: dict[str, dict[str, list[str]]], train_split: str = "tra
     return list(splits.get(train_split, next(iter(splits.values()))))
 
 
-def write_skipped_list(folder_scan: FolderScan, directory: str) -> str:
-    """Writes every skipped entry (``why<TAB>path`` per line) to ``directory``; returns the path."""
+def write_skipped_list(
+    folder_scan: FolderScan, directory: str, not_jpeg_or_png: list[str] = ()
+) -> str:
+    """Writes every skipped entry (``why<TAB>path`` per line) to ``directory``, then the images
+    that are neither JPEG nor PNG inside (``NOT_JPEG_OR_PNG``); returns the path."""
     path = os.path.join(directory, SKIPPED_FILES_NAME)
     os.makedirs(directory, exist_ok=True)
+    entries = [*folder_scan.skipped, *((image, NOT_JPEG_OR_PNG) for image in not_jpeg_or_png)]
     with open(path, "w") as f:
-        f.writelines(f"{why}\t{_printable(skipped)}\n" for skipped, why in folder_scan.skipped)
+        f.writelines(f"{why}\t{_printable(skipped)}\n" for skipped, why in entries)
     return path
+
+
+# Why an image of the skipped list was stored but can never be decoded.
+NOT_JPEG_OR_PNG = "not JPEG or PNG inside, whatever its name (counted as undecodable)"
+
+
+def is_jpeg_or_png(encoded: bytes) -> bool:
+    """Whether the bytes are what the pipeline decodes, by their first bytes as
+    ``transforms.image_format`` reads them (names lie)."""
+    return encoded[:3] == b"\xff\xd8\xff" or encoded[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# The TIFF field types PIL reads the Orientation tag from (SHORT, LONG, and the signed BYTE,
+# SHORT and LONG) -> struct formats; PIL reads an unsigned BYTE as bytes and turns nothing.
+_TIFF_INTEGER_FORMATS = {3: "H", 4: "I", 6: "b", 8: "h", 9: "i"}
 
 
 def exif_orientation(encoded: bytes) -> int:
@@ -272,8 +291,11 @@ def exif_orientation(encoded: bytes) -> int:
             if len(entry) < 12:
                 return 1
             tag, kind = struct.unpack(order + "HH", entry[:4])
-            if tag == _EXIF_ORIENTATION_TAG and kind == 3:  # SHORT
-                (value,) = struct.unpack(order + "H", entry[8:10])
+            if tag == _EXIF_ORIENTATION_TAG and kind in _TIFF_INTEGER_FORMATS:
+                # SHORT as the standard says; PIL also reads the other integer types, so
+                # some writers' LONG orientations turn the photo in viewers.
+                value_format = order + _TIFF_INTEGER_FORMATS[kind]
+                (value,) = struct.unpack_from(value_format, entry, 8)
                 return value if 1 <= value <= 8 else 1
         return 1
     return 1
@@ -378,8 +400,20 @@ class VggJaxImageFolder(tfds.core.GeneratorBasedBuilder):
         for name, paths in classes.items():
             for path in paths:
                 with open(path, "rb") as f:
-                    # The key is only hashed (the records' order): any file name will do.
-                    yield _printable(path), {"image": upright(f.read()), "label": name}
+                    encoded = f.read()
+                if not is_jpeg_or_png(encoded):
+                    self.not_jpeg_or_png.append(path)
+                # The key is only hashed (the records' order): any file name will do.
+                yield _printable(path), {"image": upright(encoded), "label": name}
+
+    @property
+    def not_jpeg_or_png(self) -> list[str]:
+        """The images this builder's preparation found neither JPEG nor PNG inside (a WebP, GIF
+        or HEIC file named .jpg): stored as they are, so the index counts them undecodable, as
+        it counts a damaged photo; these are named (the records hold no file names)."""
+        if not hasattr(self, "_not_jpeg_or_png"):
+            self._not_jpeg_or_png: list[str] = []
+        return self._not_jpeg_or_png
 
 
 def _name_prefix(root: str) -> str:
