@@ -2,6 +2,7 @@
 or GIF files named .jpg), images put straight into a split folder, macOS's zip metadata, and class
 names that differ only in their Unicode form."""
 
+import glob
 import io
 import os
 
@@ -10,7 +11,7 @@ from absl.testing import absltest
 
 from tests import fixtures, testdata
 from vgg_jax import data
-from vgg_jax.data import builtin
+from vgg_jax.data import builtin, folder
 
 
 def _jpeg(k: int) -> bytes:
@@ -54,6 +55,33 @@ class FolderEdgeCasesTest(absltest.TestCase):
                 "model.num_classes": 2,
             }
         )
+
+    def test_images_that_are_not_jpeg_or_png_inside_are_named(self):
+        # A GIF and a WebP named .jpg: the index counts them undecodable, and the records hold no
+        # file names, so nothing said which files they were.
+        from PIL import Image
+
+        root = self.make_folder()
+        gif = io.BytesIO()
+        Image.fromarray(builtin.draw_example(0, "train", 7)[0]).save(gif, "GIF")
+        not_images = {
+            os.path.join(root, "train", "cat", "animated.jpg"): gif.getvalue(),
+            os.path.join(root, "validation", "dog", "download.JPG"): _webp(8),
+        }
+        for path, encoded in not_images.items():
+            _write(path, encoded)
+        config = self.folder_config(root)
+        data.prepare(config)
+        info = data.dataset_info(config)
+        self.assertEqual(info.bad_input["train"]["skipped_undecodable"], 1)
+        self.assertEqual(info.bad_input["validation"]["skipped_undecodable"], 1)
+        listed = glob.glob(
+            os.path.join(config.input.data_dir, "**", folder.SKIPPED_FILES_NAME), recursive=True
+        )
+        self.assertLen(listed, 1)
+        with open(listed[0]) as f:
+            lines = f.read().splitlines()
+        self.assertCountEqual(lines, [f"{folder.NOT_JPEG_OR_PNG}\t{p}" for p in not_images])
 
     def test_an_evaluation_split_without_a_decodable_image_is_an_error(self):
         root = self.make_folder(validation=False)

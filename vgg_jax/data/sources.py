@@ -432,12 +432,22 @@ def _report_skipped(builder: folder.VggJaxImageFolder, directory: str) -> None:
     root, folder_scan = builder.builder_config.root, builder.folder_scan()
     if same_file := folder_scan.same_file_summary():
         logging.warning("Image folder %s: %s.", root, same_file)
+    not_images = builder.not_jpeg_or_png
+    if folder_scan.skipped or not_images:
+        path = folder.write_skipped_list(folder_scan, directory, not_images)
     if folder_scan.skipped:
-        path = folder.write_skipped_list(folder_scan, directory)
         logging.warning(
             "Image folder %s: skipped %s; listed in %s",
             root,
             folder_scan.skipped_summary(),
+            path,
+        )
+    if not_images:
+        logging.warning(
+            "Image folder %s: %d images are neither JPEG nor PNG inside, whatever their names "
+            "(WebP, GIF, HEIC, ...): counted as undecodable and left out; listed in %s",
+            root,
+            len(not_images),
             path,
         )
 
