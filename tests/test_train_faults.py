@@ -9,10 +9,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
 import glob
 import json
+import logging
 import os
 import shutil
 import signal
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from unittest import mock
 
 import jax
@@ -263,6 +266,10 @@ class FailedSaveTest(absltest.TestCase):
         self.assertNotEqual(result.returncode, 0)
         last_line = result.stderr.strip().splitlines()[-1]
         self.assertRegex(last_line, r"^SaveError: Saving checkpoint step 4 to .*No space left on")
+        # Before it, Orbax's errors in one line each: it was ~500 lines, 29 tracebacks through
+        # Orbax's threads and asyncio's "Event loop is closed".
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertIn("No space left on device", result.stderr.replace(last_line, ""))
         self.assertEqual(checkpoint.available_steps(workdir), [2])
         self.assertEmpty(temporary_dirs(workdir))
 
@@ -294,6 +301,56 @@ def trainer_args(workdir: str, values: dict, disk_full_at_step: int = 0) -> list
 def run_trainer(workdir: str, values: dict, disk_full_at_step: int = 0):
     args = trainer_args(workdir, values, disk_full_at_step)
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+class FailedSaveOutputTest(absltest.TestCase):
+    def test_orbax_errors_caused_by_the_os_lose_only_their_traceback(self):
+        def record(error: BaseException, path: str = "/site-packages/orbax/checkpoint/x.py"):
+            try:
+                raise error
+            except BaseException:
+                exc_info = sys.exc_info()
+            return logging.LogRecord(
+                "absl", logging.ERROR, path, 1, "failed: %s", (error,), exc_info
+            )
+
+        keep = checkpoint.ExpectedOrbaxWarnings()
+        full = record(OSError(errno.ENOSPC, "No space left on device"))
+        self.assertTrue(keep.filter(full))
+        self.assertIsNone(full.exc_info)  # one line: the message names the OS error
+        try:
+            raise ValueError("Orbax's own bug") from OSError(errno.EACCES, "Permission denied")
+        except ValueError as error:
+            wrapped = record(error)
+        self.assertTrue(keep.filter(wrapped))
+        self.assertIsNone(wrapped.exc_info)
+        for kept in (record(ValueError("Orbax's own bug")), record(OSError(), "/elsewhere/x.py")):
+            self.assertTrue(keep.filter(kept))
+            self.assertIsNotNone(kept.exc_info)  # a traceback that says something stays
+
+    def test_callbacks_into_a_closed_event_loop_are_not_printed(self):
+        closed = asyncio.new_event_loop()
+        closed.close()
+        try:
+            closed.call_soon_threadsafe(print)
+        except RuntimeError as error:
+            late = error
+        other = RuntimeError("Event loop is closed")  # raised elsewhere: not asyncio's check
+        reported = []
+        with mock.patch.object(sys, "unraisablehook", reported.append):
+            checkpoint._install_closed_loop_filter()
+            checkpoint._install_closed_loop_filter()  # once: not wrapped twice
+            for error in (late, other):
+                sys.unraisablehook(
+                    types.SimpleNamespace(
+                        exc_type=type(error),
+                        exc_value=error,
+                        exc_traceback=error.__traceback__,
+                        err_msg=None,
+                        object=None,
+                    )
+                )
+        self.assertEqual([r.exc_value for r in reported], [other])
 
 
 class WorkdirLockTest(absltest.TestCase):

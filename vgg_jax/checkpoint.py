@@ -24,6 +24,7 @@ import logging as std_logging
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -86,16 +87,70 @@ EXPECTED_ORBAX_WARNINGS = (
 class ExpectedOrbaxWarnings(std_logging.Filter):
     """Drops ``EXPECTED_ORBAX_WARNINGS`` (logged by Orbax through absl's logger); installed when
     this module is imported, so a script or notebook using the library sees them no more than
-    the command line does. Real Orbax warnings and errors pass."""
+    the command line does. Real Orbax warnings and errors pass; an Orbax error caused by the
+    operating system (a full disk, a permission) passes as its one-line message, without the
+    traceback: a failed save logged five of them, 40-50 lines each, before ``SaveError`` said
+    the same in one line, and a traceback through Orbax's threads says nothing about a disk."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        if record.levelno != std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname:
+        if f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        if record.levelno >= std_logging.ERROR and _caused_by_the_os(record.exc_info):
+            record.exc_info, record.exc_text = None, None
+            return True
+        if record.levelno != std_logging.WARNING:
             return True
         return not any(expected in record.getMessage() for expected in EXPECTED_ORBAX_WARNINGS)
 
 
+def _caused_by_the_os(exc_info: Any) -> bool:
+    """Whether a log record's exception is, or was raised from, an ``OSError``."""
+    error = exc_info[1] if isinstance(exc_info, tuple) else None
+    for _ in range(20):
+        if error is None:
+            return False
+        if isinstance(error, OSError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _is_closed_loop_callback(unraisable: Any) -> bool:
+    """An asyncio callback that arrived after its event loop was closed: after a failed save
+    Orbax 0.12.8 closes the loops of its worker threads while TensorStore's futures still call
+    back into them, and Python printed each (up to 44 tracebacks of "RuntimeError: Event loop is
+    closed", after the save's own error had been said)."""
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return (
+        unraisable.object is None
+        and unraisable.exc_type is RuntimeError
+        and str(unraisable.exc_value) == "Event loop is closed"
+        and tb is not None
+        and tb.tb_frame.f_code.co_name == "_check_closed"
+        and tb.tb_frame.f_code.co_filename.endswith(os.path.join("asyncio", "base_events.py"))
+    )
+
+
+def _install_closed_loop_filter() -> None:
+    """Wraps ``sys.unraisablehook`` to drop ``_is_closed_loop_callback``'s reports (once per
+    process; every other unraisable error goes to the hook that was there)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not _is_closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook.drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook
+
+
 if not any(isinstance(f, ExpectedOrbaxWarnings) for f in logging.get_absl_logger().filters):
     logging.get_absl_logger().addFilter(ExpectedOrbaxWarnings())
+_install_closed_loop_filter()
 
 
 def _directory(workdir: str) -> str:
