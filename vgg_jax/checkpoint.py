@@ -106,13 +106,7 @@ class ExpectedOrbaxWarnings(std_logging.Filter):
 def _caused_by_the_os(exc_info: Any) -> bool:
     """Whether a log record's exception is, or was raised from, an ``OSError``."""
     error = exc_info[1] if isinstance(exc_info, tuple) else None
-    for _ in range(20):
-        if error is None:
-            return False
-        if isinstance(error, OSError):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any(isinstance(cause, OSError) for cause in _causes(error))
 
 
 def _is_closed_loop_callback(unraisable: Any) -> bool:
@@ -157,15 +151,20 @@ def _directory(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), SUBDIR)
 
 
+def _causes(error: BaseException | None) -> Iterator[BaseException]:
+    """``error``, then what it was raised from or while handling, innermost last (20 at most)."""
+    for _ in range(20):
+        if error is None:
+            return
+        yield error
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+
+
 def _reason(error: BaseException) -> str:
     """The cause of a failed read or write in one line: the OS's message or TensorStore's status
     (the innermost error: Orbax wraps them in generic ones), without the multi-kilobyte spec
     TensorStore appends."""
-    for _ in range(20):
-        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
-        if inner is None:
-            break
-        error = inner
+    error = list(_causes(error))[-1]
     text = str(error).strip() or type(error).__name__
     text = re.split(r"\s*\[tensorstore_spec", text.splitlines()[0])[0]
     return text if len(text) <= 300 else text[:297] + "..."

@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vgg_jax.data import DatasetError, choices, transforms
+from vgg_jax.data import DatasetError, choices, image_bytes, transforms
 
 IMAGE_EXTENSIONS = choices.IMAGE_EXTENSIONS
 SKIPPED_FILES_NAME = "vgg_jax_skipped_files.txt"
@@ -250,12 +250,6 @@ def write_skipped_list(
 NOT_JPEG_OR_PNG = "not JPEG or PNG inside, whatever its name (counted as undecodable)"
 
 
-def is_jpeg_or_png(encoded: bytes) -> bool:
-    """Whether the bytes are what the pipeline decodes, by their first bytes as
-    ``transforms.image_format`` reads them (names lie)."""
-    return encoded[:3] == b"\xff\xd8\xff" or encoded[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 # The TIFF field types PIL reads the Orientation tag from (SHORT, LONG, and the signed BYTE,
 # SHORT and LONG) -> struct formats; PIL reads an unsigned BYTE as bytes and turns nothing.
 _TIFF_INTEGER_FORMATS = {3: "H", 4: "I", 6: "b", 8: "h", 9: "i"}
@@ -266,16 +260,9 @@ def exif_orientation(encoded: bytes) -> int:
 
     Reads the APP1 "Exif" segment's first IFD (TIFF layout, either byte order) before the image
     data; a malformed segment counts as upright."""
-    if encoded[:2] != b"\xff\xd8":
+    if not encoded.startswith(image_bytes.JPEG_SIGNATURE):
         return 1
-    position = 2
-    while position + 4 <= len(encoded) and encoded[position] == 0xFF:
-        marker = encoded[position + 1]
-        if marker == 0xDA:  # start of scan: no more metadata
-            break
-        (length,) = struct.unpack(">H", encoded[position + 2 : position + 4])
-        segment = encoded[position + 4 : position + 2 + length]
-        position += 2 + length
+    for marker, segment in image_bytes.jpeg_header_segments(encoded)[0]:
         if marker != 0xE1 or not segment.startswith(b"Exif\x00\x00"):
             continue
         tiff = segment[6:]
@@ -401,7 +388,7 @@ class VggJaxImageFolder(tfds.core.GeneratorBasedBuilder):
             for path in paths:
                 with open(path, "rb") as f:
                     encoded = f.read()
-                if not is_jpeg_or_png(encoded):
+                if not image_bytes.is_jpeg_or_png(encoded):
                     self.not_jpeg_or_png.append(path)
                 # The key is only hashed (the records' order): any file name will do.
                 yield _printable(path), {"image": upright(encoded), "label": name}

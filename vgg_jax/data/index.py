@@ -26,12 +26,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from vgg_jax.data import DatasetError, generator_dataset, sources, transforms
+from vgg_jax.data import DatasetError, generator_dataset, image_bytes, sources, transforms
 from vgg_jax.data.progress import ProgressLog
 
 _READ_CHUNK = 256
 _END_OF_IMAGE = b"\xff\xd9"
-_START_OF_SCAN = 0xDA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,20 +111,12 @@ def jpeg_truncated(encoded: bytes) -> bool:
     short. Bytes after that marker (a camera's or editor's trailer, padding) are not the image's
     and do not make it truncated.
 
-    The segments before the first scan are skipped by their lengths, so the markers of an EXIF
-    thumbnail (a whole JPEG inside an APP segment, end marker included) are never taken for the
-    image's. From the scan on, FF D9 can only be the end marker: in entropy-coded data an FF is
-    always followed by 00 or a restart marker (D0-D7)."""
-    position, size = 2, len(encoded)  # after the start-of-image marker
-    while position + 4 <= size and encoded[position] == 0xFF:
-        marker = encoded[position + 1]
-        if marker == 0xFF:  # a fill byte before a marker
-            position += 1
-            continue
-        if marker == _START_OF_SCAN:
-            break
-        position += 2 + int.from_bytes(encoded[position + 2 : position + 4], "big")
-    return encoded.find(_END_OF_IMAGE, position) < 0
+    The search starts after the header segments (``image_bytes.jpeg_header_segments``), so an
+    EXIF thumbnail's end marker is never taken for the image's. From the scan on, FF D9 can only
+    be the end marker: in entropy-coded data an FF is always followed by 00 or a restart marker
+    (D0-D7)."""
+    _, scan = image_bytes.jpeg_header_segments(encoded)
+    return encoded.find(_END_OF_IMAGE, scan) < 0
 
 
 def build_index(builder: tfds.core.DatasetBuilder, split: str) -> SplitIndex:

@@ -22,11 +22,11 @@ import numpy as np
 import tensorflow as tf
 
 from vgg_jax import conventions
+from vgg_jax.data import image_bytes
 
 JPEG, PNG, UNDECODABLE = 0, 1, 2
 # A truncated JPEG whose first ACCEPTABLE_FRACTION of rows decode is kept (the rest is grey).
 ACCEPTABLE_FRACTION = 0.25
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # libjpeg's accurate integer DCT, as PIL, torchvision and Caffe decode: TensorFlow's default (the
 # fast DCT) differs by up to ~20 grey levels per pixel, so imported nets would see other pixels
 # than their authors evaluated on. Used for every full decode (evaluation, statistics, the decoded
@@ -41,7 +41,9 @@ TRAIN_DCT = ACCURATE_DCT
 
 def image_format(encoded: tf.Tensor) -> tf.Tensor:
     """JPEG or PNG from the file's first bytes (names lie: ImageNet has a PNG named .JPEG)."""
-    is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_SIGNATURE)), _PNG_SIGNATURE)
+    is_png = tf.equal(
+        tf.strings.substr(encoded, 0, len(image_bytes.PNG_SIGNATURE)), image_bytes.PNG_SIGNATURE
+    )
     return tf.where(tf.io.is_jpeg(encoded), JPEG, tf.where(is_png, PNG, UNDECODABLE))
 
 
