@@ -444,10 +444,10 @@ def _report_skipped(builder: folder.VggJaxImageFolder, directory: str) -> None:
         )
     if not_images:
         logging.warning(
-            "Image folder %s: %d images are neither JPEG nor PNG inside, whatever their names "
-            "(WebP, GIF, HEIC, ...): counted as undecodable and left out; listed in %s",
+            "Image folder %s: %s neither JPEG nor PNG inside, whatever the name (WebP, GIF, "
+            "HEIC, ...): counted as undecodable and left out; listed in %s",
             root,
-            len(not_images),
+            "1 image is" if len(not_images) == 1 else f"{len(not_images)} images are",
             path,
         )
 
