@@ -47,5 +47,19 @@ class ReadWhileTrainingTest(absltest.TestCase):
         self.assertEqual(manager.call_count, checkpoint.READ_RETRIES)
 
 
+class ClassDifferenceTest(absltest.TestCase):
+    def test_names_in_either_unicode_form_are_the_same_class(self):
+        # "café" written composed (Linux) and decomposed (a folder copied from a Mac).
+        composed, decomposed = "caf\u00e9", "cafe\u0301"
+        self.assertIsNone(checkpoint.class_difference(["ant", composed], ["ant", decomposed]))
+
+    def test_a_different_name_is_named_as_written(self):
+        difference = checkpoint.class_difference(["ant", "cafe\u0301"], ["ant", "bee"])
+        self.assertEqual(difference, "class 1: 'cafe\u0301' there, 'bee' here")
+        self.assertEqual(
+            checkpoint.class_difference(["ant"], ["ant", "bee"]), "class 1: None there, 'bee' here"
+        )
+
+
 if __name__ == "__main__":
     absltest.main()

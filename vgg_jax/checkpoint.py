@@ -26,6 +26,7 @@ import re
 import shutil
 import sys
 import time
+import unicodedata
 from collections.abc import Iterator
 from typing import Any
 
@@ -65,10 +66,16 @@ def class_difference(recorded: list[str] | None, now: list[str] | None) -> str |
     """Where a checkpoint's class names (its ``class_names`` meta) and a dataset's first differ,
     as ``class 3: 'ant' there, 'bee' here``; None when they agree or either is unknown. Output i
     of a net is class i of the list it was trained on: another list (a renamed, added or removed
-    class folder shifts every later label) makes every output another class."""
-    if not recorded or not now or list(recorded) == list(now):
+    class folder shifts every later label) makes every output another class. Names are compared
+    in Unicode's composed form (NFC), as image folders match them: a folder copied from a Mac
+    writes "é" decomposed, the same class."""
+    if not recorded or not now:
         return None
-    pairs = list(zip(recorded, now, strict=False))
+    recorded_forms = [unicodedata.normalize("NFC", name) for name in recorded]
+    now_forms = [unicodedata.normalize("NFC", name) for name in now]
+    if recorded_forms == now_forms:
+        return None
+    pairs = list(zip(recorded_forms, now_forms, strict=False))
     first = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
     there = recorded[first] if first < len(recorded) else None
     here = now[first] if first < len(now) else None
