@@ -163,6 +163,23 @@ class CheckConfigTest(absltest.TestCase):
         self.assertTrue(any("has 3 classes" in x for x in lines), lines)
         self.assertTrue(any(x.startswith("config.input.batch_size=4") for x in lines), lines)
 
+    def test_one_class_is_refused_as_nothing_to_learn(self):
+        # A one-class folder trained with loss 0.0000 and printed a table of 0.00% errors.
+        with tempfile.TemporaryDirectory() as root:
+            os.makedirs(os.path.join(root, "train", "cat"))
+            open(os.path.join(root, "train", "cat", "1.jpg"), "wb").close()
+            overrides = {"input.dataset": "image_folder", "input.folder": root}
+            lines = problems(fixtures.tiny_config(with_data=False, **overrides))
+            one = problems(
+                fixtures.tiny_config(with_data=False, **overrides, **{"model.num_classes": 1})
+            )
+        for found in (lines, one):
+            folder = [x for x in found if x.startswith("config.input.folder=")]
+            self.assertLen(folder, 1, found)
+            self.assertIn("holds 1 class folder: a classifier needs at least 2", folder[0])
+            self.assertFalse(any("set --config.model.num_classes" in x for x in found), found)
+        self.assertTrue(any(x.startswith("config.model.num_classes=1") for x in one), one)
+
 
 if __name__ == "__main__":
     absltest.main()

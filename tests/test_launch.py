@@ -70,9 +70,10 @@ for name, mode in shipped:
     cli.checks.check_config(importlib.import_module(f"experiments.{name}").get_config(), mode)
 config = importlib.import_module("experiments.demo").get_config()
 config.input.dataset, config.input.folder = "image_folder", sys.argv[1]
-config.model.num_classes = 1
-os.makedirs(os.path.join(sys.argv[1], "train", "cat"))
-open(os.path.join(sys.argv[1], "train", "cat", "a.jpg"), "wb").close()
+config.model.num_classes = 2
+for name in ("cat", "dog"):
+    os.makedirs(os.path.join(sys.argv[1], "train", name))
+    open(os.path.join(sys.argv[1], "train", name, "a.jpg"), "wb").close()
 cli.checks.check_config(config, "evaluate")
 print("loaded by the checks:", sorted({"tensorflow", "tensorflow_datasets"} & set(sys.modules)))
 """

@@ -109,7 +109,12 @@ def _check_model(p: _Problems) -> None:
     p.one_of("model.name", sorted(models.LAYOUTS))
     p.one_of("model.dtype", sorted(models.DTYPES))
     p.one_of("model.init", models.INITIALIZERS)
-    p.number("model.num_classes", lambda x: int(x) == x and x >= 1, "must be a whole number >= 1")
+    p.number(
+        "model.num_classes",
+        lambda x: int(x) == x and x >= 2,
+        "must be a whole number >= 2: a softmax over one class has zero loss and zero error "
+        "whatever the weights, so nothing is learnt or measured",
+    )
     p.number("model.width", _positive, "must be > 0 (1.0 is the paper's width)")
     p.number("model.fc_width", lambda x: int(x) == x and x >= 1, "must be a whole number >= 1")
     p.number("model.dropout_rate", lambda x: 0 <= x < 1, "must be in [0, 1)")
@@ -166,7 +171,14 @@ def _check_input(p: _Problems, mode: str, data_devices: int) -> tuple[int, int] 
     if facts is None:
         return None
     classes, num_train = facts
-    if mode not in TOOL_MODES and classes != p.value("model.num_classes"):
+    if classes < 2:
+        split = os.path.join(p.value("input.folder"), p.value("input.train_split"))
+        p.add(
+            "input.folder",
+            f"{split} holds {classes} class folder{'' if classes == 1 else 's'}: a classifier "
+            "needs at least 2 (ROOT/<split>/<class>/<image>, one folder per class)",
+        )
+    elif mode not in TOOL_MODES and classes != p.value("model.num_classes"):
         p.add(
             "model.num_classes",
             f"dataset {p.value('input.dataset')!r} has {classes} classes; "
