@@ -163,6 +163,32 @@ class CheckConfigTest(absltest.TestCase):
         self.assertTrue(any("has 3 classes" in x for x in lines), lines)
         self.assertTrue(any(x.startswith("config.input.batch_size=4") for x in lines), lines)
 
+    def test_imagenet_neither_prepared_nor_downloaded_is_said_at_start_up(self):
+        # It was said after the step's compile and TensorFlow's import (about a minute).
+        with tempfile.TemporaryDirectory() as root:
+            overrides = {
+                "input.dataset": "imagenet2012",
+                "model.num_classes": 1000,
+                "input.data_dir": os.path.join(root, "data"),
+                "input.manual_dir": os.path.join(root, "tars"),
+            }
+            config = fixtures.tiny_config(with_data=False, **overrides)
+            lines = [x for x in problems(config) if x.startswith("config.input.manual_dir=")]
+            self.assertLen(lines, 1)
+            self.assertIn("Missing: ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar", lines[0])
+            os.makedirs(os.path.join(root, "tars"))
+            for tar in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"):
+                open(os.path.join(root, "tars", tar), "wb").close()
+            self.assertFalse(any("manual_dir" in x for x in problems(config)))
+            os.remove(os.path.join(root, "tars", "ILSVRC2012_img_val.tar"))
+            self.assertTrue(any("Missing: ILSVRC2012_img_val.tar" in x for x in problems(config)))
+            prepared = os.path.join(root, "data", "imagenet2012", "5.1.0")
+            os.makedirs(prepared)
+            open(os.path.join(prepared, "dataset_info.json"), "w").close()
+            self.assertFalse(any("manual_dir" in x for x in problems(config)))
+            config.input.data_dir = "gs://bucket/tensorflow_datasets"  # only TFDS can look there
+            self.assertFalse(any("manual_dir" in x for x in problems(config)))
+
     def test_one_class_is_refused_as_nothing_to_learn(self):
         # A one-class folder trained with loss 0.0000 and printed a table of 0.00% errors.
         with tempfile.TemporaryDirectory() as root:

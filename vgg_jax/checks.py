@@ -193,13 +193,19 @@ def _check_input(p: _Problems, mode: str, data_devices: int) -> tuple[int, int] 
 
 
 def _check_data_files(p: _Problems) -> None:
-    """``input.expected_counts``' form and ``input.index_dir`` (writability is tried at
-    preparation, where the directory is known in full)."""
+    """``input.expected_counts``' form, ImageNet's tars when it is not prepared, and
+    ``input.index_dir`` (writability is tried at preparation, where the directory is known in
+    full)."""
     from vgg_jax.data import choices
 
     why = choices.expected_counts_problem(p.value("input.expected_counts"))
     if why:
         p.add("input.expected_counts", why)
+    unprepared = p.value("input.dataset") == "imagenet2012" and not (
+        choices.imagenet_is_prepared_or_remote(p.value("input.data_dir"))
+    )
+    if unprepared and (missing := choices.imagenet_tars_missing(p.value("input.manual_dir"))):
+        p.add("input.manual_dir", missing)  # said in seconds, not after the step's compile
     index_dir = p.value("input.index_dir")
     if index_dir and os.path.isfile(os.path.expanduser(index_dir)):
         p.add("input.index_dir", "is a file; needs a directory (created if missing)")

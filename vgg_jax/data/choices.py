@@ -9,11 +9,17 @@ is said in a few seconds, and a training run starts compiling its step
 
 from __future__ import annotations
 
+import glob
+import os
+
 DATASETS = ("imagenet2012", "image_folder", "builtin")
 STATS_SOURCES = ("auto", "computed", "published")
 # The built-in dataset's sizes by name (``input.builtin_size``): (training, validation) images.
 BUILTIN_SIZES = {"full": (5000, 1000), "small": (1000, 200), "tiny": (100, 40)}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # what an image folder's files may end with
+
+# ImageNet's manual download (image-net.org), which TFDS's imagenet2012 builder prepares from.
+IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 
 # Published sizes (ILSVRC-2012: Russakovsky et al., 2015; TFDS's imagenet2012 builder).
 PUBLISHED_COUNTS = {"imagenet2012": {"train": 1_281_167, "validation": 50_000, "classes": 1000}}
@@ -46,3 +52,30 @@ def expected_counts_problem(spec: str) -> str | None:
     except (ValueError, TypeError):
         return f"must be {EXPECTED_COUNTS_FORMS}"
     return None
+
+
+def imagenet_tars_missing(manual_dir: str | None) -> str | None:
+    """What to do when ImageNet's tars are not in ``manual_dir`` (the sentence users read both at
+    start-up and at preparation); None when both are there."""
+    where = os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else None
+    missing = [n for n in IMAGENET_TARS if where is None or not os.path.exists(f"{where}/{n}")]
+    if not missing:
+        return None
+    return (
+        "imagenet2012 is not prepared yet and its manual download is missing. Put "
+        + " and ".join(IMAGENET_TARS)
+        + " (from https://image-net.org/download-images) in one directory and pass it as "
+        f"--config.input.manual_dir=DIR. Missing: {', '.join(missing)}"
+        + (f" in {where}." if where else " (config.input.manual_dir is not set).")
+    )
+
+
+def imagenet_is_prepared_or_remote(data_dir: str | None) -> bool:
+    """Whether TFDS may find imagenet2012 prepared in ``data_dir`` (its default when None) without
+    its tars: a ``dataset_info.json`` of any version there, or a remote path (``gs://``) that
+    only TFDS can look into. A guess that errs towards yes: the preparation still checks."""
+    root = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    if "://" in root:
+        return True
+    pattern = os.path.join(os.path.expanduser(root), "imagenet2012", "*", "dataset_info.json")
+    return bool(glob.glob(pattern))

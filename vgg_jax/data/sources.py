@@ -33,7 +33,7 @@ from absl import logging
 from vgg_jax.data import DatasetError, builtin, choices, folder
 
 DATASETS = choices.DATASETS
-IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+IMAGENET_TARS = choices.IMAGENET_TARS
 IMAGENET_SPLIT_TARS = dict(zip(("train", "validation"), IMAGENET_TARS, strict=True))
 # The names TFDS's imagenet2012 builder labels right, and how many validation labels it has.
 _VALIDATION_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG")
@@ -264,16 +264,9 @@ def _imagenet_synsets() -> list[str]:
 
 
 def _imagenet_download_config(manual_dir: str | None) -> tfds.download.DownloadConfig:
-    where = os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else None
-    missing = [n for n in IMAGENET_TARS if where is None or not os.path.exists(f"{where}/{n}")]
-    if missing:
-        raise FileNotFoundError(
-            "imagenet2012 is not prepared yet and its manual download is missing. Put "
-            + " and ".join(IMAGENET_TARS)
-            + " (from https://image-net.org/download-images) in one directory and pass it as "
-            f"--config.input.manual_dir=DIR. Missing: {', '.join(missing)}"
-            + (f" in {where}." if where else " (config.input.manual_dir is not set).")
-        )
+    if missing := choices.imagenet_tars_missing(manual_dir):
+        raise FileNotFoundError(missing)
+    where = os.path.abspath(os.path.expanduser(manual_dir))
     train_tar = os.path.join(where, IMAGENET_SPLIT_TARS["train"])
     if problem := train_tar_problem(train_tar):
         raise DatasetError(
