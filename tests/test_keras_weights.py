@@ -46,6 +46,32 @@ class KerasParityTest(parameterized.TestCase):
         self.assertEqual(reloaded_net, net)
         jax.tree_util.tree_map(np.testing.assert_array_equal, reloaded, params)
 
+    def test_a_trained_models_file_with_its_optimizer_state(self):
+        """Keras 3's ``save_weights`` of a compiled model and Keras 2's ``model.save("x.h5")``
+        store the optimizer's state beside the weights: Adam's two slots per variable are shaped
+        like the kernels. Only the model's weights are counted (today: "does not hold a VGG with
+        its 3 fully connected layers")."""
+        import h5py
+
+        kernels = [(3, 3, 3, 64), (3, 3, 64, 64)] + [(3, 3, 64, 64)] * 11
+        kernels += [(7 * 7 * 512, 4096), (4096, 4096), (4096, 10)]
+        tmp = self.create_tempdir().full_path
+        for layout in ("keras3", "keras2"):
+            path = os.path.join(tmp, f"{layout}.h5")
+            with h5py.File(path, "w") as f:
+                for i, shape in enumerate(kernels):
+                    # Shapes only: datasets without data take no space.
+                    if layout == "keras3":
+                        f.create_dataset(f"layers/layer_{i}/vars/0", shape, "f4")
+                        f.create_dataset(f"layers/layer_{i}/vars/1", shape[-1:], "f4")
+                        for slot in (2 * i, 2 * i + 1):
+                            f.create_dataset(f"optimizer/vars/{slot}", shape, "f4")
+                    else:
+                        f.create_dataset(f"model_weights/layer_{i}/layer_{i}/kernel", shape, "f4")
+                        for slot in ("momentum", "velocity"):
+                            f.create_dataset(f"optimizer_weights/adam/{i}_{slot}", shape, "f4")
+            self.assertEqual(keras_weights._inspect_h5(path), (13, 10), layout)
+
     def test_not_a_vgg_file(self):
         with self.assertRaises(FileNotFoundError):
             keras_weights.load_keras_weights("/nonexistent/weights.h5")

@@ -67,19 +67,28 @@ def load_keras_weights(source: Any) -> tuple[str, dict[str, Any]]:
     return params_from_keras_model(keras_model)
 
 
+# Top-level groups of an optimizer's state: Keras 3's ``.weights.h5`` of a compiled model
+# (``optimizer/vars/<i>``) and Keras 2's ``model.save("x.h5")`` (``optimizer_weights/...``). An
+# Adam state holds two slots shaped like every kernel; Keras' ``load_weights`` skips them.
+OPTIMIZER_GROUPS = ("optimizer", "optimizer_weights")
+
+
 def _inspect_h5(path: str) -> tuple[int, int]:
-    """Counts 4-D (conv) kernels and reads the class count from the last 2-D (dense) kernel."""
+    """Counts 4-D (conv) kernels and reads the class count from the last 2-D (dense) kernel,
+    among the model's weights (an optimizer's state, saved beside them after training, is not
+    counted)."""
     import h5py
 
     kernels: list[tuple[int, ...]] = []
+
+    def visit(name: str, item: Any) -> None:
+        if name.split("/")[0] in OPTIMIZER_GROUPS:
+            return
+        if isinstance(item, h5py.Dataset) and item.ndim in (2, 4):
+            kernels.append(item.shape)
+
     with h5py.File(path, "r") as f:
-        f.visititems(
-            lambda _, item: (
-                kernels.append(item.shape)
-                if isinstance(item, h5py.Dataset) and item.ndim in (2, 4)
-                else None
-            )
-        )
+        f.visititems(visit)
     dense = [shape for shape in kernels if len(shape) == 2]
     fc1 = [shape for shape in dense if shape[0] == 7 * 7 * 512]
     if len(dense) != 3 or len(fc1) != 1:
