@@ -72,6 +72,51 @@ class KerasParityTest(parameterized.TestCase):
                             f.create_dataset(f"optimizer_weights/adam/{i}_{slot}", shape, "f4")
             self.assertEqual(keras_weights._inspect_h5(path), (13, 10), layout)
 
+    def test_whole_saved_models_nested_as_fine_tuning_nests_them(self):
+        """The usual fine-tuning layout, ``Sequential([VGG16(include_top=False), Flatten(),
+        Dense, Dense, Dense])``, saved whole as Keras 3's ``.keras`` archive and Keras 2's
+        ``.h5``: loaded as the model they hold, the nested convs taken one by one (today: the
+        ``.keras`` file is h5py's OSError "file signature not found", the ``.h5`` "Layer count
+        mismatch", and the model itself "got 1 convs and 3 dense layers"). Thin layers at a
+        32-pixel input: the importer reads the layers, not their sizes."""
+        import keras
+
+        keras.utils.set_random_seed(0)
+        base = keras.Sequential([keras.Input((32, 32, 3))], name="vgg16")
+        for block in models.LAYOUTS["D"]:
+            for _ in block:
+                base.add(keras.layers.Conv2D(2, 3, padding="same", activation="relu"))
+            base.add(keras.layers.MaxPooling2D())
+        fine_tuned = keras.Sequential(
+            [keras.Input((32, 32, 3)), base, keras.layers.Flatten()]
+            + [keras.layers.Dense(n, activation="relu") for n in (4, 4)]
+            + [keras.layers.Dense(3)]
+        )
+        net, params = keras_weights.load_keras_weights(fine_tuned)
+        self.assertEqual(net, "D")
+        layers = base.layers + fine_tuned.layers[1:]
+        kernels = [layer.get_weights()[0] for layer in layers if layer.get_weights()]
+        names = models.conv_names("D") + ["fc1", "fc2", "fc3"]
+        for name, kernel in zip(names, kernels, strict=True):
+            np.testing.assert_array_equal(params[name]["kernel"], kernel)
+        tmp = self.create_tempdir().full_path
+        for name in ("fine_tuned.keras", "fine_tuned.h5"):
+            path = os.path.join(tmp, name)
+            fine_tuned.save(path)
+            loaded_net, loaded = keras_weights.load_keras_weights(path)
+            self.assertEqual(loaded_net, "D")
+            jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+
+        renamed = os.path.join(tmp, "fine_tuned.zip")
+        os.rename(os.path.join(tmp, "fine_tuned.keras"), renamed)
+        with self.assertRaisesRegex(ValueError, "only under a name ending in '.keras'"):
+            keras_weights.load_keras_weights(renamed)
+        not_hdf5 = os.path.join(tmp, "vgg16.h5")
+        with open(not_hdf5, "wb") as f:
+            f.write(b"\x80\x02not an HDF5 file")
+        with self.assertRaisesRegex(ValueError, "vgg16.h5 is not an HDF5 file"):
+            keras_weights.load_keras_weights(not_hdf5)
+
     def test_not_a_vgg_file(self):
         with self.assertRaises(FileNotFoundError):
             keras_weights.load_keras_weights("/nonexistent/weights.h5")

@@ -9,6 +9,7 @@ TensorFlow/Keras is imported only when a Keras model has to be built.
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ KERAS_INPUT = conventions.CAFFE
 
 def params_from_keras_model(keras_model: Any) -> tuple[str, dict[str, Any]]:
     """Returns ``(net name, params)`` from a built Keras VGG16/VGG19 model (any class count)."""
-    weighted = [layer.get_weights() for layer in keras_model.layers if layer.get_weights()]
+    weighted = [layer.get_weights() for layer in _leaf_layers(keras_model) if layer.get_weights()]
     convs = [w for w in weighted if np.ndim(w[0]) == 4]
     denses = [w for w in weighted if np.ndim(w[0]) == 2]
     if len(convs) not in KERAS_NETS or len(denses) != 3:
@@ -44,18 +45,34 @@ def params_from_keras_model(keras_model: Any) -> tuple[str, dict[str, Any]]:
     return net, params
 
 
+def _leaf_layers(keras_model: Any) -> list[Any]:
+    """The layers of ``keras_model`` in order, those of a model nested in it (the usual
+    fine-tuning layout, ``Sequential([VGG16(include_top=False), Flatten(), Dense(...), ...])``)
+    in its place: the nested model's ``get_weights`` would be all its convs' arrays at once."""
+    layers = []
+    for layer in keras_model.layers:
+        layers += _leaf_layers(layer) if hasattr(layer, "layers") else [layer]
+    return layers
+
+
 def load_keras_weights(source: Any) -> tuple[str, dict[str, Any]]:
     """Returns ``(net name, params)`` from a Keras model or a Keras ``.h5`` weight file.
 
-    A file may be Keras 3's ``.weights.h5`` or the legacy Keras 2 format of the released
-    ``vgg16_weights_tf_dim_ordering_tf_kernels.h5``; it is read by Keras itself into a freshly
-    built ``keras.applications`` net, whose class count is taken from the file.
+    A weights-only file, Keras 3's ``.weights.h5`` or the legacy Keras 2 format of the released
+    ``vgg16_weights_tf_dim_ordering_tf_kernels.h5``, is read by Keras itself into a freshly built
+    ``keras.applications`` net, whose class count is taken from the file. A whole saved model,
+    Keras 3's ``.keras`` archive or Keras 2's ``model.save("x.h5")``, is loaded as the model it
+    holds (``keras.saving.load_model``, which also reads one that nests VGG16 in another).
     """
     if not isinstance(source, (str, os.PathLike)):
         return params_from_keras_model(source)
     path = os.fspath(source)
     if not os.path.exists(path):
         raise FileNotFoundError(f"No Keras weight file at {path}")
+    if _is_whole_model(path):
+        import keras
+
+        return params_from_keras_model(keras.saving.load_model(path, compile=False))
     num_convs, num_classes = _inspect_h5(path)
     if num_convs not in KERAS_NETS:
         raise ValueError(f"{path} holds {num_convs} conv kernels; VGG16 has 13 and VGG19 16.")
@@ -63,7 +80,16 @@ def load_keras_weights(source: Any) -> tuple[str, dict[str, Any]]:
 
     builder = getattr(keras.applications, KERAS_NETS[num_convs][1])
     keras_model = builder(weights=None, classes=num_classes)
-    keras_model.load_weights(path)
+    try:
+        keras_model.load_weights(path)
+    except ValueError as e:  # Keras' message lists every layer it could not fill
+        said = str(e).strip().splitlines()[0]
+        raise ValueError(
+            f"Keras could not read {path} into keras.applications.{builder.__name__}(classes="
+            f"{num_classes}) ({said}). A weights-only file is read in that net's layout only, not "
+            "in one that nests VGG16 in another model: save the whole model (model.save('x.keras'))"
+            " or pass the built model to load_keras_weights."
+        ) from None
     return params_from_keras_model(keras_model)
 
 
@@ -97,3 +123,26 @@ def _inspect_h5(path: str) -> tuple[int, int]:
     outputs = [shape[1] for shape in dense if shape is not fc1[0]]
     outputs.remove(fc1[0][1])
     return sum(len(shape) == 4 for shape in kernels), outputs[0]
+
+
+def _is_whole_model(path: str) -> bool:
+    """A ``.keras`` archive (a zip) or a legacy ``.h5`` that holds the model's config too. A file
+    that is neither HDF5 nor a Keras archive is a ``ValueError`` saying so (h5py's own error is an
+    ``OSError``, "file signature not found")."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if "config.json" not in archive.namelist():
+                raise ValueError(f"{path} is a zip file but not a Keras .keras archive.")
+        if not path.endswith(".keras"):
+            raise ValueError(f"{path} is a Keras model archive: Keras reads it only under a name "
+                             "ending in '.keras'. Rename it.")  # fmt: skip
+        return True
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return "model_config" in f.attrs
+    except OSError as e:
+        raise ValueError(
+            f"{path} is not an HDF5 file, which Keras .h5 and .weights.h5 files are ({e})."
+        ) from None
