@@ -272,6 +272,25 @@ class TorchvisionImportTest(parameterized.TestCase):
             with self.assertRaisesRegex(ValueError, "cut short"):
                 torch_weights.read_pth(path)
 
+    def test_a_file_holding_no_state_dict_is_one_short_line(self):
+        """``torch.save([state_dict])`` or ``torch.save(tensor)``: a ValueError, which the import
+        command prints as one line, naming what was found (today: a TypeError, a traceback, whose
+        message is the repr of every tensor in the file)."""
+        state_dict = torchvision_state_dict("A", np.random.default_rng(5), **TINY)
+        for obj, found in (
+            ([state_dict], r"got a list of 1 items \(OrderedDict\)\."),
+            (np.zeros((64, 3, 3, 3), np.float32), r"got a single tensor of shape \(64, 3, 3, 3\)"),
+            (3, r"got an object of type int\."),
+        ):
+            with self.assertRaisesRegex(ValueError, found) as raised:
+                torch_weights.params_from_state_dict(obj)
+            self.assertLess(len(str(raised.exception)), 200)
+        path = os.path.join(self.create_tempdir().full_path, "list.pth")
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("archive/data.pkl", pickle.dumps([1, 2], protocol=2))
+        with self.assertRaisesRegex(ValueError, r"got a list of 2 items \(int\)"):
+            torch_weights.load_torchvision_weights(path)
+
     def test_nested_and_data_parallel_state_dicts(self):
         state_dict = torchvision_state_dict("A", np.random.default_rng(5), **TINY)
         wrapped = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state_dict.items()}}

@@ -362,10 +362,28 @@ def torchvision_conv_indices(net: str) -> list[int]:
     return indices
 
 
+class NotAStateDictError(ValueError, TypeError):
+    """The file or object holds no mapping of names to tensors. A ``ValueError``, as every other
+    problem with a file, so the import command prints it as one line (it was a ``TypeError``,
+    which it still is)."""
+
+
+def _describe(obj: Any) -> str:
+    """A few words for what was found instead of a state dict (its ``repr`` would print every
+    tensor's values)."""
+    if isinstance(obj, np.ndarray):
+        return f"a single tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, (list, tuple)):
+        kinds = sorted({type(item).__name__ for item in obj})
+        return f"a {type(obj).__name__} of {len(obj)} items ({', '.join(kinds) or 'empty'})"
+    return f"an object of type {type(obj).__name__}"
+
+
 def _unwrap(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(state_dict, Mapping):
-        raise TypeError(
-            f"Expected a state dict (a mapping of names to tensors), got {state_dict!r}"
+        raise NotAStateDictError(
+            f"Expected a state dict (a mapping of names to tensors), got {_describe(state_dict)}. "
+            "Save the weights with torch.save(model.state_dict(), path)."
         )
     # Training scripts nest the weights: {"state_dict": ...} (Lightning, many repos),
     # {"model_state_dict": ..., "optimizer_state_dict": ...} (PyTorch's tutorial), {"model": ...}.
