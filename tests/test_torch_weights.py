@@ -272,6 +272,21 @@ class TorchvisionImportTest(parameterized.TestCase):
             with self.assertRaisesRegex(ValueError, "cut short"):
                 torch_weights.read_pth(path)
 
+    def test_a_legacy_file_cut_short_says_so_wherever_it_ends(self):
+        """The legacy stream cut inside its pickle (an interrupted download of torchvision's own
+        files): the error names the file and says it is cut short (today: pickle's bare "pickle
+        data was truncated")."""
+        path = os.path.join(self.create_tempdir().full_path, "vgg11-8a719046.pth")
+        write_legacy_pth(path, torchvision_state_dict("A", np.random.default_rng(6), **TINY))
+        with open(path, "rb") as f:
+            whole = f.read()
+        for keep in (200, 400, len(whole) // 2, len(whole) - 30):
+            with open(path, "wb") as f:
+                f.write(whole[:keep])
+            with self.assertRaisesRegex(ValueError, "(cut short|truncated)") as raised:
+                torch_weights.read_pth(path)
+            self.assertTrue(str(raised.exception).startswith(path), (keep, raised.exception))
+
     def test_a_file_holding_no_state_dict_is_one_short_line(self):
         """``torch.save([state_dict])`` or ``torch.save(tensor)``: a ValueError, which the import
         command prints as one line, naming what was found (today: a TypeError, a traceback, whose

@@ -97,6 +97,11 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
+class _RefusedPickle(pickle.UnpicklingError):
+    """What ``_StateDictUnpickler`` refuses; its message names the file and what it holds (other
+    ``UnpicklingError``s are pickle's own, about damaged data)."""
+
+
 class _StateDictUnpickler(pickle.Unpickler):
     """Unpickles a state dict of tensors into ``_TensorRef`` leaves, refusing anything else."""
 
@@ -110,7 +115,7 @@ class _StateDictUnpickler(pickle.Unpickler):
             return _ALLOWED_GLOBALS[module, name]
         if module in ("torch", "torch.cuda") and name in _STORAGE_DTYPES:
             return _StorageType(name)
-        raise pickle.UnpicklingError(
+        raise _RefusedPickle(
             f"{self.source} pickles {module}.{name}, which is not part of a state dict of "
             "tensors. Save the weights with torch.save(model.state_dict(), path), not the model."
         )
@@ -118,10 +123,10 @@ class _StateDictUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> _StorageRef:
         # zip: (tag, type, key, location, numel); legacy adds view_metadata.
         if not isinstance(pid, tuple) or pid[0] != "storage" or len(pid) not in (5, 6):
-            raise pickle.UnpicklingError(f"{self.source}: unsupported persistent id {pid!r}")
+            raise _RefusedPickle(f"{self.source}: unsupported persistent id {pid!r}")
         _, storage_type, key, _, numel, *view = pid
         if view and view[0] is not None:
-            raise pickle.UnpicklingError(f"{self.source}: storage views are not supported.")
+            raise _RefusedPickle(f"{self.source}: storage views are not supported.")
         key = str(key)
         if key not in self.storages:
             self.storages[key] = _StorageRef(key, storage_type.dtype, int(numel))
@@ -151,8 +156,10 @@ def read_pth(path: str | os.PathLike) -> Any:
                 "interrupted download? Fetch the file again."
             )
         return _read_legacy(path)
-    except pickle.UnpicklingError as e:
+    except _RefusedPickle as e:
         raise ValueError(str(e)) from None
+    except pickle.UnpicklingError as e:  # pickle's own: "pickle data was truncated", ...
+        raise ValueError(f"{path} is damaged or cut short ({e}): fetch the file again.") from None
     except (zipfile.BadZipFile, EOFError, struct.error) as e:
         raise ValueError(f"{path} is damaged or cut short ({e}): fetch the file again.") from None
 
