@@ -1,6 +1,8 @@
 """torchvision import: .pth files read without PyTorch, logits equal to an NCHW reference."""
 
+import argparse
 import collections
+import io
 import os
 import pickle
 import struct
@@ -122,6 +124,28 @@ def write_legacy_pth(path, state_dict):
         pickle.dump([str(k) for k in range(len(storages))], f, protocol=2)
         for array in storages:
             f.write(struct.pack("<q", array.size) + array.tobytes())
+
+
+def write_checkpoint_pth(path, checkpoint):
+    """``torch.save(checkpoint)`` of a training checkpoint: a dict of tensors, numbers and other
+    picklable values (an ``argparse.Namespace``) with the state dict nested in it."""
+
+    def tensors(value):
+        if isinstance(value, np.ndarray):
+            ref = torch_weights._StorageRef(str(len(storages)), value.dtype, value.size)
+            storages.append(np.ascontiguousarray(value).reshape(-1))
+            return torch_weights._TensorToSave(ref, value.shape)
+        if isinstance(value, dict):
+            return type(value)((k, tensors(v)) for k, v in value.items())
+        return value
+
+    storages = []
+    buffer = io.BytesIO()
+    torch_weights._StateDictPickler(buffer, protocol=2).dump(tensors(checkpoint))
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", buffer.getvalue())
+        for key, array in enumerate(storages):
+            archive.writestr(f"archive/data/{key}", array.tobytes())
 
 
 class TorchvisionImportTest(parameterized.TestCase):
@@ -286,6 +310,28 @@ class TorchvisionImportTest(parameterized.TestCase):
             with self.assertRaisesRegex(ValueError, "(cut short|truncated)") as raised:
                 torch_weights.read_pth(path)
             self.assertTrue(str(raised.exception).startswith(path), (keep, raised.exception))
+
+    def test_a_timm_training_checkpoint_with_its_arguments(self):
+        """timm's train.py writes ``model_best.pth.tar`` as ``{"epoch", "arch", "optimizer",
+        "version", "args": argparse.Namespace, "state_dict", "metric"}``: the arguments are read
+        as a plain record (today: refused, "pickles argparse.Namespace ... not the model")."""
+        state_dict = torchvision_state_dict("A", np.random.default_rng(5), **TINY)
+        checkpoint = {
+            "epoch": 3,
+            "arch": "vgg11",
+            "optimizer": {"state": {0: {"momentum_buffer": np.ones(3, np.float32)}}},
+            "version": 2,
+            "args": argparse.Namespace(model="vgg11", lr=0.05, epochs=[1, 2]),
+            "state_dict": timm_state_dict(state_dict),
+            "metric": 71.5,
+        }
+        path = os.path.join(self.create_tempdir().full_path, "model_best.pth.tar")
+        write_checkpoint_pth(path, checkpoint)
+        self.assertEqual(torch_weights.read_pth(path)["args"].model, "vgg11")
+        net, params = torch_weights.load_torchvision_weights(path)
+        _, direct = torch_weights.params_from_state_dict(state_dict)
+        self.assertEqual(net, "A")
+        jax.tree_util.tree_map(np.testing.assert_array_equal, params, direct)
 
     def test_a_file_holding_no_state_dict_is_one_short_line(self):
         """``torch.save([state_dict])`` or ``torch.save(tensor)``: a ValueError, which the import

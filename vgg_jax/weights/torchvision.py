@@ -23,6 +23,7 @@ import pickle
 import re
 import struct
 import sys
+import types
 import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
@@ -91,6 +92,9 @@ def _rebuild_parameter(data, *_) -> _TensorRef:
 
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
+    # timm's train.py saves its command line's arguments beside the state dict ("args" in
+    # model_best.pth.tar); read as a plain record of values, no code of argparse's runs.
+    ("argparse", "Namespace"): types.SimpleNamespace,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
