@@ -311,6 +311,18 @@ class TorchvisionImportTest(parameterized.TestCase):
                 torch_weights.read_pth(path)
             self.assertTrue(str(raised.exception).startswith(path), (keep, raised.exception))
 
+    def test_a_compiled_models_state_dict(self):
+        """``torch.compile(model).state_dict()`` prefixes every key with ``_orig_mod.``, and
+        ``DataParallel`` of a compiled model with ``module._orig_mod.`` (today: "Found 0 conv
+        layers")."""
+        state_dict = torchvision_state_dict("A", np.random.default_rng(5), **TINY)
+        _, direct = torch_weights.params_from_state_dict(state_dict)
+        for prefix in ("_orig_mod.", "module._orig_mod.", "_orig_mod.module."):
+            prefixed = {f"{prefix}{k}": v for k, v in state_dict.items()}
+            net, params = torch_weights.params_from_state_dict({"model": prefixed, "epoch": 1})
+            self.assertEqual(net, "A")
+            jax.tree_util.tree_map(np.testing.assert_array_equal, params, direct)
+
     def test_a_timm_training_checkpoint_with_its_arguments(self):
         """timm's train.py writes ``model_best.pth.tar`` as ``{"epoch", "arch", "optimizer",
         "version", "args": argparse.Namespace, "state_dict", "metric"}``: the arguments are read

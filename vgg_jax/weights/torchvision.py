@@ -390,6 +390,9 @@ def _describe(obj: Any) -> str:
     return f"an object of type {type(obj).__name__}"
 
 
+STATE_DICT_PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
 def _unwrap(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(state_dict, Mapping):
         raise NotAStateDictError(
@@ -401,10 +404,16 @@ def _unwrap(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(state_dict.get(key), Mapping):
             state_dict = state_dict[key]
-    # nn.DataParallel's "module." and a LightningModule attribute's "model." prefixes.
-    for prefix in ("module.", "model."):
-        if state_dict and all(str(k).startswith(prefix) for k in state_dict):
-            state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items()}
+    # nn.DataParallel's "module.", a LightningModule attribute's "model." and torch.compile's
+    # "_orig_mod." prefixes, in any order and combination ("module._orig_mod." when a compiled
+    # model is wrapped for DistributedDataParallel).
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in STATE_DICT_PREFIXES:
+            if state_dict and all(str(k).startswith(prefix) for k in state_dict):
+                state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items()}
+                stripped = True
     return dict(state_dict)
 
 
