@@ -393,6 +393,26 @@ class TorchvisionImportTest(parameterized.TestCase):
         self.assertEqual(imported.input_convention, torch_weights.TORCHVISION_INPUT)
         jax.tree_util.tree_map(np.testing.assert_array_equal, imported.params, direct)
 
+    def test_any_state_dict_in_safetensors_goes_through_the_torchvision_import(self):
+        """A state dict saved as safetensors with nn.DataParallel's ``module.`` prefix imports as
+        its ``.pth`` does, and another net's names the keys it found (today: "does not say which
+        net it holds; pass --net", then "pass --input_convention", then "not a VGG")."""
+        from vgg_jax.weights import export, importer
+
+        state_dict = torchvision_state_dict("A", np.random.default_rng(6), **TINY)
+        tmp = self.create_tempdir().full_path
+        path = os.path.join(tmp, "vgg11_dp.safetensors")
+        export.save_safetensors(path, {f"module.{k}": v for k, v in state_dict.items()})
+        imported = importer.load(path, "safetensors")
+        _, direct = torch_weights.params_from_state_dict(state_dict)
+        self.assertEqual(imported.net, "A")
+        self.assertEqual(imported.input_convention, torch_weights.TORCHVISION_INPUT)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, imported.params, direct)
+        path = os.path.join(tmp, "resnet.safetensors")
+        export.save_safetensors(path, {"conv1.weight": np.zeros((4, 3, 7, 7), np.float32)})
+        with self.assertRaisesRegex(ValueError, r"Found 0 conv layers.*\['conv1.weight'\]"):
+            importer.import_to_checkpoint(path, "safetensors", os.path.join(tmp, "w"), "A")
+
 
 class WithPyTorchTest(absltest.TestCase):
     """Only where PyTorch happens to be installed (it is no dependency): the files are the ones

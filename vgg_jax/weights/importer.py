@@ -70,9 +70,11 @@ def _from_export(
 ) -> Callable[[str], ImportedNet]:
     def read(path: str) -> ImportedNet:
         params, meta = reader(path)
-        if not meta and any(str(k).startswith(("features.", "pre_logits.")) for k in params):
-            # A torchvision or timm state dict saved as safetensors (as timm's VGGs are published
-            # on the Hugging Face hub): the same names as a .pth, so the same conversion.
+        if not meta and params and not any(isinstance(v, Mapping) for v in params.values()):
+            # Flat names and no vgg_jax meta: a state dict saved as safetensors (timm's VGGs on the
+            # Hugging Face hub, torchvision's, one with nn.DataParallel's "module." prefix), the
+            # same names as a .pth, so the same conversion, which names a file of another net's
+            # first keys. (vgg_jax's own names, "fc1/kernel", unflatten to nested layers.)
             from vgg_jax.weights import torchvision as torch_weights
 
             net, converted = torch_weights.params_from_state_dict(params)
