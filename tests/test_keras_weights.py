@@ -117,6 +117,23 @@ class KerasParityTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "vgg16.h5 is not an HDF5 file"):
             keras_weights.load_keras_weights(not_hdf5)
 
+    def test_a_saved_model_keras_cannot_load_is_one_line(self):
+        """A model with a custom layer Keras cannot locate where it is loaded: one ValueError,
+        which the import command prints as a line (today: Keras' TypeError, a traceback)."""
+        import keras
+
+        @keras.saving.register_keras_serializable("vgg_jax_test")
+        class Doubled(keras.layers.Layer):
+            def call(self, x):
+                return x * 2
+
+        model = keras.Sequential([keras.Input((8, 8, 3)), Doubled(), keras.layers.Conv2D(2, 3)])
+        path = os.path.join(self.create_tempdir().full_path, "custom.keras")
+        model.save(path)
+        del keras.saving.get_custom_objects()["vgg_jax_test>Doubled"]
+        with self.assertRaisesRegex(ValueError, "Keras could not load the model saved in"):
+            keras_weights.load_keras_weights(path)
+
     def test_not_a_vgg_file(self):
         with self.assertRaises(FileNotFoundError):
             keras_weights.load_keras_weights("/nonexistent/weights.h5")

@@ -72,7 +72,12 @@ def load_keras_weights(source: Any) -> tuple[str, dict[str, Any]]:
     if _is_whole_model(path):
         import keras
 
-        return params_from_keras_model(keras.saving.load_model(path, compile=False))
+        try:
+            keras_model = keras.saving.load_model(path, compile=False)
+        except (TypeError, ValueError) as e:  # a custom layer Keras cannot locate: a TypeError
+            said = str(e).strip().splitlines()[0]
+            raise ValueError(f"Keras could not load the model saved in {path}: {said}") from None
+        return params_from_keras_model(keras_model)
     num_convs, num_classes = _inspect_h5(path)
     if num_convs not in KERAS_NETS:
         raise ValueError(f"{path} holds {num_convs} conv kernels; VGG16 has 13 and VGG19 16.")
