@@ -134,6 +134,18 @@ class KerasParityTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "Keras could not load the model saved in"):
             keras_weights.load_keras_weights(path)
 
+    def test_a_notop_file_says_it_has_no_classifier(self):
+        """keras.applications' ``vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5`` holds the
+        13 convs alone (today: "does not hold a VGG with its 3 fully connected layers")."""
+        import h5py
+
+        path = os.path.join(self.create_tempdir().full_path, "vgg16_notop.h5")
+        with h5py.File(path, "w") as f:
+            for i in range(13):
+                f.create_dataset(f"block{i}/block{i}/kernel", (3, 3, 64, 64), "f4")  # no data
+        with self.assertRaisesRegex(ValueError, "include_top=False"):
+            keras_weights.load_keras_weights(path)
+
     def test_not_a_vgg_file(self):
         with self.assertRaises(FileNotFoundError):
             keras_weights.load_keras_weights("/nonexistent/weights.h5")

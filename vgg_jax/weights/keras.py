@@ -122,6 +122,13 @@ def _inspect_h5(path: str) -> tuple[int, int]:
         f.visititems(visit)
     dense = [shape for shape in kernels if len(shape) == 2]
     fc1 = [shape for shape in dense if shape[0] == 7 * 7 * 512]
+    if not dense and sum(len(shape) == 4 for shape in kernels) in KERAS_NETS:
+        # keras.applications' "..._notop.h5": the convs alone, a feature extractor.
+        raise ValueError(
+            f"{path} holds a VGG's convs but no fully connected layers: saved with "
+            "include_top=False (a 'notop' file). vgg_jax's nets end in FC1-FC3; import the file "
+            "with them (include_top=True)."
+        )
     if len(dense) != 3 or len(fc1) != 1:
         raise ValueError(f"{path} does not hold a VGG with its 3 fully connected layers.")
     # FC2 and FC3 both take FC1's width as input; FC3's output is the class count.
