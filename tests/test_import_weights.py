@@ -165,6 +165,23 @@ class ImportWeightsTest(absltest.TestCase):
         with self.assertRaisesRegex(ValueError, "valid: \\['keras', 'npz'"):
             importer.import_to_checkpoint(path, "pth", self.tmp + "/y")
 
+    def test_nan_or_infinite_parameters_are_refused_by_layer(self):
+        """A float16 .pth whose fine-tuning overflowed: refused, naming the layers (today: a
+        checkpoint whose every prediction is "nan%")."""
+        params = random_params("A", seed=4, **TINY)
+        state_dict = torch_weights.state_dict_from_params("A", params)
+        state_dict = {k: v.astype(np.float16) for k, v in state_dict.items()}
+        state_dict["features.3.weight"][0, 0, 0, :2] = [np.inf, -np.inf]
+        state_dict["classifier.6.bias"][1] = np.nan
+        path = os.path.join(self.tmp, "overflowed.pth")
+        torch_weights.save_pth(path, state_dict)
+        workdir = os.path.join(self.tmp, "nan")
+        with self.assertRaisesRegex(
+            ValueError, r"NaN or infinite parameters: block2_conv1/kernel \(2\), fc3/bias \(1\)\."
+        ):
+            importer.import_to_checkpoint(path, "torchvision", workdir)
+        self.assertEqual(checkpoint.available_steps(workdir), [])
+
     def test_keras_files_state_the_caffe_convention(self):
         params = random_params("E", seed=3, width=1 / 16, fc_width=32, num_classes=1000)
         with mock.patch.object(keras_weights, "load_keras_weights", return_value=("E", params)):
