@@ -396,7 +396,8 @@ class TorchvisionImportTest(parameterized.TestCase):
     def test_any_state_dict_in_safetensors_goes_through_the_torchvision_import(self):
         """A state dict saved as safetensors with nn.DataParallel's ``module.`` prefix imports as
         its ``.pth`` does, and another net's names the keys it found (today: "does not say which
-        net it holds; pass --net", then "pass --input_convention", then "not a VGG")."""
+        net it holds; pass --net", then "pass --input_convention", then "not a VGG"). So does
+        one saved with ``np.savez``."""
         from vgg_jax.weights import export, importer
 
         state_dict = torchvision_state_dict("A", np.random.default_rng(6), **TINY)
@@ -405,6 +406,12 @@ class TorchvisionImportTest(parameterized.TestCase):
         export.save_safetensors(path, {f"module.{k}": v for k, v in state_dict.items()})
         imported = importer.load(path, "safetensors")
         _, direct = torch_weights.params_from_state_dict(state_dict)
+        self.assertEqual(imported.net, "A")
+        self.assertEqual(imported.input_convention, torch_weights.TORCHVISION_INPUT)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, imported.params, direct)
+        path = os.path.join(tmp, "vgg11.npz")  # np.savez(path, **state_dict), timm's names
+        np.savez(path, **timm_state_dict(state_dict))
+        imported = importer.load(path, "npz")  # today: "was not written by ... save_npz"
         self.assertEqual(imported.net, "A")
         self.assertEqual(imported.input_convention, torch_weights.TORCHVISION_INPUT)
         jax.tree_util.tree_map(np.testing.assert_array_equal, imported.params, direct)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -90,10 +91,21 @@ def _from_export(
     return read
 
 
+def _load_npz_or_arrays(path: str) -> tuple[dict, dict]:
+    """``export.load_npz``, or for an ``.npz`` vgg_jax did not write (a state dict saved with
+    ``np.savez(path, **state_dict)``) its arrays by name and no meta, as ``load_safetensors``
+    reads a safetensors file from elsewhere."""
+    if zipfile.is_zipfile(path):
+        with np.load(path, allow_pickle=False) as npz:
+            if export.NPZ_HEADER_KEY not in npz.files:
+                return export.unflatten({name: npz[name] for name in npz.files}), {}
+    return export.load_npz(path)
+
+
 IMPORTERS: dict[str, Callable[[str], ImportedNet]] = {
     "torchvision": _from_torchvision,
     "keras": _from_keras,
-    "npz": _from_export(export.load_npz),
+    "npz": _from_export(_load_npz_or_arrays),
     "safetensors": _from_export(export.load_safetensors),
 }
 
