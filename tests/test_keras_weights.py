@@ -117,6 +117,21 @@ class KerasParityTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "vgg16.h5 is not an HDF5 file"):
             keras_weights.load_keras_weights(not_hdf5)
 
+    def test_a_layer_vgg_has_no_place_for_is_refused(self):
+        """A fine-tuned head with batch norm between its dense layers: refused, naming the layer
+        (today: imported without it, every output changed without a word)."""
+        import keras
+
+        layers = [keras.Input((32, 32, 3))]
+        for block in models.LAYOUTS["D"]:
+            layers += [keras.layers.Conv2D(2, 3, padding="same") for _ in block]
+            layers.append(keras.layers.MaxPooling2D())
+        layers += [keras.layers.Flatten(), keras.layers.Dense(4)]
+        layers += [keras.layers.BatchNormalization(name="head_bn"), keras.layers.Dense(4)]
+        layers.append(keras.layers.Dense(3))
+        with self.assertRaisesRegex(ValueError, "'head_bn' \\(BatchNormalization, 4 weight"):
+            keras_weights.load_keras_weights(keras.Sequential(layers))
+
     def test_a_saved_model_keras_cannot_load_is_one_line(self):
         """A model with a custom layer Keras cannot locate where it is loaded: one ValueError,
         which the import command prints as a line (today: Keras' TypeError, a traceback)."""

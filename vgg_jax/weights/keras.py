@@ -25,7 +25,19 @@ KERAS_INPUT = conventions.CAFFE
 
 def params_from_keras_model(keras_model: Any) -> tuple[str, dict[str, Any]]:
     """Returns ``(net name, params)`` from a built Keras VGG16/VGG19 model (any class count)."""
-    weighted = [layer.get_weights() for layer in _leaf_layers(keras_model) if layer.get_weights()]
+    weighted = []
+    for layer in _leaf_layers(keras_model):
+        weights = layer.get_weights()
+        if not weights:
+            continue
+        if len(weights) != 2 or np.ndim(weights[0]) not in (2, 4):
+            # A BatchNormalization in a fine-tuned head, say: dropping it would change every
+            # output without a word.
+            raise ValueError(
+                f"Layer {layer.name!r} ({type(layer).__name__}, {len(weights)} weight arrays) is "
+                "neither a conv nor a dense layer with its bias; vgg_jax's VGG has no place for it."
+            )
+        weighted.append(weights)
     convs = [w for w in weighted if np.ndim(w[0]) == 4]
     denses = [w for w in weighted if np.ndim(w[0]) == 2]
     if len(convs) not in KERAS_NETS or len(denses) != 3:
