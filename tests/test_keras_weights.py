@@ -118,19 +118,38 @@ class KerasParityTest(parameterized.TestCase):
             keras_weights.load_keras_weights(not_hdf5)
 
     def test_a_layer_vgg_has_no_place_for_is_refused(self):
-        """A fine-tuned head with batch norm between its dense layers: refused, naming the layer
-        (today: imported without it, every output changed without a word)."""
+        """A fine-tuned head with batch norm between its dense layers, average pooling instead of
+        Flatten, a tanh hidden layer, a 'valid' conv: refused, naming the layer (today: imported
+        as VGG, every output changed without a word)."""
         import keras
 
-        layers = [keras.Input((32, 32, 3))]
-        for block in models.LAYOUTS["D"]:
-            layers += [keras.layers.Conv2D(2, 3, padding="same") for _ in block]
-            layers.append(keras.layers.MaxPooling2D())
-        layers += [keras.layers.Flatten(), keras.layers.Dense(4)]
-        layers += [keras.layers.BatchNormalization(name="head_bn"), keras.layers.Dense(4)]
-        layers.append(keras.layers.Dense(3))
-        with self.assertRaisesRegex(ValueError, "'head_bn' \\(BatchNormalization, 4 weight"):
-            keras_weights.load_keras_weights(keras.Sequential(layers))
+        def model(first_padding="same", pool="Flatten", hidden="relu", batch_norm=False):
+            layers = [keras.Input((64, 64, 3))]  # 64: room for one 'valid' conv
+            for block in models.LAYOUTS["D"]:
+                for _ in block:
+                    padding = first_padding if len(layers) == 1 else "same"
+                    layers.append(
+                        keras.layers.Conv2D(2, 3, padding=padding, activation="relu", name=padding)
+                        if padding == "valid"
+                        else keras.layers.Conv2D(2, 3, padding=padding, activation="relu")
+                    )
+                layers.append(keras.layers.MaxPooling2D())
+            layers.append(getattr(keras.layers, pool)(name="pool"))
+            layers.append(keras.layers.Dense(4, activation=hidden, name="fc1"))
+            if batch_norm:
+                layers.append(keras.layers.BatchNormalization(name="head_bn"))
+            layers += [keras.layers.Dense(4, activation="relu"), keras.layers.Dense(3)]
+            return keras.Sequential(layers)
+
+        self.assertEqual(keras_weights.load_keras_weights(model())[0], "D")
+        for flawed, message in (
+            (model(batch_norm=True), "'head_bn' \\(BatchNormalization, 4 weight arrays\\)"),
+            (model(pool="GlobalAveragePooling2D"), "'pool' \\(GlobalAveragePooling2D\\) is not"),
+            (model(hidden="tanh"), "'fc1' \\(Dense\\) has activation 'tanh'"),
+            (model(first_padding="valid"), "'valid' has strides \\(1, 1\\), padding 'valid'"),
+        ):
+            with self.assertRaisesRegex(ValueError, message):
+                keras_weights.load_keras_weights(flawed)
 
     def test_a_saved_model_keras_cannot_load_is_one_line(self):
         """A model with a custom layer Keras cannot locate where it is loaded: one ValueError,

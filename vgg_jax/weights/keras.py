@@ -26,7 +26,9 @@ KERAS_INPUT = conventions.CAFFE
 def params_from_keras_model(keras_model: Any) -> tuple[str, dict[str, Any]]:
     """Returns ``(net name, params)`` from a built Keras VGG16/VGG19 model (any class count)."""
     weighted = []
-    for layer in _leaf_layers(keras_model):
+    leaves = _leaf_layers(keras_model)
+    _check_layers(leaves)
+    for layer in leaves:
         weights = layer.get_weights()
         if not weights:
             continue
@@ -55,6 +57,40 @@ def params_from_keras_model(keras_model: Any) -> tuple[str, dict[str, Any]]:
             "bias": np.asarray(bias, np.float32),
         }
     return net, params
+
+
+# Layers without weights that VGG has: anything else (GlobalAveragePooling2D before the dense
+# layers, a Rescaling or Lambda of the input) computes something vgg_jax's VGG does not.
+VGG_LAYERS_WITHOUT_WEIGHTS = ("InputLayer", "MaxPooling2D", "Flatten", "Dropout")
+
+
+def _check_layers(layers: list[Any]) -> None:
+    """Refuses a model that computes something else than VGG with the same weights: a layer VGG
+    does not have, a conv that is not 3x3 stride 1 "same", a hidden layer whose activation is not
+    ReLU, a last layer with one other than none or softmax. A fine-tuned head with average
+    pooling or tanh imported as VGG would score every image differently than Keras does."""
+    weighted = [layer for layer in layers if layer.get_weights()]
+    for layer in layers:
+        kind = type(layer).__name__
+        if not layer.get_weights() and kind not in VGG_LAYERS_WITHOUT_WEIGHTS:
+            raise ValueError(f"Layer {layer.name!r} ({kind}) is not part of VGG; vgg_jax's VGG "
+                             f"has only {', '.join(VGG_LAYERS_WITHOUT_WEIGHTS)} between its "
+                             "conv and dense layers.")  # fmt: skip
+        if kind == "Conv2D" and (
+            tuple(layer.strides) != (1, 1)
+            or layer.padding != "same"
+            or tuple(layer.dilation_rate) != (1, 1)
+        ):
+            raise ValueError(f"Conv layer {layer.name!r} has strides {layer.strides}, padding "
+                             f"{layer.padding!r}; VGG's are stride 1, 'same'.")  # fmt: skip
+        activation = getattr(getattr(layer, "activation", None), "__name__", None)
+        if layer in weighted and activation is not None:
+            allowed = ("linear", "softmax") if layer is weighted[-1] else ("relu",)
+            if activation not in allowed:
+                raise ValueError(
+                    f"Layer {layer.name!r} ({kind}) has activation {activation!r}; VGG's is "
+                    f"{' or '.join(repr(a) for a in allowed)} there."
+                )
 
 
 def _leaf_layers(keras_model: Any) -> list[Any]:
