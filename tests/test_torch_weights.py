@@ -323,6 +323,17 @@ class TorchvisionImportTest(parameterized.TestCase):
             self.assertEqual(net, "A")
             jax.tree_util.tree_map(np.testing.assert_array_equal, params, direct)
 
+    def test_an_averaged_models_state_dict(self):
+        """``torch.optim.swa_utils.AveragedModel(model).state_dict()`` (SWA, EMA): ``n_averaged``
+        beside the ``module.``-prefixed weights (today: "Found 0 conv layers")."""
+        state_dict = torchvision_state_dict("A", np.random.default_rng(5), **TINY)
+        averaged = {"n_averaged": np.array(12, np.int64)}
+        averaged.update({f"module.{k}": v for k, v in state_dict.items()})
+        net, params = torch_weights.params_from_state_dict(averaged)
+        _, direct = torch_weights.params_from_state_dict(state_dict)
+        self.assertEqual(net, "A")
+        jax.tree_util.tree_map(np.testing.assert_array_equal, params, direct)
+
     def test_a_timm_training_checkpoint_with_its_arguments(self):
         """timm's train.py writes ``model_best.pth.tar`` as ``{"epoch", "arch", "optimizer",
         "version", "args": argparse.Namespace, "state_dict", "metric"}``: the arguments are read

@@ -404,6 +404,12 @@ def _unwrap(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(state_dict.get(key), Mapping):
             state_dict = state_dict[key]
+    # torch.optim.swa_utils.AveragedModel (SWA, EMA) keeps its count beside the "module."-prefixed
+    # weights of the averaged model.
+    if "n_averaged" in state_dict and all(
+        str(k).startswith("module.") for k in state_dict if k != "n_averaged"
+    ):
+        state_dict = {k: v for k, v in state_dict.items() if k != "n_averaged"}
     # nn.DataParallel's "module.", a LightningModule attribute's "model." and torch.compile's
     # "_orig_mod." prefixes, in any order and combination ("module._orig_mod." when a compiled
     # model is wrapped for DistributedDataParallel).
