@@ -356,6 +356,28 @@ class TorchvisionImportTest(parameterized.TestCase):
         self.assertEqual(net, "A")
         jax.tree_util.tree_map(np.testing.assert_array_equal, params, direct)
 
+    def test_numpy_values_beside_the_weights(self):
+        """A checkpoint whose metric is a numpy number (``best_acc1 = np.float64(...)`` from a
+        numpy mean) or that keeps a numpy array: read as numpy reads it (today: refused, "pickles
+        numpy._core.multiarray.scalar ... not the model")."""
+        state_dict = torchvision_state_dict("A", np.random.default_rng(5), **TINY)
+        checkpoint = {
+            "state_dict": state_dict,
+            "best_acc1": np.float64(71.5),
+            "epoch": np.int64(3),
+            "history": [np.arange(4, dtype=np.float32)],  # a list: kept a numpy array, no tensor
+        }
+        path = os.path.join(self.create_tempdir().full_path, "checkpoint.pth.tar")
+        write_checkpoint_pth(path, checkpoint)
+        read = torch_weights.read_pth(path)
+        self.assertEqual((read["best_acc1"], read["epoch"]), (71.5, 3))
+        self.assertIsInstance(read["best_acc1"], np.float64)
+        np.testing.assert_array_equal(read["history"][0], np.arange(4, dtype=np.float32))
+        net, params = torch_weights.load_torchvision_weights(path)
+        _, direct = torch_weights.params_from_state_dict(state_dict)
+        self.assertEqual(net, "A")
+        jax.tree_util.tree_map(np.testing.assert_array_equal, params, direct)
+
     def test_a_file_holding_no_state_dict_is_one_short_line(self):
         """``torch.save([state_dict])`` or ``torch.save(tensor)``: a ValueError, which the import
         command prints as one line, naming what was found (today: a TypeError, a traceback, whose

@@ -16,6 +16,7 @@ and are refused. The weights expect ``TORCHVISION_INPUT``.
 
 from __future__ import annotations
 
+import codecs
 import collections
 import io
 import os
@@ -90,11 +91,26 @@ def _rebuild_parameter(data, *_) -> _TensorRef:
     return data
 
 
+try:
+    from numpy._core import multiarray as _numpy_multiarray  # numpy >= 2
+except ImportError:
+    from numpy.core import multiarray as _numpy_multiarray
+
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     # timm's train.py saves its command line's arguments beside the state dict ("args" in
     # model_best.pth.tar); read as a plain record of values, no code of argparse's runs.
     ("argparse", "Namespace"): types.SimpleNamespace,
+    # numpy values beside the weights (a best_acc1 of np.float64, an array of per-class counts)
+    # as numpy pickles them, 1.x and 2.x: plain numbers and arrays, no code of the writer's runs.
+    **{
+        (module, name): getattr(_numpy_multiarray, name)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("scalar", "_reconstruct")
+    },
+    ("numpy", "dtype"): np.dtype,
+    ("numpy", "ndarray"): np.ndarray,
+    ("_codecs", "encode"): codecs.encode,  # how protocol 2 pickles a numpy scalar's bytes
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
