@@ -24,6 +24,7 @@ from tests.test_data_imagenet import NUM_VAL, PER_CLASS, SYNSETS, TINY_COUNTS, i
 from vgg_jax import checks, data
 from vgg_jax.configs import paper
 from vgg_jax.data import folder, index, sources, transforms, verify
+from vgg_jax.tools import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
@@ -516,6 +517,12 @@ class ImageFolderFaultsTest(absltest.TestCase):
         config, workdir = self.evaluation_of_a_saved_net(self.make_folder(), ["dog", "cat"])
         with self.assertRaisesRegex(ValueError, "class 0: 'dog' there, 'cat' here"):
             runner.evaluate_checkpoints(config, workdir, "latest")  # today: scored silently
+        # launch.py's evaluate says it in one line (it was a traceback ending in the ValueError).
+        with self.assertRaises(SystemExit) as stopped:
+            cli.run_or_exit("evaluate", config, workdir)
+        said = str(stopped.exception.code)
+        self.assertRegex(said, r"^NetMismatchError: Net A in .*\(class 0: 'dog' there, 'cat' here")
+        self.assertNotIn("\n", said)
         config.evals.accept_checkpoint_net = True
         rows, _ = runner.evaluate_checkpoints(config, workdir, "latest")
         self.assertLen(rows, 1)

@@ -62,6 +62,12 @@ class IncompatibleCheckpointError(CheckpointError):
     """A checkpoint made with another net or optimiser than the config that would resume it."""
 
 
+class NetMismatchError(CheckpointError, ValueError):
+    """A checkpoint put to a use it does not fit: evaluated as another net, on other classes or
+    with another input convention, or copied into a net whose layers differ. One line at the
+    command line, as every ``CheckpointError``; still a ``ValueError`` for library callers."""
+
+
 def class_difference(recorded: list[str] | None, now: list[str] | None) -> str | None:
     """Where a checkpoint's class names (its ``class_names`` meta) and a dataset's first differ,
     as ``class 3: 'ant' there, 'bee' here``; None when they agree or either is unknown. Output i

@@ -182,7 +182,7 @@ def load_net(
     got = jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), params)
     want = jax.tree_util.tree_map(lambda x: tuple(x.shape), expected)
     if got != want:
-        raise ValueError(
+        raise checkpoint.NetMismatchError(
             f"The parameters in {workdir} (step {step}) do not fit net "
             f"{train_config['model']['name']} as its saved config describes it."
         )
@@ -232,19 +232,19 @@ def check_net_fits(
     if own and net.name != config.model.name:
         differ.insert(0, f"net {net.name!r} in the checkpoint vs {config.model.name!r}")
     if differ:
-        raise ValueError(
+        raise checkpoint.NetMismatchError(
             f"The checkpoint in {net.workdir} (step {net.step}) is another net than the config "
             f"describes ({'; '.join(differ)}). Evaluate it with its own config, or pass "
             "--config.evals.accept_checkpoint_net=True to score the checkpoint's net anyway."
         )
     if num_classes is not None and model.num_classes != num_classes:
-        raise ValueError(
+        raise checkpoint.NetMismatchError(
             f"Net {net.name} in {net.workdir} has {model.num_classes} classes, the dataset "
             f"{config.input.dataset!r} has {num_classes}. Pass "
             "--config.evals.accept_checkpoint_net=True to score it anyway."
         )
     if difference := checkpoint.class_difference(net.class_names, class_names):
-        raise ValueError(
+        raise checkpoint.NetMismatchError(
             f"Net {net.name} in {net.workdir} was trained on other classes than "
             f"{config.input.dataset!r} has ({difference}). "
             "Pass --config.evals.accept_checkpoint_net=True to score it anyway."
@@ -272,7 +272,7 @@ def check_convention(net: Net, config: ml_collections.ConfigDict, own: bool = Tr
         return
     stored = tuple(float(s) for s in net.input_convention["std"])
     if tuple(float(s) for s in wanted) != stored:
-        raise ValueError(
+        raise checkpoint.NetMismatchError(
             f"Net {net.name} in {net.workdir} was trained with input std {stored}, the config "
             f"sets input.pixel_std={tuple(wanted)}. Evaluation always uses the net's own input "
             "convention: drop the override (or set it to the trained value)."
@@ -368,7 +368,7 @@ def evaluate_scale(
         if preemption.agreed_stop():  # several processes: all stop before the same batch
             raise preemption.Stopped("Evaluation stopped by a SIGTERM.")
         if num_classes is not None and local["label"].max(initial=0) >= num_classes:
-            raise ValueError(
+            raise checkpoint.NetMismatchError(
                 f"A label {int(local['label'].max())} is out of range for a net with "
                 f"{num_classes} classes: evaluate it on its own dataset."
             )

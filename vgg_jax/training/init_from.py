@@ -60,25 +60,29 @@ def initial_params(
     source_net = ((meta.get("config") or {}).get("model") or {}).get("name")
     wanted = SOURCE_NETS.get(init_config.mode, (net,) if net else ())
     if source_net is not None and wanted and source_net not in wanted:
-        raise ValueError(
+        raise checkpoint.NetMismatchError(
             f"init_from.mode={init_config.mode!r} copies from net {' or '.join(wanted)}; "
             f"{init_config.workdir} step {step} holds net {source_net}."
         )
     if difference := checkpoint.class_difference(meta.get("class_names"), class_names):
-        raise ValueError(
+        raise checkpoint.NetMismatchError(
             f"init_from {init_config.workdir} step {step} was trained on other classes than "
             f"this run's dataset ({difference}): its FC3 would score each class as another."
         )
     names = {"shallow": SHALLOW_LAYERS, "fc": FC_LAYERS}.get(init_config.mode, tuple(fresh))
     missing = [n for n in names if n not in source or n not in fresh]
     if missing:
-        raise ValueError(f"init_from {init_config.workdir}: layers {missing} not in both nets.")
+        raise checkpoint.NetMismatchError(
+            f"init_from {init_config.workdir}: layers {missing} not in both nets."
+        )
     params = dict(fresh)
     for name in names:
         try:
             params[name] = jax.tree_util.tree_map(_copy_into, fresh[name], source[name])
         except ValueError as e:
-            raise ValueError(f"init_from {init_config.workdir} step {step}: {name}: {e}") from None
+            raise checkpoint.NetMismatchError(
+                f"init_from {init_config.workdir} step {step}: {name}: {e}"
+            ) from None
     logging.info(
         "Initialised %d layers from %s step %d (net %s): %s.",
         len(names),
