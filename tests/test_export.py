@@ -1,4 +1,5 @@
-"""vgg_jax's .npz and .safetensors exports: bit-exact round trips, the safetensors layout."""
+"""vgg_jax's .npz and .safetensors exports: bit-exact round trips, the safetensors layout; the
+torchvision .pth export."""
 
 import json
 import os
@@ -15,6 +16,7 @@ from absl.testing import absltest, parameterized
 from vgg_jax import checkpoint, conventions, models
 from vgg_jax.configs import paper
 from vgg_jax.weights import export
+from vgg_jax.weights import torchvision as torch_weights
 
 
 def tiny_params(seed=0):
@@ -129,6 +131,28 @@ class ExportTest(parameterized.TestCase):
         self.assertEqual(meta["step"], 4)
         self.assertEqual(conventions.checked(meta["input_convention"]), conventions.TORCHVISION)
         self.assertEqual(meta["config"]["model"]["name"], "A")
+
+    def test_a_pth_export_is_torchvisions_state_dict_of_the_same_net(self):
+        workdir = os.path.join(self.tmp, "run")
+        config = paper.paper_config("A", None)
+        checkpoint.save_params(
+            workdir, tiny_params(3), step=4, config=config, input_convention=conventions.CAFFE
+        )
+        path = os.path.join(self.tmp, "run.pth")
+        meta = export.export_checkpoint(workdir, path)
+        self.assertEqual(conventions.checked(meta["input_convention"]), conventions.CAFFE)
+        self.assertFalse(os.path.exists(path + ".tmp"))
+        state_dict = torch_weights.read_pth(path)
+        self.assertEqual(list(state_dict)[:2], ["features.0.weight", "features.0.bias"])
+        self.assertEqual(state_dict["features.0.weight"].shape, (4, 3, 3, 3))  # (out, in, kh, kw)
+        net, params = torch_weights.load_torchvision_weights(path)
+        self.assertEqual(net, "A")
+        assert_bitwise_equal(self, params, tiny_params(3))
+        config.model.name = "C"  # 1x1 convs: torchvision has no such net
+        checkpoint.save_params(workdir, tiny_params(3), step=5, config=config)
+        with self.assertRaisesRegex(ValueError, "torchvision has no net 'C'"):
+            export.export_checkpoint(workdir, os.path.join(self.tmp, "c.pth"))
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "c.pth")))
 
 
 class ExportCommandTest(absltest.TestCase):

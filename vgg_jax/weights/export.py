@@ -50,6 +50,9 @@ SAFETENSORS_DTYPES = {
     "bool": "BOOL",
 }
 FORMATS = (".npz", ".safetensors")
+# What ``export_checkpoint`` writes: vgg_jax's own files, and torchvision's state dict layout
+# (``features.0.weight``, ...) for PyTorch, which holds the weights alone.
+EXPORT_FORMATS = (*FORMATS, ".pth")
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
@@ -172,10 +175,16 @@ def export_checkpoint(workdir: str, path: str | os.PathLike, which: str | int = 
     """Writes a checkpoint's params to ``path`` (.npz or .safetensors); returns the meta written:
     ``net``, ``input_convention`` (what the net's inputs are normalised by; None only for
     checkpoints saved before training recorded it), ``config``, ``class_names`` (None when not
-    recorded) and ``step``."""
+    recorded) and ``step``. A ``.pth`` is torchvision's state dict of nets A, B, D or E, which
+    ``torch.load`` reads and a torchvision ``VGG`` of the same widths takes; it holds no meta, so
+    the net's input convention (returned) must be applied by whoever feeds it."""
     from vgg_jax import checkpoint
 
-    _suffix(path)  # fail before restoring a large checkpoint
+    suffix = os.path.splitext(os.fspath(path))[1]
+    if suffix not in EXPORT_FORMATS:  # before restoring a large checkpoint
+        raise ValueError(
+            f"{path}: unknown weight file suffix {suffix!r}; valid: {list(EXPORT_FORMATS)}"
+        )
     params, step, checkpoint_meta = checkpoint.restore_params(workdir, which)
     config = checkpoint_meta.get("config") or {}
     meta = {
@@ -185,7 +194,14 @@ def export_checkpoint(workdir: str, path: str | os.PathLike, which: str | int = 
         "class_names": checkpoint_meta.get("class_names"),
         "step": step,
     }
-    save(path, params, meta)
+    if suffix == ".pth":
+        from vgg_jax.weights import torchvision
+
+        state_dict = torchvision.state_dict_from_params(meta["net"], params)
+        with _atomic_open(path) as f:
+            torchvision.save_pth(f, state_dict)
+    else:
+        save(path, params, meta)
     return meta
 
 

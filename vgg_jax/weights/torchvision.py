@@ -513,8 +513,9 @@ def pickle_state_dict(state_dict: Mapping[str, Any]) -> tuple[bytes, list[np.nda
     return buffer.getvalue(), storages
 
 
-def save_pth(path: str | os.PathLike, state_dict: Mapping[str, Any]) -> None:
-    """Writes a state dict as ``torch.save`` does (zip format), readable by ``torch.load``."""
+def save_pth(path: str | os.PathLike | BinaryIO, state_dict: Mapping[str, Any]) -> None:
+    """Writes a state dict as ``torch.save`` does (zip format), readable by ``torch.load``, to a
+    path or an open binary file."""
     if sys.byteorder != "little":
         raise RuntimeError("Writing .pth files is only supported on little-endian machines.")
     data_pkl, storages = pickle_state_dict(state_dict)
