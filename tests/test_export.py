@@ -117,12 +117,17 @@ class ExportTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "valid: \\['.npz', '.safetensors'\\]"):
             export.save(os.path.join(self.tmp, "w.pt"), self.params)
 
-    def test_export_checkpoint_carries_net_config_and_convention(self):
+    def saved_run(self, seed: int, convention) -> tuple[str, object]:
+        """A workdir holding net A's ``tiny_params(seed)`` at step 4; returns it and its config."""
         workdir = os.path.join(self.tmp, "run")
         config = paper.paper_config("A", None)
         checkpoint.save_params(
-            workdir, tiny_params(2), step=4, config=config, input_convention=conventions.TORCHVISION
+            workdir, tiny_params(seed), step=4, config=config, input_convention=convention
         )
+        return workdir, config
+
+    def test_export_checkpoint_carries_net_config_and_convention(self):
+        workdir, _ = self.saved_run(2, conventions.TORCHVISION)
         path = os.path.join(self.tmp, "run.safetensors")
         export.export_checkpoint(workdir, path)
         params, meta = export.load(path)
@@ -133,11 +138,7 @@ class ExportTest(parameterized.TestCase):
         self.assertEqual(meta["config"]["model"]["name"], "A")
 
     def test_a_pth_export_is_torchvisions_state_dict_of_the_same_net(self):
-        workdir = os.path.join(self.tmp, "run")
-        config = paper.paper_config("A", None)
-        checkpoint.save_params(
-            workdir, tiny_params(3), step=4, config=config, input_convention=conventions.CAFFE
-        )
+        workdir, config = self.saved_run(3, conventions.CAFFE)
         path = os.path.join(self.tmp, "run.pth")
         meta = export.export_checkpoint(workdir, path)
         self.assertEqual(conventions.checked(meta["input_convention"]), conventions.CAFFE)
