@@ -149,6 +149,11 @@ class ImportWeightsTest(absltest.TestCase):
         self.assertEqual(predictor.class_names, names)
         self.assertEqual(predictor.input_convention["std"], [60.0] * 3)
         assert_trees_equal(predictor.params, params)
+        # Names that are not its outputs' (an edited file): refused, not shown for other classes.
+        checkpoint.save_params(trained, params, 8, config, convention, class_names=names[:9])
+        export.export_checkpoint(trained, path)
+        with self.assertRaisesRegex(ValueError, "names 9 classes for a net with 10 outputs"):
+            importer.import_to_checkpoint(path, "npz", os.path.join(self.tmp, "again"))
 
     def test_missing_net_or_convention_is_asked_for(self):
         path = os.path.join(self.tmp, "bare.npz")

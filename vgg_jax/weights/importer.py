@@ -247,6 +247,13 @@ def import_to_checkpoint(
     # Parameters stay float32 (models.py): a bfloat16 or float16 file is widened exactly.
     params = jax.tree_util.tree_map(lambda a: np.asarray(a).astype(np.float32), imported.params)
     _check_finite(source, params)
+    names = imported.class_names
+    outputs = int(np.shape(params["fc3"]["bias"])[0]) if "fc3" in params else None
+    if names is not None and outputs is not None and len(names) != outputs:
+        raise ValueError(
+            f"{source} names {len(imported.class_names)} classes for a net with {outputs} "
+            "outputs: its class names are not its net's (an edited or mixed-up file)."
+        )
     directory = checkpoint.save_params(
         workdir,
         params,
