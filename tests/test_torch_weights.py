@@ -348,10 +348,16 @@ class TorchvisionImportTest(parameterized.TestCase):
             "state_dict": timm_state_dict(state_dict),
             "metric": 71.5,
         }
+        # --model-ema adds the average beside the weights: the weights are imported, and said so.
+        checkpoint["state_dict_ema"] = timm_state_dict(
+            torchvision_state_dict("A", np.random.default_rng(6), **TINY)
+        )
         path = os.path.join(self.create_tempdir().full_path, "model_best.pth.tar")
         write_checkpoint_pth(path, checkpoint)
         self.assertEqual(torch_weights.read_pth(path)["args"].model, "vgg11")
-        net, params = torch_weights.load_torchvision_weights(path)
+        with self.assertLogs(level="WARNING") as logs:
+            net, params = torch_weights.load_torchvision_weights(path)
+        self.assertIn("also holds 'state_dict_ema'", logs.output[0])
         _, direct = torch_weights.params_from_state_dict(state_dict)
         self.assertEqual(net, "A")
         jax.tree_util.tree_map(np.testing.assert_array_equal, params, direct)

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
 
 import numpy as np
+from absl import logging
 
 from vgg_jax import conventions, models
 
@@ -419,6 +420,15 @@ def _unwrap(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     # {"model_state_dict": ..., "optimizer_state_dict": ...} (PyTorch's tutorial), {"model": ...}.
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(state_dict.get(key), Mapping):
+            if isinstance(state_dict.get(f"{key}_ema"), Mapping):  # timm's train.py --model-ema
+                logging.warning(
+                    "The checkpoint also holds %r, an average of the weights over training; "
+                    "importing %r. For the average, save it alone: "
+                    "torch.save(checkpoint[%r], path).",
+                    f"{key}_ema",
+                    key,
+                    f"{key}_ema",
+                )
             state_dict = state_dict[key]
     # torch.optim.swa_utils.AveragedModel (SWA, EMA) keeps its count beside the "module."-prefixed
     # weights of the averaged model.
