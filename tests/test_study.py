@@ -64,6 +64,23 @@ class PlanTest(absltest.TestCase):
         with self.assertRaisesRegex(ValueError, "valid"):
             study_config.get_config("huge")
 
+    def test_a_seed_given_twice_or_no_seed_is_refused(self):
+        # (0, 0) planned seed 0's runs twice, one workdir each time, and counted them twice in
+        # every paired verdict; () planned nothing and reported "all 0 runs finished".
+        config = study_config.get_config("quick")
+        config.seeds = (0, 1, 0)
+        with self.assertRaisesRegex(ValueError, r"study.seeds lists \[0\] more than once"):
+            plan.make_plan(config, "/s")
+        config.seeds = ()
+        with self.assertRaisesRegex(ValueError, "study.seeds is empty"):
+            plan.make_plan(config, "/s")
+        config.seeds, config.nets = (0,), ("A", "A")
+        with self.assertRaisesRegex(ValueError, r"study.nets lists \['A'\] more than once"):
+            plan.make_plan(config, "/s")
+        config.nets, config.arms = ("A",), ()
+        config.fusion = ()
+        self.assertNotEmpty(plan.make_plan(config, "/s"))  # no arms is a study
+
     def test_check_config_checks_the_plan_and_every_run(self):
         config = study_config.get_config("quick")
         checks.check_config(config, "study")

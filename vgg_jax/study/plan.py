@@ -58,6 +58,17 @@ def _check_names(what: str, names: Any, valid: Any) -> None:
         raise ValueError(f"Unknown {what} {unknown}; valid: {sorted(valid)}")
 
 
+def _check_listed_once(what: str, values: Any, may_be_empty: bool = False) -> None:
+    """A value listed twice would be one run (one workdir) counted twice: a seed given twice
+    doubled its run's weight in every paired verdict. An empty list plans a study of nothing."""
+    values = list(values)
+    twice = sorted({v for v in values if values.count(v) > 1}, key=str)
+    if twice:
+        raise ValueError(f"{what} lists {twice} more than once: {values}")
+    if not values and not may_be_empty:
+        raise ValueError(f"{what} is empty: the study would run nothing")
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Any) -> None:
     """Sets nested values (``{"model": {"init": "glorot"}}``) in place; unknown keys fail."""
     for key, value in dict(overrides).items():
@@ -101,6 +112,10 @@ def make_plan(study: ml_collections.ConfigDict, workdir: str) -> list[Run]:
     _check_names("study.nets", nets, models.LAYOUTS)
     _check_names("study.scales", scales, study.scale_settings)
     _check_names("study.arms", study.arms, study.arm_settings)
+    for what, values in (("study.nets", nets), ("study.scales", scales)):
+        _check_listed_once(what, values)
+    _check_listed_once("study.seeds", study.seeds)
+    _check_listed_once("study.arms", study.arms, may_be_empty=True)
     for net in nets:
         mode = study.init_from_a.get(net, "none")
         if mode not in INIT_MODES:
