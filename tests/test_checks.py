@@ -189,6 +189,15 @@ class CheckConfigTest(absltest.TestCase):
             config.input.data_dir = "gs://bucket/tensorflow_datasets"  # only TFDS can look there
             self.assertFalse(any("manual_dir" in x for x in problems(config)))
 
+    def test_training_on_the_evaluation_split_warns(self):
+        config = fixtures.tiny_config(with_data=False, **{"input.eval_split": "train"})
+        with self.assertLogs(level="WARNING") as logs:
+            self.assertEmpty(problems(config, "train_and_evaluate"))
+        self.assertIn("input.eval_split is the training split 'train'", logs.output[0])
+        with self.assertNoLogs(level="WARNING"):
+            problems(config, "evaluate")  # scoring a net on its training images may be the point
+            problems(fixtures.tiny_config(with_data=False), "train_and_evaluate")
+
     def test_one_class_is_refused_as_nothing_to_learn(self):
         # A one-class folder trained with loss 0.0000 and printed a table of 0.00% errors.
         with tempfile.TemporaryDirectory() as root:

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 
 from vgg_jax import models, modes
 from vgg_jax.evaluation import runner
@@ -167,6 +168,14 @@ def _check_input(p: _Problems, mode: str, data_devices: int) -> tuple[int, int] 
         "must be >= 1 (or 0: input.eval_bucket_step)",
     )
     _check_data_files(p)
+    split = p.value("input.eval_split")
+    if mode in TRAINING_MODES and split == p.value("input.train_split"):
+        logging.warning(
+            "input.eval_split is the training split %r: the per-epoch validation that drives the "
+            "learning-rate rule and the final table score images the net is trained on, not "
+            "held-out ones.",
+            split,
+        )
     facts = dataset_facts(p.config.input)
     if facts is None:
         return None
