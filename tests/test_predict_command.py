@@ -239,5 +239,14 @@ class ResolveClassTest(absltest.TestCase):
         self.assertEqual(predict_tool.resolve_class("1", ["cat", "dog"]), 1)  # an index still
 
 
+class ChosenClassTest(absltest.TestCase):
+    def test_a_name_matches_in_either_unicode_form(self):
+        # Class folders copied from a Mac are named decomposed; a keyboard types composed.
+        names = ["cafe\u0301", "the\u0301 vert", "zebra"]
+        self.assertEqual(predict_tool.resolve_class("caf\u00e9", names), 0)
+        self.assertEqual(predict_tool.resolve_class("TH\u00c9 VERT", names), 1)
+        self.assertEqual(predict_tool.resolve_class("th\u00e9", names), 1)
+
+
 if __name__ == "__main__":
     absltest.main()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import unicodedata
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -63,16 +64,19 @@ def resolve_class(chosen: str, class_names: list[str]) -> int:
     (case-insensitive, or its first comma-separated words, else the one class whose name contains
     it). A name comes before an index: an image folder's classes are often numbers sorted as
     text (``0, 1, 10, 11, 2, ...``), where ``2`` would otherwise map class ``10``; every class is
-    still reachable by its name."""
-    if chosen in class_names:
-        return class_names.index(chosen)
+    still reachable by its name. Names compare in Unicode's composed form: a class folder copied
+    from a Mac is named decomposed, a keyboard types composed."""
+    forms = [unicodedata.normalize("NFC", name) for name in class_names]
+    written = unicodedata.normalize("NFC", chosen)
+    if written in forms:
+        return forms.index(written)
     if chosen.isdigit() and int(chosen) < len(class_names):
         return int(chosen)
-    lowered = chosen.lower()
-    for i, name in enumerate(class_names):
+    lowered = written.lower()
+    for i, name in enumerate(forms):
         if lowered in (name.lower(), name.split(",")[0].strip().lower()):
             return i
-    matches = [i for i, name in enumerate(class_names) if lowered in name.lower()]
+    matches = [i for i, name in enumerate(forms) if lowered in name.lower()]
     if len(matches) == 1:
         return matches[0]
     if not matches:
