@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging as std_logging
 import os
 import sys
@@ -139,6 +140,76 @@ def initialize_distributed(
     logging.info("Process %d of %d", jax.process_index(), jax.process_count())
 
 
+# Where a process finds its input files: hosts may hold their own copies of the data under other
+# paths (docs/data.md, "On several hosts"), so these may differ between the processes of a job.
+HOST_PATH_KEYS = ("input.data_dir", "input.manual_dir", "input.index_dir", "input.folder")
+
+
+def _flat_settings(mode: str, config: ml_collections.ConfigDict) -> dict[str, str]:
+    """``{"mode": mode, "group.key": value}`` as JSON texts, without ``HOST_PATH_KEYS``."""
+    flat = {"mode": json.dumps(mode)}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif f"{prefix}{key}" not in HOST_PATH_KEYS:
+                flat[f"{prefix}{key}"] = json.dumps(value, sort_keys=True, default=repr)
+
+    walk(config.to_dict(), "")
+    return flat
+
+
+def config_differences(processes: list[dict[str, str]]) -> list[str]:
+    """One line per process whose settings (``_flat_settings``) differ from process 0's, naming
+    each key with process 0's value and its own."""
+    lines = []
+    for index, settings in enumerate(processes[1:], start=1):
+        keys = sorted(k for k in processes[0].keys() | settings.keys())
+        changed = [
+            f"{k} {processes[0].get(k, '(none)')} -> {settings.get(k, '(none)')}"
+            for k in keys
+            if processes[0].get(k) != settings.get(k)
+        ]
+        if changed:
+            lines.append(f"process {index}: {'; '.join(changed)}")
+    return lines
+
+
+def check_same_job_or_exit(mode: str, config: ml_collections.ConfigDict) -> None:
+    """Every process of a multi-process job must run the same ``--mode`` with the same config.
+
+    Nothing else compares them: each process computes its own learning rate, data order and
+    augmentation from its own config and feeds them to the collective step, so two processes
+    given another ``optim.learning_rate`` or ``input.shuffle_seed`` trained to the end, exit
+    status 0, with "replicated" parameters that differed between the processes' devices and a
+    checkpoint holding process 0's. Each process gathers every process's settings (one small
+    collective at start-up) and all of them exit with the same line naming the differences.
+    ``HOST_PATH_KEYS`` may differ. One process: nothing to compare."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    mine = np.frombuffer(json.dumps(_flat_settings(mode, config)).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.int32(mine.size)))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: mine.size] = mine
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    processes = [
+        json.loads(row[:length].tobytes().decode())
+        for row, length in zip(gathered, lengths, strict=True)
+    ]
+    if lines := config_differences(processes):
+        sys.exit(
+            "Config error: the processes of this job were started with different settings "
+            "(each is compared with process 0; start every process with the same command but "
+            "--process_id):\n  " + "\n  ".join(lines)
+        )
+
+
 def check_or_exit(config: ml_collections.ConfigDict, mode: str, workdir: str | None) -> None:
     """``checks.check_config``, its problems printed one per line without a traceback."""
     try:
@@ -180,6 +251,7 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> No
     # Once, here: "~/runs" after "=" is not expanded by the shell, and a relative path must mean
     # one place for every part of the run.
     workdir = os.path.abspath(os.path.expanduser(workdir)) if workdir else None
+    check_same_job_or_exit(mode, config)
     check_or_exit(config, mode, workdir)
     if mode == "summary":
         from vgg_jax import models

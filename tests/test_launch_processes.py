@@ -1,0 +1,103 @@
+"""launch.py's multi-process jobs started wrongly: a clear error in seconds, never a silent run."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from absl.testing import absltest
+
+from tests import fixtures
+from vgg_jax.tools import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launch_processes(per_process: list[list[str]], workdir: str) -> list[tuple[int, str]]:
+    """Starts one launch.py process of a two-device-per-process job per ``per_process`` entry
+    (that process's extra flags) and returns each one's ``(exit status, stderr)``."""
+    port = fixtures.free_port()
+    common = [
+        sys.executable,
+        "launch.py",
+        "--config=experiments/demo.py",
+        f"--workdir={workdir}",
+        "--mode=train",
+        f"--config.input.data_dir={fixtures.builtin_data_dir()}",
+        "--config.input.builtin_size=tiny",
+        "--config.model.width=0.0625",
+        "--config.model.fc_width=16",
+        "--config.input.batch_size=16",
+        "--config.input.eval_batch_size=16",
+        "--config.schedule.num_epochs=1",
+        f"--coordinator_address=localhost:{port}",
+        f"--num_processes={len(per_process)}",
+    ]
+    processes = [
+        subprocess.Popen(
+            [*common, f"--process_id={i}", *extra],
+            cwd=ROOT,
+            env=fixtures.host_devices_env(2),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, extra in enumerate(per_process)
+    ]
+    results = []
+    for process in processes:
+        try:
+            _, stderr = process.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, stderr = process.communicate()
+        results.append((process.returncode, stderr))
+    return results
+
+
+@pytest.mark.slow
+class MultiProcessStartTest(absltest.TestCase):
+    def test_processes_with_different_configs_stop_naming_the_keys(self):
+        """Process 1 given another learning rate and shuffle seed trained to the end (exit 0)
+        with its own rate on its devices and its own data order in its share of each batch."""
+        workdir = self.create_tempdir().full_path
+        started = time.perf_counter()
+        results = launch_processes(
+            [[], ["--config.optim.learning_rate=0.01", "--config.input.shuffle_seed=7"]], workdir
+        )
+        for returncode, stderr in results:
+            self.assertEqual(returncode, 1, stderr[-3000:])
+            last = stderr.strip().splitlines()
+            message = "\n".join(last[-2:])
+            self.assertIn("process 1: ", message)
+            self.assertIn("input.shuffle_seed 0 -> 7", message)
+            self.assertIn("optim.learning_rate 0.001 -> 0.01", message)
+            self.assertNotIn("Traceback", stderr)
+        self.assertFalse(os.path.exists(os.path.join(workdir, "checkpoints")))
+        self.assertLess(time.perf_counter() - started, 120)
+
+
+class ConfigDifferencesTest(absltest.TestCase):
+    def test_names_each_differing_key_and_ignores_host_paths(self):
+        config = fixtures.tiny_config(with_data=False)
+        other = fixtures.tiny_config(
+            with_data=False, **{"optim.learning_rate": 0.5, "input.data_dir": "/x"}
+        )
+        lines = cli.config_differences(
+            [
+                cli._flat_settings("train", config),
+                cli._flat_settings("train", config),
+                cli._flat_settings("evaluate", other),
+            ]
+        )
+        self.assertEqual(
+            lines,
+            [
+                f'process 2: mode "train" -> "evaluate"; optim.learning_rate '
+                f"{config.optim.learning_rate} -> 0.5"
+            ],
+        )
+
+
+if __name__ == "__main__":
+    absltest.main()
