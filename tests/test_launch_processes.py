@@ -1,6 +1,7 @@
 """launch.py's multi-process jobs started wrongly: a clear error in seconds, never a silent run."""
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -97,6 +98,50 @@ class ConfigDifferencesTest(absltest.TestCase):
                 f"{config.optim.learning_rate} -> 0.5"
             ],
         )
+
+
+class CoordinatorPortTest(absltest.TestCase):
+    def listening(self) -> tuple[socket.socket, int]:
+        """A socket listening on a free port of every interface, as a running job's coordinator
+        or another program would."""
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        return holder, holder.getsockname()[1]
+
+    def test_a_port_in_use_is_named_before_jax_starts(self):
+        _, port = self.listening()
+        problem = cli.coordinator_port_problem(f"localhost:{port}", 0)
+        self.assertIsNotNone(problem)
+        self.assertIn(f"port {port} is in use", problem)
+        # Only process 0 binds the port; the others connect to it.
+        self.assertIsNone(cli.coordinator_port_problem(f"localhost:{port}", 1))
+        self.assertIsNone(cli.coordinator_port_problem(f"localhost:{fixtures.free_port()}", 0))
+
+    @pytest.mark.slow
+    def test_launch_stops_in_one_line(self):
+        """Before: a traceback ending in ``JaxRuntimeError: UNKNOWN: Failed to start RPC
+        server``, which names neither the port nor the cause."""
+        _, port = self.listening()
+        result = subprocess.run(
+            [
+                sys.executable,
+                "launch.py",
+                "--config=experiments/demo.py",
+                "--mode=summary",
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=1",
+                "--process_id=0",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        self.assertEqual(result.returncode, 1, result.stderr[-3000:])
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertIn(f"port {port} is in use", result.stderr.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

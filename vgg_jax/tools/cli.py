@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging as std_logging
 import os
+import socket
 import sys
 
 import ml_collections
@@ -115,6 +117,38 @@ def _unknown_key_message(argv: list[str]) -> str | None:
     return None
 
 
+def coordinator_port_problem(coordinator_address: str | None, process_id: int | None) -> str | None:
+    """Why process 0 cannot start the job's coordinator on ``coordinator_address``'s port, found
+    with a plain bind of that port on every interface (where JAX's service binds it), or None.
+
+    JAX's gRPC service binds its port with SO_REUSEPORT, so a second process 0 (a duplicated
+    ``--process_id=0``, or a second job given the same address) started its service beside the
+    first one's: the first aborted in a C++ check failure, the second waited without a word until
+    JAX's 300 s initialisation timeout; a port held by another program failed with a traceback
+    ending in ``Failed to start RPC server``. A plain bind fails in each of these cases."""
+    if process_id != 0 or not coordinator_address or os.environ.get("JAX_COORDINATOR_BIND_ADDRESS"):
+        return None
+    _, _, port_text = coordinator_address.rpartition(":")
+    if not port_text.isdigit():
+        return None  # JAX reports a malformed address itself
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+                probe.bind((host, int(port_text)))
+            return None
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return (
+                    f"--coordinator_address={coordinator_address}: port {port_text} is in use "
+                    "on this host (another job's coordinator, a second --process_id=0, or "
+                    "another program); process 0 starts the job's coordinator there. Give a "
+                    "free port to every process of the job."
+                )
+            # No IPv6 on this host, say: try IPv4.
+    return None
+
+
 def initialize_distributed(
     coordinator_address: str | None, num_processes: int | None, process_id: int | None
 ) -> None:
@@ -122,20 +156,33 @@ def initialize_distributed(
 
     With no arguments JAX detects TPU pods, SLURM and similar clusters itself. On CPU the
     collectives go through gloo, so the same command also runs several processes on one machine.
+    A bad ``--process_id``, a coordinator port in use and a failure to start or reach the
+    coordinator each end the process with one line.
     """
     import jax
 
+    if problem := coordinator_port_problem(coordinator_address, process_id):
+        sys.exit(problem)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    explicit = None not in (coordinator_address, num_processes, process_id)
     try:
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
             num_processes=num_processes,
             process_id=process_id,
         )
-    except ValueError as e:  # nothing to auto-detect: not a TPU pod, SLURM job, ...
+    except ValueError as e:
+        if explicit:  # JAX checks the ids it was given
+            sys.exit(f"--num_processes={num_processes} --process_id={process_id}: {e}")
+        # nothing to auto-detect: not a TPU pod, SLURM job, ...
         sys.exit(
             f"--distributed: {e} No cluster was detected; pass --coordinator_address=host:port "
             "--num_processes=N --process_id=i, or drop --distributed for one process."
+        )
+    except jax.errors.JaxRuntimeError as e:
+        sys.exit(
+            f"Could not join the job through its coordinator {coordinator_address or '(detected)'}"
+            f" as process {process_id} of {num_processes}: {str(e).strip().splitlines()[0]}"
         )
     logging.info("Process %d of %d", jax.process_index(), jax.process_count())
 
