@@ -9,33 +9,41 @@ import time
 import pytest
 from absl.testing import absltest
 
-from tests import fixtures
+from tests import fixtures, testdata
+from vgg_jax import processes
 from vgg_jax.tools import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def launch_processes(per_process: list[list[str]], workdir: str) -> list[tuple[int, str]]:
+def launch_processes(
+    per_process: list[list[str]], workdir: str, data: list[str] | None = None
+) -> list[tuple[int, str]]:
     """Starts one launch.py process of a two-device-per-process job per ``per_process`` entry
-    (that process's extra flags) and returns each one's ``(exit status, stderr)``."""
+    (that process's extra flags) and returns each one's ``(exit status, stderr)``. ``data``:
+    the flags naming the dataset (default: the tiny built-in one)."""
     port = fixtures.free_port()
+    if data is None:
+        data = [
+            f"--config.input.data_dir={fixtures.builtin_data_dir()}",
+            "--config.input.builtin_size=tiny",
+        ]
     common = [
         sys.executable,
         "launch.py",
         "--config=experiments/demo.py",
         f"--workdir={workdir}",
         "--mode=train",
-        f"--config.input.data_dir={fixtures.builtin_data_dir()}",
-        "--config.input.builtin_size=tiny",
         "--config.model.width=0.0625",
         "--config.model.fc_width=16",
         "--config.input.batch_size=16",
         "--config.input.eval_batch_size=16",
+        *data,
         "--config.schedule.num_epochs=1",
         f"--coordinator_address=localhost:{port}",
         f"--num_processes={len(per_process)}",
     ]
-    processes = [
+    started = [
         subprocess.Popen(
             [*common, f"--process_id={i}", *extra],
             cwd=ROOT,
@@ -46,7 +54,7 @@ def launch_processes(per_process: list[list[str]], workdir: str) -> list[tuple[i
         for i, extra in enumerate(per_process)
     ]
     results = []
-    for process in processes:
+    for process in started:
         try:
             _, stderr = process.communicate(timeout=240)
         except subprocess.TimeoutExpired:
@@ -77,6 +85,43 @@ class MultiProcessStartTest(absltest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(workdir, "checkpoints")))
         self.assertLess(time.perf_counter() - started, 120)
 
+    def test_hosts_with_different_copies_of_the_data_stop(self):
+        """Each host's own copy of an image folder (``input.folder`` may differ between hosts),
+        one of them with an image more: 8 and 9 training examples, two steps of 4 either way.
+        On the per-step ``tf.data`` path (ImageNet's; here ``decoded_cache_mb=0``) each process
+        took its share of every batch from its own order: the job ran to the end, exit 0, its
+        epochs neither the one copy's nor the other's. (The decoded in-memory path aborted in
+        a gloo "collective mismatch" when JAX's ``device_put`` found the buffers differ.)"""
+        tmp = self.create_tempdir().full_path
+        folders = [os.path.join(tmp, "host0"), os.path.join(tmp, "host1")]
+        for folder in folders:
+            testdata.write_image_folder(folder, {"train": 4, "validation": 2}, ["ant", "bee"])
+        image, _ = testdata.builtin.draw_example(0, "train", 99)
+        with open(os.path.join(folders[1], "train", "ant", "extra.jpg"), "wb") as f:
+            f.write(testdata.jpeg(image))
+        workdir = os.path.join(tmp, "run")
+        shared = [
+            "--config.input.dataset=image_folder",
+            "--config.model.num_classes=2",
+            "--config.input.batch_size=4",
+            "--config.input.eval_batch_size=4",
+            "--config.input.decoded_cache_mb=0",
+        ]
+        results = launch_processes(
+            [[f"--config.input.folder={f}", f"--config.input.data_dir={f}_tfds"] for f in folders],
+            workdir,
+            data=shared,
+        )
+        for returncode, stderr in results:
+            self.assertEqual(returncode, 1, stderr[-3000:])
+            self.assertIn("copies of the dataset differ", stderr)
+            line = stderr.strip().splitlines()[-1]
+            self.assertTrue(line.startswith("  process 1: "), line)
+            self.assertIn("train examples 8 (records", line)
+            self.assertIn("-> 9 (records", line)
+            self.assertNotIn("Traceback", stderr)
+        self.assertFalse(os.path.exists(os.path.join(workdir, "checkpoints")))
+
 
 class ConfigDifferencesTest(absltest.TestCase):
     def test_names_each_differing_key_and_ignores_host_paths(self):
@@ -84,7 +129,7 @@ class ConfigDifferencesTest(absltest.TestCase):
         other = fixtures.tiny_config(
             with_data=False, **{"optim.learning_rate": 0.5, "input.data_dir": "/x"}
         )
-        lines = cli.config_differences(
+        lines = processes.differences(
             [
                 cli._flat_settings("train", config),
                 cli._flat_settings("train", config),

@@ -9,6 +9,7 @@ The public interface (see ``docs/data.md``)::
     data.eval_batches(config, scale, *, split=None, input_convention=None, process_index=None,
                       process_count=None)
     data.num_eval_examples(config, split=None) -> int
+    data.data_fingerprint(config) -> dict     # what every process's copy must agree on
     data.trained_convention(mean_rgb, input_config) -> dict  # what a net trained here sees
     data.DatasetError                         # bad data on disk, said in one line
 
@@ -28,6 +29,7 @@ class DatasetError(ValueError):
 
 _PIPELINE_NAMES = (
     "DatasetInfo",
+    "data_fingerprint",
     "dataset_info",
     "eval_batches",
     "num_eval_examples",

@@ -149,6 +149,31 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
     )
 
 
+def data_fingerprint(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """What decides the batches and the evaluation, of this process's copy of the prepared
+    dataset: each split's decodable records (the training order permutes them, the evaluation
+    schedule sorts them), the class names and the statistics (the input convention). Processes
+    of a job whose copies differ here would each take its share of another batch."""
+    import hashlib
+
+    def digest(value: np.ndarray | bytes) -> str:
+        raw = value if isinstance(value, bytes) else np.ascontiguousarray(value).tobytes()
+        return hashlib.sha256(raw).hexdigest()[:16]
+
+    input_config = config.input
+    builder = sources.prepared_builder(input_config)
+    found = {}
+    for split in dict.fromkeys([input_config.train_split, input_config.eval_split]):
+        valid = np.asarray(_split_index(builder, split, input_config).valid, np.int64)
+        found[f"{split} examples"] = f"{len(valid)} (records {digest(valid)})"
+    names = builder.info.features["label"].names or []
+    found["classes"] = f"{len(names)} (names {digest(chr(0).join(names).encode())})"
+    chosen = _stats(input_config, builder)
+    found["mean RGB"] = " ".join(f"{float(m):.4f}" for m in chosen["mean_rgb"])
+    found["PCA"] = digest(np.asarray([chosen["eigvals"], *chosen["eigvecs"]], np.float32))
+    return found
+
+
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
     """Whole batches of decodable training examples; ``DatasetError`` when there is none (the
     start-up check counts image files, some of which may not decode)."""

@@ -31,7 +31,16 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from vgg_jax import checkpoint, compile_cache, metrics, models, preemption, sharding, writers
+from vgg_jax import (
+    checkpoint,
+    compile_cache,
+    metrics,
+    models,
+    preemption,
+    processes,
+    sharding,
+    writers,
+)
 from vgg_jax.data import prefetch
 from vgg_jax.evaluation import methods, report
 
@@ -671,6 +680,7 @@ def evaluate_checkpoints(
         from vgg_jax import data
 
         batches = _default_batches
+        processes.check_same_data(config)
         expected_count = data.num_eval_examples(config)
         data_info = data.dataset_info(config)
         skipped = data_info.bad_input.get(config.input.eval_split, {}).get("skipped_undecodable")

@@ -207,22 +207,6 @@ def _flat_settings(mode: str, config: ml_collections.ConfigDict) -> dict[str, st
     return flat
 
 
-def config_differences(processes: list[dict[str, str]]) -> list[str]:
-    """One line per process whose settings (``_flat_settings``) differ from process 0's, naming
-    each key with process 0's value and its own."""
-    lines = []
-    for index, settings in enumerate(processes[1:], start=1):
-        keys = sorted(k for k in processes[0].keys() | settings.keys())
-        changed = [
-            f"{k} {processes[0].get(k, '(none)')} -> {settings.get(k, '(none)')}"
-            for k in keys
-            if processes[0].get(k) != settings.get(k)
-        ]
-        if changed:
-            lines.append(f"process {index}: {'; '.join(changed)}")
-    return lines
-
-
 def check_same_job_or_exit(mode: str, config: ml_collections.ConfigDict) -> None:
     """Every process of a multi-process job must run the same ``--mode`` with the same config.
 
@@ -233,23 +217,10 @@ def check_same_job_or_exit(mode: str, config: ml_collections.ConfigDict) -> None
     checkpoint holding process 0's. Each process gathers every process's settings (one small
     collective at start-up) and all of them exit with the same line naming the differences.
     ``HOST_PATH_KEYS`` may differ. One process: nothing to compare."""
-    import jax
+    from vgg_jax import processes
 
-    if jax.process_count() == 1:
-        return
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    mine = np.frombuffer(json.dumps(_flat_settings(mode, config)).encode(), np.uint8)
-    lengths = np.asarray(multihost_utils.process_allgather(np.int32(mine.size)))
-    padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[: mine.size] = mine
-    gathered = np.asarray(multihost_utils.process_allgather(padded))
-    processes = [
-        json.loads(row[:length].tobytes().decode())
-        for row, length in zip(gathered, lengths, strict=True)
-    ]
-    if lines := config_differences(processes):
+    everyone = processes.gather_json(_flat_settings(mode, config))
+    if lines := processes.differences(everyone):
         sys.exit(
             "Config error: the processes of this job were started with different settings "
             "(each is compared with process 0; start every process with the same command but "

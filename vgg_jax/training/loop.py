@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from vgg_jax import checkpoint, compile_cache, models, preemption, sharding, writers
+from vgg_jax import checkpoint, compile_cache, models, preemption, processes, sharding, writers
 from vgg_jax.configs import paper
 from vgg_jax.evaluation import report
 from vgg_jax.training import init_from, lock, optim
@@ -70,7 +70,8 @@ def run_validation(validation_step, params, batches) -> dict:
 
 
 def _prepare_data_once(config: ml_collections.ConfigDict) -> None:
-    """Process 0 prepares the dataset first, so processes sharing a filesystem do not race."""
+    """Process 0 prepares the dataset first, so processes sharing a filesystem do not race;
+    then the processes check that they read the same data (``processes.check_same_data``)."""
     from vgg_jax import data
 
     if jax.process_index() == 0:
@@ -81,6 +82,7 @@ def _prepare_data_once(config: ml_collections.ConfigDict) -> None:
         multihost_utils.sync_global_devices("vgg_jax: data prepared")
         if jax.process_index() != 0:
             data.prepare(config)
+        processes.check_same_data(config)
 
 
 def _check_config(config: ml_collections.ConfigDict, num_classes: int) -> None:

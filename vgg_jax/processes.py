@@ -1,0 +1,71 @@
+"""What the processes of a multi-process job were each given, compared across them.
+
+Every process computes its own learning rate, data order, augmentation and evaluation schedule
+from its own config and its own copy of the data, and feeds them to collective computations:
+nothing in JAX compares them. Processes given different values trained to the end with
+"replicated" parameters that differed between their devices. These helpers gather one small JSON
+value from every process (two small collectives) and name what differs from process 0's.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+
+def gather_json(value: Any) -> list[Any]:
+    """``value`` (anything ``json.dumps`` takes) of every process, in process order; every
+    process gets the same list. One process: ``[value]``, without a collective."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    mine = np.frombuffer(json.dumps(value, sort_keys=True).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.int32(mine.size)))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: mine.size] = mine
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [
+        json.loads(row[:length].tobytes().decode())
+        for row, length in zip(gathered, lengths, strict=True)
+    ]
+
+
+def differences(processes: list[dict[str, str]]) -> list[str]:
+    """One line per process whose ``{name: text}`` differs from process 0's, naming each name
+    with process 0's text and its own."""
+    lines = []
+    for index, settings in enumerate(processes[1:], start=1):
+        keys = sorted(processes[0].keys() | settings.keys())
+        changed = [
+            f"{k} {processes[0].get(k, '(none)')} -> {settings.get(k, '(none)')}"
+            for k in keys
+            if processes[0].get(k) != settings.get(k)
+        ]
+        if changed:
+            lines.append(f"process {index}: {'; '.join(changed)}")
+    return lines
+
+
+def check_same_data(config: Any) -> None:
+    """Raises ``DatasetError`` on every process when the processes' copies of the prepared
+    dataset differ (``data.data_fingerprint``: hosts may each hold their own ``data_dir``).
+
+    A host whose copy had one image more (or one that did not decode) computed another training
+    order of another length and took its share of each batch from it: examples were skipped or
+    seen twice within an epoch, and the run ended with exit status 0."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from vgg_jax import data
+
+    if lines := differences(gather_json(data.data_fingerprint(config))):
+        raise data.DatasetError(
+            "The processes' copies of the dataset differ (each compared with process 0's; "
+            "prepare every host's data from the same files):\n  " + "\n  ".join(lines)
+        )
