@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 from absl.testing import absltest
@@ -17,11 +18,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def launch_processes(
-    per_process: list[list[str]], workdir: str, data: list[str] | None = None
+    per_process: list[list[str]],
+    workdir: str,
+    data: list[str] | None = None,
+    device_counts: list[int] | None = None,
 ) -> list[tuple[int, str]]:
-    """Starts one launch.py process of a two-device-per-process job per ``per_process`` entry
-    (that process's extra flags) and returns each one's ``(exit status, stderr)``. ``data``:
-    the flags naming the dataset (default: the tiny built-in one)."""
+    """Starts one launch.py process of a job per ``per_process`` entry (that process's extra
+    flags) and returns each one's ``(exit status, stderr)``. ``data``: the flags naming the
+    dataset (default: the tiny built-in one); ``device_counts``: each process's CPU devices
+    (default: 2 each)."""
+    device_counts = device_counts or [2] * len(per_process)
     port = fixtures.free_port()
     if data is None:
         data = [
@@ -47,7 +53,7 @@ def launch_processes(
         subprocess.Popen(
             [*common, f"--process_id={i}", *extra],
             cwd=ROOT,
-            env=fixtures.host_devices_env(2),
+            env=fixtures.host_devices_env(device_counts[i]),
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -122,6 +128,19 @@ class MultiProcessStartTest(absltest.TestCase):
             self.assertNotIn("Traceback", stderr)
         self.assertFalse(os.path.exists(os.path.join(workdir, "checkpoints")))
 
+    def test_processes_with_different_device_counts_stop_in_one_line(self):
+        """2 and 3 devices: before, a traceback (``cannot reshape array of size 5 into shape
+        (2,2)``) from JAX's multi-host utilities on one process and an abort on the other."""
+        workdir = self.create_tempdir().full_path
+        results = launch_processes([[], []], workdir, device_counts=[2, 3])
+        for returncode, stderr in results:
+            self.assertEqual(returncode, 1, stderr[-3000:])
+            self.assertIn(
+                "hold different numbers of devices (process 0: 2, process 1: 3)",
+                stderr.strip().splitlines()[-1],
+            )
+            self.assertNotIn("Traceback", stderr)
+
 
 class ConfigDifferencesTest(absltest.TestCase):
     def test_names_each_differing_key_and_ignores_host_paths(self):
@@ -143,6 +162,19 @@ class ConfigDifferencesTest(absltest.TestCase):
                 f"{config.optim.learning_rate} -> 0.5"
             ],
         )
+
+    def test_device_counts_must_be_equal(self):
+        def devices(*counts: int) -> list[types.SimpleNamespace]:
+            return [
+                types.SimpleNamespace(process_index=p)
+                for p, n in enumerate(counts)
+                for _ in range(n)
+            ]
+
+        self.assertIsNone(processes.device_count_problem(devices(4)))
+        self.assertIsNone(processes.device_count_problem(devices(2, 2)))
+        problem = processes.device_count_problem(devices(8, 8, 7))
+        self.assertIn("process 0: 8, process 1: 8, process 2: 7", problem)
 
 
 class CoordinatorPortTest(absltest.TestCase):

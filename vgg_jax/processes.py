@@ -9,10 +9,29 @@ value from every process (two small collectives) and name what differs from proc
 
 from __future__ import annotations
 
+import collections
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+
+def device_count_problem(devices: Sequence[Any]) -> str | None:
+    """Why a job whose processes hold different numbers of ``devices`` (every process sees the
+    same global list) cannot run, or None. JAX's multi-host utilities, which every gather and
+    barrier here uses, assume one count on every process: processes with 2 and 3 CPU devices
+    ended in a traceback (``cannot reshape array of size 5 into shape (2,2)``) on one and an
+    abort on the other, after start-up."""
+    counts = collections.Counter(int(d.process_index) for d in devices)
+    if len(set(counts.values())) <= 1:
+        return None
+    listed = ", ".join(f"process {p}: {counts[p]}" for p in sorted(counts))
+    return (
+        f"The processes of this job hold different numbers of devices ({listed}); every "
+        "process needs the same number (set the same devices visible to each, e.g. the same "
+        "XLA_FLAGS or CUDA_VISIBLE_DEVICES count)."
+    )
 
 
 def gather_json(value: Any) -> list[Any]:

@@ -217,8 +217,12 @@ def check_same_job_or_exit(mode: str, config: ml_collections.ConfigDict) -> None
     checkpoint holding process 0's. Each process gathers every process's settings (one small
     collective at start-up) and all of them exit with the same line naming the differences.
     ``HOST_PATH_KEYS`` may differ. One process: nothing to compare."""
+    import jax
+
     from vgg_jax import processes
 
+    if problem := processes.device_count_problem(jax.devices()):
+        sys.exit(problem)
     everyone = processes.gather_json(_flat_settings(mode, config))
     if lines := processes.differences(everyone):
         sys.exit(
