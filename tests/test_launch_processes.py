@@ -13,6 +13,7 @@ from absl.testing import absltest
 from tests import fixtures, testdata
 from vgg_jax import processes
 from vgg_jax.tools import cli
+from vgg_jax.training import lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -140,6 +141,21 @@ class MultiProcessStartTest(absltest.TestCase):
                 stderr.strip().splitlines()[-1],
             )
             self.assertNotIn("Traceback", stderr)
+
+    def test_a_busy_workdir_stops_every_process(self):
+        """Process 0 alone found the lock taken and raised; process 1 waited for it in the
+        first collective, and both ended 300 s later in JAX's shutdown barrier (an abort)."""
+        workdir = self.create_tempdir().full_path
+        started = time.perf_counter()
+        with lock.hold(workdir):  # this test process is the running trainer
+            results = launch_processes([[], []], workdir)
+        for returncode, stderr in results:
+            self.assertEqual(returncode, 1, stderr[-3000:])
+            self.assertIn(
+                f"WorkdirBusyError: Workdir {workdir} is in use by trainer pid {os.getpid()}",
+                stderr.strip().splitlines()[-1],
+            )
+        self.assertLess(time.perf_counter() - started, 120)
 
 
 class ConfigDifferencesTest(absltest.TestCase):

@@ -31,23 +31,40 @@ class WorkdirBusyError(RuntimeError):
 
 @contextlib.contextmanager
 def hold(workdir: str) -> Iterator[None]:
-    """Holds ``workdir``'s training lock for the ``with`` block (process 0 only)."""
-    if jax.process_index() != 0:
-        yield
-        return
-    os.makedirs(workdir, exist_ok=True)
+    """Holds ``workdir``'s training lock for the ``with`` block (process 0 only).
+
+    In a multi-process job every process learns whether process 0 got the lock and all of them
+    raise ``WorkdirBusyError`` when it did not: before, process 0 alone stopped and the others
+    waited for it in the first collective until JAX's 300 s shutdown barrier aborted both."""
     path = os.path.join(workdir, LOCK_FILE)
-    lock_file = open(path, "a+")  # noqa: SIM115 (held open for the run: the lock lives with it)
-    try:
+    lock_file, busy = None, None
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        lock_file = open(path, "a+")  # noqa: SIM115 (held open for the run: the lock lives with it)
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock_file.seek(0)
             holder = lock_file.read().strip() or "another process"
-            raise WorkdirBusyError(
+            lock_file.close()
+            lock_file = None
+            busy = (
                 f"Workdir {workdir} is in use by {holder} (lock {path}); stop that trainer "
                 "or train into another --workdir."
-            ) from None
+            )
+        except OSError:  # a filesystem without locks: the OS's reason
+            lock_file.close()
+            raise
+    if jax.process_count() > 1:
+        from vgg_jax import processes
+
+        busy = processes.gather_json(busy)[0]
+    if busy is not None:
+        raise WorkdirBusyError(busy)
+    if lock_file is None:  # another process of the job: process 0 holds the lock for it
+        yield
+        return
+    try:
         lock_file.seek(0)
         lock_file.truncate()
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
