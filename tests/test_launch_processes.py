@@ -7,11 +7,14 @@ import sys
 import time
 import types
 
+import jax
+import ml_collections
+import numpy as np
 import pytest
 from absl.testing import absltest
 
 from tests import fixtures, testdata
-from vgg_jax import processes
+from vgg_jax import checkpoint, processes, sharding
 from vgg_jax.tools import cli
 from vgg_jax.training import lock
 
@@ -156,6 +159,55 @@ class MultiProcessStartTest(absltest.TestCase):
                 stderr.strip().splitlines()[-1],
             )
         self.assertLess(time.perf_counter() - started, 120)
+
+
+# Each process of a 2-process job restores a checkpoint's parameters and prints their sum.
+RESTORE = """
+import sys
+import jax
+import numpy as np
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from vgg_jax import checkpoint
+params, step, _ = checkpoint.restore_params(sys.argv[3])
+total = sum(float(np.abs(np.asarray(x)).sum()) for x in jax.tree_util.tree_leaves(params))
+print("restored", step, total)
+"""
+
+
+@pytest.mark.slow
+class MultiProcessRestoreTest(absltest.TestCase):
+    def test_every_process_reads_a_one_process_checkpoint(self):
+        """What ``--mode=evaluate`` and ``init_from`` read on several processes. A checkpoint
+        saved by one process (on its device 0) came back on process 1 as an array with no shard
+        there: every step "unreadable", UnreadableCheckpointError on process 1 while process 0
+        waited for it until JAX's 300 s shutdown barrier aborted both."""
+        workdir = self.create_tempdir().full_path
+        # As training saves it: on the one-device mesh of a one-device run.
+        one_device = ml_collections.ConfigDict(dict(data=1, model=1))
+        mesh = sharding.make_mesh(one_device, [jax.devices()[0]])
+        kernel = jax.device_put(np.arange(6.0).reshape(2, 3), sharding.replicated(mesh))
+        checkpoint.save_params(workdir, {"fc": {"kernel": kernel}}, 7)
+        address = f"localhost:{fixtures.free_port()}"
+        started = [
+            subprocess.Popen(
+                [sys.executable, "-c", RESTORE, address, str(i), workdir],
+                cwd=ROOT,
+                env=fixtures.host_devices_env(1),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        for process in started:
+            try:
+                stdout, stderr = process.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                stdout, stderr = process.communicate()
+            self.assertEqual(process.returncode, 0, stderr[-3000:])
+            self.assertIn("restored 7 15.0", stdout)
 
 
 class ConfigDifferencesTest(absltest.TestCase):

@@ -477,7 +477,8 @@ def restore_params(
     """Parameters, step and meta of a checkpoint: ``which`` is "latest", "best" or a step.
 
     No optimiser state is read. ``abstract_params`` (``jax.ShapeDtypeStruct`` leaves with
-    shardings) places the arrays; without it they come back as they were saved, on one device.
+    shardings) places the arrays; without it each comes back whole on this process's first
+    device, whatever topology saved it (``_on_a_local_device``).
     """
     manager = _read_only_manager(workdir)
     try:
@@ -499,15 +500,13 @@ def restore_params(
                 raise ValueError(f"No checkpoint at step {step} in {workdir}; available: {steps}")
 
         def restore(step: int):
+            wanted = abstract_params
+            if wanted is None:
+                wanted = _on_a_local_device(os.path.join(_directory(workdir), str(step), "params"))
             return manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    # Saved by another topology (more processes or devices): onto one local device.
-                    params=ocp.args.StandardRestore(
-                        abstract_params,
-                        fallback_sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
-                    ),
-                    meta=ocp.args.JsonRestore(),
+                    params=ocp.args.StandardRestore(wanted), meta=ocp.args.JsonRestore()
                 ),
             )
 
@@ -520,6 +519,23 @@ def restore_params(
         return restored.params, step, conventions.with_current_key(restored.meta)
     finally:
         manager.close()
+
+
+def _on_a_local_device(params_directory: str) -> Any:
+    """The saved parameters' shapes and dtypes (Orbax's metadata), each placed on this process's
+    first device: the whole array on every process, whatever topology saved it.
+
+    Restored as saved instead, a checkpoint of a one-process run read by the second process of a
+    job came back on device 0, another process's device (an array with no shard here): every
+    step was "unreadable" on process 1, so ``--mode=evaluate`` and ``init_from`` on several
+    processes failed there and process 0 waited for it until JAX's shutdown barrier aborted."""
+    metadata = ocp.StandardCheckpointer().metadata(params_directory).item_metadata
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree_util.tree_map(
+        lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=local),
+        metadata,
+        is_leaf=lambda leaf: hasattr(leaf, "shape") and hasattr(leaf, "dtype"),
+    )
 
 
 def parse_step(which: str | int) -> int:
