@@ -30,6 +30,7 @@ LEVELS = {
     "vgg_jax.writers": 1,
     "vgg_jax.data": 2,
     "vgg_jax.weights": 3,
+    "vgg_jax.processes": 3,
     "vgg_jax.evaluation": 4,
     "vgg_jax.training": 5,
     "vgg_jax.features": 6,
