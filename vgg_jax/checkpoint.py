@@ -34,6 +34,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 from vgg_jax import conventions
@@ -529,7 +530,13 @@ def _on_a_local_device(params_directory: str) -> Any:
     job came back on device 0, another process's device (an array with no shard here): every
     step was "unreadable" on process 1, so ``--mode=evaluate`` and ``init_from`` on several
     processes failed there and process 0 waited for it until JAX's shutdown barrier aborted."""
-    metadata = ocp.StandardCheckpointer().metadata(params_directory).item_metadata
+    # The handler, not a Checkpointer: one of those per restore left a thread running each time
+    # and logged "Metadata file does not exist" for the item directory on every evaluation.
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        metadata = handler.metadata(epath.Path(params_directory))
+    finally:
+        handler.close()
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree_util.tree_map(
         lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=local),
