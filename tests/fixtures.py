@@ -14,6 +14,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 from typing import Any
 
@@ -89,3 +91,28 @@ def host_devices_env(count: int) -> dict[str, str]:
         r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")
     )
     return dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={count}")
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_launch(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python launch.py *args`` from the repository root, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "launch.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
+    """``(returncode, stdout, stderr)`` of a started process, killed if it outlives ``timeout``
+    (a regression fails in bounded time instead of hanging in a collective)."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+    return process.returncode, stdout or "", stderr or ""

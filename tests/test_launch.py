@@ -9,15 +9,13 @@ import tempfile
 import pytest
 from absl.testing import absltest
 
+from tests import fixtures
 from vgg_jax.tools import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def launch(*args):
-    return subprocess.run(
-        [sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+launch = fixtures.run_launch
 
 
 # What a worker process spawned to draw the built-in dataset does: import the program's main

@@ -63,15 +63,7 @@ def launch_processes(
         )
         for i, extra in enumerate(per_process)
     ]
-    results = []
-    for process in started:
-        try:
-            _, stderr = process.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            _, stderr = process.communicate()
-        results.append((process.returncode, stderr))
-    return results
+    return [fixtures.finish(process, 240)[::2] for process in started]
 
 
 @pytest.mark.slow
@@ -201,12 +193,8 @@ class MultiProcessRestoreTest(absltest.TestCase):
             for i in range(2)
         ]
         for process in started:
-            try:
-                stdout, stderr = process.communicate(timeout=120)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                stdout, stderr = process.communicate()
-            self.assertEqual(process.returncode, 0, stderr[-3000:])
+            returncode, stdout, stderr = fixtures.finish(process, 120)
+            self.assertEqual(returncode, 0, stderr[-3000:])
             self.assertIn("restored 7 15.0", stdout)
 
 
@@ -269,19 +257,12 @@ class CoordinatorPortTest(absltest.TestCase):
         """Before: a traceback ending in ``JaxRuntimeError: UNKNOWN: Failed to start RPC
         server``, which names neither the port nor the cause."""
         _, port = self.listening()
-        result = subprocess.run(
-            [
-                sys.executable,
-                "launch.py",
-                "--config=experiments/demo.py",
-                "--mode=summary",
-                f"--coordinator_address=localhost:{port}",
-                "--num_processes=1",
-                "--process_id=0",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
+        result = fixtures.run_launch(
+            "--config=experiments/demo.py",
+            "--mode=summary",
+            f"--coordinator_address=localhost:{port}",
+            "--num_processes=1",
+            "--process_id=0",
             timeout=120,
         )
         self.assertEqual(result.returncode, 1, result.stderr[-3000:])
