@@ -530,8 +530,8 @@ def _on_a_local_device(params_directory: str) -> Any:
     job came back on device 0, another process's device (an array with no shard here): every
     step was "unreadable" on process 1, so ``--mode=evaluate`` and ``init_from`` on several
     processes failed there and process 0 waited for it until JAX's shutdown barrier aborted."""
-    # The handler, not a Checkpointer: one of those per restore left a thread running each time
-    # and logged "Metadata file does not exist" for the item directory on every evaluation.
+    # The handler, not a Checkpointer, which logged "Metadata file does not exist" for the item
+    # directory on every evaluation and prediction.
     handler = ocp.StandardCheckpointHandler()
     try:
         metadata = handler.metadata(epath.Path(params_directory))
