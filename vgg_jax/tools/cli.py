@@ -194,17 +194,14 @@ HOST_PATH_KEYS = ("input.data_dir", "input.manual_dir", "input.index_dir", "inpu
 
 def _flat_settings(mode: str, config: ml_collections.ConfigDict) -> dict[str, str]:
     """``{"mode": mode, "group.key": value}`` as JSON texts, without ``HOST_PATH_KEYS``."""
-    flat = {"mode": json.dumps(mode)}
+    from flax import traverse_util
 
-    def walk(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            elif f"{prefix}{key}" not in HOST_PATH_KEYS:
-                flat[f"{prefix}{key}"] = json.dumps(value, sort_keys=True, default=repr)
-
-    walk(config.to_dict(), "")
-    return flat
+    values = traverse_util.flatten_dict(config.to_dict(), sep=".")
+    return {"mode": json.dumps(mode)} | {
+        key: json.dumps(value, sort_keys=True, default=repr)
+        for key, value in values.items()
+        if key not in HOST_PATH_KEYS
+    }
 
 
 def check_same_job_or_exit(mode: str, config: ml_collections.ConfigDict) -> None:
