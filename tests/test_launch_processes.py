@@ -152,6 +152,26 @@ class MultiProcessStartTest(absltest.TestCase):
             )
         self.assertLess(time.perf_counter() - started, 120)
 
+    def test_a_workdir_not_shared_between_hosts_stops_every_process(self):
+        """Each host given a workdir on its own disk (here: process 1 another directory) ran
+        to the end, exit 0, each host's checkpoints holding only what its process wrote; a
+        restart found every checkpoint on process 0 and none on process 1."""
+        tmp = self.create_tempdir().full_path
+        workdir, elsewhere = os.path.join(tmp, "run"), os.path.join(tmp, "host1_run")
+        os.makedirs(elsewhere)
+        results = launch_processes([[], [f"--workdir={elsewhere}"]], workdir)
+        for returncode, stderr in results:
+            self.assertEqual(returncode, 1, stderr[-3000:])
+            self.assertIn("WorkdirNotSharedError: The processes of this job must share", stderr)
+            self.assertIn(
+                f"process 1 on host {socket.gethostname()}: --workdir={elsewhere} lacks "
+                "process 0's train.lock",
+                stderr.strip().splitlines()[-1],
+            )
+            self.assertNotIn("Traceback", stderr)
+        for directory in (workdir, elsewhere):
+            self.assertFalse(os.path.exists(os.path.join(directory, "checkpoints")))
+
 
 # Each process of a 2-process job restores a checkpoint's parameters and prints their sum.
 RESTORE = """

@@ -259,6 +259,7 @@ def _one_line_errors() -> tuple[type[Exception], ...]:
     return (
         checkpoint.CheckpointError,
         lock.WorkdirBusyError,
+        lock.WorkdirNotSharedError,
         loop.NonFiniteLossError,
         FileNotFoundError,
     )
