@@ -667,6 +667,24 @@ class FewClassesTest(absltest.TestCase):
             self.assertIn("| n/a ", f.read())
 
 
+class InterruptedResultsTest(absltest.TestCase):
+    def test_a_write_cut_short_leaves_no_result_and_the_watcher_redoes_its_step(self):
+        """An evaluator killed while writing ``step_N.json`` left it cut short: the restarted
+        watcher failed at once on it (``JSONDecodeError``), every time, until it was deleted."""
+        eval_dir = self.create_tempdir().full_path
+        rows = [{"method": "dense", "top1_error": 1.0, "bad": object()}]  # fails half-way
+        with self.assertRaises(TypeError):
+            report.write_results(eval_dir, rows, {"checkpoints": []}, name="step_10")
+        self.assertEqual(os.listdir(eval_dir), [])
+        settings = {"flip": True}
+        report.write_results(eval_dir, [], {"settings": settings}, name="step_20")
+        with open(os.path.join(eval_dir, "step_30.json"), "w") as f:  # written before the fix
+            f.write('{"settings": {"fl')
+        with self.assertLogs(level="WARNING") as logs:
+            self.assertEqual(continuous.evaluated_steps(eval_dir, settings), {20})
+        self.assertIn("step_30.json does not read", logs.output[0])
+
+
 class UnderflowTest(absltest.TestCase):
     def test_a_label_whose_softmax_underflows_keeps_its_rank(self):
         # Label 1 is ranked 2nd by both "methods". Its softmax (about e^-120) is below float32's

@@ -6,9 +6,11 @@ is a project dependency, but the model and step run without it, e.g. on a GPU bo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
 
 import jax
 from absl import logging
@@ -23,6 +25,21 @@ def format_duration(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds}s"
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Writes to ``path + ".tmp"`` and renames it to ``path`` only on success, so a process
+    killed while writing never leaves a truncated file under the real name (which readers, such
+    as a restarted continuous evaluator, would take as written)."""
+    tmp = os.fspath(path) + ".tmp"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class MetricWriter:

@@ -38,8 +38,12 @@ def evaluated_steps(eval_dir: str, settings: dict[str, Any] | None = None) -> se
         if not (m := STEP_FILE.match(name)):
             continue
         if settings is not None:
-            with open(os.path.join(eval_dir, name)) as f:
-                recorded = json.load(f).get("settings")
+            try:
+                with open(os.path.join(eval_dir, name)) as f:
+                    recorded = json.load(f).get("settings")
+            except (OSError, ValueError) as e:  # cut short by a kill before writes were atomic
+                logging.warning("%s does not read (%s): evaluating its step again.", name, e)
+                continue
             if recorded is not None and recorded != settings:
                 continue
         steps.add(int(m.group(1)))

@@ -14,6 +14,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from vgg_jax import writers
+
 METHOD_TITLES = {
     "dense": "dense",
     "multi_crop": "multi-crop",
@@ -80,7 +82,7 @@ def write_results(
     os.makedirs(directory, exist_ok=True)
     json_path = os.path.join(directory, f"{name}.json")
     markdown_path = os.path.join(directory, f"{name}.md")
-    with open(json_path, "w") as f:
+    with writers.atomic_open(json_path) as f:  # its presence marks a step evaluated
         json.dump({**about, "rows": list(rows)}, f, indent=2)
         f.write("\n")
     checkpoints = ", ".join(
@@ -92,7 +94,7 @@ def write_results(
         if data["skipped_undecodable"]:
             images += f" ({data['skipped_undecodable']} more do not decode: left out)"
         what = "error"  # the split is named: the train split's is not a validation error
-    with open(markdown_path, "w") as f:
+    with writers.atomic_open(markdown_path) as f:
         f.write(f"Top-1/top-5 {what}{images}; checkpoints: {checkpoints}.\n\n")
         f.write(format_table(rows) + "\n")
     return json_path, markdown_path

@@ -16,20 +16,19 @@ buffer) and are written and read with NumPy alone; other safetensors readers ope
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
 import sys
 import zipfile
-from collections.abc import Iterator, Mapping
-from typing import Any, BinaryIO
+from collections.abc import Mapping
+from typing import Any
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy; JAX depends on it)
 import numpy as np
 from flax import traverse_util
 
-from vgg_jax import conventions
+from vgg_jax import conventions, writers
 
 SEPARATOR = "/"
 NPZ_HEADER_KEY = "__vgg_jax_header__"
@@ -85,7 +84,7 @@ def save_npz(
         stored[name] = array if _numpy_native(array.dtype) else array.view(_same_width_uint(array))
     header = json.dumps({"meta": dict(meta or {}), "dtypes": dtypes})
     stored[NPZ_HEADER_KEY] = np.frombuffer(header.encode("utf-8"), np.uint8)
-    with _atomic_open(path) as f:
+    with writers.atomic_open(path, "wb") as f:
         np.savez(f, **stored)
 
 
@@ -125,7 +124,7 @@ def save_safetensors(
         offset += array.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)  # the reference writer pads the header to 8 bytes
-    with _atomic_open(path) as f:
+    with writers.atomic_open(path, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         for array in flat.values():
@@ -198,7 +197,7 @@ def export_checkpoint(workdir: str, path: str | os.PathLike, which: str | int = 
         from vgg_jax.weights import torchvision
 
         state_dict = torchvision.state_dict_from_params(meta["net"], params)
-        with _atomic_open(path) as f:
+        with writers.atomic_open(path, "wb") as f:
             torchvision.save_pth(f, state_dict)
     else:
         save(path, params, meta)
@@ -227,17 +226,3 @@ def _nbytes(shape: list[int], dtype: np.dtype) -> int:
 def _require_little_endian() -> None:
     if sys.byteorder != "little":
         raise RuntimeError("safetensors files are little-endian; this machine is not.")
-
-
-@contextlib.contextmanager
-def _atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Writes to ``path + ".tmp"`` and renames it to ``path`` only on success, so a crashed
-    export never leaves a truncated file under the real name."""
-    tmp = os.fspath(path) + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
