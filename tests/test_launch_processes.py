@@ -153,9 +153,10 @@ class MultiProcessStartTest(absltest.TestCase):
         self.assertLess(time.perf_counter() - started, 120)
 
     def test_a_workdir_not_shared_between_hosts_stops_every_process(self):
-        """Each host given a workdir on its own disk (here: process 1 another directory) ran
-        to the end, exit 0, each host's checkpoints holding only what its process wrote; a
-        restart found every checkpoint on process 0 and none on process 1."""
+        """Each host given a workdir on its own disk (here: process 1 another directory)
+        trained to the end, then hung in the first checkpoint save (each process had written
+        its part into its own directory, nothing committed) until both aborted 10 min later:
+        the whole run lost."""
         tmp = self.create_tempdir().full_path
         workdir, elsewhere = os.path.join(tmp, "run"), os.path.join(tmp, "host1_run")
         os.makedirs(elsewhere)

@@ -6,7 +6,7 @@ the whole run; a second trainer fails at once, naming the process that holds it 
 file). The kernel releases the lock when its process dies, however it dies, so a lock left by a
 killed trainer never blocks a restart. In a multi-process job only process 0 locks: the job's
 other processes share its workdir on purpose, and each checks that it does (it reads the holder
-process 0 wrote): a workdir on each host's own disk split every checkpoint between the hosts.
+process 0 wrote): with a workdir on each host's own disk, the first checkpoint save hung.
 
 ``flock`` works on local filesystems and on NFS (Linux emulates it with NFS byte-range locks);
 filesystems without locking fail with the OS's reason.
@@ -91,8 +91,9 @@ def _shared_verdict(workdir: str, path: str, busy: str | None, holder: str | Non
     """Process 0's ``busy`` message, the same on every process; raises
     ``WorkdirNotSharedError`` on every process when one of them cannot read ``holder`` (process
     0's line) in its own ``path``. Orbax writes each process's shards of a checkpoint into that
-    process's workdir and reads them back from there: with a workdir on each host's own disk,
-    each host held a part of every checkpoint and a restart found none whole. The same shared
+    process's workdir and reads them back from there: a job with a workdir on each host's own
+    disk trained, then hung in its first save (each part in another directory, nothing
+    committed) until every process aborted 10 minutes later. The same shared
     storage may be mounted at a different path on each host: what must agree is what they see."""
     from vgg_jax import processes
 
@@ -104,7 +105,7 @@ def _shared_verdict(workdir: str, path: str, busy: str | None, holder: str | Non
     if problems:
         raise WorkdirNotSharedError(
             "The processes of this job must share one workdir (shared storage such as NFS, "
-            "mounted at any path on each host), or every checkpoint is split between the "
+            "mounted at any path on each host); Orbax cannot save a checkpoint split between "
             "hosts:\n  " + "\n  ".join(problems)
         )
     return busy
