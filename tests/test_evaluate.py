@@ -9,9 +9,11 @@ continuous-mode test).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
+import shutil
 import time
 from unittest import mock
 
@@ -587,6 +589,30 @@ class RunnerTest(absltest.TestCase):
         self.assertEqual(sorted(redone), [10, 20, 30])
         with open(os.path.join(eval_dir, "step_20.json")) as f:
             self.assertFalse(json.load(f)["settings"]["flip"])
+
+    def test_watch_evaluates_another_trainings_steps_again(self):
+        """Training started again in the same workdir (checkpoints deleted, another learning
+        rate) saves the same step numbers: the watcher skipped them as evaluated, leaving the
+        first training's tables as the second's."""
+        workdir = self.create_tempdir_once()
+        save_net(workdir, self.params, self.config, step=10)
+        config = tiny_config(methods=("dense",))
+        batches = fake_eval_batches(5)
+        watch = functools.partial(
+            continuous.watch, config, workdir, poll_seconds=0.1, timeout=0.3, batches=batches
+        )
+        self.assertEqual(sorted(watch()), [10])
+        self.assertEqual(watch(), {})  # the same training: nothing again
+        shutil.rmtree(os.path.join(workdir, "checkpoints"))
+        retrained = tiny_config()
+        retrained.optim.learning_rate *= 10
+        save_net(workdir, init_params(self.model, seed=4), retrained, step=10)
+        with self.assertLogs(level="WARNING") as logs:
+            again = watch()
+        self.assertEqual(sorted(again), [10])
+        self.assertIn("Steps [10] of", "\n".join(logs.output))
+        self.assertNotEqual(again[10], [])
+        self.assertEqual(watch(), {})
 
     def test_watch_stops_once_the_trainings_last_checkpoint_is_evaluated(self):
         workdir = self.create_tempdir_once()

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
+import json
 import logging as std_logging
 import os
 import re
@@ -470,6 +472,17 @@ def read_meta(workdir: str, step: int) -> dict[str, Any]:
         return conventions.with_current_key(restored.meta)
     finally:
         manager.close()
+
+
+def training_digest(meta: dict[str, Any]) -> str | None:
+    """A short digest of what trained a checkpoint (its run's config, classes and input
+    convention, not the step's own figures), to tell one training's step N from another's in
+    the same workdir; None for a checkpoint saved without its config (an imported net)."""
+    if not meta.get("config"):
+        return None
+    made_by = {k: meta.get(k) for k in ("config", "class_names", "input_convention")}
+    text = json.dumps(jsonable(made_by), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def restore_params(

@@ -28,26 +28,49 @@ EVAL_SUBDIR = "eval"
 STEP_FILE = re.compile(r"^step_(\d+)\.json$")
 
 
-def evaluated_steps(eval_dir: str, settings: dict[str, Any] | None = None) -> set[int]:
+def evaluated_steps(
+    eval_dir: str, settings: dict[str, Any] | None = None, workdir: str | None = None
+) -> set[int]:
     """Steps with a result file in ``eval_dir`` (with ``settings``: made with those evaluation
-    settings, or recorded before results carried them)."""
+    settings, or recorded before results carried them; with ``workdir``: of the checkpoint now
+    at that step, see ``_made_by_another_training``)."""
     if not os.path.isdir(eval_dir):
         return set()
     steps = set()
     for name in os.listdir(eval_dir):
         if not (m := STEP_FILE.match(name)):
             continue
-        if settings is not None:
+        step = int(m.group(1))
+        if settings is not None or workdir is not None:
             try:
                 with open(os.path.join(eval_dir, name)) as f:
-                    recorded = json.load(f).get("settings")
+                    recorded = json.load(f)
             except (OSError, ValueError) as e:  # cut short by a kill before writes were atomic
                 logging.warning("%s does not read (%s): evaluating its step again.", name, e)
                 continue
-            if recorded is not None and recorded != settings:
+            if settings is not None and recorded.get("settings") not in (None, settings):
                 continue
-        steps.add(int(m.group(1)))
+            if workdir is not None and _made_by_another_training(workdir, step, recorded):
+                continue
+        steps.add(step)
     return steps
+
+
+def _made_by_another_training(workdir: str, step: int, recorded: dict[str, Any]) -> bool:
+    """Whether the checkpoint now at ``step`` is not the one ``recorded`` was evaluated on: a
+    training started again in the same workdir (its checkpoints deleted, another config) saved
+    the same step numbers, and the watcher skipped them all as evaluated, leaving the first
+    training's tables as the second's. Results recorded before they carried ``trained_by``, and
+    steps since deleted, count as the same."""
+    checkpoints = recorded.get("checkpoints") or [{}]
+    then = checkpoints[0].get("trained_by")
+    if then is None or step not in checkpoint.available_steps(workdir):
+        return False
+    try:
+        now = checkpoint.training_digest(checkpoint.read_meta(workdir, step))
+    except (FileNotFoundError, ValueError):  # deleted by keep-last-K meanwhile
+        return False
+    return now != then
 
 
 def _next_step(workdir: str, done: set[int], idle: bool) -> tuple[int | None, bool]:
@@ -116,8 +139,16 @@ def watch(
     poll = config.evals.poll_seconds if poll_seconds is None else poll_seconds
     timeout = config.evals.watch_timeout_seconds if timeout is None else timeout
     eval_dir = os.path.join(workdir, EVAL_SUBDIR)
-    done = evaluated_steps(eval_dir, runner.evaluation_settings(config))
-    if other := sorted(evaluated_steps(eval_dir) - done):
+    same_training = evaluated_steps(eval_dir, workdir=workdir)
+    if retrained := sorted(evaluated_steps(eval_dir) - same_training):
+        logging.warning(
+            "Steps %s of %s were evaluated on another training's checkpoints (their config, "
+            "classes or input differ from the checkpoints there now): evaluating them again.",
+            retrained,
+            workdir,
+        )
+    done = evaluated_steps(eval_dir, runner.evaluation_settings(config), workdir)
+    if other := sorted(same_training - done):
         logging.warning(
             "Steps %s of %s were evaluated with other settings (methods, scales, flip, grid or "
             "split): evaluating them again with these, replacing their results.",

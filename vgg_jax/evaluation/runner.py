@@ -69,6 +69,7 @@ class Net:
     input_convention: dict | None  # the input convention it was trained with (None: not stored)
     train_input: dict  # the training config's input group (or the evaluation config's)
     class_names: list[str] | None = None  # what its outputs mean, where the checkpoint says
+    trained_by: str | None = None  # checkpoint.training_digest of its meta
 
 
 @dataclasses.dataclass
@@ -212,6 +213,7 @@ def load_net(
         input_convention=meta.get("input_convention"),
         train_input=dict(train_config.get("input") or fallback.input.to_dict()),
         class_names=meta.get("class_names"),
+        trained_by=checkpoint.training_digest(meta),
     )
 
 
@@ -721,7 +723,7 @@ def evaluate_checkpoints(
     about = dict(
         # asked: "latest", "best" or a step; step: what was read (an unreadable newest falls back)
         checkpoints=[
-            dict(net=n.name, workdir=n.workdir, step=n.step, asked=a)
+            dict(net=n.name, workdir=n.workdir, step=n.step, asked=a, trained_by=n.trained_by)
             for n, a in zip(nets, asked, strict=True)
         ],
         flip=bool(config.evals.flip),
