@@ -6,10 +6,12 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
 from vgg_jax import models
+from vgg_jax.weights import importer
 from vgg_jax.weights import keras as keras_weights
 
 
@@ -116,6 +118,70 @@ class KerasParityTest(parameterized.TestCase):
             f.write(b"\x80\x02not an HDF5 file")
         with self.assertRaisesRegex(ValueError, "vgg16.h5 is not an HDF5 file"):
             keras_weights.load_keras_weights(not_hdf5)
+
+    def test_convs_in_channels_first_before_a_channels_last_flatten(self):
+        """Convs and pools in ``channels_first`` before a Flatten in Keras' default
+        ``channels_last`` (also how a Keras 2.0 Flatten, which had no ``data_format``, loads)
+        flatten pool5 channel by channel: FC1's rows are in ``(C, H, W)`` order. They were
+        imported as they were, every output changed without a word. The reference is Keras'
+        computation written out layer by layer (TensorFlow runs no NCHW conv on a CPU)."""
+        import keras
+
+        def reference(keras_model, images):
+            x = jnp.asarray(images)  # NHWC: the NCHW model's values, channels moved last
+            for layer in keras_model.layers:
+                kind = type(layer).__name__
+                if kind == "Conv2D":
+                    kernel, bias = layer.get_weights()
+                    x = jax.lax.conv_general_dilated(
+                        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+                    )
+                    x = jax.nn.relu(x + bias)
+                elif kind == "MaxPooling2D":
+                    x = jax.lax.reduce_window(
+                        x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
+                    )
+                elif kind == "Flatten":  # of the NCHW tensor, or channels moved last first
+                    order = (0, 3, 1, 2) if layer.data_format == "channels_last" else (0, 1, 2, 3)
+                    x = x.transpose(order).reshape(len(x), -1)
+                else:
+                    kernel, bias = layer.get_weights()
+                    x = x @ kernel + bias
+                    x = jax.nn.relu(x) if layer is not keras_model.layers[-1] else x
+            return np.asarray(x)
+
+        rng = np.random.default_rng(0)
+        images = rng.uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
+        for flatten_format in ("channels_last", "channels_first"):
+            keras.utils.set_random_seed(0)
+            layers = [keras.Input((3, 64, 64))]  # pool5 is 2x2: FC1's row order matters
+            for block in models.LAYOUTS["D"]:
+                for channels in block:
+                    layers.append(
+                        keras.layers.Conv2D(channels // 32, 3, padding="same",
+                                            activation="relu", data_format="channels_first")
+                    )  # fmt: skip
+                layers.append(keras.layers.MaxPooling2D(data_format="channels_first"))
+            layers.append(keras.layers.Flatten(data_format=flatten_format))
+            layers += [keras.layers.Dense(8, activation="relu") for _ in range(2)]
+            keras_model = keras.Sequential([*layers, keras.layers.Dense(5)])
+            keras_model.set_weights([
+                w if w.ndim > 1 else rng.normal(0, 0.3, w.shape).astype(np.float32)
+                for w in keras_model.get_weights()
+            ])  # fmt: skip
+            net, params = keras_weights.load_keras_weights(keras_model)
+            config, crop_size = importer.fit_model_config(net, params)
+            logits = models.build_model(config, crop_size).apply({"params": params}, images)
+            expected = reference(keras_model, images)
+            self.assertGreater(np.abs(expected).max(), 1e-2)
+            np.testing.assert_allclose(
+                logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()
+            )
+        mixed = [
+            keras.layers.Conv2D(2, 3, data_format=f) for f in ("channels_last", "channels_first")
+        ]
+        with self.assertRaisesRegex(ValueError, "mix data formats"):
+            keras_weights._flattens_channels_first([*mixed, keras.layers.Flatten()])
 
     def test_a_layer_vgg_has_no_place_for_is_refused(self):
         """A fine-tuned head with batch norm between its dense layers, average pooling instead of

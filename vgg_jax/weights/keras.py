@@ -56,7 +56,44 @@ def params_from_keras_model(keras_model: Any) -> tuple[str, dict[str, Any]]:
             "kernel": np.asarray(kernel, np.float32),
             "bias": np.asarray(bias, np.float32),
         }
+    if _flattens_channels_first(leaves):
+        params["fc1"]["kernel"] = _fc1_rows_channels_last(
+            params["fc1"]["kernel"], convs[-1][1].size
+        )
     return net, params
+
+
+def _flattens_channels_first(layers: list[Any]) -> bool:
+    """Whether the model's Flatten lays pool5's map out channel by channel, ``(C, H, W)``: convs
+    and pools in ``channels_first`` before a Flatten in ``channels_last`` (Keras' default, and
+    what a Keras 2.0 Flatten, which had no ``data_format``, loads as). FC1's rows then follow
+    that order, not vgg_jax's ``(H, W, C)``: imported as they were, every output changed without
+    a word. (A ``channels_first`` Flatten moves the channels last first: its rows are
+    vgg_jax's.)"""
+    spatial = [layer for layer in layers if type(layer).__name__ in ("Conv2D", "MaxPooling2D")]
+    formats = sorted({getattr(layer, "data_format", "channels_last") for layer in spatial})
+    if len(formats) > 1:
+        raise ValueError(
+            f"The model's convs and pools mix data formats ({', '.join(formats)}); vgg_jax's VGG "
+            "reads one image layout throughout."
+        )
+    flatten = [layer for layer in layers if type(layer).__name__ == "Flatten"]
+    return (
+        formats == ["channels_first"]
+        and bool(flatten)
+        and getattr(flatten[-1], "data_format", "channels_last") == "channels_last"
+    )
+
+
+def _fc1_rows_channels_last(kernel: np.ndarray, channels: int) -> np.ndarray:
+    """FC1's kernel with its rows moved from ``(C, H, W)`` order to ``(H, W, C)``."""
+    window = round((kernel.shape[0] / channels) ** 0.5)
+    if channels * window * window != kernel.shape[0]:
+        raise ValueError(
+            f"FC1 has {kernel.shape[0]} inputs, not a square map of {channels} channels."
+        )
+    rows = kernel.reshape(channels, window, window, kernel.shape[1])
+    return np.ascontiguousarray(rows.transpose(1, 2, 0, 3).reshape(kernel.shape))
 
 
 # Layers without weights that VGG has: anything else (GlobalAveragePooling2D before the dense
