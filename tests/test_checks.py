@@ -55,6 +55,21 @@ class CheckConfigTest(absltest.TestCase):
             self.assertIn(valid, line[0])
         self.assertTrue(all("\n" not in x for x in lines))
 
+    def test_a_model_axis_across_processes_is_found_at_start_up(self):
+        """Two processes of two devices each: a model axis of 4 would hold devices of both,
+        which feed different rows of every batch (``sharding.model_axis_problem``)."""
+        config = fixtures.tiny_config(with_data=False, **{"mesh.model": 4})
+        self.assertEmpty(problems(config, "evaluate"))  # one process of 4 devices
+        with (
+            mock.patch.object(checks.jax, "process_count", return_value=2),
+            mock.patch.object(checks.jax, "local_device_count", return_value=2),
+        ):
+            lines = problems(config, "evaluate")
+            self.assertEmpty(problems(fixtures.tiny_config(with_data=False, **{"mesh.model": 2})))
+        self.assertLen(lines, 1)
+        self.assertTrue(lines[0].startswith("config.mesh.data=-1 x config.mesh.model=4: "))
+        self.assertIn("use a mesh.model that divides 2", lines[0])
+
     def test_dataset_rules_use_its_known_size_and_classes(self):
         config = fixtures.tiny_config(with_data=False, **{"model.num_classes": 1000})
         config.input.batch_size = 128  # the tiny built-in set has 100 training images

@@ -1,6 +1,7 @@
 """The jitted train step on 1, 4 and 2x2 (data x model) CPU devices gives the same parameters."""
 
 import os
+import types
 from unittest import mock
 
 import jax
@@ -79,6 +80,18 @@ class ShardedStepTest(absltest.TestCase):
     def test_mesh_must_match_devices(self):
         with self.assertRaisesRegex(ValueError, "does not match"):
             sharding.make_mesh(ml_collections.ConfigDict(dict(data=3, model=1)), jax.devices()[:4])
+
+    def test_a_model_axis_across_processes_is_refused(self):
+        """Two processes of two devices, ``mesh.data=1, mesh.model=4``: each process's share of
+        a batch became the whole "global" batch on its devices, another one on each process."""
+        devices = [types.SimpleNamespace(id=i, process_index=i // 2) for i in range(4)]
+        with self.assertRaisesRegex(
+            ValueError,
+            r"^config.mesh.data=1 x config.mesh.model=-1: a model axis of 4 devices .* divides 2$",
+        ):
+            sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, model=-1)), devices)
+        mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, model=2)), jax.devices())
+        self.assertEqual(dict(mesh.shape), {"data": 2, "model": 2})  # rows of one process: fine
 
 
 class XlaDefaultsTest(absltest.TestCase):

@@ -22,7 +22,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from vgg_jax import models, modes
+from vgg_jax import models, modes, sharding
 from vgg_jax.evaluation import runner
 from vgg_jax.training import init_from, optim
 
@@ -298,6 +298,11 @@ def check_config(
         data_devices = 1
     else:
         data_devices = data if data != -1 else devices // model
+        model_devices = devices // data_devices
+        if jax.process_count() > 1 and jax.local_device_count() % model_devices:
+            p.lines.append(
+                sharding.model_axis_problem(data, model, model_devices, jax.local_device_count())
+            )
     facts = _check_input(p, mode, data_devices)
     if mode in TRAINING_MODES:
         _check_training(p)

@@ -23,7 +23,7 @@ DATA, MODEL = "data", "model"
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
     """A ``(data, model)`` mesh over all devices; ``-1`` for one axis means "the rest"."""
     devices = list(jax.devices() if devices is None else devices)
-    data, model = int(mesh_config.data), int(mesh_config.model)
+    data, model = given = int(mesh_config.data), int(mesh_config.model)
     if data == -1 and model == -1:
         raise ValueError("Only one of mesh.data and mesh.model may be -1.")
     if data == -1:
@@ -35,7 +35,26 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: list | None = Non
             f"mesh.data={data} x mesh.model={model} does not match the {len(devices)} devices."
         )
     grid = np.asarray(devices).reshape(data, model)
+    if any(len({d.process_index for d in row}) > 1 for row in grid):
+        per_process = sum(d.process_index == devices[0].process_index for d in devices)
+        raise ValueError(model_axis_problem(*given, model, per_process))
     return Mesh(grid, (DATA, MODEL))
+
+
+def model_axis_problem(data: int, model: int, model_devices: int, local_devices: int) -> str:
+    """Why ``config.mesh`` (``data`` x ``model``, as given), whose model axis holds
+    ``model_devices`` devices, cannot run on processes of ``local_devices`` devices each.
+
+    Each process feeds its own rows of every batch (``global_batch``: the input pipeline's
+    share), so the devices holding one data row, a row of the grid, must be one process's. Two
+    processes of two devices with a 1 x 4 mesh each made a "global" batch of their own 8 rows of
+    16, the copies of one array differing between devices; an evaluation counted 24 of the 40
+    examples and failed after all its work."""
+    return (
+        f"config.mesh.data={data} x config.mesh.model={model}: a model axis of {model_devices} "
+        f"devices would span processes of {local_devices} devices each, which feed different "
+        f"rows of every batch; use a mesh.model that divides {local_devices}"
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
