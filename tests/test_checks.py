@@ -70,6 +70,19 @@ class CheckConfigTest(absltest.TestCase):
         self.assertTrue(lines[0].startswith("config.mesh.data=-1 x config.mesh.model=4: "))
         self.assertIn("use a mesh.model that divides 2", lines[0])
 
+    def test_a_model_axis_that_splits_no_layer_warns(self):
+        """``mesh.model=4`` with ``fc_width=10``: FC1 and FC2 stay whole on every device (the
+        same numbers as ``mesh.model=1``), which the run used to do without a word."""
+        config = fixtures.tiny_config(with_data=False, **{"mesh.model": 4, "model.fc_width": 10})
+        with self.assertLogs(level="WARNING") as logs:
+            self.assertEmpty(problems(config, "train"))
+        self.assertIn(
+            "config.mesh.model=4: 4 devices do not divide model.fc_width=10", logs.output[0]
+        )
+        with self.assertNoLogs(level="WARNING"):
+            problems(fixtures.tiny_config(with_data=False, **{"mesh.model": 4}), "train")
+            problems(config, "evaluate")  # the checkpoint's net, not model.*, is evaluated
+
     def test_dataset_rules_use_its_known_size_and_classes(self):
         config = fixtures.tiny_config(with_data=False, **{"model.num_classes": 1000})
         config.input.batch_size = 128  # the tiny built-in set has 100 training images

@@ -303,6 +303,17 @@ def check_config(
             p.lines.append(
                 sharding.model_axis_problem(data, model, model_devices, jax.local_device_count())
             )
+        fc_width = p.value("model.fc_width")
+        if mode in TRAINING_MODES and not sharding.fc_splits(fc_width, model_devices):
+            logging.warning(
+                "config.mesh.model=%d: %d devices do not divide model.fc_width=%s, so FC1 and "
+                "FC2 are not split: every device holds them whole, as with mesh.model=1 (the "
+                "same numbers, no memory saved); use a mesh.model that divides %s.",
+                model,
+                model_devices,
+                fc_width,
+                fc_width,
+            )
     facts = _check_input(p, mode, data_devices)
     if mode in TRAINING_MODES:
         _check_training(p)

@@ -66,12 +66,18 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA))
 
 
+def fc_splits(fc_width: Any, model_size: int) -> bool:
+    """Whether FC1's output columns and FC2's input rows, ``fc_width`` of each, split over a
+    ``model`` axis of ``model_size`` devices; when not, they are replicated (the same numbers)."""
+    return model_size == 1 or (isinstance(fc_width, int) and fc_width % model_size == 0)
+
+
 def _param_spec(path: tuple[str, ...], shape: tuple[int, ...], model_size: int) -> P:
     layer, leaf = path[0], path[-1]
     if model_size > 1 and layer in ("fc1", "fc2"):
-        if layer == "fc1" and shape[-1] % model_size == 0:
+        if layer == "fc1" and fc_splits(shape[-1], model_size):
             return P(None, MODEL) if leaf == "kernel" else P(MODEL)
-        if layer == "fc2" and leaf == "kernel" and shape[0] % model_size == 0:
+        if layer == "fc2" and leaf == "kernel" and fc_splits(shape[0], model_size):
             return P(MODEL, None)
     return P()
 
