@@ -290,6 +290,27 @@ class CoordinatorPortTest(absltest.TestCase):
         self.assertNotIn("Traceback", result.stderr)
         self.assertIn(f"port {port} is in use", result.stderr.strip().splitlines()[-1])
 
+    @pytest.mark.slow
+    def test_a_process_waiting_for_its_coordinator_says_so(self):
+        """Process 1 of a job whose process 0 never starts waited JAX's 300 s without a word."""
+        port = fixtures.free_port()  # nobody serves it
+        process = subprocess.Popen(
+            [sys.executable, "launch.py", "--config=experiments/demo.py", "--mode=summary",
+             f"--coordinator_address=localhost:{port}", "--num_processes=2", "--process_id=1"],
+            cwd=ROOT, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.addCleanup(process.wait)
+        self.addCleanup(process.kill)
+        waiting = f"Process 1 of 2: joining the job through its coordinator localhost:{port}"
+        deadline = time.monotonic() + 120
+        seen = []
+        while time.monotonic() < deadline and process.poll() is None:
+            seen.append(process.stderr.readline())
+            if waiting in seen[-1]:
+                self.assertIn(f"up to {cli.COORDINATOR_WAIT_S} s", seen[-1])
+                return
+        self.fail(f"no line saying what process 1 waits for:\n{''.join(seen)[-3000:]}")
+
 
 if __name__ == "__main__":
     absltest.main()

@@ -149,6 +149,9 @@ def coordinator_port_problem(coordinator_address: str | None, process_id: int | 
     return None
 
 
+COORDINATOR_WAIT_S = 300  # jax.distributed.initialize's default initialization_timeout
+
+
 def initialize_distributed(
     coordinator_address: str | None, num_processes: int | None, process_id: int | None
 ) -> None:
@@ -165,11 +168,21 @@ def initialize_distributed(
         sys.exit(problem)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     explicit = None not in (coordinator_address, num_processes, process_id)
+    if explicit:  # a process whose coordinator never comes otherwise waits here in silence
+        logging.info(
+            "Process %d of %d: joining the job through its coordinator %s (JAX waits up to %d s "
+            "for it and every other process).",
+            process_id,
+            num_processes,
+            coordinator_address,
+            COORDINATOR_WAIT_S,
+        )
     try:
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
             num_processes=num_processes,
             process_id=process_id,
+            initialization_timeout=COORDINATOR_WAIT_S,
         )
     except ValueError as e:
         if explicit:  # JAX checks the ids it was given
