@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from absl.testing import absltest
 
 from tests import fixtures, testdata
@@ -249,6 +250,22 @@ class ImagenetTarLayoutTest(absltest.TestCase):
         self.assertIsNone(sources.validation_tar_problem(path))  # order in the tar is free
         testdata.truncate_file(path, keep=0.5)  # a damaged tar is tar_damage's to explain
         self.assertIsNone(sources.validation_tar_problem(path))
+
+    def test_a_copy_prepared_as_tfrecord_files_is_one_line_saying_what_to_do(self):
+        # TFDS's default format: what `tfds build imagenet2012` and most shared copies hold.
+        where = self.config.input.data_dir
+        builder = tfds.builder("imagenet2012", data_dir=where)
+        download_config = tfds.download.DownloadConfig(manual_dir=self.manual_dir)
+        builder.download_and_prepare(download_config=download_config)
+        for step in (data.prepare, data.dataset_info):
+            with self.subTest(step.__name__), self.assertRaises(data.DatasetError) as raised:
+                step(self.config)  # today: TFDS's "File format is already set" traceback
+            message = str(raised.exception)
+            self.assertNotIn("\n", message)
+            self.assertIn(f"{builder.data_dir} holds imagenet2012 prepared as tfrecord", message)
+            self.assertIn("needs array_record", message)
+            self.assertIn("--config.input.data_dir=NEW", message)
+        self.assertTrue(builder.is_prepared())  # someone else's copy: left as it is
 
 
 class UnlabelledSplitTest(absltest.TestCase):

@@ -77,7 +77,27 @@ def get_builder(
             input_config.train_split,
             fresh,
         )
-    return tfds.builder("imagenet2012", data_dir=data_dir(input_config), file_format=FILE_FORMAT)
+    return _imagenet_builder(data_dir(input_config))
+
+
+def _imagenet_builder(where: str | None) -> tfds.core.DatasetBuilder:
+    """TFDS's ``imagenet2012`` builder over ``where``, read as ``array_record`` files. A copy
+    prepared in another format (TFDS's default, ``tfrecord``: what ``tfds build`` and most
+    shared cluster copies hold) cannot be read by index; constructing the builder over it failed
+    with a 30-line TFDS traceback ("File format is already set to FileFormat.TFRECORD")."""
+    found = tfds.builder("imagenet2012", data_dir=where)
+    file_format = found.info.file_format
+    if found.is_prepared() and file_format is not None and file_format.value != FILE_FORMAT:
+        new = os.path.join("NEW", "imagenet2012", str(found.version))
+        raise DatasetError(
+            f"{found.data_dir} holds imagenet2012 prepared as {file_format.value} files; vgg_jax "
+            f"reads examples by index, which needs {FILE_FORMAT} files: prepare it from the tars "
+            "into another data_dir (--config.input.data_dir=NEW --config.input.manual_dir=DIR), "
+            "or convert this copy with TFDS's `tfds convert_format --dataset_version_dir="
+            f"{found.data_dir} --out_file_format={FILE_FORMAT} --out_dir={new}` and set "
+            "--config.input.data_dir=NEW."
+        )
+    return tfds.builder("imagenet2012", data_dir=where, file_format=FILE_FORMAT)
 
 
 def files_dir(builder: tfds.core.DatasetBuilder, input_config: ml_collections.ConfigDict) -> str:
