@@ -109,6 +109,25 @@ class DamagedImagenetTarTest(absltest.TestCase):
         self.assertNotIn("ILSVRC2012_img_val.tar", message)  # that one is fine
         self.assertFalse(sources.get_builder(self.config.input).is_prepared())
 
+    def test_a_truncated_test_tar_is_named_not_the_train_or_validation_tar(self):
+        self.write_tars()
+        test_tar = os.path.join(self.manual_dir, "ILSVRC2012_img_test.tar")
+        with tarfile.open(test_tar, "w") as tar:
+            for i in range(3):  # TFDS prepares it as a third split
+                payload = _jpeg_bytes(i)
+                info = tarfile.TarInfo(f"ILSVRC2012_test_{i + 1:08d}.JPEG")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+        testdata.truncate_file(test_tar, keep=0.6)
+        with self.assertRaises(data.DatasetError) as raised:
+            data.prepare(self.config)
+        message = str(raised.exception)  # today: "img_train.tar or img_val.tar ... damaged"
+        self.assertNotIn("\n", message)
+        self.assertIn("ILSVRC2012_img_test.tar is truncated", message)
+        self.assertNotIn(TRAIN_TAR, message)
+        self.assertNotIn("ILSVRC2012_img_val.tar", message)
+        self.assertFalse(sources.get_builder(self.config.input).is_prepared())
+
     def test_a_truncated_synset_tar_inside_the_train_tar_is_one_line_naming_both(self):
         # The train tar is whole; one synset tar packed in it was cut short, in a member's data
         # or where a member's header starts. Today TFDS fails reading it (tarfile's ReadError,

@@ -34,7 +34,12 @@ from vgg_jax.data import DatasetError, builtin, choices, folder
 
 DATASETS = choices.DATASETS
 IMAGENET_TARS = choices.IMAGENET_TARS
-IMAGENET_SPLIT_TARS = dict(zip(("train", "validation"), IMAGENET_TARS, strict=True))
+# The test images' tar: optional; TFDS prepares an unlabelled third split when it is there.
+IMAGENET_TEST_TAR = "ILSVRC2012_img_test.tar"
+IMAGENET_SPLIT_TARS = {
+    **dict(zip(("train", "validation"), IMAGENET_TARS, strict=True)),
+    "test": IMAGENET_TEST_TAR,
+}
 # The names TFDS's imagenet2012 builder labels right, and how many validation labels it has.
 _VALIDATION_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG")
 _SYNSET_TAR = re.compile(r"n\d{8}\.tar")
@@ -211,10 +216,13 @@ def _first_line(error: BaseException) -> str:
 
 
 def imagenet_culprit(manual_dir: str | None, split: str | None) -> tuple[str, bool]:
-    """The likely bad tar for a problem with ``split`` (both tars when the split is not known),
+    """The likely bad tar for a problem with ``split`` (every tar TFDS reads when the split is
+    not known: the test tar too when it is there, whose damage was blamed on the other two),
     with what a header walk finds wrong in it; and whether the walk found anything."""
     where = os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else "manual_dir"
     names = [IMAGENET_SPLIT_TARS[split]] if split in IMAGENET_SPLIT_TARS else list(IMAGENET_TARS)
+    if split not in IMAGENET_SPLIT_TARS and os.path.exists(os.path.join(where, IMAGENET_TEST_TAR)):
+        names.append(IMAGENET_TEST_TAR)
     found = [d for d in (tar_damage(os.path.join(where, n)) for n in names) if d]
     if found:
         return "; ".join(found) + f" (in {where})", True
