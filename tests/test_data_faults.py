@@ -262,6 +262,20 @@ class ImagenetTarLayoutTest(absltest.TestCase):
         self.assertNotIn("likely damaged", message)
         self.assertFalse(sources.get_builder(self.config.input).is_prepared())
 
+    def test_a_synset_tar_held_twice_is_named_before_preparing(self):
+        path = os.path.join(self.manual_dir, sources.IMAGENET_TARS[0])
+        with tarfile.open(path) as tar:
+            first = tar.getmembers()[0]
+            payload = tar.extractfile(first).read()
+        with tarfile.open(path, "a") as tar:  # appended again, as `tar -rf` does
+            tar.addfile(first, io.BytesIO(payload))
+        with self.assertRaises(data.DatasetError) as raised:
+            data.prepare(self.config)  # today: "Two examples share the same hashed key", at the end
+        message = str(raised.exception)
+        self.assertNotIn("\n", message)
+        self.assertIn(f"holds '{first.name}' more than once", message)
+        self.assertFalse(sources.get_builder(self.config.input).is_prepared())
+
     def test_the_original_names_or_their_first_n_are_accepted(self):
         path = os.path.join(self.manual_dir, sources.IMAGENET_TARS[1])
         self.assertIsNone(sources.validation_tar_problem(path))  # written by write_ilsvrc_tars

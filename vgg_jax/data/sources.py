@@ -267,8 +267,10 @@ def train_tar_problem(path: str) -> str | None:
     """Why TFDS's ``imagenet2012`` builder cannot read the train tar at ``path``, or None (also
     when it is not a readable tar: ``tar_damage`` explains that). It reads each member as one
     synset's tar and takes its name for the label: a tar of class folders or of images, or an
-    extra file, failed deep in TFDS with "invalid header", reported as a damaged tar."""
-    synsets = set(_imagenet_synsets())
+    extra file, failed deep in TFDS with "invalid header", reported as a damaged tar. A synset
+    tar held twice (appended again with ``tar -r``) gives every image of it twice under one key:
+    TFDS failed with "Two examples share the same hashed key" only after writing the split."""
+    synsets, seen = set(_imagenet_synsets()), set()
     try:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
@@ -280,6 +282,9 @@ def train_tar_problem(path: str) -> str | None:
                     return f"it holds {member.name!r}, not a <synset>.tar such as n01440764.tar"
                 if name[:-4] not in synsets:
                     return f"it holds {member.name!r}, not one of ILSVRC-2012's 1,000 synsets"
+                if name in seen:
+                    return f"it holds {member.name!r} more than once"
+                seen.add(name)
     except (OSError, tarfile.TarError):
         return None
     return None
@@ -300,7 +305,8 @@ def _imagenet_download_config(manual_dir: str | None) -> tfds.download.DownloadC
         raise DatasetError(
             f"{train_tar} is not laid out as ILSVRC-2012's: {problem}. TFDS reads it as one tar "
             "per synset (n01440764.tar holding n01440764_*.JPEG, ...), as image-net.org ships "
-            "it; make each class folder a <synset>.tar and put those in it, nothing else."
+            "it; make each class folder a <synset>.tar and put those in it, once each, nothing "
+            "else."
         )
     if damage := synset_tar_damage(train_tar):
         raise DatasetError(
