@@ -210,7 +210,12 @@ class CheckConfigTest(absltest.TestCase):
             self.assertFalse(any("manual_dir" in x for x in problems(config)))
             os.remove(os.path.join(root, "tars", "ILSVRC2012_img_val.tar"))
             self.assertTrue(any("Missing: ILSVRC2012_img_val.tar" in x for x in problems(config)))
-            prepared = os.path.join(root, "data", "imagenet2012", "5.1.0")
+            parent = os.path.join(root, "data", "imagenet2012")
+            for left in ("5.1.0.bad", "incomplete.K1LLED_5.1.0"):  # moved aside, interrupted
+                os.makedirs(os.path.join(parent, left))
+                open(os.path.join(parent, left, "dataset_info.json"), "w").close()
+            self.assertTrue(any("Missing: ILSVRC2012_img_val.tar" in x for x in problems(config)))
+            prepared = os.path.join(parent, "5.1.0")
             os.makedirs(prepared)
             open(os.path.join(prepared, "dataset_info.json"), "w").close()
             self.assertFalse(any("manual_dir" in x for x in problems(config)))

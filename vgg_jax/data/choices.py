@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 
 DATASETS = ("imagenet2012", "image_folder", "builtin")
 STATS_SOURCES = ("auto", "computed", "published")
 # The built-in dataset's sizes by name (``input.builtin_size``): (training, validation) images.
 BUILTIN_SIZES = {"full": (5000, 1000), "small": (1000, 200), "tiny": (100, 40)}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # what an image folder's files may end with
+
+# A TFDS version directory's name (``5.1.0``).
+_VERSION = re.compile(r"\d+\.\d+\.\d+")
 
 # ImageNet's manual download (image-net.org), which TFDS's imagenet2012 builder prepares from.
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
@@ -73,9 +77,12 @@ def imagenet_tars_missing(manual_dir: str | None) -> str | None:
 def imagenet_is_prepared_or_remote(data_dir: str | None) -> bool:
     """Whether TFDS may find imagenet2012 prepared in ``data_dir`` (its default when None) without
     its tars: a ``dataset_info.json`` of any version there, or a remote path (``gs://``) that
-    only TFDS can look into. A guess that errs towards yes: the preparation still checks."""
+    only TFDS can look into. A guess that errs towards yes: the preparation still checks. Only a
+    version directory counts: what a failed check moved aside (``5.1.0.bad``) and what an
+    interrupted preparation left (``incomplete.<random>_5.1.0``) hold one too, and hid the
+    missing tars until after the step's compile."""
     root = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
     if "://" in root:
         return True
     pattern = os.path.join(os.path.expanduser(root), "imagenet2012", "*", "dataset_info.json")
-    return bool(glob.glob(pattern))
+    return any(_VERSION.fullmatch(os.path.basename(os.path.dirname(p))) for p in glob.glob(pattern))
