@@ -74,6 +74,25 @@ class TrainTransformTest(absltest.TestCase):
             self.assertAlmostEqual(factor * 90, scale, delta=scale * 0.5 / size + 1e-6)
             self.assertLess(np.abs(got.numpy() - want).mean(), 1.0)
 
+    def test_window_decode_gives_the_full_decodes_pixels(self):
+        # Chroma-subsampled JPEGs (4:2:0, as most photos, and 4:2:2) cropped by libjpeg had an
+        # edge column off by up to ~25 levels from the full decode evaluation and PIL see.
+        photo = tf.io.decode_jpeg(testdata.photo_like_jpeg(0, 61, 83)).numpy()
+        encoded = {
+            "4:2:0": testdata.jpeg(photo),
+            "4:2:0 progressive": tf.io.encode_jpeg(photo, quality=90, progressive=True).numpy(),
+            "4:4:4": tf.io.encode_jpeg(photo, quality=90, chroma_downsampling=False).numpy(),
+            "truncated": testdata.truncated(testdata.jpeg(photo), keep=0.8),
+        }
+        for kind, jpeg in encoded.items():
+            full = transforms.decode_full(jpeg, transforms.JPEG).numpy()
+            for top, left, size in [(0, 0, 61), (5, 16, 32), (3, 15, 17), (20, 51, 32), (1, 1, 1)]:
+                with self.subTest(kind, window=(top, left, size)):
+                    window = tf.constant([top, left, size, size])
+                    got = transforms.decode_window(jpeg, transforms.JPEG, window).numpy()
+                    want = full[top : top + size, left : left + size]
+                    np.testing.assert_array_equal(got, want)
+
     def test_flip_about_half_the_time_and_mirrors(self):
         flips = draw_params(4000, 90, 140)["flip"]
         self.assertBetween(flips.mean(), 0.46, 0.54)

@@ -65,26 +65,36 @@ def decode_full(encoded: tf.Tensor, fmt: tf.Tensor) -> tf.Tensor:
 def decode_window(
     encoded: tf.Tensor, fmt: tf.Tensor, window: tf.Tensor, dct_method: str = TRAIN_DCT
 ) -> tf.Tensor:
-    """uint8 [h, w, 3] of the window ``[top, left, h, w]``; a JPEG decodes only that window,
-    with ``dct_method`` (``TRAIN_DCT``; bench/input_pipeline.py times the other)."""
+    """uint8 [h, w, 3] of the window ``[top, left, h, w]``, the pixels of the full decode; a
+    JPEG decodes only that window, with ``dct_method`` (``TRAIN_DCT``; bench/input_pipeline.py
+    times the other).
+
+    libjpeg upsamples a cropped decode's chroma (4:2:0, 4:2:2: most photos) at its left and
+    right edge columns from the crop's own samples, not their neighbours outside it: about half
+    of ImageNet-size windows had an edge column off by up to ~25 levels from the full decode that
+    evaluation, the decoded in-memory copy and PIL see. So one column more on each side (where
+    the image has one) is decoded and cut off; rows need none."""
     window = tf.cast(window, tf.int32)
 
     def from_png():
         image = tf.io.decode_png(encoded, channels=3)
         return image[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
 
-    return tf.cond(
-        tf.equal(fmt, PNG),
-        from_png,
-        lambda: tf.io.decode_and_crop_jpeg(
+    def from_jpeg():
+        width = tf.image.extract_jpeg_shape(encoded)[1]  # header only
+        left = tf.maximum(window[1] - 1, 0)
+        right = tf.minimum(window[1] + window[3] + 1, width)
+        image = tf.io.decode_and_crop_jpeg(
             encoded,
-            window,
+            tf.stack([window[0], left, window[2], right - left]),
             channels=3,
             dct_method=dct_method,
             try_recover_truncated=True,
             acceptable_fraction=ACCEPTABLE_FRACTION,
-        ),
-    )
+        )
+        return image[:, window[1] - left : window[1] - left + window[3]]
+
+    return tf.cond(tf.equal(fmt, PNG), from_png, from_jpeg)
 
 
 def example_seed(seed: int | tf.Tensor, position: tf.Tensor) -> tf.Tensor:
