@@ -79,6 +79,37 @@ class ImportWeightsTest(absltest.TestCase):
         fresh = jax.tree_util.tree_map(lambda p: jax.numpy.zeros_like(p), self.params)
         assert_trees_equal(init_from.initial_params(config, fresh), self.params)
 
+    def test_an_imagenet_net_records_the_ilsvrc_classes_so_other_orders_are_refused(self):
+        from vgg_jax import sharding
+        from vgg_jax.evaluation import predict, runner
+
+        params = random_params("D", width=1 / 16, fc_width=32, num_classes=1000)
+        pth = os.path.join(self.tmp, "imagenet.pth")
+        torch_weights.save_pth(pth, torch_weights.state_dict_from_params("D", params))
+        workdir = os.path.join(self.tmp, "imagenet")
+        importer.import_to_checkpoint(pth, "torchvision", workdir)
+        _, _, meta = checkpoint.restore_params(workdir)
+        self.assertLen(meta.get("class_names") or [], 1000)  # today: none, nothing was checked
+        self.assertEqual(meta["class_names"][:2], ["n01440764", "n01443537"])  # TFDS's labels
+        config = ml_collections.ConfigDict(meta["config"])
+        mesh = sharding.make_mesh(
+            ml_collections.ConfigDict(dict(data=1, model=1)), jax.devices()[:1]
+        )
+        net = runner.load_net(workdir, "latest", mesh, config)
+        runner.check_net_fits(net, config, 1000, class_names=meta["class_names"])  # imagenet2012
+        # ImageNet-V2's class folders "0".."999", as an image folder sorts them: output 2 was
+        # scored as folder "10" (today: a table near 100% error, without a word).
+        folder_order = sorted(str(i) for i in range(1000))
+        with self.assertRaisesRegex(checkpoint.NetMismatchError, "class 0: 'n01440764' there"):
+            runner.check_net_fits(net, config, 1000, class_names=folder_order)
+        init = paper.paper_config("D", None).init_from
+        init.update(dict(mode="full", workdir=workdir))
+        with self.assertRaisesRegex(checkpoint.NetMismatchError, "other classes"):
+            init_from.initial_params(init, params, "D", folder_order)
+        # predict still names them by their words
+        self.assertIsNone(predict.load_predictor(workdir).class_names)
+        self.assertEqual(predict.imagenet_class_names()[0], "tench, Tinca tinca")
+
     def test_export_file_names_its_net_or_takes_it_from_net_flag(self):
         params = random_params("A", seed=1)
         path = os.path.join(self.tmp, "a.safetensors")

@@ -4,14 +4,13 @@ Dense evaluation gives a coarse localisation for free (section 3.2 of the paper)
 the class score map is the classifier applied to one crop-size window of the image (stride 32), so
 the map of a class shows where in the image the net sees it; ``score_map.py`` draws it.
 ``read_image`` decodes files as the input pipeline does, and ``imagenet_class_names`` reads the
-ILSVRC-2012 class list shipped with the package (``imagenet_classes.txt``).
+ILSVRC-2012 class list shipped with the package (``weights/imagenet_classes.txt``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -23,18 +22,19 @@ import numpy as np
 
 from vgg_jax import checkpoint, conventions, models
 from vgg_jax.evaluation import methods
+from vgg_jax.weights import classes
 
 STRIDE = 2**models.NUM_POOLS  # pixels between neighbouring score-map cells
-NUM_IMAGENET_CLASSES = 1000
+NUM_IMAGENET_CLASSES = classes.NUM_IMAGENET_CLASSES
+CLASS_LIST = classes.CLASS_LIST
+# ``(WordNet ID, words)`` of the 1000 ILSVRC-2012 classes in label order.
+imagenet_classes = classes.imagenet_classes
 
 
 class ClassScore(NamedTuple):
     class_index: int
     class_name: str
     probability: float
-
-
-CLASS_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.txt")
 
 
 class UnreadableImageError(ValueError):
@@ -49,17 +49,6 @@ class TooElongatedError(ValueError):
 # (a 1:16 banner at Q = 256 is 4,096 pixels long); a 10x2000 strip would become 256x51,200,
 # tens of GB of VGG16 activations, and end the process instead of failing.
 MAX_ASPECT = 16
-
-
-@functools.lru_cache(maxsize=1)
-def imagenet_classes() -> tuple[tuple[str, str], ...]:
-    """``(WordNet ID, words)`` of the 1000 ILSVRC-2012 classes in label order (IDs sorted, the
-    order of TFDS imagenet2012, torchvision and Keras), from the list shipped with the package."""
-    with open(CLASS_LIST, encoding="utf-8") as f:
-        rows = [line.rstrip("\n").split("\t") for line in f if not line.startswith("#")]
-    if len(rows) != NUM_IMAGENET_CLASSES or any(len(row) != 2 for row in rows):
-        raise ValueError(f"{CLASS_LIST} should hold {NUM_IMAGENET_CLASSES} 'wnid<TAB>words' lines.")
-    return tuple((wnid, words) for wnid, words in rows)
 
 
 def imagenet_class_names() -> tuple[str, ...]:
@@ -242,6 +231,8 @@ def load_predictor(workdir: str, which: str | int = "latest") -> Predictor:
             input_convention = pipeline.trained_convention(info.mean_rgb, config.input)
         if info is not None and model.num_classes != NUM_IMAGENET_CLASSES:
             class_names = info.class_names
+    if class_names is not None and list(class_names) == classes.imagenet_wnids():
+        class_names = None  # ImageNet's: shown by their words ("tench, Tinca tinca")
     return Predictor(model, params, dict(input_convention), class_names, config)
 
 

@@ -28,7 +28,9 @@ from flax import traverse_util
 
 from vgg_jax import checkpoint, conventions, models
 from vgg_jax.configs import paper
-from vgg_jax.weights import export
+from vgg_jax.weights import classes, export
+
+NUM_IMAGENET_CLASSES = classes.NUM_IMAGENET_CLASSES
 
 # The experiment config of each paper net, for the evaluation command printed at the end.
 EXPERIMENTS = {
@@ -254,13 +256,19 @@ def import_to_checkpoint(
             f"{source} names {len(imported.class_names)} classes for a net with {outputs} "
             "outputs: its class names are not its net's (an edited or mixed-up file)."
         )
+    if names is None and outputs == NUM_IMAGENET_CLASSES and config.input.dataset == "imagenet2012":
+        # An ImageNet net (torchvision's, Keras's, a timm state dict): its outputs are the
+        # ILSVRC-2012 classes in label order. Recorded, so a dataset of other classes or another
+        # order (an image folder of class folders "0".."999", which sort "0", "1", "10", ...)
+        # is refused by the evaluator and init_from; it was scored output i as its class i.
+        names = classes.imagenet_wnids()
     directory = checkpoint.save_params(
         workdir,
         params,
         step=0,
         config=config,
         input_convention=dict(input_convention),
-        class_names=imported.class_names,
+        class_names=names,
     )
     return dict(
         net=chosen_net,
