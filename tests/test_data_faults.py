@@ -40,16 +40,44 @@ class DamagedImagenetTarTest(absltest.TestCase):
     def write_tars(self):
         testdata.write_ilsvrc_tars(self.manual_dir, SYNSETS, per_class=PER_CLASS, num_val=NUM_VAL)
 
-    def test_corrupt_train_tar_is_named_moved_aside_and_rebuilt_with_the_good_tar(self):
+    def test_corrupt_train_tar_is_named_before_anything_is_prepared(self):
         self.write_tars()
         offset = testdata.damage_tar_middle(os.path.join(self.manual_dir, TRAIN_TAR))
         with self.assertRaises(data.DatasetError) as raised:
-            data.prepare(self.config)  # today: 4 of 12 images, 1 of 3 classes, no error
+            # first: 4 of 12 images, 1 of 3 classes, no error; then: the count check, after the
+            # whole preparation (hours for ImageNet)
+            data.prepare(self.config)
+        message = str(raised.exception)
+        self.assertNotIn("\n", message)
+        self.assertIn(f"{TRAIN_TAR} has a bad tar header at byte {offset:,}", message)
+        self.assertIn("Download", message)
+        builder = sources.get_builder(self.config.input)
+        self.assertFalse(builder.is_prepared())
+        self.assertFalse(os.path.exists(os.path.dirname(builder.data_dir)))  # nothing prepared
+
+    def test_a_truncated_tar_is_named_before_anything_is_prepared(self):
+        self.write_tars()
+        testdata.truncate_file(os.path.join(self.manual_dir, TRAIN_TAR), keep=0.8)
+        builder_class = type(sources.get_builder(self.config.input))
+        with (
+            mock.patch.object(builder_class, "_fix_image", autospec=True) as read_an_image,
+            self.assertRaisesRegex(data.DatasetError, f"{TRAIN_TAR} is truncated"),
+        ):
+            data.prepare(self.config)
+        # today: every image before the cut was prepared first (hours for a partial download)
+        self.assertFalse(read_an_image.called)
+
+    def test_damage_the_header_walk_cannot_see_is_counted_moved_aside_and_rebuilt(self):
+        self.write_tars()
+        testdata.damage_synset_tar_middle(
+            os.path.join(self.manual_dir, TRAIN_TAR), f"{SYNSETS[1]}.tar"
+        )
+        with self.assertRaises(data.DatasetError) as raised:
+            data.prepare(self.config)  # 11 of 12 images: counted
         message = str(raised.exception)
         self.assertNotIn("\n", message)
         self.assertIn(TRAIN_TAR, message)
-        self.assertIn("split 'train' has 4 examples, expected 12", message)
-        self.assertIn(f"bad tar header at byte {offset:,}", message)
+        self.assertIn("split 'train' has 11 examples, expected 12", message)
         builder = sources.get_builder(self.config.input)
         self.assertFalse(builder.is_prepared())  # not reused by the next run
         self.assertTrue(os.path.isdir(f"{builder.data_dir}.bad"))

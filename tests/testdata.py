@@ -8,6 +8,7 @@ import io
 import os
 import struct
 import tarfile
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -146,6 +147,25 @@ def cut_synset_tar(path: str, synset_tar: str, keep: int) -> None:
             if member.name == synset_tar:
                 payload = payload[:keep]
                 member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+
+
+def damage_synset_tar_middle(path: str, synset_tar: str) -> None:
+    """Rewrites the ILSVRC-2012 train tar at ``path`` with a bad header in the middle of its
+    member ``synset_tar`` (``damage_tar_middle``), as when a synset tar read from a bad disk
+    was packed: the train tar is whole, and the synset tar still ends as a tar ends, so only
+    reading it shows fewer images."""
+    with tarfile.open(path) as tar:
+        members = [(member, tar.extractfile(member).read()) for member in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for member, payload in members:
+            if member.name == synset_tar:
+                with tempfile.NamedTemporaryFile(suffix=".tar") as f:
+                    f.write(payload)
+                    f.flush()
+                    damage_tar_middle(f.name)
+                    f.seek(0)
+                    payload = f.read()
             tar.addfile(member, io.BytesIO(payload))
 
 

@@ -308,12 +308,6 @@ def _imagenet_download_config(manual_dir: str | None) -> tfds.download.DownloadC
             "it; make each class folder a <synset>.tar and put those in it, once each, nothing "
             "else."
         )
-    if damage := synset_tar_damage(train_tar):
-        raise DatasetError(
-            f"{damage} (in {where}); TFDS would fail on it after reading every synset before it. "
-            f"Download {IMAGENET_SPLIT_TARS['train']} again, or copy it again from a good copy, "
-            "and run again."
-        )
     validation_tar = os.path.join(where, IMAGENET_SPLIT_TARS["validation"])
     if problem := validation_tar_problem(validation_tar):
         raise DatasetError(
@@ -323,7 +317,29 @@ def _imagenet_download_config(manual_dir: str | None) -> tfds.download.DownloadC
             "top level and nothing else: use the original tar, or flatten class folders and "
             "take a prefix for a subset."
         )
+    # Damage a header walk shows (seconds): TFDS found a truncated train or test tar, or a cut
+    # synset tar, only when it reached the cut, after preparing every image before it (hours
+    # for a partly downloaded ImageNet); a bad header in the middle it did not find at all
+    # (tarfile stops there silently: the count check caught it after the whole preparation).
+    for name in (*IMAGENET_TARS, IMAGENET_TEST_TAR):
+        path = os.path.join(where, name)
+        if _opens_as_plain_tar(path) and (damage := tar_damage(path)):
+            raise DatasetError(
+                f"{damage} (in {where}); TFDS would stop at it, or prepare fewer images, only "
+                f"after reading everything before it. Download {name} again, or copy it again "
+                "from a good copy, and run again."
+            )
     return tfds.download.DownloadConfig(manual_dir=where)
+
+
+def _opens_as_plain_tar(path: str) -> bool:
+    """Whether ``path`` opens as an uncompressed tar; anything else (missing, a directory, a
+    compressed tar TFDS may still read) is left to TFDS, as before the header walk."""
+    try:
+        with tarfile.open(path, mode="r:"):
+            return True
+    except (OSError, tarfile.TarError):
+        return False
 
 
 def prepare_builder(input_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
