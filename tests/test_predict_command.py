@@ -162,6 +162,7 @@ class PredictCommandTest(absltest.TestCase):
         self.assertEqual(predict_tool.resolve_class("tench", names), 0)
         self.assertEqual(predict_tool.resolve_class("7", names), 7)
         self.assertEqual(predict_tool.resolve_class("Carassius", names), 1)
+        self.assertEqual(predict_tool.resolve_class("n01443537", names), 1)  # its WordNet ID
         with self.assertRaisesRegex(ValueError, "matches .* classes"):
             predict_tool.resolve_class("shark", names)
         with self.assertRaisesRegex(ValueError, "No class named"):

@@ -70,6 +70,8 @@ def resolve_class(chosen: str, class_names: list[str]) -> int:
     written = unicodedata.normalize("NFC", chosen)
     if written in forms:
         return forms.index(written)
+    if (wnids := _imagenet_wnids_of(forms)) and chosen in wnids:
+        return wnids.index(chosen)
     if chosen.isdigit() and int(chosen) < len(class_names):
         return int(chosen)
     lowered = written.lower()
@@ -84,6 +86,18 @@ def resolve_class(chosen: str, class_names: list[str]) -> int:
                          f"{len(class_names)}).")  # fmt: skip
     names = [class_names[i] for i in matches[:5]]
     raise ValueError(f"{chosen!r} matches {len(matches)} classes, e.g. {names}; be more exact.")
+
+
+def _imagenet_wnids_of(class_names: list[str]) -> list[str] | None:
+    """ImageNet's WordNet IDs (``n01440764``) when ``class_names`` are its classes' words, as an
+    ImageNet net's are shown: the IDs name them too (an ImageNet net trained here used to show
+    its IDs, and ``--map_class`` took them)."""
+    from vgg_jax.evaluation import predict
+
+    imagenet = predict.imagenet_classes()
+    if class_names != [words for _, words in imagenet]:
+        return None
+    return [wnid for wnid, _ in imagenet]
 
 
 def predict_files(
