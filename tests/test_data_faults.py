@@ -95,16 +95,18 @@ class DamagedImagenetTarTest(absltest.TestCase):
 
     def test_a_subset_whose_class_count_is_not_given_is_kept_and_the_count_asked_for(self):
         self.write_tars()
-        self.config.input.expected_counts = "train=12,validation=5"  # 3 synsets; no classes=
-        with self.assertRaises(data.DatasetError) as raised:
-            data.prepare(self.config)  # today: "likely damaged", moved aside, prepared again
-        message = str(raised.exception)
-        self.assertIn("3 classes, expected 1,000", message)
-        self.assertIn("add classes=3", message)
-        self.assertNotIn("damaged", message)
         builder = sources.get_builder(self.config.input)
-        self.assertTrue(builder.is_prepared())
-        self.assertFalse(os.path.exists(f"{builder.data_dir}.bad"))
+        # 3 synsets; no classes=, or a wrong one (a typo was "likely damaged", moved aside too)
+        for counts, expected in (("", "1,000"), (",classes=4", "4")):
+            self.config.input.expected_counts = "train=12,validation=5" + counts
+            with self.assertRaises(data.DatasetError) as raised:
+                data.prepare(self.config)  # today: "likely damaged", moved aside, prepared again
+            message = str(raised.exception)
+            self.assertIn(f"3 classes, expected {expected}", message)
+            self.assertIn("make it classes=3", message)
+            self.assertNotIn("damaged", message)
+            self.assertTrue(builder.is_prepared())
+            self.assertFalse(os.path.exists(f"{builder.data_dir}.bad"))
         info_file = os.path.join(builder.data_dir, "dataset_info.json")
         written = os.stat(info_file).st_mtime_ns
         self.config.input.expected_counts = TINY_COUNTS

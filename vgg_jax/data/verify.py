@@ -109,15 +109,21 @@ def check_classes(
     if input_config.dataset == "image_folder":
         missing = sorted(set(range(int(label.num_classes))) - set(present.tolist()))
         what += f" (none decodable in: {', '.join(label.names[i] for i in missing[:10])})"
-    if "classes" not in expected and split in expected:
+    if split in expected:
         # The split holds exactly the examples the config expects (``check_examples``): what was
-        # built is what was given (a subset of ImageNet's synsets), not a damaged tar; only the
-        # class count was not given. Moving it aside cost a whole preparation again.
+        # built is what was given (a subset of ImageNet's synsets), not a damaged tar, which
+        # would have lost examples too; the class count was not given, or given wrong. Moving it
+        # aside cost a whole preparation again.
+        given = (
+            f"gives classes={want}"
+            if "classes" in expected
+            else "gives no class count: every class of its labels"
+        )
         raise DatasetError(
-            f"{builder.name} {what} (every class of its labels, as "
-            f"config.input.expected_counts={input_config.expected_counts!r} gives no class "
-            f"count). For a subset add classes={len(present)} to config.input.expected_counts; "
-            "the prepared files are kept."
+            f"{builder.name} {what}, though it holds the {expected[split]:,} examples "
+            f"config.input.expected_counts={input_config.expected_counts!r} expects (which "
+            f"{given}). For this subset make it classes={len(present)}; the prepared files are "
+            "kept."
         )
     _fail(builder, input_config, files_dir, split, what)
 
