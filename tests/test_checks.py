@@ -2,6 +2,7 @@
 valid, found before any data preparation or compilation."""
 
 import os
+import shutil
 import tempfile
 from unittest import mock
 
@@ -204,6 +205,13 @@ class CheckConfigTest(absltest.TestCase):
             lines = [x for x in problems(config) if x.startswith("config.input.manual_dir=")]
             self.assertLen(lines, 1)
             self.assertIn("Missing: ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar", lines[0])
+            self.assertNotIn("image_folder", lines[0])
+            # The tars extracted into class folders instead: said how to train on those.
+            os.makedirs(os.path.join(root, "tars", "train", "n01440764"))
+            (line,) = [x for x in problems(config) if x.startswith("config.input.manual_dir=")]
+            self.assertIn("holds ImageNet extracted into class folders (train/n...)", line)
+            self.assertIn(f"--config.input.folder={os.path.join(root, 'tars')} ", line)
+            shutil.rmtree(os.path.join(root, "tars"))
             os.makedirs(os.path.join(root, "tars"))
             for tar in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"):
                 open(os.path.join(root, "tars", tar), "wb").close()

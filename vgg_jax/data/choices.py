@@ -65,13 +65,32 @@ def imagenet_tars_missing(manual_dir: str | None) -> str | None:
     missing = [n for n in IMAGENET_TARS if where is None or not os.path.exists(f"{where}/{n}")]
     if not missing:
         return None
+    extracted = where and _extracted_split(where)
     return (
         "imagenet2012 is not prepared yet and its manual download is missing. Put "
         + " and ".join(IMAGENET_TARS)
         + " (from https://image-net.org/download-images) in one directory and pass it as "
         f"--config.input.manual_dir=DIR. Missing: {', '.join(missing)}"
         + (f" in {where}." if where else " (config.input.manual_dir is not set).")
+        + (
+            f" {where} holds ImageNet extracted into class folders ({extracted}/n...): to "
+            "train on those as they are, use --config.input.dataset=image_folder "
+            f"--config.input.folder={where} (splits are its subfolders: "
+            f"--config.input.train_split={extracted}, a validation folder sorted into class "
+            "folders as input.eval_split)."
+            if extracted
+            else ""
+        )
     )
+
+
+def _extracted_split(where: str) -> str | None:
+    """The name of a subfolder of ``where`` holding ImageNet synset folders (``n01440764/``), as
+    the tars extract, or None."""
+    for split in ("train", "val", "validation"):
+        if glob.glob(os.path.join(where, split, "n[0-9]*", "")):
+            return split
+    return None
 
 
 def imagenet_is_prepared_or_remote(data_dir: str | None) -> bool:
