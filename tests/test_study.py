@@ -10,13 +10,16 @@ import signal
 import subprocess
 import sys
 import time
+import types
+from unittest import mock
 
 import pytest
 from absl.testing import absltest
 
 from experiments import study as study_config
 from tests import fixtures
-from vgg_jax import checks
+from vgg_jax import checks, data, preemption
+from vgg_jax.evaluation import runner
 from vgg_jax.study import findings, orchestrate, plan, report
 from vgg_jax.training import loop
 
@@ -134,6 +137,37 @@ class FewClassesReportTest(absltest.TestCase):
         markdown = report.render_markdown(config, results, findings.judge(config, results), 3, 3, 0)
         self.assertIn("| 40.0 / n/a |", markdown)
         self.assertNotRegex(markdown, r"40\.0 / (\||0\.0)")
+
+
+class SigtermAtTheEndTest(absltest.TestCase):
+    def test_a_sigterm_as_training_ends_stops_the_study(self):
+        """A SIGTERM during a run's last save (or while a run with nothing left to train starts
+        up) ends ``train`` at its last step: the study evaluated the run, marked it finished and
+        trained the next one as if no signal had come."""
+        self.addCleanup(setattr, preemption, "_stopped", False)
+        root = self.create_tempdir().full_path
+        config = study_config.get_config("smoke")
+        config.update(dict(nets=("A",), scales=("small",), arms=(), fusion=()))
+        runs = plan.make_plan(config, root)
+        evaluated = []
+
+        def train_signalled_at_its_end(run_config, workdir):
+            os.makedirs(workdir, exist_ok=True)
+            stop = preemption.StopSignal()  # as loop.train: the handler is installed
+            os.kill(os.getpid(), signal.SIGTERM)
+            stop.requested()
+            stop.restore()
+            return types.SimpleNamespace(step=10)
+
+        with (
+            mock.patch.object(loop, "train", train_signalled_at_its_end),
+            mock.patch.object(data, "steps_per_epoch", return_value=10),
+            mock.patch.object(runner, "run_evaluation", lambda c, w: evaluated.append(w)),
+            self.assertRaisesRegex(orchestrate.Interrupted, "stopped at step 10 of 10"),
+        ):
+            orchestrate.run_study(config, root)
+        self.assertEqual(evaluated, [])
+        self.assertFalse(orchestrate.is_finished(runs[0]))
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -127,12 +127,15 @@ def execute(run: plan.Run) -> None:
         rows, about = runner.evaluate_checkpoints(run.config, run.fusion[0], "latest")
         eval_report.write_results(run.workdir, rows, about)
         return
-    from vgg_jax import data
+    from vgg_jax import data, preemption
     from vgg_jax.training import loop
 
     state = loop.train(run.config, run.workdir)
     total_steps = int(run.config.schedule.num_epochs * data.steps_per_epoch(run.config))
-    if int(state.step) < total_steps:
+    # A SIGTERM during the last step's save, or while a run with nothing left to train started
+    # up, ends training at its last step: it still stops the study (before, the evaluation ran,
+    # the run was marked finished and the next run trained as if no signal had come).
+    if int(state.step) < total_steps or preemption.stopped():
         raise Interrupted(f"{run.name} stopped at step {int(state.step)} of {total_steps}.")
     runner.run_evaluation(run.config, run.workdir)
 
