@@ -84,6 +84,22 @@ class PlanTest(absltest.TestCase):
         config.fusion = ()
         self.assertNotEmpty(plan.make_plan(config, "/s"))  # no arms is a study
 
+    def test_fusion_and_arms_outside_the_study_are_refused(self):
+        # Fusing at a scale the study does not train planned fusions of nets never planned: the
+        # study trained every other run, then stopped with KeyError 'paper/A/jitter/seed0'.
+        config = study_config.get_config("smoke")
+        config.scales = ("small", "large")
+        with self.assertRaisesRegex(ValueError, "study.fusion_scale='jitter' is not in"):
+            plan.make_plan(config, "/s")
+        config.fusion_scale = "large"
+        self.assertNotEmpty(plan.make_plan(config, "/s"))
+        # An arm on a net the study leaves out trained runs that nothing was compared with.
+        config.arm_settings.glorot.nets = ("D",)
+        with self.assertRaisesRegex(ValueError, r"Arm 'glorot' trains nets \['D'\]"):
+            plan.make_plan(config, "/s")
+        config.arms = ()
+        self.assertNotEmpty(plan.make_plan(config, "/s"))
+
     def test_check_config_checks_the_plan_and_every_run(self):
         config = study_config.get_config("quick")
         checks.check_config(config, "study")

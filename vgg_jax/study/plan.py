@@ -131,6 +131,14 @@ def make_plan(study: ml_collections.ConfigDict, workdir: str) -> list[Run]:
                 f"Scale {scale!r} is fine-tuned from {source!r}, which must come before it in "
                 f"study.scales {list(scales)}."
             )
+    if study.fusion and study.fusion_scale not in scales:
+        # Its runs would wait for nets never planned: the study trained every other run, then
+        # stopped at the first fusion with a KeyError.
+        raise ValueError(
+            f"study.fusion_scale={study.fusion_scale!r} is not in study.scales {list(scales)}: "
+            "the fused nets are trained at it. Set --config.fusion_scale to one of them, or "
+            "--config.fusion='()'."
+        )
     from_scratch = [s for s in scales if not _scale_setting(study, s).fine_tune_from]
     fine_tuned = [s for s in scales if _scale_setting(study, s).fine_tune_from]
     fused_nets = {net for fused in study.fusion for net in fused}
@@ -197,6 +205,18 @@ def _arm_runs(study, workdir: str, arm: str, seed: int) -> list[Run]:
     setting = study.arm_settings[arm]
     _check_names(f"study.arm_settings[{arm!r}].nets", setting.nets, models.LAYOUTS)
     _check_names(f"study.arm_settings[{arm!r}].scales", setting.scales, study.scale_settings)
+    # An arm's runs are compared with the main arm's run of the same net, scale and seed: one
+    # the study does not plan left them trained for nothing (its finding "too few runs").
+    for what, values, planned in (
+        ("nets", setting.nets, study.nets),
+        ("scales", setting.scales, study.scales),
+    ):
+        if missing := [v for v in values if v not in planned]:
+            raise ValueError(
+                f"Arm {arm!r} trains {what} {missing}, which study.{what} {list(planned)} does "
+                f"not: nothing to compare them with. Add them to study.{what}, or leave the arm "
+                "out of study.arms."
+            )
     runs = []
     for scale in setting.scales:
         if _scale_setting(study, scale).fine_tune_from:
