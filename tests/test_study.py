@@ -155,6 +155,68 @@ class FewClassesReportTest(absltest.TestCase):
         self.assertNotRegex(markdown, r"40\.0 / (\||0\.0)")
 
 
+class ChangedSourcesTest(absltest.TestCase):
+    """Runs rest on other runs (a large-S net on its small-S net, B on A, a fusion on its nets):
+    a changed config of any of them, or of a run only started, is refused like a finished run's."""
+
+    def setUp(self):
+        super().setUp()
+        self.root = self.create_tempdir().full_path
+        self.config = study_config.get_config("smoke")
+        self.config.update(dict(scales=("small", "large"), arms=(), fusion_scale="small"))
+        patch = mock.patch.object(report, "write_report", return_value={})
+        patch.start()
+        self.addCleanup(patch.stop)
+
+    def changed(self):
+        changed = copy.deepcopy(self.config)
+        changed.scale_settings.small.learning_rate = 0.05
+        return changed
+
+    @staticmethod
+    def make_workdir(run):
+        os.makedirs(run.workdir, exist_ok=True)
+
+    @staticmethod
+    def must_not_run(run):
+        raise AssertionError(f"{run.name} ran")
+
+    def test_a_fine_tune_of_a_changed_net_is_refused_after_that_net_is_deleted(self):
+        orchestrate.run_study(self.config, self.root, executor=self.make_workdir)
+        # As the refusal for the small-S runs says: delete their directories to redo them.
+        shutil.rmtree(os.path.join(self.root, "runs", "paper", "A", "small"))
+        shutil.rmtree(os.path.join(self.root, "runs", "paper", "B", "small"))
+        # Today: the small-S nets retrained at lr 0.05, the large-S nets fine-tuned from the old
+        # ones at lr 0.01 kept as finished and reported under the new settings.
+        with self.assertRaisesRegex(
+            orchestrate.ChangedStudyError,
+            r"paper/A/large/seed0 \(its source paper/A/small/seed0: optim.learning_rate 0.01 "
+            r"-> 0.05\)",
+        ):
+            orchestrate.run_study(self.changed(), self.root, executor=self.must_not_run)
+        # The same config again: nothing differs, the deleted runs are redone.
+        redone = []
+
+        def redo(run):
+            redone.append(run.name)
+            self.make_workdir(run)
+
+        orchestrate.run_study(self.config, self.root, executor=redo)
+        self.assertCountEqual(redone, [f"paper/{net}/small/seed0" for net in ("A", "B")])
+
+    def test_a_run_stopped_midway_is_not_resumed_with_another_config(self):
+        def stopped(run):
+            raise orchestrate.Interrupted(f"{run.name} stopped at step 3 of 10.")
+
+        with self.assertRaises(orchestrate.Interrupted):
+            orchestrate.run_study(self.config, self.root, executor=stopped)
+        # Today: its checkpoint (3 steps at lr 0.01) resumed at lr 0.05, recorded as made at 0.05.
+        with self.assertRaisesRegex(
+            orchestrate.ChangedStudyError, r"paper/A/small/seed0 \(optim.learning_rate"
+        ):
+            orchestrate.run_study(self.changed(), self.root, executor=self.must_not_run)
+
+
 class SigtermAtTheEndTest(absltest.TestCase):
     def test_a_sigterm_as_training_ends_stops_the_study(self):
         """A SIGTERM during a run's last save (or while a run with nothing left to train starts

@@ -6,6 +6,11 @@ evaluates its nets together (Table 6). A run is finished when its ``study_run.js
 written last and atomically, so a finished run is skipped and a run stopped at any point (even
 by SIGKILL) is taken up again: training from its checkpoint, evaluation from the start. The
 report is rewritten after every run, so the tables always show what is done so far.
+
+Each run records, when it starts (``study_run_started.json``) and when it finishes
+(``study_run.json``), the config of every run its result rests on: its own and, transitively,
+those of the runs it starts from (a large-S net's small-S source, B-E's net A, a fusion's nets).
+A rerun whose plan differs from a run's record in any of them is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from vgg_jax.configs import paper
 from vgg_jax.study import plan, report
 
 DONE_FILE = "study_run.json"
+STARTED_FILE = "study_run_started.json"  # written before a run executes: what it is made with
 PLOT_EVERY_RUNS = 5  # the tables are rewritten after every run, the plots after every 5th
 
 
@@ -48,12 +54,38 @@ def is_finished(run: plan.Run) -> bool:
     return os.path.exists(os.path.join(run.workdir, DONE_FILE))
 
 
-def _mark_finished(run: plan.Run, seconds: float) -> None:
-    path = os.path.join(run.workdir, DONE_FILE)
-    record = dict(name=run.name, seconds=seconds, finished=time.time(), config=_flat_config(run))
+def _write_record(run: plan.Run, name: str, record: dict[str, Any]) -> None:
+    path = os.path.join(run.workdir, name)
+    os.makedirs(run.workdir, exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(record, f)
     os.replace(path + ".tmp", path)
+
+
+def _mark_started(run: plan.Run, lineage: dict[str, dict[str, Any]]) -> None:
+    _write_record(run, STARTED_FILE, dict(name=run.name, started=time.time(), lineage=lineage))
+
+
+def _mark_finished(
+    run: plan.Run, seconds: float, lineage: dict[str, dict[str, Any]] | None = None
+) -> None:
+    record = dict(name=run.name, seconds=seconds, finished=time.time(), config=_flat_config(run))
+    if lineage is not None:
+        record["lineage"] = lineage
+    _write_record(run, DONE_FILE, record)
+
+
+def lineage(run: plan.Run, by_name: dict[str, plan.Run]) -> dict[str, dict[str, Any]]:
+    """``{run name: flat config}`` of ``run`` and of every run it starts from, transitively: a
+    jittered net rests on its large-S net, which rests on its small-S net (and that on net A)."""
+    out: dict[str, dict[str, Any]] = {}
+    todo = [run]
+    while todo:
+        current = todo.pop()
+        if current.name not in out:
+            out[current.name] = _flat_config(current)
+            todo += [by_name[name] for name in current.depends_on]
+    return out
 
 
 def _flat_config(run: plan.Run) -> dict[str, Any]:
@@ -62,33 +94,64 @@ def _flat_config(run: plan.Run) -> dict[str, Any]:
     return {key: value for key, value in flat.items() if key not in _PATH_KEYS}
 
 
-def check_finished_runs(runs: list[plan.Run]) -> None:
-    """Raises ``ChangedStudyError`` naming the finished runs whose recorded config differs from
-    the one the study now plans (a changed epoch count, scale or recipe): their results would
-    be reported under the new settings without having been made with them."""
-    changed = []
-    for run in runs:
+def _recorded_lineage(run: plan.Run) -> tuple[dict[str, dict[str, Any]], bool] | None:
+    """What a finished or started run recorded it rests on, and whether that includes its
+    sources; None if it recorded nothing (not started, or finished before runs recorded their
+    config)."""
+    for name in (DONE_FILE, STARTED_FILE):
         try:
-            with open(os.path.join(run.workdir, DONE_FILE)) as f:
-                recorded = json.load(f).get("config")
+            with open(os.path.join(run.workdir, name)) as f:
+                record = json.load(f)
         except FileNotFoundError:
             continue
-        if recorded is None:  # finished before runs recorded their config
+        if "lineage" in record:
+            return record["lineage"], True
+        if record.get("config") is not None:  # finished before runs recorded their sources
+            return {run.name: record["config"]}, False
+        return None
+    return None
+
+
+def _differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    keys = sorted(
+        k
+        for k in recorded.keys() | now.keys()
+        if paper.recorded_value(recorded, k) != paper.recorded_value(now, k)
+    )
+    shown = [f"{k} {recorded.get(k)!r} -> {now.get(k)!r}" for k in keys[:3]]
+    return shown + ["..."] if len(keys) > 3 else shown
+
+
+def check_finished_runs(runs: list[plan.Run]) -> None:
+    """Raises ``ChangedStudyError`` naming the finished or started runs whose recorded config
+    differs from the one the study now plans (a changed epoch count, scale or recipe), or that
+    rest on a run that did (a large-S net fine-tuned from a small-S net of another learning rate,
+    even once that net is deleted to be redone): their results would be reported under the new
+    settings without having been made with them."""
+    by_name = {run.name: run for run in runs}
+    changed = []
+    for run in runs:
+        if (found := _recorded_lineage(run)) is None:
             continue
-        now = _flat_config(run)
-        keys = sorted(
-            k
-            for k in recorded.keys() | now.keys()
-            if paper.recorded_value(recorded, k) != paper.recorded_value(now, k)
-        )
-        if keys:
-            shown = ", ".join(f"{k} {recorded.get(k)!r} -> {now.get(k)!r}" for k in keys[:3])
-            changed.append(f"{run.name} ({shown}{', ...' if len(keys) > 3 else ''})")
+        recorded, with_sources = found
+        now = lineage(run, by_name)
+        if not with_sources:
+            now = {run.name: now[run.name]}
+        if set(recorded) != set(now):
+            sources = [n for n in recorded if n != run.name]
+            changed.append(f"{run.name} (started from {sorted(sources)})")
+            continue
+        for name in sorted(now, key=lambda n: n != run.name):  # its own config first
+            if shown := _differences(recorded[name], now[name]):
+                where = "" if name == run.name else f"its source {name}: "
+                changed.append(f"{run.name} ({where}{', '.join(shown)})")
+                break
     if changed:
         raise ChangedStudyError(
-            f"{len(changed)} finished runs were made with another config than this one: "
-            f"{'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}. Use a new --workdir "
-            "for the new settings, or delete those runs' directories to redo them here."
+            f"{len(changed)} finished or started runs were made with another config than this "
+            f"one: {'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}. Use a new "
+            "--workdir for the new settings, or delete those runs' directories to redo them "
+            "here."
         )
 
 
@@ -184,6 +247,8 @@ def _run_study(study: ml_collections.ConfigDict, workdir: str, executor) -> dict
             else "time left known after the first run"
         )
         _progress(f"study: run {index}/{len(runs)} {run.name} ({eta})")
+        run_lineage = lineage(run, by_name)
+        _mark_started(run, run_lineage)
         run_start = time.time()
         try:
             executor(run)
@@ -192,7 +257,7 @@ def _run_study(study: ml_collections.ConfigDict, workdir: str, executor) -> dict
             report.write_report(study, runs, workdir)
             raise
         seconds = time.time() - run_start
-        _mark_finished(run, seconds)
+        _mark_finished(run, seconds, run_lineage)
         units_left -= cost_units(run)
         spent_units += cost_units(run)
         _progress(f"study: run {index}/{len(runs)} {run.name} done in {_format_seconds(seconds)}")
