@@ -127,6 +127,61 @@ class VerdictTest(absltest.TestCase):
         self.assertAlmostEqual(se, 1.0 / 3**0.5)
 
 
+def write_results(run, top1_error=40.0, top5_error=60.0):
+    """A ``results.json`` as the evaluator writes it for ``run``: every method at the single and
+    the multi-scale Q (and for a fusion, each net and the fused one), all at the same errors."""
+    evals = run.config.evals
+    members = run.net.split("+")
+    nets = [*members, " & ".join(members)] if run.is_fusion else [run.net]
+    errors = dict(top1_error=top1_error, top5_error=top5_error)
+    rows = [
+        dict(net=net, test_scales=list(scales), method=method, **errors)
+        for net in nets
+        for scales in ([evals.single_scale], evals.multi_scales)
+        for method in evals.methods
+    ]
+    os.makedirs(run.workdir, exist_ok=True)
+    with open(os.path.join(run.workdir, "results.json"), "w") as f:
+        json.dump({"rows": rows}, f)
+
+
+class DamagedResultsTest(absltest.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.root = self.create_tempdir().full_path
+        self.config = study_config.get_config("smoke")
+        self.config.update(dict(scales=("small",), arms=(), fusion_scale="small"))
+        self.runs = plan.make_plan(self.config, self.root)
+        orchestrate.run_study(self.config, self.root, executor=write_results)
+
+    def test_a_finished_run_whose_results_are_gone_or_cut_short_is_evaluated_again(self):
+        # Today: FileNotFoundError (or a JSONDecodeError traceback) on every rerun, for good.
+        a, b = self.runs[0], self.runs[1]
+        os.remove(os.path.join(a.workdir, "results.json"))
+        with open(os.path.join(b.workdir, "results.json"), "r+") as f:
+            f.truncate(20)
+        redone = []
+
+        def evaluate(run):
+            redone.append(run.name)
+            write_results(run)
+
+        data = orchestrate.run_study(self.config, self.root, executor=evaluate)
+        self.assertEqual(redone, [a.name, b.name])
+        self.assertEqual(data["runs_finished"], len(self.runs))
+
+    def test_results_lacking_a_row_are_named_not_left_out(self):
+        # Today: the run silently dropped from its pairs, its cell a mean over the other seeds.
+        path = os.path.join(self.runs[1].workdir, "results.json")
+        with open(path) as f:
+            results = json.load(f)
+        results["rows"] = results["rows"][:1]
+        with open(path, "w") as f:
+            json.dump(results, f)
+        with self.assertRaisesRegex(ValueError, r"B/small/seed0/results.json lacks"):
+            report.collect(self.runs)
+
+
 class FewClassesReportTest(absltest.TestCase):
     def test_top5_of_five_classes_or_fewer_reads_not_applicable(self):
         # A study on a 3-class folder: results.json holds no top-5 error (null); the tables
@@ -136,19 +191,7 @@ class FewClassesReportTest(absltest.TestCase):
         config.fusion, config.fusion_scale = (("A", "B"),), "small"
         runs = plan.make_plan(config, self.create_tempdir().full_path)
         for run in runs:
-            evals = run.config.evals
-            members = run.net.split("+")
-            nets = [*members, " & ".join(members)] if run.is_fusion else [run.net]
-            errors = dict(top1_error=40.0, top5_error=None)
-            rows = [
-                dict(net=net, test_scales=list(scales), method=method, **errors)
-                for net in nets
-                for scales in ([evals.single_scale], evals.multi_scales)
-                for method in evals.methods
-            ]
-            os.makedirs(run.workdir)
-            with open(os.path.join(run.workdir, "results.json"), "w") as f:
-                json.dump({"rows": rows}, f)
+            write_results(run, top5_error=None)
         results = {run.name: report.run_figures(run) for run in runs}
         markdown = report.render_markdown(config, results, findings.judge(config, results), 3, 3, 0)
         self.assertIn("| 40.0 / n/a |", markdown)

@@ -51,7 +51,18 @@ _PATH_KEYS = (
 
 
 def is_finished(run: plan.Run) -> bool:
-    return os.path.exists(os.path.join(run.workdir, DONE_FILE))
+    """Marked finished, with the results it finished with: a run whose ``results.json`` was
+    deleted or damaged since is evaluated again (its training resumes at its last step)."""
+    return os.path.exists(os.path.join(run.workdir, DONE_FILE)) and _results_readable(run)
+
+
+def _results_readable(run: plan.Run) -> bool:
+    try:
+        with open(os.path.join(run.workdir, report.RESULTS_FILE)) as f:
+            json.load(f)
+    except (OSError, ValueError):  # missing, unreadable, or not JSON (cut short, edited)
+        return False
+    return True
 
 
 def _write_record(run: plan.Run, name: str, record: dict[str, Any]) -> None:
@@ -226,6 +237,11 @@ def _run_study(study: ml_collections.ConfigDict, workdir: str, executor) -> dict
     with open(os.path.join(workdir, "study_config.json"), "w") as f:
         f.write(study.to_json_best_effort(indent=2))
     todo = [run for run in runs if not is_finished(run)]
+    for run in todo:
+        if os.path.exists(os.path.join(run.workdir, DONE_FILE)):
+            _progress(
+                f"study: {run.name} has no readable {report.RESULTS_FILE}: evaluating it again"
+            )
     units_left = sum(cost_units(run) for run in todo)
     logging.info(
         "study: %d runs, %d finished already, %d to run, in %s",

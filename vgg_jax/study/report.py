@@ -50,6 +50,13 @@ ARM_TITLES = {
 }
 
 
+RESULTS_FILE = "results.json"  # the evaluator's, in each run's workdir
+
+
+class ResultsError(ValueError):
+    """A finished run's ``results.json`` lacks the rows the study reads (edited by hand)."""
+
+
 # ---------------------------------------------------------------------------------------- reading
 def _read_json(path: str) -> Any:
     with open(path) as f:
@@ -87,7 +94,7 @@ def run_figures(run: plan.Run) -> dict[str, float | None]:
     """A finished run's figures: ``{method}@single`` / ``{method}@multi`` top-1 error (and
     ``.../top5``), ``best_method@multi``, and for fusions ``fused@fusion`` and
     ``best_member@fusion``."""
-    results = _read_json(os.path.join(run.workdir, "results.json"))
+    results = _read_json(os.path.join(run.workdir, RESULTS_FILE))
     evals = run.config.evals
     figures: dict[str, float] = {}
     if run.is_fusion:
@@ -112,6 +119,11 @@ def run_figures(run: plan.Run) -> dict[str, float | None]:
         for method, row in _rows_by(results["rows"], scales).items():
             figures[f"{method}@{where}"] = row["top1_error"]
             figures[f"{method}@{where}/top5"] = row["top5_error"]
+    # The evaluator writes every method at both; a row missing (an edited file) left the run
+    # out of its pairs and its table cells without a word, the means then over fewer seeds.
+    wanted = [f"{method}@{where}" for method in evals.methods for where in ("single", "multi")]
+    if missing := [key for key in wanted if key not in figures]:
+        raise KeyError(f"no rows for {missing}")
     if "dense@multi" in figures and "multi_crop@multi" in figures:
         figures["best_method@multi"] = min(figures["dense@multi"], figures["multi_crop@multi"])
     curve = validation_curve(run.workdir)
@@ -124,7 +136,18 @@ def run_figures(run: plan.Run) -> dict[str, float | None]:
 def collect(runs: Sequence[plan.Run]) -> findings.Results:
     from vgg_jax.study import orchestrate
 
-    return {run.name: run_figures(run) for run in runs if orchestrate.is_finished(run)}
+    collected = {}
+    for run in runs:
+        if orchestrate.is_finished(run):
+            try:
+                collected[run.name] = run_figures(run)
+            except (KeyError, IndexError, TypeError, ValueError) as e:
+                path = os.path.join(run.workdir, RESULTS_FILE)
+                raise ResultsError(
+                    f"{path} lacks what the study reads from it ({type(e).__name__}: {e}); "
+                    "delete it and rerun to evaluate the run again."
+                ) from None
+    return collected
 
 
 # ---------------------------------------------------------------------------------------- tables

@@ -313,7 +313,7 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> No
 
             runner.run_evaluation(config, workdir)
         if mode == "study":
-            from vgg_jax.study import orchestrate
+            from vgg_jax.study import orchestrate, report
 
             try:
                 orchestrate.run_study(config, workdir)
@@ -321,6 +321,8 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> No
                 sys.exit(f"Study stopped: {stop} Rerun the same command to resume.")
             except orchestrate.ChangedStudyError as e:
                 sys.exit(f"Study refused: {e}")
+            except report.ResultsError as e:
+                sys.exit(f"Study results error: {e}")
         if mode == "evaluate_continuously":
             from vgg_jax.evaluation import continuous
 
