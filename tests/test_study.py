@@ -21,7 +21,7 @@ from tests import fixtures
 from vgg_jax import checks, data, preemption
 from vgg_jax.evaluation import runner
 from vgg_jax.study import findings, orchestrate, plan, report
-from vgg_jax.training import loop
+from vgg_jax.training import lock, loop
 
 
 class PlanTest(absltest.TestCase):
@@ -258,6 +258,20 @@ class ChangedSourcesTest(absltest.TestCase):
             orchestrate.ChangedStudyError, r"paper/A/small/seed0 \(optim.learning_rate"
         ):
             orchestrate.run_study(self.changed(), self.root, executor=self.must_not_run)
+
+
+class TwoStudiesTest(absltest.TestCase):
+    def test_a_second_study_on_a_busy_workdir_is_refused(self):
+        # Today: it went on beside the first, evaluating each run as the first finished its
+        # training (evaluation and fusions hold no lock), and raced it on study.json.
+        root = self.create_tempdir().full_path
+        config = study_config.get_config("smoke")
+
+        def must_not_run(run):
+            raise AssertionError(f"{run.name} ran")
+
+        with lock.hold(root), self.assertRaisesRegex(lock.WorkdirBusyError, "is in use by"):
+            orchestrate.run_study(config, root, executor=must_not_run)
 
 
 class SigtermAtTheEndTest(absltest.TestCase):

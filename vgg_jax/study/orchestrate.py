@@ -224,8 +224,11 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, executor=execute) 
     """Runs every unfinished run of ``study`` in plan order, writing the report after each;
     returns the report's data (``study.json``). ``executor`` is replaced by tests."""
     from vgg_jax import compile_cache
+    from vgg_jax.training import lock
 
-    with compile_cache.workdir_cache(workdir):
+    # One study per workdir (``lock.WorkdirBusyError`` names the other): a second one evaluated
+    # each run (and fusion) again while the first did, and raced it on the report's files.
+    with lock.hold(workdir), compile_cache.workdir_cache(workdir):
         return _run_study(study, workdir, executor)
 
 
