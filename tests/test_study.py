@@ -260,6 +260,27 @@ class ChangedSourcesTest(absltest.TestCase):
             orchestrate.run_study(self.changed(), self.root, executor=self.must_not_run)
 
 
+class DivergedRunTest(absltest.TestCase):
+    def test_a_diverged_run_names_the_study_knob(self):
+        # Today: "Lower optim.learning_rate", a key a study config does not have; its
+        # base.optim.learning_rate is replaced by the scale setting's: the advice changed nothing.
+        root = self.create_tempdir().full_path
+        config = study_config.get_config("smoke")
+
+        def diverged(run_config, workdir):
+            raise loop.NonFiniteLossError("NaN after step 4. Lower optim.learning_rate.")
+
+        with (
+            mock.patch.object(loop, "train", diverged),
+            self.assertRaisesRegex(
+                loop.NonFiniteLossError,
+                r"Study run paper/A/small/seed0: NaN after step 4.*"
+                r"--config.scale_settings.small.learning_rate; then delete .*seed0",
+            ),
+        ):
+            orchestrate.run_study(config, root)
+
+
 class TwoStudiesTest(absltest.TestCase):
     def test_a_second_study_on_a_busy_workdir_is_refused(self):
         # Today: it went on beside the first, evaluating each run as the first finished its

@@ -204,7 +204,18 @@ def execute(run: plan.Run) -> None:
     from vgg_jax import data, preemption
     from vgg_jax.training import loop
 
-    state = loop.train(run.config, run.workdir)
+    try:
+        state = loop.train(run.config, run.workdir)
+    except loop.NonFiniteLossError as e:
+        # Its hint, optim.learning_rate, is not a study's knob: each run's rate is its scale
+        # setting's (base.optim.learning_rate is replaced by it), or an arm's override.
+        knob = f"--config.scale_settings.{run.scale}.learning_rate"
+        if run.arm != plan.MAIN_ARM:
+            knob += f" (or --config.arm_settings.{run.arm}.overrides)"
+        raise loop.NonFiniteLossError(
+            f"Study run {run.name}: {e} In the study the rate is {knob}; then delete "
+            f"{run.workdir} to start that run again."
+        ) from None
     total_steps = int(run.config.schedule.num_epochs * data.steps_per_epoch(run.config))
     # A SIGTERM during the last step's save, or while a run with nothing left to train started
     # up, ends training at its last step: it still stops the study (before, the evaluation ran,
