@@ -196,6 +196,10 @@ class FewClassesReportTest(absltest.TestCase):
         markdown = report.render_markdown(config, results, findings.judge(config, results), 3, 3, 0)
         self.assertIn("| 40.0 / n/a |", markdown)
         self.assertNotRegex(markdown, r"40\.0 / (\||0\.0)")
+        # Every run finished: D is not in this study, its findings will never have pairs.
+        # Today: "no finished pairs yet", as if runs were still to come.
+        depth_b_d = next(line for line in markdown.splitlines() if "D (16 layers)" in line)
+        self.assertIn("not in this study", depth_b_d)
 
 
 class ChangedSourcesTest(absltest.TestCase):

@@ -300,7 +300,9 @@ def init_table(study, results) -> str:
     return _table(header, rows)
 
 
-def findings_table(records: list[dict]) -> str:
+def findings_table(records: list[dict], complete: bool = False) -> str:
+    """``complete``: every run finished, so a finding without pairs has none in this study (its
+    nets, scales or arms left out), not none finished yet."""
     rows = []
     for r in records:
         if r["pairs"]:
@@ -314,7 +316,9 @@ def findings_table(records: list[dict]) -> str:
                 + f" ({r['pairs']} pair{'s' if r['pairs'] != 1 else ''})"
             )
         else:
-            ours = "no finished pairs yet"
+            ours = (
+                "not in this study (no such runs planned)" if complete else "no finished pairs yet"
+            )
         rows.append([r["claim"], r["paper"], ours, f"**{r['verdict']}**"])
     return _table(["finding", "paper", "miniature (top-1 %, x vs y; d = x - y)", "verdict"], rows)
 
@@ -455,7 +459,7 @@ def render_markdown(study, results, records, finished: int, total: int, seconds:
         "## Findings",
         "Paired differences over seeds (d = error(x) - error(y)); reproduced when the paper's "
         f"direction holds beyond {findings.Z:g} standard errors.",
-        findings_table(records),
+        findings_table(records, complete=finished == total),
         "## Table 3: single test scale (dense)",
         table3(study, results, "dense@single", PAPER_TABLE3),
         "![error against depth](error_vs_depth.png)",
