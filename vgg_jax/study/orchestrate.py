@@ -3,9 +3,10 @@
 Each run trains with the library's ``train`` (which resumes from the run's newest checkpoint) and
 is evaluated with ``run_evaluation`` (``results.json`` in the run's workdir); a fusion run
 evaluates its nets together (Table 6). A run is finished when its ``study_run.json`` exists,
-written last and atomically, so a finished run is skipped and a run stopped at any point (even
-by SIGKILL) is taken up again: training from its checkpoint, evaluation from the start. The
-report is rewritten after every run, so the tables always show what is done so far.
+written last and atomically, and its ``results.json`` reads, so a finished run is skipped and a
+run stopped at any point (even by SIGKILL) is taken up again: training from its checkpoint,
+evaluation from the start. The report is rewritten after every run, so the tables always show
+what is done so far. One study holds a workdir at a time (``train.lock``).
 
 Each run records, when it starts (``study_run_started.json``) and when it finishes
 (``study_run.json``), the config of every run its result rests on: its own and, transitively,
