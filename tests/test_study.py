@@ -175,7 +175,15 @@ class DamagedResultsTest(absltest.TestCase):
         path = os.path.join(self.runs[1].workdir, "results.json")
         with open(path) as f:
             results = json.load(f)
-        results["rows"] = results["rows"][:1]
+        rows = results["rows"]
+        results["rows"] = rows[:1]
+        with open(path, "w") as f:
+            json.dump(results, f)
+        with self.assertRaisesRegex(ValueError, r"B/small/seed0/results.json lacks"):
+            report.collect(self.runs)
+        # A row whose top-1 error is null: left out of compare()'s pairs, a TypeError in
+        # _same_run's.
+        results["rows"] = [{**rows[0], "top1_error": None}, *rows[1:]]
         with open(path, "w") as f:
             json.dump(results, f)
         with self.assertRaisesRegex(ValueError, r"B/small/seed0/results.json lacks"):
