@@ -229,15 +229,11 @@ class ChangedSourcesTest(absltest.TestCase):
         return changed
 
     @staticmethod
-    def make_workdir(run):
-        os.makedirs(run.workdir, exist_ok=True)
-
-    @staticmethod
     def must_not_run(run):
         raise AssertionError(f"{run.name} ran")
 
     def test_a_fine_tune_of_a_changed_net_is_refused_after_that_net_is_deleted(self):
-        orchestrate.run_study(self.config, self.root, executor=self.make_workdir)
+        orchestrate.run_study(self.config, self.root, executor=write_results)
         # As the refusal for the small-S runs says: delete their directories to redo them.
         shutil.rmtree(os.path.join(self.root, "runs", "paper", "A", "small"))
         shutil.rmtree(os.path.join(self.root, "runs", "paper", "B", "small"))
@@ -254,7 +250,7 @@ class ChangedSourcesTest(absltest.TestCase):
 
         def redo(run):
             redone.append(run.name)
-            self.make_workdir(run)
+            write_results(run)
 
         orchestrate.run_study(self.config, self.root, executor=redo)
         self.assertCountEqual(redone, [f"paper/{net}/small/seed0" for net in ("A", "B")])
