@@ -327,7 +327,9 @@ class SigtermAtTheEndTest(absltest.TestCase):
             mock.patch.object(loop, "train", train_signalled_at_its_end),
             mock.patch.object(data, "steps_per_epoch", return_value=10),
             mock.patch.object(runner, "run_evaluation", lambda c, w: evaluated.append(w)),
-            self.assertRaisesRegex(orchestrate.Interrupted, "stopped at step 10 of 10"),
+            self.assertRaisesRegex(
+                orchestrate.Interrupted, "stopped by a termination signal at step 10 of 10"
+            ),
         ):
             orchestrate.run_study(config, root)
         self.assertEqual(evaluated, [])

@@ -222,7 +222,10 @@ def execute(run: plan.Run) -> None:
     # up, ends training at its last step: it still stops the study (before, the evaluation ran,
     # the run was marked finished and the next run trained as if no signal had come).
     if int(state.step) < total_steps or preemption.stopped():
-        raise Interrupted(f"{run.name} stopped at step {int(state.step)} of {total_steps}.")
+        why = " by a termination signal" if preemption.stopped() else ""
+        raise Interrupted(
+            f"{run.name} stopped{why} at step {int(state.step)} of {total_steps}, not evaluated."
+        )
     runner.run_evaluation(run.config, run.workdir)
 
 
