@@ -149,15 +149,16 @@ def check_finished_runs(runs: list[plan.Run]) -> None:
         now = lineage(run, by_name)
         if not with_sources:
             now = {run.name: now[run.name]}
-        if set(recorded) != set(now):
-            sources = [n for n in recorded if n != run.name]
-            changed.append(f"{run.name} (started from {sorted(sources)})")
-            continue
-        for name in sorted(now, key=lambda n: n != run.name):  # its own config first
-            if shown := _differences(recorded[name], now[name]):
-                where = "" if name == run.name else f"its source {name}: "
-                changed.append(f"{run.name} ({where}{', '.join(shown)})")
-                break
+        if shown := _differences(recorded.get(run.name, {}), now[run.name]):
+            changed.append(f"{run.name} ({', '.join(shown)})")
+        elif set(recorded) != set(now):
+            was, will = (sorted(set(names) - {run.name}) for names in (recorded, now))
+            changed.append(f"{run.name} (started from {was}, now from {will})")
+        else:
+            for name in sorted(set(now) - {run.name}):
+                if shown := _differences(recorded[name], now[name]):
+                    changed.append(f"{run.name} (its source {name}: {', '.join(shown)})")
+                    break
     if changed:
         raise ChangedStudyError(
             f"{len(changed)} finished or started runs were made with another config than this "
