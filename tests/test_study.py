@@ -181,6 +181,15 @@ class DamagedResultsTest(absltest.TestCase):
             json.dump(results, f)
         with self.assertRaisesRegex(ValueError, r"B/small/seed0/results.json lacks"):
             report.collect(self.runs)
+        # Named before any run trains: the study trained its next run, then stopped at the
+        # report, once per invocation.
+        self.config.seeds = (0, 1)
+
+        def must_not_run(run):
+            raise AssertionError(f"{run.name} ran")
+
+        with self.assertRaisesRegex(ValueError, r"B/small/seed0/results.json lacks"):
+            orchestrate.run_study(self.config, self.root, executor=must_not_run)
         # A row whose top-1 error is null: left out of compare()'s pairs, a TypeError in
         # _same_run's.
         results["rows"] = [{**rows[0], "top1_error": None}, *rows[1:]]

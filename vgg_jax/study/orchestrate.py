@@ -252,6 +252,7 @@ def _run_study(study: ml_collections.ConfigDict, workdir: str, executor) -> dict
     runs = plan.make_plan(study, workdir)
     by_name = {run.name: run for run in runs}
     check_finished_runs(runs)  # before study_config.json is overwritten
+    report.collect(runs)  # a finished run's damaged results.json is named before a run trains
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "study_config.json"), "w") as f:
         f.write(study.to_json_best_effort(indent=2))
