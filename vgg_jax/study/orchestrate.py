@@ -25,6 +25,7 @@ import ml_collections
 from absl import logging
 from flax import traverse_util
 
+from vgg_jax import writers
 from vgg_jax.configs import paper
 from vgg_jax.study import plan, report
 
@@ -67,11 +68,9 @@ def _results_readable(run: plan.Run) -> bool:
 
 
 def _write_record(run: plan.Run, name: str, record: dict[str, Any]) -> None:
-    path = os.path.join(run.workdir, name)
     os.makedirs(run.workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    with writers.atomic_open(os.path.join(run.workdir, name)) as f:
         json.dump(record, f)
-    os.replace(path + ".tmp", path)
 
 
 def _mark_started(run: plan.Run, lineage: dict[str, dict[str, Any]]) -> None:

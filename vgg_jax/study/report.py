@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from vgg_jax import models
+from vgg_jax import models, writers
 from vgg_jax.study import findings, plan
 
 # The paper's top-1 / top-5 error (%) for the columns our scale settings stand for (Tables 3-6).
@@ -439,13 +439,11 @@ def write_report(
         findings=records,
         seeds=list(study.seeds),
     )
-    with open(os.path.join(workdir, "study.json.tmp"), "w") as f:
+    with writers.atomic_open(os.path.join(workdir, "study.json")) as f:
         json.dump(data, f, indent=1, default=float)
-    os.replace(os.path.join(workdir, "study.json.tmp"), os.path.join(workdir, "study.json"))
     md = render_markdown(study, results, records, len(finished), len(runs), sum(seconds))
-    with open(os.path.join(workdir, "study.md.tmp"), "w") as f:
+    with writers.atomic_open(os.path.join(workdir, "study.md")) as f:
         f.write(md)
-    os.replace(os.path.join(workdir, "study.md.tmp"), os.path.join(workdir, "study.md"))
     return data
 
 
