@@ -63,7 +63,11 @@ def decode_full(encoded: tf.Tensor, fmt: tf.Tensor) -> tf.Tensor:
 
 
 def decode_window(
-    encoded: tf.Tensor, fmt: tf.Tensor, window: tf.Tensor, dct_method: str = TRAIN_DCT
+    encoded: tf.Tensor,
+    fmt: tf.Tensor,
+    window: tf.Tensor,
+    dct_method: str = TRAIN_DCT,
+    image_width: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """uint8 [h, w, 3] of the window ``[top, left, h, w]``, the pixels of the full decode; a
     JPEG decodes only that window, with ``dct_method`` (``TRAIN_DCT``; bench/input_pipeline.py
@@ -73,7 +77,8 @@ def decode_window(
     right edge columns from the crop's own samples, not their neighbours outside it: about half
     of ImageNet-size windows had an edge column off by up to ~25 levels from the full decode that
     evaluation, the decoded in-memory copy and PIL see. So one column more on each side (where
-    the image has one) is decoded and cut off; rows need none."""
+    the image has one) is decoded and cut off; rows need none. ``image_width``: the image's,
+    where the caller knows it (else read from the JPEG's header)."""
     window = tf.cast(window, tf.int32)
 
     def from_png():
@@ -81,7 +86,9 @@ def decode_window(
         return image[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
 
     def from_jpeg():
-        width = tf.image.extract_jpeg_shape(encoded)[1]  # header only
+        width = image_width
+        if width is None:
+            width = tf.image.extract_jpeg_shape(encoded)[1]  # header only
         left = tf.maximum(window[1] - 1, 0)
         right = tf.minimum(window[1] + window[3] + 1, width)
         image = tf.io.decode_and_crop_jpeg(
@@ -135,6 +142,7 @@ def sample_train_params(
     return {
         "scale": scale,
         "window": tf.stack([top, left, size, size]),
+        "image_width": tf.cast(width, tf.int32),
         "flip": flip,
         "alpha": alpha,
     }
@@ -193,7 +201,7 @@ def train_image(
 
     The flip is done on the small uint8 window and the shift is folded into the normalisation's
     single add: full-size float passes cost as much as the resize (see bench/input_pipeline.py)."""
-    window = decode_window(encoded, fmt, params["window"], dct_method)
+    window = decode_window(encoded, fmt, params["window"], dct_method, params.get("image_width"))
     window = tf.cond(params["flip"], lambda: tf.reverse(window, [1]), lambda: window)
     image = resize(window, crop_size, crop_size, antialias)
     return normalise(image, convention, pca_colour_shift(params["alpha"], eigvals, eigvecs))
