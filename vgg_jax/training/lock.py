@@ -52,11 +52,11 @@ def hold(workdir: str) -> Iterator[None]:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock_file.seek(0)
-            holder = lock_file.read().strip() or "another process"
+            other = lock_file.read().strip() or "another process"
             lock_file.close()
             lock_file = None
             busy = (
-                f"Workdir {workdir} is in use by {holder} (lock {path}); stop that trainer "
+                f"Workdir {workdir} is in use by {other} (lock {path}); stop that trainer "
                 "or train into another --workdir."
             )
         except OSError:  # a filesystem without locks: the OS's reason
@@ -93,8 +93,8 @@ def _shared_verdict(workdir: str, path: str, busy: str | None, holder: str | Non
     0's line) in its own ``path``. Orbax writes each process's shards of a checkpoint into that
     process's workdir and reads them back from there: a job with a workdir on each host's own
     disk trained, then hung in its first save (each part in another directory, nothing
-    committed) until every process aborted 10 minutes later. The same shared
-    storage may be mounted at a different path on each host: what must agree is what they see."""
+    committed) until every process aborted 10 minutes later. The same shared storage may be
+    mounted at a different path on each host: what must agree is what they see."""
     from vgg_jax import processes
 
     busy, holder = processes.gather_json([busy, holder])[0]
