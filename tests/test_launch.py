@@ -7,7 +7,9 @@ import sys
 import tempfile
 
 import pytest
+from absl import flags
 from absl.testing import absltest
+from ml_collections import config_flags
 
 from tests import fixtures
 from vgg_jax.tools import cli
@@ -173,6 +175,22 @@ class LibraryInfoFilterTest(absltest.TestCase):
         self.assertTrue(keep_tfds(other))
         # A file merely named like the package is not inside it.
         self.assertTrue(keep(self.record(logging.INFO, os.path.join(ROOT, "orbax_notes.py"))))
+
+
+class OverrideTest(absltest.TestCase):
+    def test_a_key_given_twice_takes_its_last_value_tuples_too(self):
+        """A base command with an override appended: a number was replaced, as absl does for
+        any flag, but a tuple was extended, ``seeds=(0,1)`` then ``(5,)`` planning 0, 1 and 5."""
+        argv = ["launch.py", "--config=experiments/study.py:smoke", "--config.seeds=(0,1)"]
+        argv += ["--config.size=tiny", "--config.seeds=(5,)"]
+        flag_values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+        cli.parse_flags(flag_values, argv)
+        self.assertEqual(tuple(flag_values.config.seeds), (5,))
+        self.assertEqual(flag_values.config.size, "tiny")
+        # The "--key value" form is left as it is (its value is the next argument).
+        spaced = ["a", "--config.x", "1", "--config.x=2"]
+        self.assertEqual(cli.last_override_wins(spaced), spaced)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ def parse_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
     ml_collections raises a bare ``AttributeError`` from deep inside flag parsing; a user who
     mistyped a key should instead read which key is unknown and which ones exist there.
     """
+    argv = last_override_wins(argv)
     try:
         return flag_values(argv)
     except flags.Error as e:
@@ -90,6 +91,17 @@ def parse_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
         sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help.")
     except (AttributeError, KeyError) as e:
         sys.exit(_unknown_key_message(argv) or f"Bad config override: {e}")
+
+
+def last_override_wins(argv: list[str]) -> list[str]:
+    """``argv`` with only the last of several ``--config.key=value`` for one key, as absl does
+    for any other flag given twice. ml_collections parses each: a number or string given again
+    is replaced, but a tuple is extended, so ``--config.seeds=(0,1) --config.seeds=(5,)``
+    (a base command with an override appended) planned seeds 0, 1 and 5."""
+    overrides = {i: a.split("=", 1)[0] for i, a in enumerate(argv) if a.startswith("--config.")}
+    overrides = {i: key for i, key in overrides.items() if key != argv[i]}  # "=value" form only
+    last = {key: i for i, key in overrides.items()}
+    return [a for i, a in enumerate(argv) if i not in overrides or last[overrides[i]] == i]
 
 
 def _unknown_key_message(argv: list[str]) -> str | None:
