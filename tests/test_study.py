@@ -219,6 +219,22 @@ class FewClassesReportTest(absltest.TestCase):
         self.assertIn("not in this study", depth_b_d)
 
 
+class AtChanceTest(absltest.TestCase):
+    def test_nets_that_never_left_chance_get_no_verdict(self):
+        """Every run at chance (10 classes: 90% top-1 error): A and A-LRN tie, and the no-gain
+        finding (LRN does not help) read "reproduced"; a net that learned keeps its verdict."""
+        config = study_config.get_config("smoke")
+        config.update(dict(nets=("A", "A-LRN"), seeds=(0, 1, 2), scales=("small",), arms=()))
+        config.fusion, config.fusion_scale = (), "small"
+        runs = plan.make_plan(config, self.create_tempdir().full_path)
+        for top1_error, expected in ((90.0, findings.AT_CHANCE), (40.0, findings.REPRODUCED)):
+            for run in runs:
+                write_results(run, top1_error=top1_error + 0.1 * run.seed)
+            results = {run.name: report.run_figures(run) for run in runs}
+            lrn = next(r for r in findings.judge(config, results) if r["key"] == "lrn")
+            self.assertEqual((lrn["pairs"], lrn["verdict"]), (3, expected))
+
+
 class ChangedSourcesTest(absltest.TestCase):
     """Runs rest on other runs (a large-S net on its small-S net, B on A, a fusion on its nets):
     a changed config of any of them, or of a run only started, is refused like a finished run's."""

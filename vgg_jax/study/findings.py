@@ -6,7 +6,9 @@ pairs ``(x, y)`` the difference is ``d = error(x) - error(y)``; with ``n`` pairs
 sqrt(n)``. A finding of kind ``lower`` (the paper: y's error is lower) is *reproduced* when
 ``mean(d) > 2 SE``, *not reproduced* when ``mean(d) < -2 SE`` and *within noise* otherwise. A
 finding of kind ``no_gain`` (the paper: y is no better than x, e.g. LRN) is *reproduced* unless y
-is better beyond noise (``mean(d) > 2 SE``). Verdicts are computed here, never typed by hand.
+is better beyond noise (``mean(d) > 2 SE``). A finding whose every run is still at chance
+(``chance_threshold``) is *nets at chance*: two nets that learned nothing tie, and a no-gain
+finding (LRN) read as reproduced. Verdicts are computed here, never typed by hand.
 """
 
 from __future__ import annotations
@@ -22,12 +24,19 @@ import numpy as np
 Results = dict[str, dict[str, float]]
 Z = 2.0  # the verdict's threshold in standard errors
 
-REPRODUCED, NOT_REPRODUCED, WITHIN_NOISE, TOO_FEW = (
+REPRODUCED, NOT_REPRODUCED, WITHIN_NOISE, TOO_FEW, AT_CHANCE = (
     "reproduced",
     "not reproduced",
     "within noise",
     "too few runs",
+    "nets at chance",
 )
+
+
+def chance_threshold(num_classes: int) -> float:
+    """The top-1 error (%) below which a net has left chance: 1.5x chance's accuracy, error
+    < 100 (1 - 1.5 / K) %, e.g. 85% for 10 classes."""
+    return 100.0 * (1.0 - 1.5 / num_classes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,10 +258,13 @@ FINDINGS: tuple[Finding, ...] = (
 def judge(study, results: Results) -> list[dict[str, Any]]:
     """One record per finding: pairs, mean difference, SE, verdict."""
     records = []
+    chance = chance_threshold(int(study.base.model.num_classes))
     for finding in FINDINGS:
         pairs = finding.pairs(study, results)
         differences = [x - y for _, x, y in pairs]
         outcome, mean, se = verdict(finding.kind, differences)
+        if pairs and outcome != TOO_FEW and all(min(x, y) >= chance for _, x, y in pairs):
+            outcome = AT_CHANCE
         records.append(
             dict(
                 key=finding.key,

@@ -81,7 +81,7 @@ def validation_curve(workdir: str) -> list[tuple[int, float]]:
 def steps_to_leave_chance(curve: list[tuple[int, float]], num_classes: int) -> int | None:
     """The first validation step whose top-1 error is below 1.5x chance's accuracy margin: error
     < 100 (1 - 1.5 / K) %, e.g. 85% for 10 classes. None if it never did."""
-    threshold = 100.0 * (1.0 - 1.5 / num_classes)
+    threshold = findings.chance_threshold(num_classes)
     return next((step for step, error in curve if error < threshold), None)
 
 
