@@ -235,6 +235,22 @@ class AtChanceTest(absltest.TestCase):
             self.assertEqual((lrn["pairs"], lrn["verdict"]), (3, expected))
 
 
+class StoppedEvaluationTest(absltest.TestCase):
+    def test_a_study_whose_evaluation_a_sigterm_stops_is_said_stopped(self):
+        """On several processes a SIGTERM stops a run's evaluation between batches: the study
+        logged "Evaluation stopped" and exited with status 0, unfinished, as if it were done."""
+        from vgg_jax import preemption
+        from vgg_jax.tools import cli
+
+        config = study_config.get_config("smoke")
+        stopped = mock.patch.object(
+            orchestrate, "run_study", side_effect=preemption.Stopped("Evaluation stopped.")
+        )
+        with stopped, self.assertRaises(SystemExit) as exited:
+            cli.run("study", config, self.create_tempdir().full_path)
+        self.assertRegex(str(exited.exception.code), r"^Study stopped: .* Rerun the same command")
+
+
 class ChangedSourcesTest(absltest.TestCase):
     """Runs rest on other runs (a large-S net on its small-S net, B on A, a fusion on its nets):
     a changed config of any of them, or of a run only started, is refused like a finished run's."""

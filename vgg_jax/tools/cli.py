@@ -335,6 +335,11 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> No
                 sys.exit(f"Study refused: {e}")
             except report.ResultsError as e:
                 sys.exit(f"Study results error: {e}")
+            except preemption.Stopped:  # a run's evaluation, on several processes
+                sys.exit(
+                    "Study stopped: a run's evaluation stopped after a termination signal, no "
+                    "results written. Rerun the same command to resume."
+                )
         if mode == "evaluate_continuously":
             from vgg_jax.evaluation import continuous
 
