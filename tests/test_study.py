@@ -99,6 +99,10 @@ class PlanTest(absltest.TestCase):
             plan.make_plan(config, "/s")
         config.arms = ()
         self.assertNotEmpty(plan.make_plan(config, "/s"))
+        # A mistyped scale of the jittering finding gave it no pairs without a word.
+        config.findings.fixed_scale = "Large"
+        with self.assertRaisesRegex(ValueError, r"findings.fixed_scale='Large' is not a scale"):
+            plan.make_plan(config, "/s")
 
     def test_check_config_checks_the_plan_and_every_run(self):
         config = study_config.get_config("quick")

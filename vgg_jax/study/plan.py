@@ -139,6 +139,13 @@ def make_plan(study: ml_collections.ConfigDict, workdir: str) -> list[Run]:
             "the fused nets are trained at it. Set --config.fusion_scale to one of them, or "
             "--config.fusion='()'."
         )
+    for key in ("fixed_scale", "jitter_scale"):
+        # A name no scale setting has (a typo) gave the jittering finding no pairs, unsaid.
+        if (name := study.findings[key]) not in study.scale_settings:
+            raise ValueError(
+                f"study.findings.{key}={name!r} is not a scale setting; valid: "
+                f"{sorted(study.scale_settings)}."
+            )
     from_scratch = [s for s in scales if not _scale_setting(study, s).fine_tune_from]
     fine_tuned = [s for s in scales if _scale_setting(study, s).fine_tune_from]
     fused_nets = {net for fused in study.fusion for net in fused}
