@@ -181,6 +181,24 @@ class ScoreMapPictureTest(absltest.TestCase):
         np.testing.assert_allclose(on_original[:, 0], on_input[1::2, 0], atol=1 / 64)
         self.assertEqual(predict.rescaled_size(50, 80, 100), (100, 160))
 
+    def test_rescaled_size_is_the_evaluation_pipelines(self):
+        """predict tests an image at the size evaluation does, also where the long side lands
+        on an exact half (201x192 at Q=224: 234.5, rounded to even)."""
+        from vgg_jax.data import transforms
+
+        heights, widths = np.meshgrid(np.arange(1, 420), np.arange(1, 200), indexing="ij")
+        for scale in (32, 224, 256, 384):
+            want_h, want_w = transforms.eval_size(heights, widths, scale)
+            got = np.array(
+                [
+                    predict.rescaled_size(h, w, scale)
+                    for h, w in zip(heights.ravel(), widths.ravel(), strict=True)
+                ]
+            )
+            np.testing.assert_array_equal(got[:, 0], want_h.ravel(), err_msg=f"Q={scale}")
+            np.testing.assert_array_equal(got[:, 1], want_w.ravel(), err_msg=f"Q={scale}")
+        self.assertEqual(predict.rescaled_size(201, 192, 224), (234, 224))
+
     def test_png_size_and_colours(self):
         path = os.path.join(self.create_tempdir().full_path, "maps", "a.png")
         figure = score_map.render(self.image, self.score_map, 3, "goldfish", 0.5, scale=64,

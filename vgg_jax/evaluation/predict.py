@@ -92,9 +92,16 @@ def _full_convention(input_convention: Mapping[str, Any]) -> conventions.InputCo
 
 
 def rescaled_size(height: int, width: int, scale: int) -> tuple[int, int]:
-    """The size of a ``height`` x ``width`` image rescaled so its smaller side is ``scale``."""
-    ratio = scale / min(height, width)
-    return max(scale, round(height * ratio)), max(scale, round(width * ratio))
+    """The size of a ``height`` x ``width`` image rescaled so its smaller side is ``scale``: the
+    evaluation pipeline's (``data.transforms.eval_size``, repeated here without TensorFlow), so
+    an image is tested at the size evaluation tests it. ``side * scale / min_side`` rounds half to
+    even; multiplying by a rounded ratio instead would turn an exact 234.5 (201x192 at Q=224) into
+    234.50000000000003 and one pixel more."""
+    min_side = min(height, width)
+    return tuple(
+        scale if side == min_side else max(scale, round(side * scale / min_side))
+        for side in (height, width)
+    )
 
 
 def resize_smaller_side(pixels: np.ndarray, scale: int) -> np.ndarray:
