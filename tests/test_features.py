@@ -173,6 +173,23 @@ class LinearClassifierTest(absltest.TestCase):
         with self.assertRaisesRegex(ValueError, r"Labels must be in \[0, 2\)"):
             features.fit_linear_classifier(np.zeros((3, 2)), np.array([0, 1, 2]), 2)
 
+    def test_non_finite_inputs_fail_instead_of_predicting_class_0(self):
+        """A damaged checkpoint's NaN descriptors used to give NaN weights, every prediction
+        class 0, and a printed error rate."""
+        x = np.random.default_rng(2).normal(size=(6, 3)).astype(np.float32)
+        x[4, 1] = np.nan
+        with self.assertRaisesRegex(ValueError, r"1 of 6 training inputs have NaN or infinite"):
+            features.fit_linear_classifier(x, np.array([0, 1, 0, 1, 0, 1]), 2)
+
+    def test_options_that_leave_the_classifier_unfitted_fail(self):
+        x, labels = np.eye(4, dtype=np.float32), np.array([0, 1, 0, 1])
+        for l2, steps in ((1e-3, 0), (1e-3, -3), (-1.0, 10), (float("nan"), 10)):
+            with self.assertRaises(ValueError, msg=f"l2={l2} steps={steps}"):
+                features.fit_linear_classifier(x, labels, 2, l2=l2, steps=steps)
+        # The command's library call refuses them before preparing data or loading the net.
+        with self.assertRaisesRegex(ValueError, "at least 1 L-BFGS step"):
+            features.linear_probe(None, "/nonexistent", steps=0)
+
 
 ERROR_LINE = r"linear on {}: top-1 error (\d+\.\d\d)%"
 

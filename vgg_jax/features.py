@@ -215,16 +215,34 @@ def _fit_lbfgs(
     return params
 
 
+def check_classifier_options(l2: float, steps: int) -> None:
+    """Raises ``ValueError`` for an ``l2`` or ``steps`` the classifier cannot be fitted with: no
+    step leaves it at its zero start (always class 0), and a negative or NaN ``l2`` makes the
+    loss unbounded or NaN; either way the error printed would be a number that means nothing."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps={steps!r}: the linear classifier needs at least 1 L-BFGS step.")
+    if not np.isfinite(l2) or l2 < 0:
+        raise ValueError(f"l2={l2!r}: the classifier's L2 weight must be a finite number >= 0.")
+
+
 def fit_linear_classifier(
     x: np.ndarray, labels: np.ndarray, num_classes: int, *, l2: float = 1e-3, steps: int = 300
 ) -> LinearClassifier:
     """Full-batch L-BFGS on mean cross-entropy + ``l2 / 2 * |W|^2``, inputs standardised with the
     training set's per-dimension mean and std (so raw pixels and descriptors get the same
     treatment and one ``l2`` suits both)."""
+    check_classifier_options(l2, steps)
     x = np.asarray(x, np.float32)
     labels = np.asarray(labels, np.int32)
     if x.ndim != 2 or len(x) != len(labels) or not len(x):
         raise ValueError(f"Need (N, D) inputs and N labels, N > 0; got {x.shape}, {labels.shape}.")
+    if bad := int(np.count_nonzero(~np.isfinite(x).all(axis=1))):
+        # A NaN input makes every weight NaN, and argmax of NaN logits is class 0 for every
+        # example: a plausible-looking error rate.
+        raise ValueError(
+            f"{bad} of {len(x)} training inputs have NaN or infinite values (the net's "
+            "parameters or activations are not finite?); no classifier fitted."
+        )
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(
             f"Labels must be in [0, {num_classes}); got {labels.min()}-{labels.max()}."
@@ -267,6 +285,7 @@ def linear_probe(
     pixels, and their eval accuracies. The dataset is prepared first (work done is skipped)."""
     from vgg_jax import data
 
+    check_classifier_options(l2, steps)  # before minutes of descriptors
     mesh = sharding.make_mesh(config.mesh)
     runner.check_evals(config, mesh)
     data.prepare(config)
