@@ -91,6 +91,12 @@ class PredictTest(absltest.TestCase):
         with self.assertRaisesRegex(ValueError, "input_convention="):
             predict.predict(self.model, self.params, self.image)
 
+    def test_a_net_with_nan_parameters_is_an_error_not_nan_percent(self):
+        params = jax.tree_util.tree_map(np.copy, self.params)
+        params["fc1"]["bias"][0] = np.nan
+        with self.assertRaisesRegex(ValueError, "class scores are NaN"):
+            predict.predict(self.model, params, self.image, input_convention=self.input_convention)
+
     def test_nan_image_and_bad_top_k_are_errors(self):
         nan_image = np.full(self.image.shape, np.nan, np.float32)
         with self.assertRaisesRegex(ValueError, "NaN or infinite"):

@@ -170,6 +170,12 @@ def predict(
         _dense_one_image(model, flip)(params, jnp.asarray(pixels)[None])
     )
     score_map, log_probabilities = score_maps[0], log_probabilities[0]
+    if np.isnan(log_probabilities).any():
+        # Would print "nan%" for every class, ranked by nothing (classes 0, 1, 2, ...).
+        raise ValueError(
+            "The net's class scores are NaN: its parameters are not finite (a damaged "
+            "checkpoint?); training and imports never save such parameters."
+        )
     if class_names is None and model.num_classes == NUM_IMAGENET_CLASSES:
         class_names = imagenet_class_names()
     if class_names is not None and len(class_names) != model.num_classes:
