@@ -123,6 +123,18 @@ class DescriptorTest(absltest.TestCase):
             )
         self.assertEqual(found.pixels.shape, (count, 4 * 4 * 3))
 
+    def test_all_zero_descriptors_stay_zero_and_are_reported(self):
+        """Dead ReLUs (FC2 off everywhere): no NaN from the normalisation, and a warning that
+        the descriptors carry nothing, before an error rate of them is printed."""
+        params = dict(self.params)
+        params["fc2"] = jax.tree_util.tree_map(jnp.zeros_like, self.params["fc2"])
+        with self.assertLogs(level="WARNING") as logs:
+            found = features.extract_features(
+                self.model, params, self.split.batches, (32,), flip=False
+            )
+        np.testing.assert_array_equal(found.features, 0.0)
+        self.assertIn("5 of 5 descriptors are all zero", "\n".join(logs.output))
+
     def test_flip_off_uses_the_image_alone(self):
         found = features.extract_features(
             self.model, self.params, self.split.batches, (48,), flip=False

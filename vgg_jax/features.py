@@ -168,6 +168,15 @@ def extract_features(
         pixels = outputs.results.get(PIXELS, pixels)
         logging.info("Descriptors of %d examples at Q=%d", len(outputs.labels), scale)
     features = l2_normalize(np.asarray(total, np.float32) / len(scales))
+    if zero := int(np.count_nonzero(~features.any(axis=1))):
+        # No NaN (``l2_normalize`` keeps a zero vector zero), but a printed error rate of such
+        # descriptors measures the classifier's bias alone.
+        logging.warning(
+            "%d of %d descriptors are all zero (every FC2 unit is off after ReLU for those "
+            "images, e.g. dead ReLUs): they carry nothing; the classifier can only guess them.",
+            zero,
+            len(features),
+        )
     return Descriptors(features, examples[1].astype(np.int32), pixels)
 
 
