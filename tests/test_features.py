@@ -277,6 +277,22 @@ class CommandTest(absltest.TestCase):
             self.assertAlmostEqual(value * 9, round(value * 9), places=3)
             self.assertBetween(value, 0.0, 1.0)
 
+    def test_a_workdir_without_the_checkpoint_fails_before_the_dataset_is_prepared(self):
+        """Preparing the dataset takes hours for ImageNet; a typo in --workdir or --checkpoint
+        used to be found only after it."""
+        from experiments import demo
+        from vgg_jax import data
+
+        config = demo.get_config()
+        config.update_from_flattened_dict({**self.overrides, "evals.multi_scales": (32, 48)})
+        empty = os.path.join(self.tmp, "empty")
+        os.makedirs(empty, exist_ok=True)
+        with mock.patch.object(data, "prepare", side_effect=AssertionError("prepared")):
+            with self.assertRaisesRegex(FileNotFoundError, "No committed checkpoint"):
+                features.linear_probe(config, empty)
+            with self.assertRaisesRegex(FileNotFoundError, "No checkpoint at step 7"):
+                features.linear_probe(config, self.workdir, "7")
+
     def test_a_checkpoint_without_its_convention_is_fed_its_training_configs_std(self):
         """The checkpoint was saved before checkpoints carried their input convention: it is
         rebuilt from the checkpoint's training config (the demo's ``pixel_std`` 60), not from

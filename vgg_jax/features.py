@@ -34,7 +34,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from vgg_jax import models, sharding
+from vgg_jax import checkpoint, models, sharding
 from vgg_jax.evaluation import methods, runner
 
 FEATURES, PIXELS = "features", "pixels"
@@ -297,9 +297,11 @@ def linear_probe(
     check_classifier_options(l2, steps)  # before minutes of descriptors
     mesh = sharding.make_mesh(config.mesh)
     runner.check_evals(config, mesh)
+    choice = runner.parse_checkpoint_choice(which)
+    checkpoint.require_checkpoint(workdir, choice)  # before preparing the dataset (hours)
     data.prepare(config)
     info = data.dataset_info(config)
-    net = runner.load_net(workdir, runner.parse_checkpoint_choice(which), mesh, config)
+    net = runner.load_net(workdir, choice, mesh, config)
     runner.fill_convention(net, info.mean_rgb)
     scales = tuple(int(q) for q in config.evals.multi_scales)
 
