@@ -239,6 +239,16 @@ class CheckConfigTest(absltest.TestCase):
             problems(config, "evaluate")  # scoring a net on its training images may be the point
             problems(fixtures.tiny_config(with_data=False), "train_and_evaluate")
 
+    def test_features_scored_on_the_split_they_are_fitted_on_warn(self):
+        config = fixtures.tiny_config(with_data=False, **{"input.eval_split": "train"})
+        with self.assertLogs(level="WARNING") as logs:
+            self.assertEmpty(problems(config, "features"))
+        self.assertIn(
+            "linear classifiers are scored on the images they are fitted on", logs.output[0]
+        )
+        with self.assertNoLogs(level="WARNING"):
+            problems(fixtures.tiny_config(with_data=False), "features")
+
     def test_one_class_is_refused_as_nothing_to_learn(self):
         # A one-class folder trained with loss 0.0000 and printed a table of 0.00% errors.
         with tempfile.TemporaryDirectory() as root:

@@ -176,6 +176,12 @@ def _check_input(p: _Problems, mode: str, data_devices: int) -> tuple[int, int] 
             "held-out ones.",
             split,
         )
+    if mode == "features" and split == p.value("input.train_split"):
+        logging.warning(
+            "input.eval_split is the training split %r: the linear classifiers are scored on the "
+            "images they are fitted on, not held-out ones.",
+            split,
+        )
     facts = dataset_facts(p.config.input)
     if facts is None:
         return None
