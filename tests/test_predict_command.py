@@ -89,6 +89,11 @@ class PredictCommandTest(absltest.TestCase):
         self.assertLen(written, 2 * (len(images) - 1))
         self.assertLen(set(written), len(written))  # today: x_1 and x_dup written twice
         self.assertEqual(sorted(os.listdir(maps)), sorted(os.path.basename(p) for p in written))
+        # Maps written into the input folder are not images of the next run (today: 10 more).
+        inside = os.path.join(root, "maps")
+        predict_tool.predict_files(self.predictor, images[:1], top_k=2, score_maps=inside)
+        self.assertNotEmpty(os.listdir(inside))
+        self.assertEqual(predict_tool.list_images([root], skip=inside), images)
 
     def test_folder_top_k_names_and_skipped_files(self):
         images = predict_tool.list_images([self.folder])

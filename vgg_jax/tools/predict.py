@@ -28,13 +28,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 NAME_WIDTH = 60  # class names in the table are cut there (ImageNet's run to 120 characters)
 
 
-def list_images(paths: Iterable[str]) -> list[str]:
-    """Files as given, and the images under folders (recursively, sorted); a missing path
-    raises ``FileNotFoundError``."""
+def list_images(paths: Iterable[str], skip: str | None = None) -> list[str]:
+    """Files as given, and the images under folders (recursively, sorted), but for those under
+    the folder ``skip`` (``--score_maps``: maps written into an input folder were classified as
+    images by the next run); a missing path raises ``FileNotFoundError``."""
     images = []
     for path in paths:
         if os.path.isdir(path):
-            found, seen = [], set()
+            found, seen = [], {os.path.realpath(skip)} if skip else set()
             # Linked folders are searched too, each real folder once (a link may loop back).
             for directory, subdirectories, names in os.walk(path, followlinks=True):
                 real = os.path.realpath(directory)
@@ -229,7 +230,7 @@ def main(argv: list[str]) -> None:
     if len(argv) < 2:
         sys.exit("predict: name one or more image files or folders after the flags.")
     try:
-        images = list_images(argv[1:])
+        images = list_images(argv[1:], skip=values.score_maps)
     except FileNotFoundError as e:
         sys.exit(f"predict: {e}")
     from vgg_jax.evaluation import predict
