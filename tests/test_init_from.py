@@ -9,9 +9,10 @@ import numpy as np
 from absl.testing import absltest
 
 from experiments import vgg16
-from vgg_jax import checkpoint, models
+from tests import fixtures
+from vgg_jax import checkpoint, conventions, models
 from vgg_jax.configs import paper
-from vgg_jax.training import init_from
+from vgg_jax.training import init_from, loop
 
 
 def tiny(name):
@@ -120,6 +121,30 @@ class InitFromTest(absltest.TestCase):
         init_from.initial_params(config, fresh, "D", names)  # the same classes: copied
         with self.assertRaisesRegex(ValueError, "other classes .*class 1: 'bee' there, 'cat' here"):
             init_from.initial_params(config, fresh, "D", ["ant", "cat", "cow", "dog", "elk"])
+
+
+class InitFromTrainingTest(absltest.TestCase):
+    def test_a_run_feeds_its_copied_first_conv_the_sources_input_convention(self):
+        """A fine-tune of an imported torchvision net (RGB 0-1, ImageNet mean and std) was fed
+        the paper's 0-255 mean-subtracted pixels, about 58 times the range its first conv was
+        trained on, and recorded that convention for its evaluation."""
+        config = fixtures.tiny_config("A", **{"schedule.num_epochs": 1, "ckpt.every_steps": 1})
+        config.input.batch_size = 20
+        source = self.create_tempdir().full_path
+        model = models.build_model(config.model, config.input.crop_size)
+        net = init(model, seed=1)
+        checkpoint.save_params(source, net, config=config, input_convention=conventions.TORCHVISION)
+        config.init_from.update(dict(mode="full", workdir=source))
+        workdir = self.create_tempdir().full_path
+        with self.assertLogs(level="WARNING") as logs:
+            loop.train(config, workdir)
+        self.assertTrue(any("prepared as RGB, 0-1" in line for line in logs.output))
+        _, _, meta = checkpoint.restore_params(workdir)
+        self.assertEqual(conventions.checked(meta["input_convention"]), conventions.TORCHVISION)
+        # Resumed (nothing left to train), the dataset's mean is the same: no warning about it.
+        with self.assertLogs(level="INFO") as logs:
+            loop.train(config, workdir)
+        self.assertFalse([line for line in logs.output if "mean RGB has changed" in line])
 
 
 if __name__ == "__main__":

@@ -33,12 +33,27 @@ SHALLOW_LAYERS = ("block1_conv1", "block2_conv1", "block3_conv1", "block3_conv2"
 SOURCE_NETS = {"shallow": ("A", "A-LRN"), "fc": ("A", "A-LRN")}
 
 
+# The modes that copy the first conv, whose weights were trained on inputs in the source's input
+# convention (channel order, pixel range, mean, std): the run must feed its net that convention.
+FIRST_CONV = "block1_conv1"
+
+
 def initial_params(
     init_config: ml_collections.ConfigDict,
     fresh: dict[str, Any],
     net: str | None = None,
     class_names: list[str] | None = None,
 ) -> dict[str, Any]:
+    """``initialise``'s parameters."""
+    return initialise(init_config, fresh, net, class_names)[0]
+
+
+def initialise(
+    init_config: ml_collections.ConfigDict,
+    fresh: dict[str, Any],
+    net: str | None = None,
+    class_names: list[str] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """``fresh`` (a new net's params, of net ``net``) with the layers ``init_from`` names replaced.
 
     Shardings and dtypes of ``fresh`` are kept; a layer whose shape differs fails loudly, naming
@@ -48,11 +63,17 @@ def initial_params(
     whose output i is class i of the source's dataset: the source's recorded class names must be
     ``class_names`` (this run's), when both are known. A log line names the source, its step and
     the layers copied.
+
+    Returns the parameters and, when the first conv is copied (``shallow``, ``full``), the input
+    convention the source was trained with (None when it copies no conv or the source records
+    none): a run that copies A's first conv from an imported torchvision net (RGB in 0-1 divided
+    by the std) and fed it the paper's 0-255 mean-subtracted pixels saw inputs about 58 times too
+    large, and one from a Keras (Caffe, BGR) net saw its colours swapped.
     """
     if init_config.mode not in MODES:
         raise ValueError(f"Unknown init_from.mode {init_config.mode!r}; valid: {list(MODES)}")
     if init_config.mode == "none":
-        return fresh
+        return fresh, None
     if not init_config.workdir:
         raise ValueError(f"init_from.mode={init_config.mode!r} needs init_from.workdir.")
     which = "latest" if init_config.step is None else init_config.step
@@ -91,7 +112,8 @@ def initial_params(
         source_net or "not recorded",
         ", ".join(names),
     )
-    return params
+    convention = meta.get("input_convention") if FIRST_CONV in names else None
+    return params, convention
 
 
 def _copy_into(target: jax.Array, value: Any) -> jax.Array:

@@ -18,7 +18,16 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from vgg_jax import checkpoint, compile_cache, models, preemption, processes, sharding, writers
+from vgg_jax import (
+    checkpoint,
+    compile_cache,
+    conventions,
+    models,
+    preemption,
+    processes,
+    sharding,
+    writers,
+)
 from vgg_jax.configs import paper
 from vgg_jax.evaluation import report
 from vgg_jax.training import init_from, lock, optim
@@ -158,7 +167,9 @@ def check_same_data(
             "another --workdir (init_from.mode=full copies the weights, then the classes must "
             "match too)."
         )
-    saved = saved_meta.get("input_convention")
+    # A run started from init_from's source feeds the source's convention (``_source_convention``):
+    # its dataset's own is recorded beside it, and that is what a changed dataset changes.
+    saved = saved_meta.get("data_convention") or saved_meta.get("input_convention")
     if saved and saved != checkpoint.jsonable(input_convention):
         logging.warning(
             "The training data's mean RGB has changed since %s was saved (%s then, %s now): "
@@ -216,6 +227,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> T
     _check_config(config, info.num_classes)
     # What the net sees, saved with every checkpoint: evaluation applies this, not its own config.
     input_convention = data.trained_convention(info.mean_rgb, config.input)
+    data_convention = input_convention  # the dataset's own, compared on resuming
     steps_per_epoch = data.steps_per_epoch(config)
     total_steps = int(config.schedule.num_epochs * steps_per_epoch)
     warn_if_the_plateau_rule_cannot_act(config)
@@ -242,11 +254,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> T
             best_top1 = meta["best_val_top1"]
         logging.info("Resumed from step %d in %s.", latest, workdir)
     else:
-        state = state.replace(
-            params=init_from.initial_params(
-                config.init_from, state.params, config.model.name, info.class_names
-            )
+        params, source_convention = init_from.initialise(
+            config.init_from, state.params, config.model.name, info.class_names
         )
+        state = state.replace(params=params)
+        input_convention = _source_convention(source_convention, input_convention, config)
 
     validation_step = make_validation_step(model, mesh, shardings.params)
     writer = writers.MetricWriter(workdir)
@@ -286,6 +298,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> T
             "validation": validation,
             "best_val_top1": None if math.isinf(best_top1) else best_top1,
             "input_convention": input_convention,
+            "data_convention": data_convention,
             "class_names": info.class_names,  # predict names classes without the dataset
             "final": step >= total_steps,  # the schedule's end: a continuous evaluator stops
         }
@@ -372,6 +385,26 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> T
             stop.requested()  # one that came while the last save was written
         stop.restore()
     return state
+
+
+def _source_convention(source: dict | None, own: dict, config: ml_collections.ConfigDict) -> dict:
+    """The input convention of a run whose first conv comes from ``init_from``'s source: the
+    source's (``source``), as a resumed run keeps its checkpoint's, since those weights were
+    trained on inputs prepared that way (an imported torchvision or Keras net's differ from the
+    paper's mean subtraction in range, std or channel order); a difference is named in a warning.
+    ``own`` (this config's) when the source records none or no conv is copied."""
+    if source is None:
+        return own
+    source = dict(conventions.checked(source))
+    if source != dict(conventions.checked(own)):
+        logging.warning(
+            "init_from %s copies the first conv of a net trained on inputs prepared as %s; this "
+            "run feeds its net that convention, not its own dataset's (%s).",
+            config.init_from.workdir,
+            conventions.describe(source),
+            conventions.describe(own),
+        )
+    return source
 
 
 def _ensure_finite(
