@@ -122,6 +122,23 @@ class InitFromTest(absltest.TestCase):
         with self.assertRaisesRegex(ValueError, "other classes .*class 1: 'bee' there, 'cat' here"):
             init_from.initial_params(config, fresh, "D", ["ant", "cat", "cow", "dog", "elk"])
 
+    def test_a_source_not_trained_to_the_end_is_named(self):
+        """A net D started from net A's newest checkpoint while A still trains (or after A was
+        stopped) began from a half-trained A without a word."""
+        source = os.path.join(self.create_tempdir().full_path, "a")
+        checkpoints = checkpoint.Checkpointer(source, keep=2, keep_best=False)
+        checkpoints.save(4, self.net_a, {"momentum": self.net_a}, {"final": False})
+        checkpoints.close()
+        fresh = init(tiny("D"), seed=2)
+        config = paper.paper_config("D", None).init_from
+        config.update(dict(mode="shallow", workdir=source))
+        with self.assertLogs(level="WARNING") as logs:
+            init_from.initial_params(config, fresh, "D")
+        self.assertTrue(any("step 4, is not the end of its training" in x for x in logs.output))
+        config.step = 4  # asked for by number: a choice, no warning
+        with self.assertNoLogs(level="WARNING"):
+            init_from.initial_params(config, fresh, "D")
+
 
 class InitFromTrainingTest(absltest.TestCase):
     def test_a_run_feeds_its_copied_first_conv_the_sources_input_convention(self):

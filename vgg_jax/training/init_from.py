@@ -78,6 +78,17 @@ def initialise(
         raise ValueError(f"init_from.mode={init_config.mode!r} needs init_from.workdir.")
     which = "latest" if init_config.step is None else init_config.step
     source, step, meta = checkpoint.restore_params(init_config.workdir, which)
+    if init_config.step is None and meta.get("final") is False:
+        # A trainer's checkpoints say whether they end its schedule; imported weights say nothing.
+        logging.warning(
+            "init_from %s: its newest checkpoint, step %d, is not the end of its training (the "
+            "run is still training or was stopped): this run starts from a net not trained to "
+            "the end (section 3.1 starts the deeper nets from the trained net A), and a restart "
+            "before this run's first checkpoint would copy a later step. Let it finish, or name "
+            "a step with init_from.step.",
+            init_config.workdir,
+            step,
+        )
     source_net = ((meta.get("config") or {}).get("model") or {}).get("name")
     wanted = SOURCE_NETS.get(init_config.mode, (net,) if net else ())
     if source_net is not None and wanted and source_net not in wanted:
