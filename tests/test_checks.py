@@ -152,6 +152,17 @@ class CheckConfigTest(absltest.TestCase):
         checkpoint.save_params(resuming, {"w": np.zeros(2, np.float32)}, step=5)
         self.assertEmpty([p for p in problems(config, "train", resuming) if "init_from" in p])
 
+    def test_an_init_source_that_is_the_runs_own_workdir_is_refused(self):
+        """A fine-tune given its source's workdir as its own resumed the source run in place
+        (nothing copied) and its keep-last-K deleted the source's checkpoints."""
+        source = self.create_tempdir().full_path
+        checkpoint.save_params(source, {"w": np.zeros(2, np.float32)}, step=5)
+        config = fixtures.tiny_config(
+            with_data=False, **{"init_from.mode": "full", "init_from.workdir": source + "/"}
+        )
+        (line,) = problems(config, "train", source)
+        self.assertStartsWith(line, f"config.init_from.workdir={source + '/'!r}: is this run's own")
+
     def test_workdir_that_is_a_file_and_unknown_mode(self):
         with tempfile.NamedTemporaryFile() as f:
             (line,) = problems(fixtures.tiny_config(with_data=False), "train", f.name)

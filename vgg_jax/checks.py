@@ -384,6 +384,20 @@ def _check_init_source(p: _Problems, workdir: str | None) -> None:
     from vgg_jax import checkpoint
 
     source, mode = p.value("init_from.workdir"), p.value("init_from.mode")
+    if (
+        mode != "none"
+        and source
+        and workdir is not None
+        and os.path.realpath(os.path.expanduser(source)) == os.path.realpath(workdir)
+    ):
+        # The run would resume the source's own checkpoints as its own and, keeping the last
+        # ckpt.keep, delete them: the source run lost, and nothing copied.
+        p.add(
+            "init_from.workdir",
+            "is this run's own --workdir: the run would resume the source's checkpoints instead "
+            "of copying them, and replace them with its own; give this run another --workdir",
+        )
+        return
     if mode == "none" or (workdir is not None and checkpoint.available_steps(workdir)):
         return
     if not source:
