@@ -162,6 +162,11 @@ class InitFromTrainingTest(absltest.TestCase):
         with self.assertLogs(level="INFO") as logs:
             loop.train(config, workdir)
         self.assertFalse([line for line in logs.output if "mean RGB has changed" in line])
+        # An explicit input.pixel_std that contradicts the source's std is refused at start-up
+        # (the evaluator refuses it for the trained net: before, after all the training).
+        config.input.pixel_std = (60.0, 60.0, 60.0)
+        with self.assertRaisesRegex(ValueError, r"trained with input std .*0\.229.*pixel_std"):
+            loop.train(config, self.create_tempdir().full_path)
 
 
 if __name__ == "__main__":

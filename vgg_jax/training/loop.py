@@ -396,6 +396,14 @@ def _source_convention(source: dict | None, own: dict, config: ml_collections.Co
     if source is None:
         return own
     source = dict(conventions.checked(source))
+    wanted = config.input.get("pixel_std")
+    if wanted is not None and tuple(float(s) for s in wanted) != tuple(source["std"]):
+        # As the evaluator refuses it (runner.check_convention), at start-up, not after training.
+        raise checkpoint.NetMismatchError(
+            f"init_from {config.init_from.workdir} was trained with input std {source['std']}, "
+            f"the config sets input.pixel_std={tuple(wanted)}; the copied first conv is fed its "
+            "source's input convention: drop the override (or set it to the source's value)."
+        )
     if source != dict(conventions.checked(own)):
         logging.warning(
             "init_from %s copies the first conv of a net trained on inputs prepared as %s; this "
