@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from vgg_jax import models, writers
+from vgg_jax.evaluation import report as eval_report
 from vgg_jax.study import findings, plan
 
 # The paper's top-1 / top-5 error (%) for the columns our scale settings stand for (Tables 3-6).
@@ -50,7 +51,7 @@ ARM_TITLES = {
 }
 
 
-RESULTS_FILE = "results.json"  # the evaluator's, in each run's workdir
+RESULTS_FILE = f"{eval_report.RESULTS}.json"  # the evaluator's, in each run's workdir
 
 
 class ResultsError(ValueError):
