@@ -192,6 +192,34 @@ class OverrideTest(absltest.TestCase):
         spaced = ["a", "--config.x", "1", "--config.x=2"]
         self.assertEqual(cli.last_override_wins(spaced), spaced)
 
+    def test_a_study_base_key_that_the_plan_replaces_is_refused(self):
+        """``--config.base.optim.learning_rate=0.005`` trained every run at the scale settings'
+        rates without a word: the plan sets that key for every run."""
+
+        def parse(*overrides):
+            argv = ["launch.py", "--config=experiments/study.py:smoke", *overrides]
+            flag_values = flags.FlagValues()
+            config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+            cli.parse_flags(flag_values, argv)
+            return flag_values.config
+
+        with self.assertRaises(SystemExit) as stop:
+            parse("--config.base.model.width=0.25", "--config.base.optim.learning_rate=0.005")
+        message = str(stop.exception.code)
+        self.assertIn("--config.base.optim.learning_rate is set by the study's plan", message)
+        self.assertIn("--config.scale_settings.{small,large,jitter}.learning_rate", message)
+        self.assertNotIn("model.width", message)
+        with self.assertRaisesRegex(SystemExit, r"--config.seeds instead"):
+            parse("--config.base.seed=3")
+        # A base key the plan leaves alone is the study's to take, and a training config's
+        # own keys are not a study's.
+        self.assertEqual(parse("--config.base.model.width=0.25").base.model.width, 0.25)
+        argv = ["launch.py", "--config=experiments/demo.py", "--config.optim.learning_rate=0.1"]
+        flag_values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+        cli.parse_flags(flag_values, argv)
+        self.assertEqual(flag_values.config.optim.learning_rate, 0.1)
+
 
 if __name__ == "__main__":
     absltest.main()

@@ -270,8 +270,8 @@ def check_config(
     """
     if mode not in MODES + TOOL_MODES:
         raise ConfigError([f"--mode={mode!r}: unknown; valid: {list(MODES)}"])
-    if _is_study(config) != (mode == "study"):
-        kind = "a study config" if _is_study(config) else "a training config"
+    if is_study(config) != (mode == "study"):
+        kind = "a study config" if is_study(config) else "a training config"
         raise ConfigError(
             [
                 f"--mode={mode}: got {kind}; a study config (experiments/study.py) runs with "
@@ -425,7 +425,8 @@ def _check_init_source(p: _Problems, workdir: str | None) -> None:
         p.add("init_from.step", f"not a checkpoint of {source}; it has {steps}")
 
 
-def _is_study(config: ml_collections.ConfigDict) -> bool:
+def is_study(config: ml_collections.ConfigDict) -> bool:
+    """A study config (``experiments/study.py``), which only ``--mode=study`` runs."""
     return "scale_settings" in config
 
 

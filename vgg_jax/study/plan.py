@@ -28,6 +28,24 @@ from vgg_jax import models
 MAIN_ARM = "paper"
 INIT_MODES = ("none", "shallow", "fc")
 
+# The keys of ``base`` that the plan sets for every run (``run_config``, ``_main_run``), and where
+# a study takes each from instead: a ``base`` value for them would be silently replaced.
+SCALE_KEY = "scale_settings.<S>."
+PLAN_SETS = {
+    "model.name": "nets",
+    "seed": "seeds",
+    "input.shuffle_seed": "seeds",
+    "input.train_scale_min": SCALE_KEY + "train_scale",
+    "input.train_scale_max": SCALE_KEY + "train_scale",
+    "evals.single_scale": SCALE_KEY + "single_scale",
+    "evals.multi_scales": SCALE_KEY + "multi_scales",
+    "evals.methods": SCALE_KEY + "methods",
+    "schedule.num_epochs": SCALE_KEY + "num_epochs",
+    "optim.learning_rate": SCALE_KEY + "learning_rate",
+    "init_from.mode": f"init_from_a or {SCALE_KEY}fine_tune_from",
+    "init_from.workdir": f"init_from_a or {SCALE_KEY}fine_tune_from",
+}
+
 
 @dataclasses.dataclass
 class Run:
@@ -80,6 +98,22 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Any) -> None:
             apply_overrides(config[key], value)
         else:
             config[key] = value
+
+
+def ignored_base_overrides(study: ml_collections.ConfigDict, keys: Any) -> list[str]:
+    """One line for each overridden key (``"base.optim.learning_rate"``) that the plan replaces
+    in every run, naming the study key that sets it. ``--config.base.optim.learning_rate=0.005``
+    trained every run at the scale settings' rates without a word."""
+    lines = []
+    for key in keys:
+        owner = PLAN_SETS.get(key.removeprefix("base.")) if key.startswith("base.") else None
+        if owner:
+            where = owner.replace("<S>", "{" + ",".join(study.scales) + "}")
+            lines.append(
+                f"--config.{key} is set by the study's plan for every run, so it would be "
+                f"ignored; set --config.{where} instead (docs/study.md)"
+            )
+    return lines
 
 
 def _scale_setting(study: ml_collections.ConfigDict, scale: str) -> ml_collections.ConfigDict:

@@ -75,14 +75,15 @@ def quiet_library_logs() -> None:
 
 
 def parse_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
-    """Parses flags, turning an unknown ``--config.key`` override into a one-line error.
+    """Parses flags, turning an unknown ``--config.key`` override, or a study ``base`` key that
+    the study's plan replaces, into a one-line error.
 
     ml_collections raises a bare ``AttributeError`` from deep inside flag parsing; a user who
     mistyped a key should instead read which key is unknown and which ones exist there.
     """
     argv = last_override_wins(argv)
     try:
-        return flag_values(argv)
+        rest = flag_values(argv)
     except flags.Error as e:
         message = str(e)
         if "Error whilst parsing config file" in message:  # the config's own error, last
@@ -91,6 +92,15 @@ def parse_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
         sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help.")
     except (AttributeError, KeyError) as e:
         sys.exit(_unknown_key_message(argv) or f"Bad config override: {e}")
+    if "config" in flag_values and checks.is_study(config := flag_values["config"].value):
+        from ml_collections import config_flags
+
+        from vgg_jax.study import plan
+
+        overridden = config_flags.get_override_values(flag_values["config"])
+        if lines := plan.ignored_base_overrides(config, overridden):
+            sys.exit("Config error:\n  " + "\n  ".join(lines))
+    return rest
 
 
 def last_override_wins(argv: list[str]) -> list[str]:
