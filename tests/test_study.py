@@ -18,7 +18,7 @@ from absl.testing import absltest
 
 from experiments import study as study_config
 from tests import fixtures
-from vgg_jax import checks, data, preemption
+from vgg_jax import checkpoint, checks, data, preemption
 from vgg_jax.evaluation import runner
 from vgg_jax.study import findings, orchestrate, plan, report
 from vgg_jax.training import lock, loop
@@ -311,6 +311,33 @@ class ChangedSourcesTest(absltest.TestCase):
             orchestrate.ChangedStudyError, r"paper/A/small/seed0 \(optim.learning_rate"
         ):
             orchestrate.run_study(self.changed(), self.root, executor=self.must_not_run)
+
+    def test_a_source_whose_checkpoints_are_gone_is_named_before_anything_runs(self):
+        orchestrate.run_study(self.config, self.root, executor=write_results)
+        shutil.rmtree(os.path.join(self.root, "runs", "paper", "B", "large"))
+        source = os.path.join(self.root, "runs", "paper", "B", "small", "seed0")
+        # The fake runs wrote no checkpoint: B/small's are "gone". Today: the study started
+        # B/large, whose training stopped with "No committed checkpoint in ...: train it first
+        # (--mode=train)", a directory the study manages.
+        with (
+            mock.patch.object(checkpoint, "available_steps", return_value=[]),
+            self.assertRaisesRegex(
+                orchestrate.SourceGoneError,
+                r"1 finished runs have no checkpoint left.*paper/B/small/seed0 \(in "
+                rf"{source}; needed by paper/B/large/seed0\)",
+            ),
+        ):
+            orchestrate.run_study(self.config, self.root, executor=self.must_not_run)
+        redone = []
+
+        def kept(workdir):
+            return [10] if workdir == source else []
+
+        with mock.patch.object(checkpoint, "available_steps", side_effect=kept):
+            orchestrate.run_study(
+                self.config, self.root, executor=lambda run: redone.append(run.name)
+            )
+        self.assertEqual(redone, ["paper/B/large/seed0"])
 
 
 class DivergedRunTest(absltest.TestCase):

@@ -42,6 +42,10 @@ class ChangedStudyError(ValueError):
     """Finished runs were made with another config than the study now plans for them."""
 
 
+class SourceGoneError(FileNotFoundError):
+    """A finished run that others still start from (or fuse) has lost its checkpoints."""
+
+
 # Where things are, not what is computed: a study moved to another disk is the same study.
 _PATH_KEYS = (
     "input.data_dir",
@@ -229,6 +233,35 @@ def execute(run: plan.Run) -> None:
     runner.run_evaluation(run.config, run.workdir)
 
 
+def check_sources_kept(todo: list[plan.Run], by_name: dict[str, plan.Run]) -> None:
+    """Raises ``SourceGoneError`` naming each finished run whose checkpoints are gone while a run
+    left to do still reads them: a fine-tune or B-E not yet started (``init_from``), or a fusion.
+    Before, the study trained everything before it, then stopped with a training's hint ("train
+    it first (--mode=train)") for a directory the study itself manages."""
+    from vgg_jax import checkpoint
+
+    gone: dict[str, list[str]] = {}
+    for run in todo:
+        if not run.is_fusion and checkpoint.available_steps(run.workdir):
+            continue  # resumes from its own checkpoint: its source was read already
+        for name in run.depends_on:
+            source = by_name[name]
+            if is_finished(source) and not checkpoint.available_steps(source.workdir):
+                gone.setdefault(name, []).append(run.name)
+    if gone:
+        lines = [
+            f"{name} (in {by_name[name].workdir}; needed by {', '.join(needers[:2])}"
+            f"{', ...' if len(needers) > 2 else ''})"
+            for name, needers in gone.items()
+        ]
+        raise SourceGoneError(
+            f"{len(gone)} finished runs have no checkpoint left, and runs still to do start "
+            f"from or fuse them: {'; '.join(lines[:3])}{'; ...' if len(lines) > 3 else ''}. "
+            "Delete those runs' directories to train them again (same config and seed), or "
+            "restore their checkpoints/."
+        )
+
+
 def _check_dependencies(run: plan.Run, by_name: dict[str, plan.Run]) -> None:
     missing = [name for name in run.depends_on if not is_finished(by_name[name])]
     if missing:
@@ -256,6 +289,7 @@ def _run_study(study: ml_collections.ConfigDict, workdir: str, executor) -> dict
     with open(os.path.join(workdir, "study_config.json"), "w") as f:
         f.write(study.to_json_best_effort(indent=2))
     todo = [run for run in runs if not is_finished(run)]
+    check_sources_kept(todo, by_name)
     for run in todo:
         if os.path.exists(os.path.join(run.workdir, DONE_FILE)):
             _progress(

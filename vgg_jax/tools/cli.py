@@ -341,7 +341,7 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> No
                 orchestrate.run_study(config, workdir)
             except orchestrate.Interrupted as stop:
                 sys.exit(f"Study stopped: {stop} Rerun the same command to resume.")
-            except orchestrate.ChangedStudyError as e:
+            except (orchestrate.ChangedStudyError, orchestrate.SourceGoneError) as e:
                 sys.exit(f"Study refused: {e}")
             except report.ResultsError as e:
                 sys.exit(f"Study results error: {e}")
