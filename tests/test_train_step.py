@@ -80,6 +80,12 @@ class ShardedStepTest(absltest.TestCase):
     def test_mesh_must_match_devices(self):
         with self.assertRaisesRegex(ValueError, "does not match"):
             sharding.make_mesh(ml_collections.ConfigDict(dict(data=3, model=1)), jax.devices()[:4])
+        # Called directly (a notebook), past launch.py's config check: model=0 divided by zero,
+        # data=-2 made numpy's "cannot reshape" about a negative axis.
+        for data, model, named in ((-1, 0, "mesh.model=0"), (-2, 2, "mesh.data=-2")):
+            with self.assertRaisesRegex(ValueError, rf"^{named}: each axis is a device count"):
+                config = ml_collections.ConfigDict(dict(data=data, model=model))
+                sharding.make_mesh(config, jax.devices()[:4])
 
     def test_a_model_axis_across_processes_is_refused(self):
         """Two processes of two devices, ``mesh.data=1, mesh.model=4``: each process's share of

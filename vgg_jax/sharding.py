@@ -24,6 +24,12 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: list | None = Non
     """A ``(data, model)`` mesh over all devices; ``-1`` for one axis means "the rest"."""
     devices = list(jax.devices() if devices is None else devices)
     data, model = given = int(mesh_config.data), int(mesh_config.model)
+    if bad := [
+        f"mesh.{k}={v}" for k, v in zip((DATA, MODEL), given, strict=True) if v == 0 or v < -1
+    ]:
+        # model=0 divided by zero, data=-2 made a negative axis; launch.py's config check names
+        # them first, but a notebook calling this directly got numpy's or Python's error.
+        raise ValueError(f"{', '.join(bad)}: each axis is a device count >= 1, or -1 for the rest.")
     if data == -1 and model == -1:
         raise ValueError("Only one of mesh.data and mesh.model may be -1.")
     if data == -1:
