@@ -173,6 +173,31 @@ class CheckConfigTest(absltest.TestCase):
         with self.assertRaisesRegex(checks.ConfigError, "valid: .*'summary'"):
             checks.check_config(fixtures.tiny_config(with_data=False), "trian")
 
+    def test_cloud_storage_urls_are_refused_where_the_project_writes_with_local_calls(self):
+        """``--workdir=gs://bucket/run`` trained into a local directory ``gs:/bucket/run`` of the
+        current one (on a TPU VM, its disk: gone with the VM); a ``gs://`` data_dir wrote the
+        project's index and statistics there too."""
+        config = fixtures.tiny_config(with_data=False)
+        (line,) = problems(config, "train", "gs://bucket/run")
+        self.assertStartsWith(line, "--workdir=gs://bucket/run is a URL, but vgg_jax reads and")
+        self.assertIn(f"{os.path.abspath('gs://bucket/run')!r}); mount the bucket", line)
+        config.init_from.workdir = "gs://bucket/a"
+        config.evals.fusion_workdirs = ("/runs/d", "s3://bucket/e")
+        config.input.data_dir = "gs://bucket/tfds"
+        lines = problems(config, "train")
+        self.assertLen(lines, 3, lines)
+        self.assertStartsWith(lines[0], "config.init_from.workdir=gs://bucket/a is a URL")
+        self.assertStartsWith(lines[1], "config.evals.fusion_workdirs=s3://bucket/e is a URL")
+        self.assertStartsWith(lines[2], "config.input.data_dir=gs://bucket/tfds is a URL, which")
+        self.assertIn("set --config.input.index_dir to a local or mounted directory", lines[2])
+        # TFDS reads a remote data_dir; the project's own files then go to a local index_dir.
+        config.init_from.workdir, config.evals.fusion_workdirs = None, ()
+        config.input.index_dir = self.create_tempdir().full_path
+        self.assertEmpty(problems(config, "train"))
+        config.input.index_dir = "gs://bucket/index"
+        (line,) = problems(config, "train")
+        self.assertStartsWith(line, "config.input.index_dir=gs://bucket/index is a URL")
+
     def test_a_read_only_workdir_is_found_before_an_evaluation(self):
         read_only = self.create_tempdir().full_path  # root ignores mode bits: a read-only mount
         real_access = os.access

@@ -284,6 +284,7 @@ def check_config(
         return _check_study(config, workdir)
     p = _Problems(config)
     _check_model(p)
+    _check_local_paths(p)
     if mode == "summary":
         cell = 2**models.NUM_POOLS
         p.number("input.crop_size", lambda x: x >= cell and x % cell == 0, f"a multiple of {cell}")
@@ -334,10 +335,53 @@ def check_config(
     return facts
 
 
+def url_problem(what: str, path: str | None) -> str | None:
+    """Why ``path`` (``gs://bucket/run``) cannot be one of the directories the project reads and
+    writes itself: its lock, checkpoints' metadata, metrics, results and data index use local
+    file calls, which took the URL for a relative path and made a directory ``gs:`` in the
+    current one. On a TPU VM the checkpoints of a "gs://" workdir were on the VM's own disk,
+    gone with it."""
+    if not path or "://" not in path:
+        return None
+    return (
+        f"{what}={path} is a URL, but vgg_jax reads and writes it with local file calls (it "
+        f"would have been a local directory {os.path.abspath(path)!r}); mount the bucket "
+        "(e.g. with gcsfuse) and give the mounted path"
+    )
+
+
+def _check_local_paths(p: _Problems) -> None:
+    """The config's directories that the project itself reads or writes are local paths; a
+    ``gs://`` ``input.data_dir`` is TFDS's to read, but then the index and statistics the
+    project writes beside the TFDS files need a local ``input.index_dir``."""
+
+    def given(key: str) -> Any:
+        try:
+            return p.value(key)
+        except (KeyError, AttributeError):  # a config without that part
+            return None
+
+    paths = [(key, given(key)) for key in ("init_from.workdir", "input.index_dir")]
+    paths += [("evals.fusion_workdirs", w) for w in given("evals.fusion_workdirs") or ()]
+    for key, path in paths:
+        if problem := url_problem(f"config.{key}", path):
+            p.lines.append(problem)
+    data_dir = given("input.data_dir") or os.environ.get("TFDS_DATA_DIR")
+    if data_dir and "://" in data_dir and not given("input.index_dir"):
+        p.lines.append(
+            f"config.input.data_dir={data_dir} is a URL, which TFDS reads, but the project's index and "
+            "statistics of the dataset are written with local file calls beside it (a local "
+            f"directory {os.path.abspath(data_dir)!r}, one per host); set "
+            "--config.input.index_dir to a local or mounted directory"
+        )
+
+
 def workdir_problem(workdir: str) -> str | None:
     """Why nothing could be written into ``workdir`` (a file there or above it, a read-only
-    mount or directory), found at start-up: an evaluation of hours otherwise ends in a traceback
-    when it writes results.json, its table unprinted."""
+    mount or directory, a URL), found at start-up: an evaluation of hours otherwise ends in a
+    traceback when it writes results.json, its table unprinted."""
+    if problem := url_problem("--workdir", workdir):
+        return problem
     target = existing = os.path.abspath(workdir)
     while not os.path.exists(existing):  # the directory the run would create its workdir in
         existing = os.path.dirname(existing)

@@ -305,7 +305,9 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> No
     quiet_library_logs()
     # Once, here: "~/runs" after "=" is not expanded by the shell, and a relative path must mean
     # one place for every part of the run.
-    workdir = os.path.abspath(os.path.expanduser(workdir)) if workdir else None
+    # A URL is left as it is for the config check to name (checks.url_problem).
+    if workdir and "://" not in workdir:
+        workdir = os.path.abspath(os.path.expanduser(workdir))
     check_same_job_or_exit(mode, config)
     check_or_exit(config, mode, workdir)
     if mode == "summary":
