@@ -369,9 +369,9 @@ def _check_local_paths(p: _Problems) -> None:
     data_dir = given("input.data_dir") or os.environ.get("TFDS_DATA_DIR")
     if data_dir and "://" in data_dir and not given("input.index_dir"):
         p.lines.append(
-            f"config.input.data_dir={data_dir} is a URL, which TFDS reads, but the project's index and "
-            "statistics of the dataset are written with local file calls beside it (a local "
-            f"directory {os.path.abspath(data_dir)!r}, one per host); set "
+            f"config.input.data_dir={data_dir} is a URL, which TFDS reads, but the project's "
+            "index and statistics of the dataset are written with local file calls beside it "
+            f"(a local directory {os.path.abspath(data_dir)!r}, one per host); set "
             "--config.input.index_dir to a local or mounted directory"
         )
 
