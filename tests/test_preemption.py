@@ -61,6 +61,12 @@ def read(path: str) -> str:
         return f.read()
 
 
+def logged_step(path: str) -> int:
+    """The last training step a process's log reports (``step 15/60 epoch 3.00 | ...``)."""
+    steps = re.findall(rf"step (\d+)/{TOTAL_STEPS} ", read(path))
+    return int(steps[-1]) if steps else 0
+
+
 class OneProcessTest(absltest.TestCase):
     def setUp(self):
         super().setUp()
@@ -78,6 +84,20 @@ class OneProcessTest(absltest.TestCase):
         self.assertFalse(preemption.agreed_stop())
         stop.restore()
         self.assertEqual(signal.getsignal(signal.SIGTERM), signal.SIG_IGN)
+
+    def test_ctrl_c_saves_and_stops_like_sigterm_and_a_second_one_stops_at_once(self):
+        # Today: KeyboardInterrupt mid-step, every step since the last periodic checkpoint lost.
+        previous = signal.getsignal(signal.SIGINT)
+        stop = preemption.StopSignal()
+        self.addCleanup(stop.restore)
+        self.assertFalse(stop.requested())
+        os.kill(os.getpid(), signal.SIGINT)
+        self.assertTrue(stop.requested())
+        self.assertTrue(preemption.stopped())
+        with self.assertRaises(KeyboardInterrupt):  # the user will not wait for the save
+            os.kill(os.getpid(), signal.SIGINT)
+        stop.restore()
+        self.assertEqual(signal.getsignal(signal.SIGINT), previous)
 
 
 class TwoProcessTestCase(absltest.TestCase):
@@ -166,45 +186,54 @@ class TwoProcessPreemptionTest(TwoProcessTestCase):
         cls.reference_params, step = final_params(cls.reference_dir)
         assert step == TOTAL_STEPS, step
 
-    def stop_and_resume(self, signalled: tuple[int, ...]) -> None:
-        workdir = self.create_tempdir().full_path
+    def stop(self, workdir: str, signalled: tuple[int, ...], resumed_from: int = 0) -> int:
+        """Trains (resuming from ``resumed_from``), SIGTERMs the ``signalled`` processes once
+        training is under way, and checks both stop at one step with one complete checkpoint
+        there; returns that step. (A resumed run saves again only at a new best validation or at
+        its end: waiting for a checkpoint signalled it after its last step.)"""
         processes, logs = self.launch(workdir, "train")
         self.processes += processes
-        # Training is under way once the first validation checkpoint (epoch 1) is committed.
-        self.wait_for(
-            lambda: STEPS_PER_EPOCH in checkpoint.available_steps(workdir),
-            processes,
-            "checkpoint",
-        )
+        if resumed_from:  # under way once it logs a step after the one it resumed from
+            self.wait_for(lambda: logged_step(logs[0]) > resumed_from, processes, "a new step")
+        else:  # under way once the first validation checkpoint (epoch 1) is committed
+            self.wait_for(
+                lambda: STEPS_PER_EPOCH in checkpoint.available_steps(workdir),
+                processes,
+                "checkpoint",
+            )
         for i in signalled:
             processes[i].send_signal(signal.SIGTERM)
         texts = self.finish(processes, logs)
+        if resumed_from:
+            for text in texts:
+                self.assertIn(f"Resumed from step {resumed_from}", text)
         stops = [STOPPED_AT.findall(text) for text in texts]
         self.assertLen(stops[0], 1, texts[0][-3000:])
         self.assertEqual(stops[0], stops[1])  # the same step on both processes
         stopped_at = int(stops[0][0])
-        self.assertBetween(stopped_at, STEPS_PER_EPOCH + 1, TOTAL_STEPS - 1)
+        self.assertBetween(stopped_at, max(resumed_from, STEPS_PER_EPOCH) + 1, TOTAL_STEPS - 1)
         # One complete checkpoint at that step, the newest, and no unfinished save beside it.
         self.assertEqual(max(checkpoint.available_steps(workdir)), stopped_at)
         leftovers = [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in n]
         self.assertEmpty(leftovers)
         _, step, meta = checkpoint.restore_params(workdir)
         self.assertEqual((step, meta["data"]["next_step"]), (stopped_at, stopped_at))
+        return stopped_at
 
+    def test_sigterm_to_process_0_then_to_both_stops_both_at_one_step_and_resumes_bitwise(self):
+        """One run stopped twice (one launch fewer than a run per case, for the suite's time):
+        process 0 alone signalled, which must stop process 1 at the same step, then both."""
+        workdir = self.create_tempdir().full_path
+        first = self.stop(workdir, signalled=(0,))
+        second = self.stop(workdir, signalled=(0, 1), resumed_from=first)
         processes, logs = self.launch(workdir, "train")
         self.processes += processes
         texts = self.finish(processes, logs)
         for text in texts:
-            self.assertIn(f"Resumed from step {stopped_at}", text)
+            self.assertIn(f"Resumed from step {second}", text)
         params, step = final_params(workdir)
         self.assertEqual(step, TOTAL_STEPS)
         jax.tree_util.tree_map(np.testing.assert_array_equal, params, self.reference_params)
-
-    def test_sigterm_to_process_0_stops_both_at_one_step_and_resumes_bitwise(self):
-        self.stop_and_resume(signalled=(0,))
-
-    def test_sigterm_to_both_processes_stops_both_at_one_step_and_resumes_bitwise(self):
-        self.stop_and_resume(signalled=(0, 1))
 
     def test_sigterm_to_process_0_stops_evaluation_on_both_between_batches(self):
         # Nine test scales, each compiled on its first batch: evaluation outlasts the signal.
