@@ -137,6 +137,28 @@ class CheckConfigTest(absltest.TestCase):
         self.assertStartsWith(line, f"config.init_from.workdir={empty!r}: holds no checkpoint")
         self.assertEmpty(problems(config, "train"))  # no workdir (a study's plan): not checked
 
+    def test_seeds_jax_and_numpy_cannot_take_are_found_at_start_up(self):
+        """A negative input.shuffle_seed was numpy's traceback ("expected non-negative integer")
+        at the first batch, after preparation and compilation; 2**32 + 5 initialised the net and
+        drew the on-device augmentation exactly as 5 did (``jax.random.key`` keeps 32 bits)."""
+        import jax
+
+        self.assertTrue(
+            np.array_equal(
+                jax.random.key_data(jax.random.key(5)),
+                jax.random.key_data(jax.random.key(2**32 + 5)),
+            )
+        )
+        for key, value in (("input.shuffle_seed", -1), ("seed", 2**32 + 5)):
+            config = fixtures.tiny_config(with_data=False, **{key: value})
+            (line,) = problems(config, "train")
+            self.assertStartsWith(
+                line, f"config.{key}={value}: must be a whole number in [0, 2**32)"
+            )
+            self.assertEmpty(problems(config, "evaluate"))  # evaluation draws nothing
+        edge = fixtures.tiny_config(with_data=False, **{"seed": 2**32 - 1, "input.shuffle_seed": 0})
+        self.assertEmpty(problems(edge, "train"))
+
     def test_deeper_paper_nets_start_from_net_a_or_say_how(self):
         from vgg_jax.configs import paper
 

@@ -33,6 +33,10 @@ TOOL_MODES = ("features",)
 TRAINING_MODES = ("train", "train_and_evaluate")
 # Above this the SGD update is certain to overflow float32 within a step or two.
 MAX_LEARNING_RATE = 10.0
+# Seeds (``seed``, ``input.shuffle_seed``) are below this: ``jax.random.key`` keeps a seed's low
+# 32 bits (2**32 + 5 initialised and augmented as 5 did), and numpy's generator of the data order
+# refuses a negative one (a traceback at the first batch, after preparation and compilation).
+SEED_LIMIT = 2**32
 
 
 class ConfigError(ValueError):
@@ -248,6 +252,13 @@ def _check_training(p: _Problems) -> None:
     p.number("ckpt.every_steps", lambda x: int(x) == x and x >= 1, "must be a whole number >= 1")
     p.number("ckpt.keep", lambda x: int(x) == x and x >= 1, "must be a whole number >= 1")
     p.number("log_every_steps", lambda x: int(x) == x and x >= 1, "must be a whole number >= 1")
+    for key in ("seed", "input.shuffle_seed"):
+        p.number(
+            key,
+            lambda x: int(x) == x and 0 <= x < SEED_LIMIT,
+            "must be a whole number in [0, 2**32): JAX's random keys keep 32 bits, so a larger "
+            "seed draws what seed mod 2**32 draws, and the data order refuses a negative one",
+        )
 
 
 def _check_evals(p: _Problems, data_devices: int) -> None:
