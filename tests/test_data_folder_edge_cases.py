@@ -138,6 +138,40 @@ class FolderEdgeCasesTest(absltest.TestCase):
         ):
             data.prepare(config)
 
+    def test_pngs_with_alpha_are_counted_and_grey_with_alpha_is_grayscale(self):
+        """Grey + alpha, RGBA and a palette with a transparent entry decode to RGB without their
+        alpha, as PIL's convert("RGB"): counted, like every other unusual input. A grey + alpha
+        PNG was not counted as grayscale, and none of them was counted at all."""
+        from PIL import Image
+
+        root = self.make_folder()
+        image = builtin.draw_example(0, "train", 20)[0]
+        kinds = {
+            "grey.png": (Image.fromarray(image).convert("L"), {}),
+            "grey_alpha.png": (Image.fromarray(image).convert("LA"), {}),
+            "rgba.png": (Image.fromarray(image).convert("RGBA"), {}),
+            "palette_transparent.png": (Image.fromarray(image).convert("P"), {"transparency": 0}),
+            "palette.png": (Image.fromarray(image).convert("P"), {}),
+        }
+        expected = {}
+        for name, (picture, options) in kinds.items():
+            encoded = io.BytesIO()
+            picture.save(encoded, "PNG", **options)
+            _write(os.path.join(root, "train", "cat", name), encoded.getvalue())
+            expected[picture.convert("RGB").tobytes()] = name
+        config = self.folder_config(root)
+        data.prepare(config)
+        counts = data.dataset_info(config).bad_input["train"]
+        self.assertEqual((counts["grayscale"], counts["png_alpha_dropped"]), (2, 3))
+        # Each decodes to PIL's RGB pixels.
+        from vgg_jax.data import decoded, pipeline, sources
+
+        builder = sources.prepared_builder(config.input)
+        split_index = pipeline._split_index(builder, "train", config.input)
+        split = decoded.decode_split(builder, "train", split_index)
+        found = {split.image(r).tobytes() for r in range(len(split.label))}
+        self.assertContainsSubset(set(expected), found)
+
     def test_macos_zip_metadata_is_neither_a_split_nor_a_class(self):
         """A zip made on a Mac unpacks with ``__MACOSX/`` beside the splits, holding an
         AppleDouble ``._<name>`` file per image."""

@@ -38,7 +38,8 @@ class SplitIndex:
     fmt: np.ndarray  # uint8: transforms.JPEG, PNG or UNDECODABLE
     height: np.ndarray  # int32, 0 where undecodable
     width: np.ndarray
-    channels: np.ndarray  # uint8: 1 grayscale, 3 colour, 4 CMYK/YCCK JPEG
+    # uint8: 1 grayscale, 3 colour, 4 CMYK/YCCK JPEG; a PNG: 1-4, 2 and 4 with alpha
+    channels: np.ndarray
     truncated: np.ndarray  # bool: a JPEG cut before its end marker (decoded, the rest grey)
     label: np.ndarray  # int32
 
@@ -55,7 +56,13 @@ class SplitIndex:
             "skipped_undecodable": int((~ok).sum()),
             "png": int((self.fmt == transforms.PNG).sum()),
             "cmyk_jpeg": int((ok & (self.fmt == transforms.JPEG) & (self.channels == 4)).sum()),
-            "grayscale": int((ok & (self.channels == 1)).sum()),
+            # Grey, or grey + alpha (a PNG's 2 channels).
+            "grayscale": int((ok & np.isin(self.channels, (1, 2))).sum()),
+            # Grey + alpha, RGBA or a palette with transparency: decoded to RGB without the
+            # alpha (the colours under transparent pixels kept, as PIL's convert("RGB")).
+            "png_alpha_dropped": int(
+                (ok & (self.fmt == transforms.PNG) & np.isin(self.channels, (2, 4))).sum()
+            ),
             "truncated_jpeg": int((ok & self.truncated).sum()),
         }
         if crop_size is not None:
