@@ -124,6 +124,17 @@ class CheckConfigTest(absltest.TestCase):
         self.assertLen(problems(config, "train"), 1)
         self.assertEmpty(problems(config, "evaluate"))  # today: refused for a batch it never uses
 
+    def test_a_statistics_sample_of_no_images_is_found_at_start_up(self):
+        """input.stats_max_images=0 was "LinAlgError: Eigenvalues did not converge" (a mean of
+        no pixels) at preparation; -5 silently computed the statistics without 5 images (a
+        slice [:-5]) and again on every start (never the count asked for)."""
+        for count in (0, -5):
+            config = fixtures.tiny_config(with_data=False, **{"input.stats_max_images": count})
+            (line,) = problems(config, "evaluate")
+            self.assertStartsWith(line, f"config.input.stats_max_images={count}: must be a whole")
+        one = fixtures.tiny_config(with_data=False, **{"input.stats_max_images": 1})
+        self.assertEmpty(problems(one, "train"))
+
     def test_pixel_std_and_an_empty_init_source_are_found_at_start_up(self):
         config = fixtures.tiny_config(with_data=False, **{"input.pixel_std": (60.0, 60.0)})
         (line,) = problems(config, "evaluate")  # today: found after the data is prepared

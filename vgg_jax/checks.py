@@ -160,6 +160,12 @@ def _check_input(p: _Problems, mode: str, data_devices: int) -> tuple[int, int] 
         and all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in std)
     ):
         p.add("input.pixel_std", "must be None or three positive numbers, one per RGB channel")
+    p.number(
+        "input.stats_max_images",
+        lambda x: int(x) == x and x >= 1,
+        "must be a whole number >= 1 (training images the mean RGB and PCA are computed from): "
+        "0 failed in numpy's eigensolver, and a negative count left that many images out",
+    )
     p.number("input.eval_bucket_step", lambda x: int(x) == x and x >= 1, "must be >= 1")
     p.number(
         "input.eval_max_batch_pixels",
