@@ -308,6 +308,7 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> No
     # A URL is left as it is for the config check to name (checks.url_problem).
     if workdir and "://" not in workdir:
         workdir = os.path.abspath(os.path.expanduser(workdir))
+    workdir = workdir or None
     check_same_job_or_exit(mode, config)
     check_or_exit(config, mode, workdir)
     if mode == "summary":
