@@ -565,6 +565,32 @@ class RunnerTest(absltest.TestCase):
         with self.assertRaisesRegex(ValueError, "same checkpoint more than once"):
             runner.evaluate_checkpoints(config, first, "latest", batches=batches)
 
+    def test_fusion_of_nets_with_other_classes_is_refused_even_when_accepted(self):
+        """Fusion averages output i of each net: a partner with another class count failed in
+        np.stack after both nets' evaluation; one with its classes in another order was fused
+        silently under accept_checkpoint_net."""
+        root = self.create_tempdir_once()
+        names = [f"c{i}" for i in range(NUM_CLASSES)]
+        first = os.path.join(root, "first")
+        checkpoint.save_params(first, self.params, config=self.config, class_names=names)
+        wider = tiny_config()
+        wider.model.num_classes = NUM_CLASSES + 1
+        partners = {
+            "8 classes": (wider, names + ["c7"]),
+            "reordered": (self.config, names[::-1]),
+        }
+        batches = fake_eval_batches(NUM_CLASSES)
+        for case, (partner_config, partner_names) in partners.items():
+            with self.subTest(case):
+                second = os.path.join(root, case.replace(" ", "_"))
+                partner = init_params(tiny_model(partner_config), seed=4)
+                checkpoint.save_params(
+                    second, partner, config=partner_config, class_names=partner_names
+                )
+                config = tiny_config(fusion_workdirs=(second,), accept_checkpoint_net=True)
+                with self.assertRaisesRegex(checkpoint.NetMismatchError, "Cannot fuse.*classes"):
+                    runner.evaluate_checkpoints(config, first, "latest", batches=batches)
+
     def test_watch_evaluates_each_new_checkpoint_once(self):
         workdir = self.create_tempdir_once()
         for step in (10, 20):

@@ -262,6 +262,25 @@ def check_net_fits(
         )
 
 
+def check_fusable(first: Net, net: Net) -> None:
+    """Fusion (Table 6) averages output i of every net as one class's softmax: a partner with
+    another class count, or whose recorded classes are another list (another dataset, another
+    order), cannot be averaged with ``first``, whatever ``evals.accept_checkpoint_net`` says
+    (it accepts a net that is not the config's, not outputs that mean different classes)."""
+    if net.model.num_classes != first.model.num_classes:
+        raise checkpoint.NetMismatchError(
+            f"Cannot fuse net {net.name} in {net.workdir} ({net.model.num_classes} classes) with "
+            f"net {first.name} in {first.workdir} ({first.model.num_classes} classes): fused nets "
+            "must have the same classes. Drop it from evals.fusion_workdirs."
+        )
+    if difference := checkpoint.class_difference(first.class_names, net.class_names):
+        raise checkpoint.NetMismatchError(
+            f"Cannot fuse net {net.name} in {net.workdir} with net {first.name} in "
+            f"{first.workdir}: they were trained on other class lists ({difference}), so their "
+            "outputs mean different classes. Drop it from evals.fusion_workdirs."
+        )
+
+
 def fill_convention(net: Net, mean_rgb: Any) -> None:
     """A net saved before checkpoints carried their input convention gets it rebuilt from its
     saved training config (its ``pixel_std``) and ``mean_rgb`` (the dataset's), not from the
@@ -708,6 +727,8 @@ def evaluate_checkpoints(
             class_names=data_info.class_names if data_info else None,
         )
         check_convention(net, config, own=position == 0)
+        if position:
+            check_fusable(nets[0], net)
         if data_info is not None:
             fill_convention(net, data_info.mean_rgb)
         logging.info("Evaluating net %s, step %d, from %s", net.name, net.step, net.workdir)
