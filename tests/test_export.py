@@ -15,7 +15,7 @@ from absl.testing import absltest, parameterized
 
 from vgg_jax import checkpoint, conventions, models
 from vgg_jax.configs import paper
-from vgg_jax.weights import export
+from vgg_jax.weights import export, importer
 from vgg_jax.weights import torchvision as torch_weights
 
 
@@ -154,6 +154,29 @@ class ExportTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "torchvision has no net 'C'"):
             export.export_checkpoint(workdir, os.path.join(self.tmp, "c.pth"))
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "c.pth")))
+
+    def test_a_pth_export_imports_back_with_its_convention_config_and_classes(self):
+        # A net trained here sees mean-subtracted 0-255 RGB (section 2.1), not torchvision's
+        # standardised 0-1 inputs; its .pth read back as torchvision's scored every image with
+        # the wrong inputs, a Q of 256 for a 32-pixel net and class indices for names.
+        workdir = os.path.join(self.tmp, "run")
+        config = paper.paper_config("A", None)
+        config.model.update(dict(num_classes=5, width=1 / 16, fc_width=16))
+        config.input.crop_size = 32
+        config.evals.single_scale = 48
+        convention = conventions.mean_subtracted((120.0, 115.0, 100.0), (50.0, 50.0, 50.0))
+        names = ["disk", "ring", "square", "star", "cross"]
+        checkpoint.save_params(workdir, tiny_params(4), 9, config, dict(convention), names)
+        path = os.path.join(self.tmp, "run.pth")
+        export.export_checkpoint(workdir, path)
+        self.assertEqual(list(torch_weights.read_pth(path))[0], "features.0.weight")  # unchanged
+        imported = os.path.join(self.tmp, "imported")
+        importer.import_to_checkpoint(path, "torchvision", imported)
+        params, step, meta = checkpoint.restore_params(imported)
+        assert_bitwise_equal(self, jax.device_get(params), tiny_params(4))
+        self.assertEqual(conventions.checked(meta["input_convention"]), convention)
+        self.assertEqual(meta["class_names"], names)
+        self.assertEqual(meta["config"], checkpoint.jsonable(config.to_dict()))
 
 
 class ExportCommandTest(absltest.TestCase):

@@ -175,8 +175,9 @@ def export_checkpoint(workdir: str, path: str | os.PathLike, which: str | int = 
     ``net``, ``input_convention`` (what the net's inputs are normalised by; None only for
     checkpoints saved before training recorded it), ``config``, ``class_names`` (None when not
     recorded) and ``step``. A ``.pth`` is torchvision's state dict of nets A, B, D or E, which
-    ``torch.load`` reads and a torchvision ``VGG`` of the same widths takes; it holds no meta, so
-    the net's input convention (returned) must be applied by whoever feeds it."""
+    ``torch.load`` reads and a torchvision ``VGG`` of the same widths takes; the meta is a record
+    of the archive that PyTorch does not read (``import_weights`` does), so in PyTorch the net's
+    input convention (returned) must be applied by whoever feeds it."""
     from vgg_jax import checkpoint
 
     suffix = os.path.splitext(os.fspath(path))[1]
@@ -198,7 +199,9 @@ def export_checkpoint(workdir: str, path: str | os.PathLike, which: str | int = 
 
         state_dict = torchvision.state_dict_from_params(meta["net"], params)
         with writers.atomic_open(path, "wb") as f:
-            torchvision.save_pth(f, state_dict)
+            # The meta rides along as a record torch.load skips, so that importing the file back
+            # restores the net's input convention, config and class names, not torchvision's.
+            torchvision.save_pth(f, state_dict, meta)
     else:
         save(path, params, meta)
     return meta

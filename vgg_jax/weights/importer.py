@@ -58,6 +58,18 @@ def _from_torchvision(path: str) -> ImportedNet:
     from vgg_jax.weights import torchvision as torch_weights
 
     net, params = torch_weights.load_torchvision_weights(path)
+    meta = conventions.with_current_key(torch_weights.read_pth_meta(path))
+    if meta:
+        # vgg_jax's own .pth export: the net was trained on inputs prepared as its meta says (the
+        # paper's mean subtraction, Caffe's BGR), not as torchvision's nets were, and its outputs
+        # are its run's classes. Read as torchvision's, every score changed without a word.
+        return ImportedNet(
+            net,
+            params,
+            meta.get("input_convention"),
+            meta.get("config") or None,
+            meta.get("class_names"),
+        )
     return ImportedNet(net, params, torch_weights.TORCHVISION_INPUT)
 
 

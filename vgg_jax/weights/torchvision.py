@@ -19,6 +19,7 @@ from __future__ import annotations
 import codecs
 import collections
 import io
+import json
 import os
 import pickle
 import re
@@ -41,6 +42,9 @@ TORCHVISION_NETS = {"A": "vgg11", "B": "vgg13", "D": "vgg16", "E": "vgg19"}
 CLASSIFIER_INDICES = (0, 3, 6)  # Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
+# vgg_jax's meta in a .pth it exported: one more record in the zip, beside data.pkl, which
+# torch.load does not read (it opens only the records the pickle names).
+META_RECORD = "vgg_jax_meta.json"
 
 _STORAGE_DTYPES = {
     "FloatStorage": "float32",
@@ -523,9 +527,15 @@ def pickle_state_dict(state_dict: Mapping[str, Any]) -> tuple[bytes, list[np.nda
     return buffer.getvalue(), storages
 
 
-def save_pth(path: str | os.PathLike | BinaryIO, state_dict: Mapping[str, Any]) -> None:
+def save_pth(
+    path: str | os.PathLike | BinaryIO,
+    state_dict: Mapping[str, Any],
+    meta: Mapping[str, Any] | None = None,
+) -> None:
     """Writes a state dict as ``torch.save`` does (zip format), readable by ``torch.load``, to a
-    path or an open binary file."""
+    path or an open binary file. ``meta`` (JSON-able: what ``vgg_jax.weights.export`` records)
+    goes into the archive as one more record, ``META_RECORD``, which ``torch.load`` does not read
+    and ``read_pth_meta`` does."""
     if sys.byteorder != "little":
         raise RuntimeError("Writing .pth files is only supported on little-endian machines.")
     data_pkl, storages = pickle_state_dict(state_dict)
@@ -535,3 +545,24 @@ def save_pth(path: str | os.PathLike | BinaryIO, state_dict: Mapping[str, Any]) 
         for key, array in enumerate(storages):
             archive.writestr(f"archive/data/{key}", array.tobytes())
         archive.writestr("archive/version", "3\n")
+        if meta is not None:
+            archive.writestr(f"archive/{META_RECORD}", json.dumps(dict(meta)))
+
+
+def read_pth_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The meta ``save_pth`` stored in a ``.pth`` (vgg_jax's export of a checkpoint: net, input
+    convention, config, class names); ``{}`` for any other file (torchvision's, timm's, one
+    ``torch.save`` wrote again after loading ours)."""
+    if not zipfile.is_zipfile(path):
+        return {}
+    with zipfile.ZipFile(path) as archive:
+        records = [n for n in archive.namelist() if n.endswith("/" + META_RECORD)]
+        if len(records) != 1:
+            return {}
+        try:
+            meta = json.loads(archive.read(records[0]).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: its {META_RECORD} record is not JSON ({e}).") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: its {META_RECORD} record is not a JSON object.")
+    return meta
