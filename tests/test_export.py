@@ -178,6 +178,20 @@ class ExportTest(parameterized.TestCase):
         self.assertEqual(meta["class_names"], names)
         self.assertEqual(meta["config"], checkpoint.jsonable(config.to_dict()))
 
+    def test_nan_parameters_are_not_exported(self):
+        # A .pth goes to PyTorch, where nothing checks it: every image would score NaN there.
+        workdir = os.path.join(self.tmp, "run")
+        params = tiny_params(5)
+        params["block3_conv2"]["kernel"][0, 0, 0, :2] = [np.nan, np.inf]
+        checkpoint.save_params(workdir, params, 6, paper.paper_config("A", None), conventions.CAFFE)
+        for suffix in export.EXPORT_FORMATS:
+            path = os.path.join(self.tmp, "run" + suffix)
+            with self.assertRaisesRegex(
+                ValueError, r"step 6 holds NaN or infinite parameters: block3_conv2/kernel \(2\)"
+            ):
+                export.export_checkpoint(workdir, path)
+            self.assertFalse(os.path.exists(path))
+
 
 class ExportCommandTest(absltest.TestCase):
     def test_bad_output_and_workdir_are_one_line(self):

@@ -186,6 +186,13 @@ def export_checkpoint(workdir: str, path: str | os.PathLike, which: str | int = 
             f"{path}: unknown weight file suffix {suffix!r}; valid: {list(EXPORT_FORMATS)}"
         )
     params, step, checkpoint_meta = checkpoint.restore_params(workdir, which)
+    try:
+        check_finite(f"{workdir}'s checkpoint at step {step}", params)
+    except ValueError as e:
+        raise ValueError(
+            f"{e} Not exported: choose another step (--which=<step>; saved: "
+            f"{checkpoint.available_steps(workdir)})."
+        ) from None
     config = checkpoint_meta.get("config") or {}
     meta = {
         "net": (config.get("model") or {}).get("name"),
@@ -205,6 +212,21 @@ def export_checkpoint(workdir: str, path: str | os.PathLike, which: str | int = 
     else:
         save(path, params, meta)
     return meta
+
+
+def check_finite(source: str, params: Mapping[str, Any]) -> None:
+    """Refuses NaN or infinite parameters (a float16 fine-tune that overflowed, a damaged file or
+    checkpoint), naming the layers: one NaN in a conv kernel makes every later activation NaN, and
+    the net would print "nan%" for every class of every image. Imports check what they read,
+    exports what they would write (a .pth goes to PyTorch, where nothing checks it)."""
+    bad = {
+        name: int(np.size(leaf) - np.count_nonzero(np.isfinite(leaf)))
+        for name, leaf in sorted(flatten(params).items())
+        if not np.all(np.isfinite(leaf))
+    }
+    if bad:
+        listed = ", ".join(f"{name} ({count:,})" for name, count in bad.items())
+        raise ValueError(f"{source} holds NaN or infinite parameters: {listed}.")
 
 
 def _suffix(path: str | os.PathLike) -> str:

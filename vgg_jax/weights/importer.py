@@ -260,7 +260,7 @@ def import_to_checkpoint(
     config = training_config(chosen_net, imported.params, imported.config)
     # Parameters stay float32 (models.py): a bfloat16 or float16 file is widened exactly.
     params = jax.tree_util.tree_map(lambda a: np.asarray(a).astype(np.float32), imported.params)
-    _check_finite(source, params)
+    export.check_finite(source, params)
     names = imported.class_names
     outputs = int(np.shape(params["fc3"]["bias"])[0]) if "fc3" in params else None
     if names is not None and outputs is not None and len(names) != outputs:
@@ -289,20 +289,6 @@ def import_to_checkpoint(
         checkpoint=directory,
         config=config,
     )
-
-
-def _check_finite(source: str, params: Mapping[str, Any]) -> None:
-    """Refuses NaN or infinite parameters (a float16 fine-tune that overflowed, a damaged file),
-    naming the layers: one NaN in a conv kernel makes every later activation NaN, and the net
-    would print "nan%" for every class of every image."""
-    bad = {
-        name: int(np.size(leaf) - np.count_nonzero(np.isfinite(leaf)))
-        for name, leaf in sorted(traverse_util.flatten_dict(dict(params), sep="/").items())
-        if not np.all(np.isfinite(leaf))
-    }
-    if bad:
-        listed = ", ".join(f"{name} ({count:,})" for name, count in bad.items())
-        raise ValueError(f"{source} holds NaN or infinite parameters: {listed}.")
 
 
 def evaluate_command(net: str, config: ml_collections.ConfigDict, workdir: str) -> str:
