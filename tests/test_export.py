@@ -13,7 +13,8 @@ import ml_dtypes
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from vgg_jax import checkpoint, conventions, models
+from tests import fixtures
+from vgg_jax import checkpoint, conventions, data, models
 from vgg_jax.configs import paper
 from vgg_jax.weights import export, importer
 from vgg_jax.weights import torchvision as torch_weights
@@ -191,6 +192,23 @@ class ExportTest(parameterized.TestCase):
             ):
                 export.export_checkpoint(workdir, path)
             self.assertFalse(os.path.exists(path))
+
+    def test_a_checkpoint_without_a_recorded_convention_gets_its_training_sets(self):
+        # Saved before checkpoints recorded it: the file said None, and import_weights offered
+        # only torchvision's and Caffe's conventions, neither the one the net was trained with.
+        config = fixtures.tiny_config("A", **{"input.pixel_std": (60.0, 60.0, 60.0)})
+        workdir = os.path.join(self.tmp, "old")
+        params = jax.tree_util.tree_map(
+            lambda s: np.full(s.shape, 0.01, np.float32),
+            models.abstract_params(models.build_model(config.model, config.input.crop_size)),
+        )
+        checkpoint.save_params(workdir, params, 3, config, None)
+        meta = export.export_checkpoint(workdir, os.path.join(self.tmp, "old.npz"))
+        mean = data.dataset_info(config).mean_rgb
+        expected = conventions.mean_subtracted(mean, (60.0, 60.0, 60.0))
+        self.assertEqual(conventions.checked(meta["input_convention"]), expected)
+        _, written = export.load(os.path.join(self.tmp, "old.npz"))
+        self.assertEqual(conventions.checked(written["input_convention"]), expected)
 
 
 class ExportCommandTest(absltest.TestCase):

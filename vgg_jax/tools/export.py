@@ -32,10 +32,17 @@ def main(argv: list[str]) -> None:
     except (OSError, ValueError, checkpoint.CheckpointError) as e:
         sys.exit(f"export: {e}")
     print(f"wrote {out}: net {meta['net']}, step {meta['step']}, from {workdir}")
-    if out.endswith(".pth") and meta["input_convention"]:
+    if meta["input_convention"] is None:
+        # A checkpoint older than recorded conventions, whose dataset is not here to rebuild it.
+        print(
+            "input convention: not recorded, and the training set is not at hand to rebuild it: "
+            "the net expects 0-255 RGB less its training set's mean RGB, divided by the config's "
+            "input.pixel_std (1 if unset); run the export where the dataset is to record it"
+        )
+    elif out.endswith(".pth"):
         from vgg_jax import conventions
 
-        # A state dict carries no convention: whoever feeds the net in PyTorch must apply it.
+        # PyTorch reads the weights alone: whoever feeds the net there must apply it.
         print(f"input convention: {conventions.describe(meta['input_convention'])}")
 
 

@@ -172,12 +172,13 @@ def load(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def export_checkpoint(workdir: str, path: str | os.PathLike, which: str | int = "latest") -> dict:
     """Writes a checkpoint's params to ``path`` (.npz or .safetensors); returns the meta written:
-    ``net``, ``input_convention`` (what the net's inputs are normalised by; None only for
-    checkpoints saved before training recorded it), ``config``, ``class_names`` (None when not
-    recorded) and ``step``. A ``.pth`` is torchvision's state dict of nets A, B, D or E, which
-    ``torch.load`` reads and a torchvision ``VGG`` of the same widths takes; the meta is a record
-    of the archive that PyTorch does not read (``import_weights`` does), so in PyTorch the net's
-    input convention (returned) must be applied by whoever feeds it."""
+    ``net``, ``input_convention`` (what the net's inputs are normalised by; for a checkpoint saved
+    before training recorded it, rebuilt from its dataset, None when that is not at hand),
+    ``config``, ``class_names`` (None when not recorded) and ``step``. A ``.pth`` is
+    torchvision's state dict of nets A, B, D or E, which ``torch.load`` reads and a torchvision
+    ``VGG`` of the same widths takes; the meta is a record of the archive that PyTorch does not
+    read (``import_weights`` does), so in PyTorch the net's input convention (returned) must be
+    applied by whoever feeds it."""
     from vgg_jax import checkpoint
 
     suffix = os.path.splitext(os.fspath(path))[1]
@@ -196,7 +197,7 @@ def export_checkpoint(workdir: str, path: str | os.PathLike, which: str | int = 
     config = checkpoint_meta.get("config") or {}
     meta = {
         "net": (config.get("model") or {}).get("name"),
-        "input_convention": checkpoint_meta.get("input_convention"),
+        "input_convention": checkpoint_meta.get("input_convention") or _trained_convention(config),
         "config": config,
         "class_names": checkpoint_meta.get("class_names"),
         "step": step,
@@ -212,6 +213,26 @@ def export_checkpoint(workdir: str, path: str | os.PathLike, which: str | int = 
     else:
         save(path, params, meta)
     return meta
+
+
+def _trained_convention(config: Mapping[str, Any]) -> dict | None:
+    """The input convention of a checkpoint saved before checkpoints recorded it: its training
+    set's mean RGB subtracted (section 2.1) and its config's ``input.pixel_std``, as the evaluator
+    and ``predict`` rebuild it; None when there is no config or the dataset is not at hand. (The
+    file said None, and ``import_weights`` then asked for torchvision's or Caffe's convention,
+    neither of which such a net was trained with.)"""
+    if not config.get("input"):
+        return None
+    import ml_collections
+
+    from vgg_jax import data
+
+    config = ml_collections.ConfigDict(dict(config))
+    try:
+        info = data.dataset_info(config)
+    except (FileNotFoundError, data.DatasetError):
+        return None
+    return dict(data.trained_convention(info.mean_rgb, config.input))
 
 
 def check_finite(source: str, params: Mapping[str, Any]) -> None:
