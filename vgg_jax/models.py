@@ -61,6 +61,22 @@ INITIALIZERS = ("paper_normal", "glorot", "he")
 LRN_SIZE, LRN_K, LRN_ALPHA, LRN_BETA = 5, 2.0, 1e-4, 0.75
 
 
+def promote_keeping_bias(
+    inputs: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype: Any = None
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Flax's ``promote_dtype`` for a layer's ``(inputs, kernel, bias)``, except that the bias
+    stays in its float32 parameter dtype: ``y + bias`` is then float32, which the layer's caller
+    casts back to the compute dtype.
+
+    The bias's gradient is the sum of the output's gradient over every batch and spatial
+    position. With the bias cast to bfloat16 that sum ran in bfloat16, and XLA:CPU accumulates a
+    bfloat16 reduction in bfloat16: 65,536 gradients of about 0.5 (a batch of 64 32-pixel crops)
+    summed to 512, not 32,768, as a running sum stops growing at 2**8 times its terms. Added in
+    float32, the sum runs in float32 on every backend. Float32 compute is unchanged."""
+    inputs, kernel = nn.dtypes.promote_dtype(inputs, kernel, dtype=dtype)
+    return inputs, kernel, bias
+
+
 def kernel_initializer(name: str, std: float = 0.01) -> Callable[..., jax.Array]:
     """Returns the weight initialiser the config names.
 
@@ -205,7 +221,7 @@ class WindowDense(nn.Module):
             self.param_dtype,
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias = promote_keeping_bias(x, kernel, bias, dtype=self.dtype)
         if as_conv:
             conv_kernel = kernel.reshape(self.window, self.window, channels, self.features)
             y = jax.lax.conv_general_dilated(
@@ -219,7 +235,7 @@ class WindowDense(nn.Module):
                     "map; use VGG.dense for whole images."
                 )
             y = x.reshape(x.shape[0], -1) @ kernel
-        return y + bias
+        return (y + bias).astype(x.dtype)
 
 
 class VGG(nn.Module):
@@ -271,8 +287,9 @@ class VGG(nn.Module):
                     kernel_init=kernel_init,
                     bias_init=nn.initializers.zeros,
                     conv_general_dilated=conv_lowering.conv_general_dilated,
+                    promote_dtype=promote_keeping_bias,
                     name=f"block{block_index}_conv{conv_index}",
-                )(x)
+                )(x).astype(self.dtype)
                 x = masked(nn.relu(x), sizes)
             x = max_pool_2x2(x)
             sizes = None if sizes is None else pooled_size(sizes)
@@ -299,6 +316,7 @@ class VGG(nn.Module):
             param_dtype=self.param_dtype,
             kernel_init=kernel_init,
             bias_init=nn.initializers.zeros,
+            promote_dtype=promote_keeping_bias,
         )
         x = self._conv_features(jnp.asarray(x, self.dtype), sizes)
         window = self.crop_size // 2**NUM_POOLS
@@ -312,7 +330,7 @@ class VGG(nn.Module):
         )(x, as_conv=fully_convolutional)
         x = nn.relu(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train or fully_convolutional)(x)
-        x = nn.relu(nn.Dense(self.fc_width, name="fc2", **dense)(x))
+        x = nn.relu(nn.Dense(self.fc_width, name="fc2", **dense)(x).astype(self.dtype))
         x = nn.Dropout(self.dropout_rate, deterministic=not train or fully_convolutional)(x)
         x = nn.Dense(self.num_classes, name="fc3", **dense)(x)
         return x.astype(jnp.float32)
