@@ -413,6 +413,23 @@ class RunnerTest(absltest.TestCase):
                     np.exp(outputs.multi_scale[method]), expected[(method, (32, 48))], atol=1e-5
                 )
 
+    def test_the_evaluation_config_sets_the_compute_dtype(self):
+        # The checkpoint was saved by a float32 run; bfloat16 was ignored, and a bfloat16-trained
+        # net evaluated with a float32 config ran in bfloat16.
+        trained_bf16 = self.create_tempdir_once()
+        trained_config = tiny_config()
+        trained_config.model.dtype = "bfloat16"
+        save_net(trained_bf16, self.params, trained_config, step=7)
+        mesh = mesh_of(1)
+        for workdir in (self.workdir, trained_bf16):
+            for dtype in ("float32", "bfloat16"):
+                config = tiny_config()
+                config.model.dtype = dtype
+                net = runner.load_net(workdir, "latest", mesh, config)
+                self.assertEqual(jnp.dtype(net.model.dtype), jnp.dtype(dtype), workdir)
+                leaves = jax.tree_util.tree_leaves(net.params)
+                self.assertEqual({leaf.dtype for leaf in leaves}, {jnp.dtype(jnp.float32)})
+
     def test_the_net_compiles_once_per_bucket_shape_and_once_for_all_crops(self):
         config = tiny_config()
         mesh = mesh_of(4)

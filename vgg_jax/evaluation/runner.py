@@ -182,12 +182,16 @@ def load_net(
     workdir: str, which: str | int, mesh: Mesh, fallback: ml_collections.ConfigDict
 ) -> Net:
     """Restores a checkpoint's parameters onto the mesh and rebuilds its net from the training
-    config saved with it (``fallback``'s model for checkpoints saved without one)."""
+    config saved with it (``fallback``'s model for checkpoints saved without one), computing in
+    ``fallback``'s (the evaluation config's) ``model.dtype``: the compute dtype is a choice of
+    how to run, like the mesh, not part of the net (parameters are float32 whatever dtype trained
+    them). The saved one was used, so ``--config.model.dtype=float32`` was silently ignored for a
+    net trained in bfloat16, and ``bfloat16`` for an imported (float32-recorded) one."""
     params, step, meta = checkpoint.restore_params(workdir, which)
     train_config = meta.get("config") or fallback.to_dict()
-    model = models.build_model(
-        ml_collections.ConfigDict(train_config["model"]), train_config["input"]["crop_size"]
-    )
+    model_config = ml_collections.ConfigDict(train_config["model"])
+    model_config.dtype = fallback.model.dtype
+    model = models.build_model(model_config, train_config["input"]["crop_size"])
     expected = models.abstract_params(model)
     got = jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), params)
     want = jax.tree_util.tree_map(lambda x: tuple(x.shape), expected)
@@ -752,6 +756,7 @@ def evaluate_checkpoints(
         devices=jax.device_count(),
         processes=jax.process_count(),
         platform=jax.devices()[0].platform,
+        dtype=config.model.dtype,  # every net's compute dtype (load_net)
     )
     about["settings"] = evaluation_settings(config)
     if data_info is not None:
