@@ -328,6 +328,41 @@ class FailedSaveOutputTest(absltest.TestCase):
             self.assertTrue(keep.filter(kept))
             self.assertIsNotNone(kept.exc_info)  # a traceback that says something stays
 
+    def test_a_full_disk_reported_by_tensorstore_is_said_first_in_one_line(self):
+        """A real full disk (a 2 MB tmpfs) fails the array writes in TensorStore, whose status
+        Orbax raises as a ValueError: the SaveError line was cut at 300 characters before "No
+        space left on device", and four Orbax errors kept their tracebacks (338 lines)."""
+        tmp = "/w/checkpoints/1.orbax-checkpoint-tmp/opt_state.orbax-checkpoint-tmp/ocdbt.process_0"
+        status = (
+            f'RESOURCE_EXHAUSTED: Error writing "1.count/0" in OCDBT database at local file '
+            f'"{tmp}/": Failed writing: "{tmp}/d/a21b893c41df4cb59fcb90a218114a42": Failed to '
+            "write 435174 bytes to file 8: No space left on device [os_error_code='28']"
+        )
+        saver = checkpoint.Checkpointer(self.create_tempdir().full_path)
+        saver._writing = 1
+        try:
+            with (
+                self.assertRaisesRegex(
+                    checkpoint.SaveError,
+                    r"^Saving checkpoint step 1 to \S+ failed: \[Errno 28\] No space left on "
+                    rf"device: '{tmp}/d/a21b893c41df4cb59fcb90a218114a42'$",
+                ),
+                saver._save_errors(),
+            ):
+                raise ValueError(status)
+        finally:
+            saver._failed = False
+            saver.close()
+        try:
+            raise ValueError(status)
+        except ValueError:
+            exc_info = sys.exc_info()
+        record = logging.LogRecord(
+            "absl", logging.ERROR, "/site-packages/orbax/checkpoint/x.py", 1, "%s", ("x",), exc_info
+        )
+        self.assertTrue(checkpoint.ExpectedOrbaxWarnings().filter(record))
+        self.assertIsNone(record.exc_info)
+
     def test_callbacks_into_a_closed_event_loop_are_not_printed(self):
         closed = asyncio.new_event_loop()
         closed.close()

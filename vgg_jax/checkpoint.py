@@ -120,9 +120,30 @@ class ExpectedOrbaxWarnings(std_logging.Filter):
 
 
 def _caused_by_the_os(exc_info: Any) -> bool:
-    """Whether a log record's exception is, or was raised from, an ``OSError``."""
+    """Whether a log record's exception is, or was raised from, an ``OSError`` or a TensorStore
+    error carrying the OS's error code (``_os_error``)."""
     error = exc_info[1] if isinstance(exc_info, tuple) else None
-    return any(isinstance(cause, OSError) for cause in _causes(error))
+    return any(isinstance(cause, OSError) or _os_error(str(cause)) for cause in _causes(error))
+
+
+# TensorStore (which writes and reads the arrays) reports an OS error as a status whose text ends
+# in the error's code: 'RESOURCE_EXHAUSTED: Error writing "..." in OCDBT database at local file
+# "...": Failed writing: "<file>": Failed to write 435174 bytes to file 8: No space left on device
+# [os_error_code='28']', raised by Orbax as a plain ValueError.
+_TENSORSTORE_OS_ERROR = re.compile(r"\[os_error_code='?(\d+)'?\]")
+_TENSORSTORE_FILE = re.compile(r'(?:Failed writing|Failed reading|local file): "([^"]+)"')
+
+
+def _os_error(text: str) -> str | None:
+    """A TensorStore status caused by the OS as Python words an ``OSError``, ``[Errno 28] No
+    space left on device: '<file>'``; None for any other text."""
+    code = _TENSORSTORE_OS_ERROR.search(text)
+    if code is None:
+        return None
+    number = int(code.group(1))
+    files = _TENSORSTORE_FILE.findall(text)
+    where = f": {files[-1]!r}" if files else ""
+    return f"[Errno {number}] {os.strerror(number)}{where}"
 
 
 def _is_closed_loop_callback(unraisable: Any) -> bool:
@@ -177,11 +198,15 @@ def _causes(error: BaseException | None) -> Iterator[BaseException]:
 
 
 def _reason(error: BaseException) -> str:
-    """The cause of a failed read or write in one line: the OS's message or TensorStore's status
-    (the innermost error: Orbax wraps them in generic ones), without the multi-kilobyte spec
-    TensorStore appends."""
+    """The cause of a failed read or write in one line: the OS's message (also when TensorStore
+    reports it, ``_os_error``) or TensorStore's status (the innermost error: Orbax wraps them in
+    generic ones), without the multi-kilobyte spec TensorStore appends."""
     error = list(_causes(error))[-1]
     text = str(error).strip() or type(error).__name__
+    if os_error := _os_error(text):
+        # A full disk said first: TensorStore's status puts it after two long paths, and cut at
+        # 300 characters the line named neither the disk nor the OS's reason.
+        text = os_error
     text = re.split(r"\s*\[tensorstore_spec", text.splitlines()[0])[0]
     return text if len(text) <= 300 else text[:297] + "..."
 
