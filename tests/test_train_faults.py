@@ -33,8 +33,9 @@ from absl.testing import absltest
 from etils import epath
 
 from tests import fixtures
-from vgg_jax import checkpoint, data, sharding
+from vgg_jax import checkpoint, data, sharding, writers
 from vgg_jax.evaluation import runner
+from vgg_jax.tools import cli
 from vgg_jax.training import lock, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -386,6 +387,87 @@ class FailedSaveOutputTest(absltest.TestCase):
                     )
                 )
         self.assertEqual([r.exc_value for r in reported], [other])
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a flush or close raises it
+
+
+class FullDiskOutputTest(absltest.TestCase):
+    """A full disk met by a write of results, metrics or the lock: one line naming the file.
+    It was a chained traceback ending in "OSError: [Errno 28] No space left on device", no file
+    named (a flush or a close names none), after the evaluation's table or at a trainer's start."""
+
+    def test_results_not_written_name_the_file_and_leave_nothing(self):
+        directory = self.create_tempdir().full_path
+        path = os.path.join(directory, "results.json")
+        with (
+            self.assertRaisesRegex(
+                writers.WriteError,
+                rf"^Could not write {path}: No space left on device \[Errno 28\]$",
+            ),
+            writers.atomic_open(path) as f,
+        ):
+            f.write("{}")
+            _no_space()
+        self.assertEqual(os.listdir(directory), [])
+
+    def test_metrics_not_written_name_the_file_once(self):
+        directory = self.create_tempdir().full_path
+        writer = writers.MetricWriter(directory, enabled=True)
+        with (
+            mock.patch.object(writer._jsonl, "flush", _no_space),
+            self.assertRaisesRegex(
+                writers.WriteError, r"^Could not write \S+/metrics.jsonl: No space left on device"
+            ),
+        ):
+            writer.write_scalars(1, {"train_loss": 2.0})
+        with mock.patch.object(writer._jsonl, "write", _no_space):
+            writer.close()  # the error was said: closing does not raise it again
+
+    def test_tensorboard_events_not_written_name_the_directory(self):
+        status = (
+            "{{function_node __wrapped__FlushSummaryWriter_device_/job:localhost/replica:0/task:0"
+            "/device:CPU:0}} /w/tensorboard/events.out.tfevents.1.vm.1.0.v2; No space left on "
+            "device\n\tFailed to flush 1 events to /w/tensorboard/events.out.tfevents.1.vm.1.0.v2"
+        )
+        error = types.new_class("ResourceExhaustedError", (Exception,))(status)
+        type(error).__module__ = "tensorflow.python.framework.errors_impl"
+        self.assertEqual(
+            str(writers.write_error(error, "/w/tensorboard")),
+            "Could not write /w/tensorboard: No space left on device [Errno 28]",
+        )
+
+    def test_a_lock_not_written_names_it_and_is_released(self):
+        workdir = self.create_tempdir().full_path
+        with (
+            mock.patch.object(os, "pwrite", _no_space),
+            self.assertRaisesRegex(
+                writers.WriteError,
+                rf"^Could not write {workdir}/train.lock: No space left on device",
+            ),
+            lock.hold(workdir),
+        ):
+            pass
+        with lock.hold(workdir):  # released
+            pass
+
+    def test_the_command_line_says_it_in_one_line(self):
+        for error in (
+            writers.WriteError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/w/results.md"),
+            OSError(errno.EROFS, os.strerror(errno.EROFS), "/w/x"),  # a write not wrapped
+        ):
+            with (
+                mock.patch.object(cli, "run", side_effect=error),
+                self.assertRaises(SystemExit) as stop,
+            ):
+                cli.run_or_exit("evaluate", config_for(with_data=False), "/w")
+            self.assertEqual(str(stop.exception.code), f"{type(error).__name__}: {error}")
+        with (
+            mock.patch.object(cli, "run", side_effect=OSError(errno.EBADF, "bug")),
+            self.assertRaises(OSError),  # not the storage's fault: the traceback says where
+        ):
+            cli.run_or_exit("evaluate", config_for(with_data=False), "/w")
 
 
 class WorkdirLockTest(absltest.TestCase):

@@ -7,6 +7,7 @@ is a project dependency, but the model and step run without it, e.g. on a GPU bo
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -27,19 +28,56 @@ def format_duration(seconds: float) -> str:
     return f"{seconds}s"
 
 
+# Where the storage, not the program, is at fault: said in one line, without a traceback.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+class WriteError(OSError):
+    """Writing one of a run's files failed (a full disk, a quota, a read-only place): one line
+    naming the file and the OS's reason. An ``OSError`` raised by a flush or a close names no
+    file, and TensorFlow's names it inside a multi-line status."""
+
+    def __str__(self) -> str:
+        number = f" [Errno {self.errno}]" if self.errno else ""
+        return f"Could not write {self.filename}: {self.strerror}{number}"
+
+
+def write_error(error: BaseException, path: str | os.PathLike) -> WriteError:
+    """``error`` (an ``OSError``, or TensorFlow's status for an event file) as a ``WriteError``
+    naming ``path``."""
+    if isinstance(error, WriteError):
+        return error
+    number = getattr(error, "errno", None) if isinstance(error, OSError) else None
+    if number:
+        return WriteError(number, error.strerror or os.strerror(number), os.fspath(path))
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # TensorFlow's status: "{{function_node ...}} <file>; No space left on device\n..."
+    text = lines[0].rsplit("; ", 1)[-1] if lines else type(error).__name__
+    number = next((n for n in STORAGE_ERRNOS if os.strerror(n) == text), None)
+    return WriteError(number, text, os.fspath(path))
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """Writes to ``path + ".tmp"`` and renames it to ``path`` only on success, so a process
     killed while writing never leaves a truncated file under the real name (which readers, such
-    as a restarted continuous evaluator, would take as written)."""
+    as a restarted continuous evaluator, would take as written). A write that fails (a full
+    disk, a read-only place) raises ``WriteError`` naming ``path``."""
     tmp = os.fspath(path) + ".tmp"
     try:
-        with open(tmp, mode) as f:
-            yield f
-        os.replace(tmp, path)
+        try:
+            with open(tmp, mode) as f:
+                yield f
+            os.replace(tmp, path)
+        except OSError as e:
+            raise write_error(e, path) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _is_tensorflow_error(error: BaseException) -> bool:
+    return type(error).__module__.startswith("tensorflow")
 
 
 class MetricWriter:
@@ -47,33 +85,63 @@ class MetricWriter:
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._tb = None
         self._jsonl = None
+        self._failed = False  # a write failed (``_writing``)
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        self._jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        self._tb_dir = os.path.join(workdir, "tensorboard")
+        with self._writing(self._jsonl_path):
+            self._jsonl = open(self._jsonl_path, "a")  # noqa: SIM115
         try:
             import tensorflow as tf
-
-            self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
         except ImportError:
             logging.warning("TensorFlow not importable: no TensorBoard events, metrics.jsonl only.")
+        else:
+            with self._writing(self._tb_dir):
+                self._tb = tf.summary.create_file_writer(self._tb_dir)
+
+    @contextlib.contextmanager
+    def _writing(self, path: str) -> Iterator[None]:
+        """A failed write (a full disk: a flush, a close, TensorFlow's status) as a
+        ``WriteError`` naming ``path``; after one, ``close`` closes without writing again."""
+        try:
+            yield
+        except Exception as e:
+            if not (isinstance(e, OSError) or _is_tensorflow_error(e)):
+                raise
+            self._failed = True
+            raise write_error(e, path) from e
 
     def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.enabled:
             return
         values = {k: float(v) for k, v in scalars.items()}
-        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self._jsonl.flush()
+        with self._writing(self._jsonl_path):
+            self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self._jsonl.flush()
         if self._tb is not None:
             import tensorflow as tf
 
-            with self._tb.as_default(step=step):
-                for name, value in values.items():
-                    tf.summary.scalar(name, value)
-            self._tb.flush()
+            with self._writing(self._tb_dir):
+                with self._tb.as_default(step=step):
+                    for name, value in values.items():
+                        tf.summary.scalar(name, value)
+                self._tb.flush()
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-        if self._tb is not None:
-            self._tb.close()
+        try:
+            if self._jsonl is not None:
+                with self._closing(self._jsonl_path):
+                    self._jsonl.close()
+        finally:
+            if self._tb is not None:
+                with self._closing(self._tb_dir):
+                    self._tb.close()
+
+    def _closing(self, path: str) -> contextlib.AbstractContextManager:
+        # After a failed write, closing flushes the same lost lines again: the first error,
+        # already raised, is the one to report.
+        if self._failed:
+            return contextlib.suppress(Exception)
+        return self._writing(path)

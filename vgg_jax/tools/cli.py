@@ -12,7 +12,7 @@ import sys
 import ml_collections
 from absl import flags, logging
 
-from vgg_jax import checkpoint, checks
+from vgg_jax import checkpoint, checks, writers
 
 MODES = list(checks.MODES)
 
@@ -275,7 +275,7 @@ def check_or_exit(config: ml_collections.ConfigDict, mode: str, workdir: str | N
 def run_or_exit(mode: str, config: ml_collections.ConfigDict, workdir: str | None) -> None:
     """``run``, with the faults the library explains in one line printed as that line (no
     traceback): a bad tar or image folder, a busy workdir, a failed or unreadable checkpoint, a
-    NaN or infinite state."""
+    NaN or infinite state, a full disk or a read-only place met by a write."""
     from vgg_jax import data
 
     try:
@@ -283,6 +283,12 @@ def run_or_exit(mode: str, config: ml_collections.ConfigDict, workdir: str | Non
     except data.DatasetError as e:
         sys.exit(f"Data error: {e}")
     except _one_line_errors() as e:  # evaluated only when something is raised
+        sys.exit(f"{type(e).__name__}: {e}")
+    except OSError as e:
+        if e.errno not in writers.STORAGE_ERRNOS:
+            raise
+        # A full disk, a quota or a read-only place met by a write the library does not name:
+        # its traceback says nothing more.
         sys.exit(f"{type(e).__name__}: {e}")
 
 
@@ -297,6 +303,7 @@ def _one_line_errors() -> tuple[type[Exception], ...]:
         lock.WorkdirNotSharedError,
         loop.NonFiniteLossError,
         FileNotFoundError,
+        writers.WriteError,  # a full disk or a read-only place, naming the file
     )
 
 

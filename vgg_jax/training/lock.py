@@ -23,6 +23,8 @@ from collections.abc import Iterator
 
 import jax
 
+from vgg_jax import writers
+
 LOCK_FILE = "train.lock"
 
 
@@ -47,7 +49,10 @@ def hold(workdir: str) -> Iterator[None]:
     lock_file, busy, holder = None, None, None
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        lock_file = open(path, "a+")  # noqa: SIM115 (held open for the run: the lock lives with it)
+        try:
+            lock_file = open(path, "a+")  # noqa: SIM115 (held open for the run: the lock lives with it)
+        except OSError as e:
+            raise writers.write_error(e, path) from e
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -66,11 +71,12 @@ def hold(workdir: str) -> Iterator[None]:
         if lock_file is not None:
             started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
             holder = f"trainer pid {os.getpid()} on host {socket.gethostname()}, since {started}"
-            lock_file.seek(0)
-            lock_file.truncate()
-            lock_file.write(holder)
-            lock_file.flush()
-            os.fsync(lock_file.fileno())  # before the other processes look for it
+            try:  # unbuffered: a full disk fails here, not again when the file is closed
+                os.ftruncate(lock_file.fileno(), 0)
+                os.pwrite(lock_file.fileno(), holder.encode(), 0)
+                os.fsync(lock_file.fileno())  # before the other processes look for it
+            except OSError as e:
+                raise writers.write_error(e, path) from e
         if jax.process_count() > 1:
             busy = _shared_verdict(workdir, path, busy, holder)
         if busy is not None:
