@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import glob
@@ -424,6 +425,22 @@ class FullDiskOutputTest(absltest.TestCase):
             writer.write_scalars(1, {"train_loss": 2.0})
         with mock.patch.object(writer._jsonl, "write", _no_space):
             writer.close()  # the error was said: closing does not raise it again
+
+    def test_a_line_cut_short_is_not_glued_to_the_next_runs(self):
+        """A full disk cuts a metrics line where its last block ends; the resumed run appended
+        its first line to it, a line no JSON reader parses (the study's report stopped there)."""
+        directory = self.create_tempdir().full_path
+        path = os.path.join(directory, "metrics.jsonl")
+        for before in ('{"step": 1}\n{"step": 2, "train_lo', '{"step": 2, "tr', ""):
+            with open(path, "w") as f:
+                f.write(before)
+            with self.assertLogs("absl", "WARNING") if before else contextlib.nullcontext():
+                writer = writers.MetricWriter(directory, enabled=True)
+            writer.write_scalars(2, {"train_loss": 1.5})
+            writer.close()
+            with open(path) as f:
+                steps = [json.loads(line)["step"] for line in f]
+            self.assertEqual(steps, [1, 2] if before.startswith('{"step": 1}') else [2])
 
     def test_tensorboard_events_not_written_name_the_directory(self):
         status = (

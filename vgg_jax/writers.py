@@ -80,6 +80,36 @@ def _is_tensorflow_error(error: BaseException) -> bool:
     return type(error).__module__.startswith("tensorflow")
 
 
+def _drop_torn_line(path: str) -> None:
+    """Cuts a last line that does not end in a newline from the JSON-lines file ``path``: what a
+    full disk left of a line (the kernel writes up to the last free block). Appended to, it was
+    glued to the resumed run's first line, one line that no JSON reader parses (the study's
+    report stopped there)."""
+    try:
+        f = open(path, "r+b")  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        return
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        end = size
+        while end > 0:  # back from the end, a block at a time, to the last newline
+            start = max(0, end - 65536)
+            f.seek(start)
+            block = f.read(end - start)
+            if (newline := block.rfind(b"\n")) >= 0:
+                end = start + newline + 1
+                break
+            end = start
+        if end == size:
+            return
+        f.truncate(end)
+    logging.warning(
+        "%s ended in a line cut short (%d bytes: a full disk or a kill while writing); removed it.",
+        path,
+        size - end,
+    )
+
+
 class MetricWriter:
     def __init__(self, workdir: str, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
@@ -92,6 +122,7 @@ class MetricWriter:
         self._jsonl_path = os.path.join(workdir, "metrics.jsonl")
         self._tb_dir = os.path.join(workdir, "tensorboard")
         with self._writing(self._jsonl_path):
+            _drop_torn_line(self._jsonl_path)
             self._jsonl = open(self._jsonl_path, "a")  # noqa: SIM115
         try:
             import tensorflow as tf
