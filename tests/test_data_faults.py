@@ -22,7 +22,7 @@ from absl.testing import absltest
 
 from tests import fixtures, testdata
 from tests.test_data_imagenet import NUM_VAL, PER_CLASS, SYNSETS, TINY_COUNTS, imagenet_config
-from vgg_jax import checks, data
+from vgg_jax import checks, data, writers
 from vgg_jax.configs import paper
 from vgg_jax.data import folder, index, sources, transforms, verify
 from vgg_jax.tools import cli
@@ -819,6 +819,58 @@ class ReadOnlyDataDirTest(absltest.TestCase):
             ["vgg_jax_index_train.npz", "vgg_jax_index_validation.npz", "vgg_jax_stats.json"],
         )
         self.assertEmpty(project_files(data_dir))
+
+
+class FullDiskPreparationTest(absltest.TestCase):
+    """A full data_dir (or index_dir) while preparing: one line naming it, nothing half-written
+    kept. TFDS's own failure was a 40-line traceback ending in ``RuntimeError: Failed to finalize
+    writing of split "train": write() failed: No space left on device; ...``; the index's, an
+    ``OSError`` naming no file, with its partial temporary file left behind."""
+
+    def test_tfds_files_not_written_are_one_data_error(self):
+        data_dir = self.create_tempdir().full_path
+        config = fixtures.tiny_config(**{"input.data_dir": data_dir})
+        tfds_error = RuntimeError(
+            'Failed to finalize writing of split "train": write() failed: No space left on '
+            f"device; writing {data_dir}/x/incomplete.AB_1.0.0/x-train.array_record-00000-of-"
+            "00001; at byte 610304; Failed to close chunk_writer"
+        )
+        with (
+            mock.patch.object(tfds.core.DatasetBuilder, "download_and_prepare") as prepare,
+            self.assertRaisesRegex(
+                data.DatasetError,
+                rf"^Preparing vgg_jax_shapes into {data_dir}/\S+ failed: Failed to finalize "
+                r"writing of split \"train\": write\(\) failed: No space left on device; .*"
+                "free space there",
+            ),
+        ):
+            prepare.side_effect = tfds_error
+            sources.prepare_builder(config.input)
+        other = RuntimeError("TFDS's own bug")
+        with (
+            mock.patch.object(tfds.core.DatasetBuilder, "download_and_prepare", side_effect=other),
+            self.assertRaisesRegex(RuntimeError, "^TFDS's own bug$"),  # its traceback helps
+        ):
+            sources.prepare_builder(config.input)
+
+    def test_an_index_not_written_names_its_file_and_leaves_nothing(self):
+        directory = self.create_tempdir().full_path
+        path = os.path.join(directory, "vgg_jax_index_train.npz")
+        split_index = index.SplitIndex(*[np.zeros(2, np.int32) for _ in range(6)])
+
+        def no_space(file, **arrays):
+            with open(file, "wb") as f:
+                f.write(b"PK")  # what fitted
+            raise OSError(28, os.strerror(28))
+
+        with (
+            mock.patch.object(np, "savez", no_space),
+            self.assertRaisesRegex(
+                writers.WriteError, f"^Could not write {path}: No space left on device"
+            ),
+        ):
+            index._save(path, split_index, "2 examples, 10 bytes")
+        self.assertEqual(os.listdir(directory), [])
 
 
 class SharedIndexDirTest(absltest.TestCase):

@@ -17,6 +17,7 @@ be marked undecodable in an index that is saved and reused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -26,6 +27,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from vgg_jax import writers
 from vgg_jax.data import DatasetError, generator_dataset, image_bytes, sources, transforms
 from vgg_jax.data.progress import ProgressLog
 
@@ -190,8 +192,13 @@ def _save(path: str, split_index: SplitIndex, source: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     # Per process: two runs preparing one data_dir at once must not write one temporary file.
     temporary = f"{path}.{os.getpid()}.tmp.npz"
-    np.savez(temporary, **dataclasses.asdict(split_index), source=np.asarray(source))
-    os.replace(temporary, path)
+    try:
+        np.savez(temporary, **dataclasses.asdict(split_index), source=np.asarray(source))
+        os.replace(temporary, path)
+    except OSError as e:  # a full disk: one line naming the file, no partial file left
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise writers.write_error(e, path) from e
 
 
 class StaleIndexError(DatasetError):

@@ -30,6 +30,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from vgg_jax import writers
 from vgg_jax.data import DatasetError, builtin, choices, folder
 
 DATASETS = choices.DATASETS
@@ -210,6 +211,22 @@ def synset_tar_damage(path: str) -> str | None:
     return None
 
 
+def storage_fault(error: BaseException) -> str | None:
+    """The first line of ``error`` (or of what it was raised from) when a full disk, a quota or a
+    read-only place caused it: TFDS's writers say it only in their message (``RuntimeError:
+    Failed to finalize writing of split "train": write() failed: No space left on device;
+    writing <file>; ...``, under a 40-line traceback). None for anything else."""
+    reasons = [os.strerror(number) for number in writers.STORAGE_ERRNOS]
+    seen = 0
+    while error is not None and seen < 20:
+        if isinstance(error, OSError) and error.errno in writers.STORAGE_ERRNOS:
+            return str(error)
+        if any(reason in _first_line(error) for reason in reasons):
+            return _first_line(error)
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else ""
@@ -367,6 +384,14 @@ def prepare_builder(input_config: ml_collections.ConfigDict) -> tfds.core.Datase
     try:
         builder.download_and_prepare(download_config=download_config, file_format=FILE_FORMAT)
     except Exception as e:
+        if reason := storage_fault(e):
+            # TFDS writes into a temporary directory that it renames only when every split is
+            # written (and removes on this error): nothing half-written is taken for the data.
+            raise DatasetError(
+                f"Preparing {builder.name} into {builder.data_dir} failed: {reason}; free space "
+                "there (or give another input.data_dir) and run again: nothing of this "
+                "preparation is kept."
+            ) from e
         if input_config.dataset != "imagenet2012":
             raise
         # TFDS reads the tars with tarfile: a truncated one ends in a 50-line traceback that

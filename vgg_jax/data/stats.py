@@ -10,6 +10,7 @@ eigen-pairs, which ``config.input.stats_source='published'`` uses instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable
@@ -19,7 +20,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from vgg_jax import conventions
+from vgg_jax import conventions, writers
 from vgg_jax.data import choices, generator_dataset, index, sources, transforms
 from vgg_jax.data.progress import ProgressLog
 
@@ -151,9 +152,14 @@ def ensure_stats(
     stats["source_files"] = source
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.{os.getpid()}.tmp"  # per process, as data/index.py's
-    with open(temporary, "w") as f:
-        json.dump(stats, f, indent=2)
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w") as f:
+            json.dump(stats, f, indent=2)
+        os.replace(temporary, path)
+    except OSError as e:  # a full disk: one line naming the file, no partial file left
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise writers.write_error(e, path) from e
     logging.info("Stats of %s: %s", builder.name, stats)
     return stats
 

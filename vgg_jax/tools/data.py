@@ -26,6 +26,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.")
 
 
 def main(argv: list[str]) -> None:
+    from vgg_jax import writers
     from vgg_jax.tools import cli
 
     del argv
@@ -36,6 +37,8 @@ def main(argv: list[str]) -> None:
         data.prepare(config)
     except data.DatasetError as e:
         sys.exit(f"Data error: {e}")
+    except writers.WriteError as e:  # a full disk or a read-only place, naming the file
+        sys.exit(f"{type(e).__name__}: {e}")
     info = data.dataset_info(config)
     print(f"prepared {info.name} in {info.data_dir} ({time.perf_counter() - start:.1f} s)")
     print(f"classes {info.num_classes}, train {info.num_train}, eval {info.num_eval}")
