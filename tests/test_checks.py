@@ -247,6 +247,24 @@ class CheckConfigTest(absltest.TestCase):
                 )
         self.assertEmpty(problems(config, "evaluate", read_only))
 
+    def test_a_read_only_trained_workdir_is_told_how_to_be_evaluated(self):
+        """A shared, read-only trained workdir: "give a writable --workdir" alone led to one
+        holding no checkpoint; a writable one linking to its checkpoints evaluates it."""
+        trained = self.create_tempdir().full_path
+        os.makedirs(os.path.join(trained, "checkpoints"))
+        real_access = os.access
+        access = lambda path, mode: path != trained and real_access(path, mode)  # noqa: E731
+        config = fixtures.tiny_config(with_data=False)
+        with mock.patch.object(checks.os, "access", access):
+            (line,) = problems(config, "evaluate", trained)
+            self.assertEndsWith(
+                line,
+                "give a writable --workdir holding a link to its checkpoints, read from there "
+                f"(mkdir W && ln -s {trained}/checkpoints W/checkpoints; then --workdir=W)",
+            )
+            (line,) = problems(config, "train", trained)  # training must write there
+            self.assertEndsWith(line, "give a writable --workdir")
+
     def test_image_folder_classes_are_counted_from_its_directories(self):
         with tempfile.TemporaryDirectory() as root:
             for name in ("cat", "dog", "fox"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -345,7 +346,7 @@ def check_config(
         if facts is not None:
             _check_some_step(p, facts[1], workdir)
     _check_evals(p, data_devices)
-    if workdir is not None and (problem := workdir_problem(workdir)):
+    if workdir is not None and (problem := workdir_problem(workdir, mode)):
         p.lines.append(problem)
     if p.lines:
         raise ConfigError(p.lines)
@@ -393,10 +394,12 @@ def _check_local_paths(p: _Problems) -> None:
         )
 
 
-def workdir_problem(workdir: str) -> str | None:
+def workdir_problem(workdir: str, mode: str | None = None) -> str | None:
     """Why nothing could be written into ``workdir`` (a file there or above it, a read-only
     mount or directory, a URL), found at start-up: an evaluation of hours otherwise ends in a
-    traceback when it writes results.json, its table unprinted."""
+    traceback when it writes results.json, its table unprinted. For an evaluation of a read-only
+    trained workdir (one shared, say), the way to evaluate it: another --workdir would hold no
+    checkpoint."""
     if problem := url_problem("--workdir", workdir):
         return problem
     target = existing = os.path.abspath(workdir)
@@ -406,10 +409,17 @@ def workdir_problem(workdir: str) -> str | None:
     if not os.path.isdir(existing):
         return f"--workdir={workdir}: {where} is a file, not a directory"
     if not os.access(existing, os.W_OK | os.X_OK):
-        return (
+        line = (
             f"--workdir={workdir}: {where} is not writable (checkpoints, results and logs are "
             "written there); give a writable --workdir"
         )
+        checkpoints = os.path.join(target, "checkpoints")
+        if mode in ("evaluate", "evaluate_continuously") and os.path.isdir(checkpoints):
+            line += (
+                f" holding a link to its checkpoints, read from there (mkdir W && ln -s "
+                f"{shlex.quote(checkpoints)} W/checkpoints; then --workdir=W)"
+            )
+        return line
     return None
 
 
