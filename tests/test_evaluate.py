@@ -25,7 +25,7 @@ from absl.testing import absltest
 from jax.sharding import PartitionSpec as P
 
 from tests import fixtures
-from vgg_jax import checkpoint, compile_cache, metrics, models, sharding
+from vgg_jax import checkpoint, compile_cache, metrics, models, sharding, writers
 from vgg_jax.evaluation import continuous, methods, report, runner
 
 NUM_CLASSES = 7  # more than 5, so top-5 error is a real measurement
@@ -632,6 +632,39 @@ class RunnerTest(absltest.TestCase):
         self.assertEqual(sorted(redone), [10, 20, 30])
         with open(os.path.join(eval_dir, "step_20.json")) as f:
             self.assertFalse(json.load(f)["settings"]["flip"])
+
+    def test_a_step_whose_figures_were_not_written_is_evaluated_again(self):
+        """A full disk after step_N.json was written (its .md, the TensorBoard scalars, the
+        metrics.jsonl line) stopped the watcher with step N marked evaluated: restarted, it
+        skipped it, and its figures were never logged."""
+        workdir = self.create_tempdir_once()
+        save_net(workdir, self.params, self.config, step=10)
+        config = tiny_config(methods=("dense",))
+        batches = fake_eval_batches(5)
+        eval_dir = os.path.join(workdir, continuous.EVAL_SUBDIR)
+        real_open = writers.atomic_open
+        for fails in ("metrics.jsonl", "step_10.md"):
+
+            def full_disk(path, *args, fails=fails, **kwargs):
+                if path.endswith(fails):
+                    raise writers.WriteError(28, os.strerror(28), path)
+                return real_open(path, *args, **kwargs)
+
+            write_scalars = writers.MetricWriter.write_scalars
+            if fails == "metrics.jsonl":
+                write_scalars = mock.Mock(side_effect=writers.WriteError(28, "full", "x"))
+            with (
+                mock.patch.object(writers, "atomic_open", full_disk),
+                mock.patch.object(writers.MetricWriter, "write_scalars", write_scalars),
+                self.assertRaises(writers.WriteError),
+            ):
+                continuous.watch(config, workdir, poll_seconds=0.1, timeout=0.3, batches=batches)
+            self.assertEqual(continuous.evaluated_steps(eval_dir), set())  # today: {10}
+        again = continuous.watch(config, workdir, poll_seconds=0.1, timeout=0.3, batches=batches)
+        self.assertEqual(sorted(again), [10])
+        self.assertTrue(os.path.exists(os.path.join(eval_dir, "step_10.md")))
+        with open(os.path.join(eval_dir, "metrics.jsonl")) as f:
+            self.assertIn(10, [json.loads(line)["step"] for line in f])
 
     def test_watch_evaluates_another_trainings_steps_again(self):
         """Training started again in the same workdir (checkpoints deleted, another learning

@@ -189,9 +189,11 @@ def watch(
             results[step] = rows
             last_new = time.monotonic()
             if jax.process_index() == 0:
-                report.write_results(eval_dir, rows, about, name=f"step_{step}")
-                writer.write_scalars(step, _scalars(rows))
                 logging.info("Step %d:\n%s", step, report.format_table(rows))
+                # step_N.json last: it marks the step evaluated, so a write that fails before it
+                # (a full disk) leaves the step to evaluate again, its scalars not lost for good.
+                writer.write_scalars(step, _scalars(rows))
+                report.write_results(eval_dir, rows, about, name=f"step_{step}")
             if stop_after_step is not None and step >= stop_after_step:
                 break
     except preemption.Stopped:

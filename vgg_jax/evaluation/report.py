@@ -9,6 +9,7 @@ A row is a plain dict: ``net``, ``train_scale`` (S, e.g. "256" or "[256;512]"), 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -82,9 +83,7 @@ def write_results(
     os.makedirs(directory, exist_ok=True)
     json_path = os.path.join(directory, f"{name}.json")
     markdown_path = os.path.join(directory, f"{name}.md")
-    with writers.atomic_open(json_path) as f:  # its presence marks a step evaluated
-        json.dump({**about, "rows": list(rows)}, f, indent=2)
-        f.write("\n")
+    json_text = json.dumps({**about, "rows": list(rows)}, indent=2) + "\n"  # fails before a write
     checkpoints = ", ".join(
         f"{c['workdir']} step {c['step']}" for c in about.get("checkpoints", [])
     )
@@ -97,6 +96,15 @@ def write_results(
     with writers.atomic_open(markdown_path) as f:
         f.write(f"Top-1/top-5 {what}{images}; checkpoints: {checkpoints}.\n\n")
         f.write(format_table(rows) + "\n")
+    # Last: its presence marks a step evaluated (continuous.py), so a .md that a full disk did
+    # not let be written is not left missing beside it; nor a .md without it.
+    try:
+        with writers.atomic_open(json_path) as f:
+            f.write(json_text)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(markdown_path)
+        raise
     return json_path, markdown_path
 
 
