@@ -66,8 +66,10 @@ def workdir_cache(workdir: str) -> Iterator[str]:
 def _decompressor():
     """JAX's own reader of an entry's bytes (zstd or zlib, as it wrote them); None if a JAX
     release moves it (requirements.txt pins JAX), and then nothing is checked."""
-    from jax._src import compilation_cache as jax_cache
-
+    try:
+        from jax._src import compilation_cache as jax_cache
+    except ImportError:
+        return None
     return getattr(jax_cache, "decompress_executable", None)
 
 
