@@ -413,6 +413,18 @@ class FullDiskOutputTest(absltest.TestCase):
             _no_space()
         self.assertEqual(os.listdir(directory), [])
 
+    def test_two_writers_of_one_file_at_once_each_write_whole(self):
+        # Today: one "<path>.tmp" for both; the second open truncated the first's, and the
+        # first's rename then failed (its temporary already renamed away).
+        directory = self.create_tempdir().full_path
+        path = os.path.join(directory, "weights.npz")
+        with writers.atomic_open(path) as first, writers.atomic_open(path) as second:
+            first.write("first, whole")
+            second.write("second")
+        with open(path) as f:
+            self.assertEqual(f.read(), "first, whole")  # the last to finish, whole
+        self.assertEqual(os.listdir(directory), ["weights.npz"])
+
     def test_metrics_not_written_name_the_file_once(self):
         directory = self.create_tempdir().full_path
         writer = writers.MetricWriter(directory, enabled=True)

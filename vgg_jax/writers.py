@@ -10,6 +10,7 @@ import contextlib
 import errno
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -59,11 +60,16 @@ def write_error(error: BaseException, path: str | os.PathLike) -> WriteError:
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
-    """Writes to ``path + ".tmp"`` and renames it to ``path`` only on success, so a process
-    killed while writing never leaves a truncated file under the real name (which readers, such
-    as a restarted continuous evaluator, would take as written). A write that fails (a full
-    disk, a read-only place) raises ``WriteError`` naming ``path``."""
-    tmp = os.fspath(path) + ".tmp"
+    """Writes to a temporary file beside ``path`` and renames it to ``path`` only on success, so
+    a process killed while writing never leaves a truncated file under the real name (which
+    readers, such as a restarted continuous evaluator, would take as written). A write that fails
+    (a full disk, a read-only place) raises ``WriteError`` naming ``path``.
+
+    The temporary's name is this writer's own (``<path>.<pid>.<random>.tmp``): with one
+    ``<path>.tmp`` for all, two writers of one file at once (two exports to one ``--out``, two
+    evaluators of one workdir) wrote into one temporary, and the second rename failed or moved a
+    mix of both."""
+    tmp = f"{os.fspath(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         try:
             with open(tmp, mode) as f:
