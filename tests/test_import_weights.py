@@ -77,7 +77,7 @@ class ImportWeightsTest(absltest.TestCase):
         config = paper.paper_config("D", None).init_from
         config.update(dict(mode="full", workdir=workdir))
         fresh = jax.tree_util.tree_map(lambda p: jax.numpy.zeros_like(p), self.params)
-        assert_trees_equal(init_from.initial_params(config, fresh), self.params)
+        assert_trees_equal(init_from.initialise(config, fresh)[0], self.params)
 
     def test_an_imagenet_net_records_the_ilsvrc_classes_so_other_orders_are_refused(self):
         from vgg_jax import sharding
@@ -105,7 +105,7 @@ class ImportWeightsTest(absltest.TestCase):
         init = paper.paper_config("D", None).init_from
         init.update(dict(mode="full", workdir=workdir))
         with self.assertRaisesRegex(checkpoint.NetMismatchError, "other classes"):
-            init_from.initial_params(init, params, "D", folder_order)
+            init_from.initialise(init, params, "D", folder_order)[0]
         # predict still names them by their words
         self.assertIsNone(predict.load_predictor(workdir).class_names)
         self.assertEqual(predict.imagenet_class_names()[0], "tench, Tinca tinca")

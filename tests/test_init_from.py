@@ -35,7 +35,7 @@ class InitFromTest(absltest.TestCase):
         fresh = init(tiny("D"), seed=2)
         config = paper.paper_config("D", None).init_from
         config.update(dict(mode="shallow", workdir=self.workdir))
-        params = init_from.initial_params(config, fresh)
+        params = init_from.initialise(config, fresh)[0]
         copied = set(init_from.SHALLOW_LAYERS)
         self.assertLen(copied, 7)
         for name in params:
@@ -54,14 +54,14 @@ class InitFromTest(absltest.TestCase):
         fresh = init(tiny("B-5x5"), seed=2)
         config = paper.paper_config("B-5x5", None).init_from
         config.update(dict(mode="fc", workdir=self.workdir))
-        params = init_from.initial_params(config, fresh)
+        params = init_from.initialise(config, fresh)[0]
         for name in params:
             expected = self.net_a[name] if name.startswith("fc") else fresh[name]
             jax.tree_util.tree_map(np.testing.assert_array_equal, params[name], expected)
         self.assertFalse(np.allclose(params["fc1"]["kernel"], fresh["fc1"]["kernel"]))
         config.mode = "shallow"  # A's 3x3 convs do not fit B-5x5's 5x5 ones
         with self.assertRaisesRegex(ValueError, "block3_conv2"):
-            init_from.initial_params(config, fresh)
+            init_from.initialise(config, fresh)[0]
 
     def test_full_loads_every_layer_and_fine_tune_lowers_the_rate(self):
         fresh = init(tiny("A"), seed=3)
@@ -70,27 +70,27 @@ class InitFromTest(absltest.TestCase):
         self.assertEqual(config.optim.learning_rate, 1e-3)
         self.assertEqual(vgg16.get_config("s256").optim.learning_rate, 1e-2)
         config.init_from.workdir = self.workdir
-        params = init_from.initial_params(config.init_from, fresh)
+        params = init_from.initialise(config.init_from, fresh)[0]
         jax.tree_util.tree_map(np.testing.assert_array_equal, params, self.net_a)
 
     def test_errors_name_the_problem(self):
         config = paper.paper_config("D", None).init_from
         config.mode = "deep"
         with self.assertRaisesRegex(ValueError, "shallow"):
-            init_from.initial_params(config, {})
+            init_from.initialise(config, {})[0]
         config.mode = "full"
         with self.assertRaisesRegex(ValueError, "workdir"):
-            init_from.initial_params(config, {})
+            init_from.initialise(config, {})[0]
         config.workdir = tempfile.mkdtemp()
         with self.assertRaisesRegex(FileNotFoundError, "checkpoints"):
-            init_from.initial_params(config, {})
+            init_from.initialise(config, {})[0]
         config.workdir = self.workdir
         wider = init(
             models.VGG(models.LAYOUTS["A"], num_classes=5, crop_size=32, width=1 / 8, fc_width=16),
             0,
         )
         with self.assertRaisesRegex(ValueError, "block1_conv1: shape .*widths"):
-            init_from.initial_params(config, wider)
+            init_from.initialise(config, wider)[0]
 
     def test_the_source_must_be_the_net_the_mode_copies_from(self):
         net_e = os.path.join(self.create_tempdir().full_path, "e")
@@ -102,13 +102,13 @@ class InitFromTest(absltest.TestCase):
         config.update(dict(mode="full", workdir=net_e))
         # E's layer names and shapes include all of D's: today copied without a word.
         with self.assertRaisesRegex(ValueError, "copies from net D; .* holds net E"):
-            init_from.initial_params(config, fresh, "D")
+            init_from.initialise(config, fresh, "D")[0]
         config.mode = "shallow"
         with self.assertRaisesRegex(ValueError, "copies from net A or A-LRN; .* holds net E"):
-            init_from.initial_params(config, fresh, "D")
+            init_from.initialise(config, fresh, "D")[0]
         config.mode = "full"
         with self.assertLogs(level="INFO") as logs:
-            init_from.initial_params(config, init(tiny("E"), seed=5), "E")
+            init_from.initialise(config, init(tiny("E"), seed=5), "E")[0]
         self.assertTrue(any(f"from {net_e} step 9 (net E)" in line for line in logs.output))
 
     def test_a_source_trained_on_other_classes_is_refused(self):
@@ -118,9 +118,9 @@ class InitFromTest(absltest.TestCase):
         fresh = init(tiny("D"), seed=2)
         config = paper.paper_config("D", None).init_from
         config.update(dict(mode="shallow", workdir=source))
-        init_from.initial_params(config, fresh, "D", names)  # the same classes: copied
+        init_from.initialise(config, fresh, "D", names)[0]  # the same classes: copied
         with self.assertRaisesRegex(ValueError, "other classes .*class 1: 'bee' there, 'cat' here"):
-            init_from.initial_params(config, fresh, "D", ["ant", "cat", "cow", "dog", "elk"])
+            init_from.initialise(config, fresh, "D", ["ant", "cat", "cow", "dog", "elk"])[0]
 
     def test_a_source_not_trained_to_the_end_is_named(self):
         """A net D started from net A's newest checkpoint while A still trains (or after A was
@@ -133,11 +133,11 @@ class InitFromTest(absltest.TestCase):
         config = paper.paper_config("D", None).init_from
         config.update(dict(mode="shallow", workdir=source))
         with self.assertLogs(level="WARNING") as logs:
-            init_from.initial_params(config, fresh, "D")
+            init_from.initialise(config, fresh, "D")[0]
         self.assertTrue(any("step 4, is not the end of its training" in x for x in logs.output))
         config.step = 4  # asked for by number: a choice, no warning
         with self.assertNoLogs(level="WARNING"):
-            init_from.initial_params(config, fresh, "D")
+            init_from.initialise(config, fresh, "D")[0]
 
 
 class InitFromTrainingTest(absltest.TestCase):

@@ -26,7 +26,6 @@ from vgg_jax.weights import classes
 
 STRIDE = 2**models.NUM_POOLS  # pixels between neighbouring score-map cells
 NUM_IMAGENET_CLASSES = classes.NUM_IMAGENET_CLASSES
-CLASS_LIST = classes.CLASS_LIST
 # ``(WordNet ID, words)`` of the 1000 ILSVRC-2012 classes in label order.
 imagenet_classes = classes.imagenet_classes
 

@@ -286,7 +286,7 @@ def _run_study(study: ml_collections.ConfigDict, workdir: str, executor) -> dict
     check_finished_runs(runs)  # before study_config.json is overwritten
     report.collect(runs)  # a finished run's damaged results.json is named before a run trains
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "study_config.json"), "w") as f:
+    with writers.atomic_open(os.path.join(workdir, "study_config.json")) as f:
         f.write(study.to_json_best_effort(indent=2))
     todo = [run for run in runs if not is_finished(run)]
     check_sources_kept(todo, by_name)

@@ -94,11 +94,11 @@ def _imagenet_wnids_of(class_names: list[str]) -> list[str] | None:
     ImageNet net's are shown: the IDs name them too (an ImageNet net trained here used to show
     its IDs, and ``--map_class`` took them)."""
     from vgg_jax.evaluation import predict
+    from vgg_jax.weights import classes
 
-    imagenet = predict.imagenet_classes()
-    if class_names != [words for _, words in imagenet]:
+    if class_names != list(predict.imagenet_class_names()):
         return None
-    return [wnid for wnid, _ in imagenet]
+    return classes.imagenet_wnids()
 
 
 def predict_files(

@@ -38,16 +38,6 @@ SOURCE_NETS = {"shallow": ("A", "A-LRN"), "fc": ("A", "A-LRN")}
 FIRST_CONV = "block1_conv1"
 
 
-def initial_params(
-    init_config: ml_collections.ConfigDict,
-    fresh: dict[str, Any],
-    net: str | None = None,
-    class_names: list[str] | None = None,
-) -> dict[str, Any]:
-    """``initialise``'s parameters."""
-    return initialise(init_config, fresh, net, class_names)[0]
-
-
 def initialise(
     init_config: ml_collections.ConfigDict,
     fresh: dict[str, Any],
