@@ -11,7 +11,7 @@ from absl.testing import absltest
 
 from tests import fixtures, testdata
 from vgg_jax import data
-from vgg_jax.data import builtin, folder
+from vgg_jax.data import builtin, folder, index, sources, verify
 
 
 def _jpeg(k: int) -> bytes:
@@ -209,6 +209,58 @@ class FolderEdgeCasesTest(absltest.TestCase):
             r"splits \(evaluated on what it trains on\), 1 in two classes \(two labels\), 1 twice "
             r"in one class; e\.g\. .*validation/cat/l\.jpg is .*train/cat/0\.jpg",
         )
+
+    def test_copies_of_one_image_in_two_splits_or_two_classes_are_named(self):
+        """Copied files, not links: a validation photo that is a training photo, a training
+        photo in two classes. The folder scan sees distinct files; the index's byte
+        fingerprints find them. Both were silent (scores inflated, two labels)."""
+        root = self.make_folder()
+        train = os.path.join(root, "train")
+        _write(os.path.join(root, "validation", "dog", "copy.jpg"), _jpeg(1))  # train/cat/1.jpg
+        _write(os.path.join(train, "dog", "copy.jpg"), _jpeg(2))  # train/cat/2.jpg
+        config = self.folder_config(root)
+        with self.assertLogs(level="WARNING") as logs:
+            data.prepare(config)
+        copies = [m for m in logs.output if "byte-identical" in m or "two or more classes" in m]
+        self.assertLen(copies, 2, logs.output)
+        self.assertRegex(
+            copies[0],
+            r"1 of 3 vgg_jax_image_folder/validation images are byte-identical to train images "
+            r"\(e\.g\. validation record \d+ \(class 'dog'\) is train record \d+ \(class 'cat'\)\)",
+        )
+        self.assertRegex(
+            copies[1],
+            r"1 vgg_jax_image_folder/train image is stored in two or more classes \(e\.g\. "
+            r"train record \d+ \(class '(cat|dog)'\) is train record \d+ \(class '(cat|dog)'\)\)",
+        )
+
+    def test_a_folder_without_copies_has_none_found(self):
+        config = self.folder_config(self.make_folder())
+        data.prepare(config)
+        builder = sources.prepared_builder(config.input)
+        train, validation = (index.load_index(builder, s) for s in ("train", "validation"))
+        self.assertLen(np.unique(train.digest), 6)  # one fingerprint per distinct image
+        self.assertEqual(verify.copies_found(builder, "train", "validation", train, validation), [])
+
+    def test_an_index_made_before_fingerprints_still_loads(self):
+        """Indexes saved by earlier versions have no ``digest``: they are used as they are (an
+        ImageNet index takes most of an hour to build again); only the copy check is skipped."""
+        root = self.make_folder()
+        _write(os.path.join(root, "validation", "dog", "copy.jpg"), _jpeg(1))
+        config = self.folder_config(root)
+        data.prepare(config)
+        builder = sources.prepared_builder(config.input)
+        for split in ("train", "validation"):
+            path = index.index_path(builder, split)
+            with np.load(path) as stored:
+                kept = {k: stored[k] for k in stored.files if k != "digest"}
+            np.savez(path, **kept)
+        train, validation = (index.load_index(builder, s) for s in ("train", "validation"))
+        self.assertIsNone(train.digest)
+        self.assertEqual(len(train.valid), 6)
+        self.assertEqual(verify.copies_found(builder, "train", "validation", train, validation), [])
+        data.prepare(config)  # no error, and the index is not rebuilt
+        self.assertIsNone(index.load_index(builder, "train").digest)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """One pass over a split that records, per example, what the pipeline needs before decoding:
 format (JPEG or PNG, whatever the file is named), height, width, colour channels, whether the
-file is truncated, and whether it decodes at all.
+file is truncated, whether it decodes at all, and a 63-bit fingerprint of its bytes (so copies
+of one image in two splits or two classes are found: ``verify.check_copies``).
 
 Stored as ``vgg_jax_index_<split>.npz`` next to the TFDS files (or under ``input.index_dir``, see
 ``sources.files_dir``) and read by the pipeline: training
@@ -33,6 +34,7 @@ from vgg_jax.data.progress import ProgressLog
 
 _READ_CHUNK = 256
 _END_OF_IMAGE = b"\xff\xd9"
+_DIGEST_BUCKETS = 2**63 - 1  # the largest TF allows: the fingerprint itself, nearly
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,9 @@ class SplitIndex:
     channels: np.ndarray
     truncated: np.ndarray  # bool: a JPEG cut before its end marker (decoded, the rest grey)
     label: np.ndarray  # int32
+    # int64: FarmHash Fingerprint64 of the encoded bytes (mod 2^63 - 1); None in an index made
+    # before fingerprints were recorded (it stays usable: only the copy check is skipped).
+    digest: np.ndarray | None = None
 
     @property
     def valid(self) -> np.ndarray:
@@ -112,7 +117,8 @@ def _probe(position: tf.Tensor, serialized: tf.Tensor):
         tf.equal(fmt, transforms.JPEG),
         tf.cond(ends_with_end_marker, lambda: tf.constant(False), ends_before_its_end_marker),
     )
-    return position, fmt, shape, truncated, label
+    digest = tf.strings.to_hash_bucket_fast(encoded, _DIGEST_BUCKETS)
+    return position, fmt, shape, truncated, label, digest
 
 
 def jpeg_truncated(encoded: bytes) -> bool:
@@ -156,10 +162,12 @@ def build_index(builder: tfds.core.DatasetBuilder, split: str) -> SplitIndex:
     height, width = np.zeros(total, np.int32), np.zeros(total, np.int32)
     channels, truncated = np.zeros(total, np.uint8), np.zeros(total, bool)
     label = np.full(total, -1, np.int32)
+    digest = np.full(total, -1, np.int64)
     report = ProgressLog(f"Indexing {builder.name}/{split}", total)
     done = 0
-    for position, kind, shape, cut, lab in ds.as_numpy_iterator():
+    for position, kind, shape, cut, lab, fingerprint in ds.as_numpy_iterator():
         fmt[position], truncated[position], label[position] = kind, cut, lab
+        digest[position] = fingerprint
         height[position], width[position], channels[position] = shape.T
         done += len(position)
         report.update(done)
@@ -172,7 +180,7 @@ def build_index(builder: tfds.core.DatasetBuilder, split: str) -> SplitIndex:
             f"again if the storage had a passing fault; if the files in {where} are damaged, "
             "delete that directory and prepare the dataset again."
         ) from error
-    return SplitIndex(fmt, height, width, channels, truncated, label)
+    return SplitIndex(fmt, height, width, channels, truncated, label, digest)
 
 
 def _first_line(error: BaseException) -> str:
@@ -193,7 +201,8 @@ def _save(path: str, split_index: SplitIndex, source: str) -> None:
     # Per process: two runs preparing one data_dir at once must not write one temporary file.
     temporary = f"{path}.{os.getpid()}.tmp.npz"
     try:
-        np.savez(temporary, **dataclasses.asdict(split_index), source=np.asarray(source))
+        arrays = {k: v for k, v in dataclasses.asdict(split_index).items() if v is not None}
+        np.savez(temporary, **arrays, source=np.asarray(source))
         os.replace(temporary, path)
     except OSError as e:  # a full disk: one line naming the file, no partial file left
         with contextlib.suppress(OSError):
@@ -232,7 +241,8 @@ def load_index(
 def _load(path: str, mtime: float) -> tuple[SplitIndex, str | None]:
     del mtime  # part of the cache key: a rebuilt index is read again
     with np.load(path) as stored:
-        split_index = SplitIndex(**{f.name: stored[f.name] for f in dataclasses.fields(SplitIndex)})
+        names = [f.name for f in dataclasses.fields(SplitIndex)]
+        split_index = SplitIndex(**{name: stored[name] for name in names if name in stored.files})
         source = str(stored["source"]) if "source" in stored.files else None  # older indexes
     return split_index, source
 

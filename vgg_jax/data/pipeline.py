@@ -101,6 +101,11 @@ def prepare(config: ml_collections.ConfigDict) -> None:
         )
     train_index = index.load_index(builder, input_config.train_split, files_dir)
     verify.check_classes(builder, input_config, train_index, files_dir)
+    eval_index = index.load_index(builder, input_config.eval_split, files_dir)
+    for copies in verify.copies_found(
+        builder, input_config.train_split, input_config.eval_split, train_index, eval_index
+    ):
+        logging.warning("%s.", copies)
     if computed_stats:
         stats.ensure_stats(
             builder,

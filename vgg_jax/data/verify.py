@@ -172,3 +172,61 @@ def _no_decodable_example(
         f"{builder.name}/{split} has no image that decodes ({len(split_index.fmt):,} skipped as "
         f"undecodable), so it cannot be scored: {fix}."
     )
+
+
+def copies_found(
+    builder: tfds.core.DatasetBuilder,
+    train_split: str,
+    eval_split: str,
+    train_index: index.SplitIndex,
+    eval_index: index.SplitIndex,
+) -> list[str]:
+    """Byte-identical images where they make scores wrong without a word: evaluation images that
+    are training images (the validation behind the learning-rate rule and the final table score
+    what the net was trained on), and training images stored in two classes (trained towards two
+    labels). Copies are common in scraped or hand-split folders; symbolic links to one file are
+    named by the folder scan already. Compares the indexes' byte fingerprints; one line per kind,
+    with an example by record number and class; empty when there is none (or an index predates
+    fingerprints)."""
+    if train_index.digest is None or eval_index.digest is None:
+        return []
+    names = builder.info.features["label"].names or None
+
+    def where(split: str, split_index: index.SplitIndex, record: int) -> str:
+        label = int(split_index.label[record])
+        return f"{split} record {record:,} (class {names[label] if names else label!r})"
+
+    train_valid, eval_valid = train_index.valid, eval_index.valid
+    train_digest = train_index.digest[train_valid]
+    found = []
+    if eval_split != train_split:
+        copied = eval_valid[np.isin(eval_index.digest[eval_valid], train_digest)]
+        if len(copied):
+            first = int(copied[0])
+            twin = int(train_valid[np.flatnonzero(train_digest == eval_index.digest[first])[0]])
+            example = f"{where(eval_split, eval_index, first)} is " + where(
+                train_split, train_index, twin
+            )
+            found.append(
+                f"{len(copied):,} of {len(eval_valid):,} {builder.name}/{eval_split} images are "
+                f"byte-identical to {train_split} images (e.g. {example}): the validation "
+                "behind the learning-rate rule and the evaluation score images the net trains "
+                "on; remove them from one split"
+            )
+    # Training images whose bytes recur under another label.
+    order = np.lexsort((train_index.label[train_valid], train_digest))
+    digest, label = train_digest[order], train_index.label[train_valid][order]
+    same = digest[1:] == digest[:-1]
+    relabelled = np.flatnonzero(same & (label[1:] != label[:-1]))
+    if len(relabelled):
+        clashes = np.unique(digest[1:][relabelled])
+        first, second = train_valid[order][relabelled[0]], train_valid[order][relabelled[0] + 1]
+        found.append(
+            f"{len(clashes):,} {builder.name}/{train_split} "
+            + ("image is" if len(clashes) == 1 else "images are")
+            + " stored in two or more "
+            f"classes (e.g. {where(train_split, train_index, int(first))} is "
+            f"{where(train_split, train_index, int(second))}): each is trained towards two labels"
+            "; keep each in its one class"
+        )
+    return found
