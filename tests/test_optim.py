@@ -62,10 +62,14 @@ class PlateauWarningTest(absltest.TestCase):
         from vgg_jax.training import loop
 
         config = paper.paper_config("A", "s256")
-        config.schedule.num_epochs, config.evals.every_epochs = 2, 5  # no validation at all
+        config.schedule.num_epochs, config.evals.every_epochs = 2.5, 5  # no validation at all
         with self.assertLogs(level="WARNING") as logs:
             loop.warn_if_the_plateau_rule_cannot_act(config)
-        self.assertIn("0 validations, and the plateau rule needs 3", logs.output[0])
+        # Was "2 epochs with ...": the epochs as given, not rounded down.
+        self.assertIn(
+            "2.5 epochs with a validation every 5: 0 validations, and the plateau rule needs 3",
+            logs.output[0],
+        )
         config.schedule.num_epochs, config.evals.every_epochs = 3, 1  # 3 validations: enough
         with self.assertNoLogs(level="WARNING"):
             loop.warn_if_the_plateau_rule_cannot_act(config)

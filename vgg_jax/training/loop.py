@@ -189,7 +189,7 @@ def warn_if_the_plateau_rule_cannot_act(config: ml_collections.ConfigDict) -> No
     needed = int(config.schedule.plateau_patience) + 1
     if validations < needed:
         logging.warning(
-            "%d epochs with a validation every %d: %d validations, and the plateau rule needs %d "
+            "%g epochs with a validation every %d: %d validations, and the plateau rule needs %d "
             "to divide the learning rate, so it stays %g throughout.",
             config.schedule.num_epochs,
             config.evals.every_epochs,
