@@ -223,6 +223,28 @@ class FewClassesReportTest(absltest.TestCase):
         self.assertIn("not in this study", depth_b_d)
 
 
+class PaperColumnsTest(absltest.TestCase):
+    def test_the_papers_figures_stand_only_beside_what_the_paper_measured(self):
+        """Table 6's figures are the paper's fusion of D and E (jittered S), and section 4.1's
+        B-5x5 figure is a single-scale one: the quick study's fusion of B and D showed them as
+        if the paper had fused B and D, and Table 4 gave B-5x5 section 4.1's "B's + 7"."""
+        config = study_config.get_config("quick")
+        config.nets = ("A", "B", "B-5x5", "D", "E")
+        config.fusion = (("B", "D"), ("E", "D"))
+        root = self.create_tempdir().full_path
+        orchestrate.run_study(config, root, executor=write_results)
+        with open(os.path.join(root, "study.md")) as f:
+            tables = {part.split("\n")[0]: part for part in f.read().split("\n## ")}
+        table6 = tables["Table 6: fusion"].splitlines()
+        for line in [line for line in table6 if line.startswith("| B & D |")]:
+            self.assertTrue(line.endswith("|  |"), line)  # no paper figure
+        self.assertIn("| better of B or D alone | both | 40.0 ± 0.0 |  |", table6)
+        self.assertIn("| E & D | both | 40.0 ± 0.0 / 60.0 ± 0.0 | 23.7 / 6.8 |", table6)
+        self.assertIn("| better of E or D alone | both | 40.0 ± 0.0 | 24.4 / 7.1 |", table6)
+        self.assertIn("B's + 7 (section 4.1)", tables["Table 3: single test scale (dense)"])
+        self.assertNotIn("section 4.1", tables["Table 4: multi-scale test (dense)"])
+
+
 class AtChanceTest(absltest.TestCase):
     def test_nets_that_never_left_chance_get_no_verdict(self):
         """Every run at chance (10 classes: 90% top-1 error): A and A-LRN tie, and the no-gain

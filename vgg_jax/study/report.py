@@ -42,6 +42,10 @@ PAPER_TABLE5 = {
     "E": {"dense": (24.8, 7.5), "multi_crop": (24.6, 7.4), "dense+multi_crop": (24.4, 7.1)},
 }
 PAPER_TABLE6 = {"dense": (24.0, 7.1), "multi_crop": (23.9, 7.2), "dense+multi_crop": (23.7, 6.8)}
+# Tables 5 and 6 are of the jittered nets (S in [256; 512]) tested at Q = {256, 384, 512}, and
+# Table 6 fuses D and E only: the paper has no figure for other nets, S or fusions.
+PAPER_TABLE56_SCALE = "jitter"
+PAPER_FUSED = ("D", "E")
 METHOD_TITLES = {"dense": "dense", "multi_crop": "multi-crop", "dense+multi_crop": "both"}
 ARM_TITLES = {
     "paper": "B-E from trained A (paper)",
@@ -195,7 +199,9 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def table3(study, results, key: str, paper_figures: dict) -> str:
+def table3(study, results, key: str, paper_figures: dict, section_4_1: bool = False) -> str:
+    """Table 3 (``key`` a single-Q figure) or Table 4 (a multi-scale one). ``section_4_1``:
+    B-5x5's paper cell is section 4.1's "B's + 7", a single-scale figure (none in Table 4)."""
     header = ["net", "weight layers"]
     for scale in study.scales:
         setting = study.scale_settings[scale]
@@ -207,7 +213,7 @@ def table3(study, results, key: str, paper_figures: dict) -> str:
             top1 = _cell(_seed_values(study, results, "paper", net, scale, key))
             top5 = _cell(_seed_values(study, results, "paper", net, scale, key + "/top5"))
             paper = paper_figures.get(study.scale_settings[scale].paper, {}).get(net)
-            if net == "B-5x5" and study.scale_settings[scale].paper == "256":
+            if section_4_1 and net == "B-5x5" and study.scale_settings[scale].paper == "256":
                 row += [_top1_top5(top1, top5), "B's + 7 (section 4.1)"]
             else:
                 row += [_top1_top5(top1, top5), _paper(paper)]
@@ -222,7 +228,8 @@ def table5(study, results) -> str:
     scale = scales[-1]
     methods = list(study.scale_settings[scale].methods)
     header = ["net"] + [f"{METHOD_TITLES.get(m, m)} top-1 / top-5" for m in methods]
-    header += ["paper (dense / multi-crop / both, top-1)"]
+    header += [f"paper ({' / '.join(METHOD_TITLES.get(m, m) for m in methods)}, top-1)"]
+    jittered = study.scale_settings[scale].paper == PAPER_TABLE56_SCALE
     rows = []
     for net in study.nets:
         row = [net]
@@ -230,7 +237,7 @@ def table5(study, results) -> str:
             top1 = _cell(_seed_values(study, results, "paper", net, scale, f"{m}@multi"))
             top5 = _cell(_seed_values(study, results, "paper", net, scale, f"{m}@multi/top5"))
             row.append(_top1_top5(top1, top5))
-        paper = PAPER_TABLE5.get(net)
+        paper = PAPER_TABLE5.get(net) if jittered else None
         row.append(" / ".join(str(paper[m][0]) for m in methods if m in paper) if paper else "")
         rows.append(row)
     return f"Training {scale_title(study, scale)}, multi-scale test.\n\n" + _table(header, rows)
@@ -243,6 +250,12 @@ def table6(study, results) -> str:
         names = [plan.run_name("fusion", label, study.fusion_scale, s) for s in study.seeds]
         done = [results[n] for n in names if n in results]
         methods = list(study.scale_settings[study.fusion_scale].methods)
+        # The paper's figures only beside its own fusion: D and E, jittered (a fusion of A and
+        # B showed Table 6's D & E figures as if the paper had fused A and B).
+        as_paper = (
+            sorted(fused) == sorted(PAPER_FUSED)
+            and study.scale_settings[study.fusion_scale].paper == PAPER_TABLE56_SCALE
+        )
         for m in methods:
             top1 = _cell([r[f"{m}@fusion"] for r in done if f"{m}@fusion" in r])
             top5 = _cell([r[f"{m}@fusion/top5"] for r in done if f"{m}@fusion/top5" in r])
@@ -251,16 +264,20 @@ def table6(study, results) -> str:
                     " & ".join(fused),
                     METHOD_TITLES.get(m, m),
                     _top1_top5(top1, top5),
-                    _paper(PAPER_TABLE6.get(m)),
+                    _paper(PAPER_TABLE6.get(m) if as_paper else None),
                 ]
             )
         best = _cell([r["best_member@fusion"] for r in done if "best_member@fusion" in r])
+        alone = [PAPER_TABLE5[net].get(methods[-1]) for net in PAPER_FUSED] if as_paper else []
+        best_paper = None
+        if alone and all(alone):  # the better of D and E alone (Table 5)
+            best_paper = (min(p[0] for p in alone), min(p[1] for p in alone))
         rows.append(
             [
                 f"better of {' or '.join(fused)} alone",
                 METHOD_TITLES.get(methods[-1]),
                 best,
-                "24.4 / 7.1",
+                _paper(best_paper),
             ]
         )
     return _table(["nets", "method", "top-1 / top-5", "paper"], rows)
@@ -460,7 +477,7 @@ def render_markdown(study, results, records, finished: int, total: int, seconds:
         f"direction holds beyond {findings.Z:g} standard errors.",
         findings_table(records, complete=finished == total),
         "## Table 3: single test scale (dense)",
-        table3(study, results, "dense@single", PAPER_TABLE3),
+        table3(study, results, "dense@single", PAPER_TABLE3, section_4_1=True),
         "![error against depth](error_vs_depth.png)",
         "## Table 4: multi-scale test (dense)",
         table3(study, results, "dense@multi", PAPER_TABLE4),
