@@ -46,7 +46,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.dropout_rate = 0.0
     demo_values = demo.demo_input_config()
     config.input.update(demo_values["input"])
-    config.evals.validation_bucket_step = demo_values["evals"]["validation_bucket_step"]
+    # The demo's evaluation at this size (vgg_jax/configs/demo.py): a 3x3 crop grid x 2 flips per
+    # Q (on images barely larger than the crop the paper's 5x5 grid repeats near-copies) and
+    # 16-pixel validation buckets. The plan sets the test scales.
+    for key in ("multi_crop_grid", "validation_bucket_step"):
+        config.evals[key] = demo_values["evals"][key]
     config.input.data_dir = "workdirs/data"
     # Smaller than the paper's 256: a run has only a few epochs, and leaving chance takes steps.
     config.input.batch_size = 32

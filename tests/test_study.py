@@ -51,6 +51,9 @@ class PlanTest(absltest.TestCase):
         self.assertEqual(jitter.init_from.workdir, "/study/runs/paper/E/large/seed2")
         self.assertLess(jitter.optim.learning_rate, d_small.optim.learning_rate)
         self.assertNotEqual(jitter.input.train_scale_min, jitter.input.train_scale_max)
+        # docs/study.md: a 3x3 grid of crops x 2 flips per Q. It was the paper's 5x5 from the
+        # commit that moved the 3x3 into the demo's values, which the study took only in part.
+        self.assertEqual({run.config.evals.multi_crop_grid for run in runs}, {3})
         glorot = by_name["glorot/E/small/seed0"].config
         self.assertEqual((glorot.model.init, glorot.init_from.mode), ("glorot", "none"))
         fusion = by_name["fusion/D+E/jitter/seed0"]
