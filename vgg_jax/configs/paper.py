@@ -46,7 +46,7 @@ def model_config(net: str) -> ml_collections.ConfigDict:
             fc_width=4096,
             dropout_rate=0.5,
             dtype="float32",  # compute dtype: float32 or bfloat16; parameters stay float32
-            init="paper_normal",  # paper_normal (N(0, init_std^2), zero biases) or glorot
+            init="paper_normal",  # paper_normal (N(0, init_std^2), zero biases), glorot or he
             init_std=0.01,
         )
     )
