@@ -2,6 +2,7 @@
 outputs hold the evaluation table, the score-map picture and the shell commands' output."""
 
 import base64
+import json
 import os
 import shutil
 import tempfile
@@ -97,6 +98,41 @@ class QuickstartNotebookTest(absltest.TestCase):
         self.assertIn("--source=torchvision --net=vgg16: net D", text)
         self.assertEqual(text.count("tested at Q="), 3)
         self.assertIn("notes.png: skipped, not a JPEG or PNG", text)
+
+
+@pytest.mark.slow
+@absltest.skipUnless(os.path.isdir(os.path.join(ROOT, ".git")), "clones this git checkout")
+class ColabPathTest(absltest.TestCase):
+    """The first cell on Colab: the notebook opened outside a checkout, where no environment
+    variable can be set before *Runtime > Run all*. It read the clone address from
+    VGG_JAX_REPO_URL only, so *Run all* stopped there; now the address is pasted into the cell."""
+
+    def run_first_cell(self, source: str) -> str:
+        notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+        outside = self.create_tempdir().full_path  # not a checkout, as on Colab
+        saved = os.environ.pop("VGG_JAX_REPO_URL", None)
+        try:
+            nbclient.NotebookClient(
+                notebook,
+                timeout=120,
+                kernel_name="python3",
+                allow_errors=True,
+                resources={"metadata": {"path": outside}},
+            ).execute()
+        finally:
+            if saved is not None:
+                os.environ["VGG_JAX_REPO_URL"] = saved
+        outputs = notebook.cells[0].outputs
+        return "".join(text_of(o) + o.get("evalue", "") for o in outputs)
+
+    def test_the_first_cell_clones_from_the_address_pasted_into_it(self):
+        cell = next(c for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code")
+        lines = cell.source.splitlines()
+        where = next(i for i, line in enumerate(lines) if line.startswith("REPO_URL ="))
+        self.assertTrue(lines[where].endswith('""'), lines[where])  # where to paste the address
+        self.assertIn("REPO_URL at the top of this cell", self.run_first_cell(cell.source))
+        lines[where] = lines[where][: -len('""')] + json.dumps(ROOT)  # what a user pastes
+        self.assertRegex(self.run_first_cell("\n".join(lines)), r"working in \S*/vgg_jax_repo")
 
 
 if __name__ == "__main__":
