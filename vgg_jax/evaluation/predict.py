@@ -1,8 +1,9 @@
 """One image through the net: top-k classes and the class score map.
 
-Dense evaluation gives a coarse localisation for free (section 3.2 of the paper): each cell of
-the class score map is the classifier applied to one crop-size window of the image (stride 32), so
-the map of a class shows where in the image the net sees it; ``score_map.py`` draws it.
+Dense evaluation (section 3.2 of the paper) gives a class score map: each cell of it is the
+classifier applied to one crop-size window of the image (stride 32), so the map of a class shows
+where in the image the net sees it, a coarse localisation for free (our reading of the map; the
+paper only averages it); ``score_map.py`` draws it.
 ``read_image`` decodes files as the input pipeline does, and ``imagenet_class_names`` reads the
 ILSVRC-2012 class list shipped with the package (``weights/imagenet_classes.txt``).
 """

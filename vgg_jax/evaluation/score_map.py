@@ -1,8 +1,9 @@
 """Class score maps as pictures a person can read (matplotlib).
 
-Dense evaluation gives a coarse localisation for free (section 3.2 of the paper): cell (i, j) of
-the class score map is the classifier applied to the crop-size window at ``(32 i, 32 j)`` of the
-image rescaled to test scale Q, so the map of a class shows where in the image the net sees it.
+Dense evaluation (section 3.2 of the paper) gives a class score map: cell (i, j) of it is the
+classifier applied to the crop-size window at ``(32 i, 32 j)`` of the image rescaled to test scale
+Q, so the map of a class shows where in the image the net sees it, a coarse localisation for free
+(our reading of the map; the paper only averages it).
 
 A 1000-class net spreads its probability thin: one class rarely reaches 0.01 in a cell where it
 is not the answer, so a colour scale fixed at [0, 1] paints every map black. Here each map is
