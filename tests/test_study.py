@@ -280,18 +280,23 @@ class StoppedEvaluationTest(absltest.TestCase):
         self.assertRegex(str(exited.exception.code), r"^Study stopped: .* Rerun the same command")
 
 
+def two_scale_study(test: absltest.TestCase):
+    """A temporary workdir and the smoke study at two scales, its report writing stubbed out."""
+    config = study_config.get_config("smoke")
+    config.update(dict(scales=("small", "large"), arms=(), fusion_scale="small"))
+    patch = mock.patch.object(report, "write_report", return_value={})
+    patch.start()
+    test.addCleanup(patch.stop)
+    return test.create_tempdir().full_path, config
+
+
 class ChangedSourcesTest(absltest.TestCase):
     """Runs rest on other runs (a large-S net on its small-S net, B on A, a fusion on its nets):
     a changed config of any of them, or of a run only started, is refused like a finished run's."""
 
     def setUp(self):
         super().setUp()
-        self.root = self.create_tempdir().full_path
-        self.config = study_config.get_config("smoke")
-        self.config.update(dict(scales=("small", "large"), arms=(), fusion_scale="small"))
-        patch = mock.patch.object(report, "write_report", return_value={})
-        patch.start()
-        self.addCleanup(patch.stop)
+        self.root, self.config = two_scale_study(self)
 
     def changed(self):
         changed = copy.deepcopy(self.config)
@@ -363,6 +368,59 @@ class ChangedSourcesTest(absltest.TestCase):
                 self.config, self.root, executor=lambda run: redone.append(run.name)
             )
         self.assertEqual(redone, ["paper/B/large/seed0"])
+
+
+class EvaluationSettingsChangedTest(absltest.TestCase):
+    """A change of what only the final evaluation reads (the multi-crop grid, the test scales)
+    leaves every training valid: the finished runs are evaluated again from their checkpoints.
+    It was refused like a training change, and the refusal's way out was to retrain them all."""
+
+    def setUp(self):
+        super().setUp()
+        self.root, self.config = two_scale_study(self)
+
+    must_not_run = ChangedSourcesTest.must_not_run
+
+    def changed(self):
+        changed = copy.deepcopy(self.config)
+        changed.base.evals.multi_crop_grid = 4
+        return changed
+
+    def test_finished_runs_are_evaluated_again_not_refused(self):
+        orchestrate.run_study(self.config, self.root, executor=write_results)
+        executed = []
+
+        def recording(run):
+            executed.append(run.name)
+            write_results(run)
+
+        runs = plan.make_plan(self.config, self.root)
+        with mock.patch.object(checkpoint, "available_steps", return_value=[10]):
+            orchestrate.run_study(self.changed(), self.root, executor=recording)
+        self.assertCountEqual(executed, [run.name for run in runs])  # fusions too
+        for run in runs:
+            with open(os.path.join(run.workdir, orchestrate.DONE_FILE)) as f:
+                self.assertEqual(json.load(f)["config"]["evals.multi_crop_grid"], 4)
+        # Done: nothing runs again.
+        orchestrate.run_study(self.changed(), self.root, executor=self.must_not_run)
+
+    def test_a_run_without_checkpoints_to_evaluate_again_is_refused(self):
+        orchestrate.run_study(self.config, self.root, executor=write_results)
+        with self.assertRaisesRegex(
+            orchestrate.ChangedStudyError,
+            r"paper/A/small/seed0 \(evals.multi_crop_grid 3 -> 4; its checkpoints are gone",
+        ):
+            orchestrate.run_study(self.changed(), self.root, executor=self.must_not_run)
+
+    def test_a_training_change_is_still_refused(self):
+        orchestrate.run_study(self.config, self.root, executor=write_results)
+        changed = self.changed()
+        changed.scale_settings.small.learning_rate = 0.05
+        with (
+            mock.patch.object(checkpoint, "available_steps", return_value=[10]),
+            self.assertRaisesRegex(orchestrate.ChangedStudyError, "optim.learning_rate"),
+        ):
+            orchestrate.run_study(changed, self.root, executor=self.must_not_run)
 
 
 class DivergedRunTest(absltest.TestCase):

@@ -56,6 +56,22 @@ _PATH_KEYS = (
 )
 
 
+# Keys only a run's final evaluation reads (not its training, nor the per-epoch validation that
+# drives the plateau rule): a finished run recorded with other values is evaluated again from its
+# checkpoint, not refused (which asked for a retraining), and a run resting on it is unchanged.
+EVALUATION_ONLY_KEYS = frozenset(
+    {
+        "evals.multi_scales",
+        "evals.methods",
+        "evals.multi_crop_grid",
+        "evals.checkpoint",
+        "evals.accept_checkpoint_net",
+        "evals.poll_seconds",
+        "evals.watch_timeout_seconds",
+    }
+)
+
+
 def is_finished(run: plan.Run) -> bool:
     """Marked finished, with the results it finished with: a run whose ``results.json`` was
     deleted or damaged since is evaluated again (its training resumes at its last step)."""
@@ -127,24 +143,31 @@ def _recorded_lineage(run: plan.Run) -> tuple[dict[str, dict[str, Any]], bool] |
     return None
 
 
-def _differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+def _differences(
+    recorded: dict[str, Any], now: dict[str, Any], ignored: frozenset[str] = frozenset()
+) -> list[str]:
     keys = sorted(
         k
         for k in recorded.keys() | now.keys()
-        if paper.recorded_value(recorded, k) != paper.recorded_value(now, k)
+        if k not in ignored and paper.recorded_value(recorded, k) != paper.recorded_value(now, k)
     )
     shown = [f"{k} {recorded.get(k)!r} -> {now.get(k)!r}" for k in keys[:3]]
     return shown + ["..."] if len(keys) > 3 else shown
 
 
-def check_finished_runs(runs: list[plan.Run]) -> None:
+def check_finished_runs(runs: list[plan.Run]) -> list[tuple[plan.Run, list[str]]]:
     """Raises ``ChangedStudyError`` naming the finished or started runs whose recorded config
     differs from the one the study now plans (a changed epoch count, scale or recipe), or that
     rest on a run that did (a large-S net fine-tuned from a small-S net of another learning rate,
     even once that net is deleted to be redone): their results would be reported under the new
-    settings without having been made with them."""
+    settings without having been made with them.
+
+    Returns the finished runs whose config differs in ``EVALUATION_ONLY_KEYS`` alone, with the
+    differences: their training stands, their evaluation is to be made again (``_run_study``)."""
+    from vgg_jax import checkpoint
+
     by_name = {run.name: run for run in runs}
-    changed = []
+    changed, evaluate_again = [], []
     for run in runs:
         if (found := _recorded_lineage(run)) is None:
             continue
@@ -152,14 +175,25 @@ def check_finished_runs(runs: list[plan.Run]) -> None:
         now = lineage(run, by_name)
         if not with_sources:
             now = {run.name: now[run.name]}
-        if shown := _differences(recorded.get(run.name, {}), now[run.name]):
+        own = recorded.get(run.name, {})
+        if shown := _differences(own, now[run.name], EVALUATION_ONLY_KEYS):
             changed.append(f"{run.name} ({', '.join(shown)})")
+        elif (shown := _differences(own, now[run.name])) and os.path.exists(
+            os.path.join(run.workdir, DONE_FILE)
+        ):
+            if run.is_fusion or checkpoint.available_steps(run.workdir):
+                evaluate_again.append((run, shown))
+            else:  # trained again from scratch, not evaluated again: said, not done
+                changed.append(
+                    f"{run.name} ({', '.join(shown)}; its checkpoints are gone, so it cannot "
+                    "be evaluated again)"
+                )
         elif set(recorded) != set(now):
             was, will = (sorted(set(names) - {run.name}) for names in (recorded, now))
             changed.append(f"{run.name} (started from {was}, now from {will})")
         else:
             for name in sorted(set(now) - {run.name}):
-                if shown := _differences(recorded[name], now[name]):
+                if shown := _differences(recorded[name], now[name], EVALUATION_ONLY_KEYS):
                     changed.append(f"{run.name} (its source {name}: {', '.join(shown)})")
                     break
     if changed:
@@ -169,6 +203,7 @@ def check_finished_runs(runs: list[plan.Run]) -> None:
             "--workdir for the new settings, or delete those runs' directories to redo them "
             "here."
         )
+    return evaluate_again
 
 
 def run_seconds(run: plan.Run) -> float | None:
@@ -283,7 +318,16 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, executor=execute) 
 def _run_study(study: ml_collections.ConfigDict, workdir: str, executor) -> dict[str, Any]:
     runs = plan.make_plan(study, workdir)
     by_name = {run.name: run for run in runs}
-    check_finished_runs(runs)  # before study_config.json is overwritten
+    evaluate_again = check_finished_runs(runs)  # before study_config.json is overwritten
+    for run, _ in evaluate_again:
+        os.remove(os.path.join(run.workdir, DONE_FILE))  # results.json stays until replaced
+    if evaluate_again:
+        names = [run.name for run, _ in evaluate_again]
+        _progress(
+            f"study: {len(names)} finished runs were evaluated with other evaluation settings "
+            f"({', '.join(evaluate_again[0][1])}): evaluating them again from their checkpoints, "
+            f"their training kept ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+        )
     report.collect(runs)  # a finished run's damaged results.json is named before a run trains
     os.makedirs(workdir, exist_ok=True)
     with writers.atomic_open(os.path.join(workdir, "study_config.json")) as f:
