@@ -2,7 +2,11 @@
 
 Mini-batch SGD with momentum 0.9 and an L2 penalty of 5e-4 whose gradient (``wd * w``) is added to
 the loss gradient before the momentum, as in Caffe, which the paper used. The penalty applies to
-kernels, not biases (Caffe's VGG/AlexNet solvers set ``decay_mult: 0`` on biases).
+kernels, not biases. The paper does not say which (section 3.1: "weight decay (the L2 penalty
+multiplier set to 5e-4)"), and its released Caffe models carry no training settings; a Caffe
+solver's ``weight_decay`` is scaled per blob by the net definition's ``decay_mult``, which Caffe's
+reference ImageNet nets (AlexNet, CaffeNet) set to 0 on biases. Those nets also give biases
+``lr_mult: 2``; here biases learn at the kernels' rate.
 
 The learning rate is a host-side number passed into the jitted step each call: the paper's rule
 ("divided by 10 when the validation set accuracy stopped improving", at most 3 times) depends on
