@@ -119,6 +119,24 @@ class CheckConfigTest(absltest.TestCase):
         self.assertEmpty(problems(config, "train_and_evaluate", trained))
         self.assertEmpty(problems(config, "evaluate"))
 
+    def test_plateau_rule_values_it_cannot_use_are_found_at_start_up(self):
+        """A negative plateau_min_delta counted a worse validation as a new best (the best drifted
+        down, the rate was never divided); -1 decays never divided it, silently."""
+        for key, value, valid in (
+            ("schedule.plateau_min_delta", -0.01, "[0, 1): a top-1 accuracy fraction"),
+            ("schedule.plateau_min_delta", 1.0, "[0, 1)"),
+            ("schedule.plateau_max_decays", -1, "whole number >= 0"),
+        ):
+            config = fixtures.tiny_config(with_data=False, **{key: value})
+            (line,) = problems(config, "train")
+            self.assertStartsWith(line, f"config.{key}={value}: must be")
+            self.assertIn(valid, line)
+        ok = fixtures.tiny_config(
+            with_data=False,
+            **{"schedule.plateau_min_delta": 0.002, "schedule.plateau_max_decays": 0},
+        )
+        self.assertEmpty(problems(ok, "train"))
+
     def test_evaluation_ignores_the_training_batch_size(self):
         config = fixtures.tiny_config(with_data=False, **{"input.batch_size": 6})  # 4 devices
         self.assertLen(problems(config, "train"), 1)

@@ -251,6 +251,19 @@ def _check_training(p: _Problems) -> None:
     p.number("schedule.num_epochs", _positive, "must be > 0")
     p.number("schedule.plateau_patience", lambda x: x >= 1, "must be >= 1")
     p.number("schedule.plateau_factor", lambda x: 0 < x <= 1, "must be in (0, 1]")
+    p.number(
+        "schedule.plateau_max_decays",
+        lambda x: int(x) == x and x >= 0,
+        "must be a whole number >= 0 (the paper: 3)",
+    )
+    # A negative margin counted a worse validation as a new best (the best drifted down and the
+    # rate was never divided); 1 or more, none after the first (the rate divided every
+    # plateau_patience validations, whatever the net did).
+    p.number(
+        "schedule.plateau_min_delta",
+        lambda x: 0 <= x < 1,
+        "must be in [0, 1): a top-1 accuracy fraction (0.002 is 0.2 points)",
+    )
     p.number("schedule.warmup_epochs", lambda x: x >= 0, "must be >= 0")
     p.number("evals.every_epochs", lambda x: int(x) == x and x >= 1, "must be a whole number >= 1")
     p.number(
