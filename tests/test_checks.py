@@ -203,6 +203,34 @@ class CheckConfigTest(absltest.TestCase):
         checkpoint.save_params(resuming, {"w": np.zeros(2, np.float32)}, step=5)
         self.assertEmpty([p for p in problems(config, "train", resuming) if "init_from" in p])
 
+    def test_an_init_source_of_another_net_is_found_at_start_up(self):
+        """C fine-tuned from D's workdir (``vgg16_1x1.py:jitter`` given ``vgg16``'s run) was
+        refused by ``init_from`` only after the data was prepared and the state initialised:
+        55 s on the built-in data, the whole preparation on a first ImageNet run."""
+        from vgg_jax.configs import paper
+
+        source = self.create_tempdir().full_path
+        checkpoint.save_params(
+            source, {"w": np.zeros(2, np.float32)}, step=5, config=paper.paper_config("D", None)
+        )
+        workdir = os.path.join(self.create_tempdir().full_path, "new_run")
+        for net, mode, wanted in (("C", "full", "C"), ("E", "shallow", "A or A-LRN")):
+            config = fixtures.tiny_config(
+                with_data=False,
+                **{"model.name": net, "init_from.mode": mode, "init_from.workdir": source},
+            )
+            (line,) = problems(config, "train", workdir)
+            self.assertEqual(
+                line,
+                f"config.init_from.workdir={source!r}: holds net D (step 5); "
+                f"init_from.mode={mode!r} copies from net {wanted}",
+            )
+        right = fixtures.tiny_config(
+            with_data=False,
+            **{"model.name": "D", "init_from.mode": "full", "init_from.workdir": source},
+        )
+        self.assertEmpty(problems(right, "train", workdir))
+
     def test_an_init_source_that_is_the_runs_own_workdir_is_refused(self):
         """A fine-tune given its source's workdir as its own resumed the source run in place
         (nothing copied) and its keep-last-K deleted the source's checkpoints."""

@@ -507,6 +507,20 @@ def _check_init_source(p: _Problems, workdir: str | None) -> None:
         )
     elif step is not None and int(step) not in steps:
         p.add("init_from.step", f"not a checkpoint of {source}; it has {steps}")
+    else:
+        chosen = max(steps) if step is None else int(step)
+        try:
+            meta = checkpoint.read_meta(os.path.expanduser(source), chosen)
+        except Exception:  # noqa: BLE001 - a damaged record is the training's to report, in full
+            return
+        # Another net than the mode copies from (C fine-tuned from D's workdir) was found only
+        # after the data was prepared and the state initialised.
+        if problem := init_from.source_net_problem(mode, p.value("model.name"), meta):
+            p.add(
+                "init_from.workdir",
+                f"holds net {init_from.recorded_net(meta)} (step {chosen}); init_from.mode="
+                f"{mode!r} {problem}",
+            )
 
 
 def is_study(config: ml_collections.ConfigDict) -> bool:

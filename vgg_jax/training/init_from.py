@@ -38,6 +38,22 @@ SOURCE_NETS = {"shallow": ("A", "A-LRN"), "fc": ("A", "A-LRN")}
 FIRST_CONV = "block1_conv1"
 
 
+def recorded_net(meta: dict[str, Any]) -> str | None:
+    """The net a checkpoint's record names (None for imported weights that name none)."""
+    return ((meta.get("config") or {}).get("model") or {}).get("name")
+
+
+def source_net_problem(mode: str, net: str | None, meta: dict[str, Any]) -> str | None:
+    """What is wrong with copying ``mode``'s layers into net ``net`` from a checkpoint of
+    ``meta``'s net (``copies from net A or A-LRN``), None when nothing is or the net is not
+    recorded. Also run at start-up (``checks``), before the data is prepared."""
+    source_net = recorded_net(meta)
+    wanted = SOURCE_NETS.get(mode, (net,) if net else ())
+    if source_net is not None and wanted and source_net not in wanted:
+        return f"copies from net {' or '.join(wanted)}"
+    return None
+
+
 def initialise(
     init_config: ml_collections.ConfigDict,
     fresh: dict[str, Any],
@@ -79,12 +95,11 @@ def initialise(
             init_config.workdir,
             step,
         )
-    source_net = ((meta.get("config") or {}).get("model") or {}).get("name")
-    wanted = SOURCE_NETS.get(init_config.mode, (net,) if net else ())
-    if source_net is not None and wanted and source_net not in wanted:
+    source_net = recorded_net(meta)
+    if problem := source_net_problem(init_config.mode, net, meta):
         raise checkpoint.NetMismatchError(
-            f"init_from.mode={init_config.mode!r} copies from net {' or '.join(wanted)}; "
-            f"{init_config.workdir} step {step} holds net {source_net}."
+            f"init_from.mode={init_config.mode!r} {problem}; {init_config.workdir} step {step} "
+            f"holds net {source_net}."
         )
     if difference := checkpoint.class_difference(meta.get("class_names"), class_names):
         raise checkpoint.NetMismatchError(
