@@ -261,6 +261,18 @@ class FailedSaveTest(absltest.TestCase):
         self.assertEqual(checkpoint.available_steps(workdir), [2])  # step 6 was never started
         self.assertEmpty(temporary_dirs(workdir))
 
+    def test_the_resumed_run_logs_each_step_once(self):
+        """Steps 3 and 4 were logged, then step 4's save failed: resumed from step 2, they were
+        logged again after them (two values for one step in metrics.jsonl)."""
+        workdir = self.create_tempdir().full_path
+        config = config_for(**{"ckpt.every_steps": 2, "log_every_steps": 1})
+        with disk_full_at(4), self.assertRaises(checkpoint.SaveError):
+            loop.train(config, workdir)
+        loop.train(config, workdir)
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            steps = [(json.loads(line)["step"], "val_loss" in line) for line in f]
+        self.assertEqual(steps, [(step, False) for step in range(1, 7)] + [(6, True)])
+
     @pytest.mark.slow
     def test_the_last_line_says_why(self):
         workdir = self.create_tempdir().full_path

@@ -116,8 +116,43 @@ def _drop_torn_line(path: str) -> None:
     )
 
 
+def _drop_lines_after(path: str, step: int) -> None:
+    """Removes the lines of steps after ``step`` from the JSON-lines file ``path``: what a run
+    logged after its last saved checkpoint, which the run resumed from ``step`` logs again (a
+    failed save, a kill). Appended to, every such step had two lines (two values for one step
+    in any plot). TensorBoard's event files are append-only and left as they are."""
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        return
+
+    def after(line: str) -> bool:
+        try:
+            return int(json.loads(line)["step"]) > step
+        except (ValueError, KeyError, TypeError):
+            return False  # not a line of ours: left as it is
+
+    kept = [line for line in lines if not after(line)]
+    if len(kept) == len(lines):
+        return
+    with atomic_open(path) as f:
+        f.writelines(kept)
+    logging.info(
+        "%s: removed %d lines of steps after %d, the step this run resumes from.",
+        path,
+        len(lines) - len(kept),
+        step,
+    )
+
+
 class MetricWriter:
-    def __init__(self, workdir: str, enabled: bool | None = None):
+    """Scalars by step into ``<workdir>/metrics.jsonl`` and TensorBoard events. ``resume_step``:
+    the step a training starts from (0 for a new one); lines of later steps, logged by a run
+    that stopped after its last checkpoint, are removed, so each step has one line. ``None``
+    (a continuous evaluation's, whose steps are checkpoints evaluated once) keeps every line."""
+
+    def __init__(self, workdir: str, enabled: bool | None = None, resume_step: int | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._tb = None
         self._jsonl = None
@@ -129,6 +164,8 @@ class MetricWriter:
         self._tb_dir = os.path.join(workdir, "tensorboard")
         with self._writing(self._jsonl_path):
             _drop_torn_line(self._jsonl_path)
+            if resume_step is not None:
+                _drop_lines_after(self._jsonl_path, resume_step)
             self._jsonl = open(self._jsonl_path, "a")  # noqa: SIM115
         try:
             import tensorflow as tf

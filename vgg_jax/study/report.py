@@ -69,8 +69,8 @@ def _read_json(path: str) -> Any:
 
 
 def validation_curve(workdir: str) -> list[tuple[int, float]]:
-    """``[(step, top-1 error %)]`` of the per-epoch validation; a resumed run logs some steps
-    twice, the last line of a step wins."""
+    """``[(step, top-1 error %)]`` of the per-epoch validation; files from before resumed runs
+    dropped their replayed steps' lines hold some steps twice: the last line of a step wins."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []

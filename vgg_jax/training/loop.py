@@ -261,9 +261,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> T
         input_convention = _source_convention(source_convention, input_convention, config)
 
     validation_step = make_validation_step(model, mesh, shardings.params)
-    writer = writers.MetricWriter(workdir)
     stop = preemption.StopSignal()
     start_step = int(state.step)
+    writer = writers.MetricWriter(workdir, resume_step=start_step)
     if start_step >= total_steps:
         (logging.warning if start_step > total_steps else logging.info)(
             "%s is at step %d of this config's %d (%g epochs): nothing to train.",
