@@ -642,19 +642,20 @@ class RunnerTest(absltest.TestCase):
         config = tiny_config(methods=("dense",))
         batches = fake_eval_batches(5)
         eval_dir = os.path.join(workdir, continuous.EVAL_SUBDIR)
-        real_open = writers.atomic_open
+        real_write = writers.write_together
         for fails in ("metrics.jsonl", "step_10.md"):
 
-            def full_disk(path, *args, fails=fails, **kwargs):
-                if path.endswith(fails):
-                    raise writers.WriteError(28, os.strerror(28), path)
-                return real_open(path, *args, **kwargs)
+            def full_disk(texts, fails=fails):
+                for path in texts:
+                    if path.endswith(fails):
+                        raise writers.WriteError(28, os.strerror(28), path)
+                return real_write(texts)
 
             write_scalars = writers.MetricWriter.write_scalars
             if fails == "metrics.jsonl":
                 write_scalars = mock.Mock(side_effect=writers.WriteError(28, "full", "x"))
             with (
-                mock.patch.object(writers, "atomic_open", full_disk),
+                mock.patch.object(writers, "write_together", full_disk),
                 mock.patch.object(writers.MetricWriter, "write_scalars", write_scalars),
                 self.assertRaises(writers.WriteError),
             ):
@@ -769,6 +770,11 @@ class FewClassesTest(absltest.TestCase):
             self.assertIn("| n/a ", f.read())
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 class InterruptedResultsTest(absltest.TestCase):
     def test_a_write_cut_short_leaves_no_result_and_the_watcher_redoes_its_step(self):
         """An evaluator killed while writing ``step_N.json`` left it cut short: the restarted
@@ -785,6 +791,29 @@ class InterruptedResultsTest(absltest.TestCase):
         with self.assertLogs(level="WARNING") as logs:
             self.assertEqual(continuous.evaluated_steps(eval_dir, settings), {20})
         self.assertIn("step_30.json does not read", logs.output[0])
+
+    def test_a_failed_write_leaves_the_earlier_pair_whole(self):
+        """results.md was written, then results.json failed (a full disk) and the new .md was
+        removed: the earlier evaluation's results.json stood alone, its table gone. Now either
+        failing leaves the earlier pair as it was."""
+        directory = self.create_tempdir().full_path
+        earlier, later = ({"checkpoints": [{"workdir": "w", "step": s}]} for s in (1, 2))
+        before = report.write_results(directory, [], earlier)
+        texts = [_read(path) for path in before]
+        for fails in ("results.md", "results.json"):
+
+            def full_disk(path, *args, fails=fails, **kwargs):
+                if fails in os.path.basename(path):
+                    raise OSError(28, os.strerror(28), path)
+                return open(path, *args, **kwargs)
+
+            with (
+                mock.patch.object(writers, "open", full_disk, create=True),
+                self.assertRaisesRegex(writers.WriteError, rf"^Could not write \S+/{fails}: No"),
+            ):
+                report.write_results(directory, [], later)
+            self.assertEqual([_read(path) for path in before], texts)
+            self.assertCountEqual(os.listdir(directory), ["results.json", "results.md"])
 
 
 class UnderflowTest(absltest.TestCase):

@@ -82,6 +82,37 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
             os.remove(tmp)
 
 
+def write_together(texts: dict[str | os.PathLike, str]) -> None:
+    """Writes files that belong together (an evaluation's ``results.md`` and ``results.json``:
+    ``{path: text}``), each as ``atomic_open`` writes one; none is renamed until all are written,
+    so a write that fails (a full disk) leaves the files there before, all of them, and raises
+    ``WriteError`` naming its file. Renamed in order, the last one last, with its old self
+    removed first: a kill between two renames leaves the earlier files without the last (which
+    readers take as the mark of a whole set, as a continuous evaluation's ``step_N.json``), never
+    beside an older last one. Written one at a time, a failure of the second left the first new
+    beside the second old, or removed the first, leaving the second without it."""
+    paths = list(texts)
+    temporaries = [f"{os.fspath(p)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp" for p in paths]
+    try:
+        for path, tmp in zip(paths, temporaries, strict=True):
+            try:
+                with open(tmp, "w") as f:
+                    f.write(texts[path])
+            except OSError as e:
+                raise write_error(e, path) from e
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(paths[-1])
+        for path, tmp in zip(paths, temporaries, strict=True):
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                raise write_error(e, path) from e
+    finally:
+        for tmp in temporaries:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
 def _is_tensorflow_error(error: BaseException) -> bool:
     return type(error).__module__.startswith("tensorflow")
 

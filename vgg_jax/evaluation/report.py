@@ -9,7 +9,6 @@ A row is a plain dict: ``net``, ``train_scale`` (S, e.g. "256" or "[256;512]"), 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -93,18 +92,12 @@ def write_results(
         if data["skipped_undecodable"]:
             images += f" ({data['skipped_undecodable']} more do not decode: left out)"
         what = "error"  # the split is named: the train split's is not a validation error
-    with writers.atomic_open(markdown_path) as f:
-        f.write(f"Top-1/top-5 {what}{images}; checkpoints: {checkpoints}.\n\n")
-        f.write(format_table(rows) + "\n")
-    # Last: its presence marks a step evaluated (continuous.py), so a .md that a full disk did
-    # not let be written is not left missing beside it; nor a .md without it.
-    try:
-        with writers.atomic_open(json_path) as f:
-            f.write(json_text)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(markdown_path)
-        raise
+    markdown = f"Top-1/top-5 {what}{images}; checkpoints: {checkpoints}.\n\n"
+    # Together, the .json last: its presence marks a step evaluated (continuous.py), and it never
+    # stands beside a .md of another evaluation (a full disk, a kill between the two).
+    writers.write_together(
+        {markdown_path: markdown + format_table(rows) + "\n", json_path: json_text}
+    )
     return json_path, markdown_path
 
 
