@@ -872,6 +872,41 @@ class FullDiskPreparationTest(absltest.TestCase):
             index._save(path, split_index, "2 examples, 10 bytes")
         self.assertEqual(os.listdir(directory), [])
 
+    def test_a_skipped_list_not_written_names_its_file_and_leaves_nothing(self):
+        """It was written with a plain open(): a full disk was OSError's traceback naming no
+        file, and left the list cut short under its real name."""
+        directory = self.create_tempdir().full_path
+        path = os.path.join(directory, folder.SKIPPED_FILES_NAME)
+        scan = folder.FolderScan(
+            {}, [(f"/images/{i}.txt", "not .jpg/.jpeg/.png") for i in range(9)]
+        )
+        real_open = open
+
+        class FillsTheDisk(io.StringIO):
+            def __init__(self, file):
+                super().__init__()
+                self.file = file
+
+            def writelines(self, lines):
+                self.file.write(next(iter(lines)))  # what fitted
+                raise OSError(28, os.strerror(28))
+
+            def __exit__(self, *args):
+                self.file.close()
+
+        def full_disk(file, *args, **kwargs):
+            opened = real_open(file, *args, **kwargs)
+            return FillsTheDisk(opened) if folder.SKIPPED_FILES_NAME in file else opened
+
+        with (
+            mock.patch("builtins.open", full_disk),
+            self.assertRaisesRegex(
+                writers.WriteError, f"^Could not write {path}: No space left on device"
+            ),
+        ):
+            folder.write_skipped_list(scan, directory)
+        self.assertEqual(os.listdir(directory), [])
+
 
 class SharedIndexDirTest(absltest.TestCase):
     def test_two_data_dirs_sharing_an_index_dir_each_get_their_own_index(self):

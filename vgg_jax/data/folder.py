@@ -41,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vgg_jax import writers
 from vgg_jax.data import DatasetError, choices, image_bytes, transforms
 
 IMAGE_EXTENSIONS = choices.IMAGE_EXTENSIONS
@@ -241,7 +242,9 @@ def write_skipped_list(
     path = os.path.join(directory, SKIPPED_FILES_NAME)
     os.makedirs(directory, exist_ok=True)
     entries = [*folder_scan.skipped, *((image, NOT_JPEG_OR_PNG) for image in not_jpeg_or_png)]
-    with open(path, "w") as f:
+    # Atomically, as the index and statistics beside it: a full disk is one line naming the file
+    # and leaves no list cut short.
+    with writers.atomic_open(path) as f:
         f.writelines(f"{why}\t{_printable(skipped)}\n" for skipped, why in entries)
     return path
 
