@@ -17,6 +17,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -436,6 +437,31 @@ class FullDiskOutputTest(absltest.TestCase):
         with open(path) as f:
             self.assertEqual(f.read(), "first, whole")  # the last to finish, whole
         self.assertEqual(os.listdir(directory), ["weights.npz"])
+
+    def test_a_killed_writers_temporary_is_removed_by_the_next_write(self):
+        """Each writer's temporary has its own name, so the next writer no longer overwrote a
+        killed one's: it stayed for good (a killed export: a whole net's size)."""
+        directory = self.create_tempdir().full_path
+        path = os.path.join(directory, "weights.npz")
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())  # as the names have it
+        left = {
+            "killed": f"weights.npz.{host}.{dead.pid}.0123abcd.tmp",
+            "killed_index": f"weights.npz.{host}.{dead.pid}.0123abcd.tmp.npz",
+            "running": f"weights.npz.{host}.{os.getpid()}.0123abcd.tmp",
+            "other_host": f"weights.npz.other-{host}.{dead.pid}.0123abcd.tmp",
+            "other_file": f"weights.npz.old.{host}.{dead.pid}.0123abcd.tmp",
+        }
+        for name in left.values():
+            with open(os.path.join(directory, name), "w") as f:
+                f.write("part of a net")
+        with writers.atomic_open(path) as f:
+            f.write("a net")
+        kept = [name for key, name in left.items() if not key.startswith("killed")]
+        self.assertCountEqual(os.listdir(directory), ["weights.npz", left["killed_index"], *kept])
+        self.assertEndsWith(writers.temporary_path(path, ".npz"), ".tmp.npz")
+        self.assertCountEqual(os.listdir(directory), ["weights.npz", *kept])
 
     def test_metrics_not_written_name_the_file_once(self):
         directory = self.create_tempdir().full_path

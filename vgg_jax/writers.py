@@ -10,6 +10,8 @@ import contextlib
 import errno
 import json
 import os
+import re
+import socket
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any
@@ -58,6 +60,46 @@ def write_error(error: BaseException, path: str | os.PathLike) -> WriteError:
     return WriteError(number, text, os.fspath(path))
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: alive
+        return True
+    return True
+
+
+def temporary_path(path: str | os.PathLike, suffix: str = "") -> str:
+    """A temporary of this writer's own beside ``path``, ``<path>.<host>.<pid>.<random>.tmp``
+    (and ``suffix``), to be renamed to ``path``. The temporaries a process of this host left
+    when it was killed while writing one (its pid no longer runs) are removed first: nothing
+    else would (each name is its writer's own), and a killed export leaves a whole net's size.
+    Those of other hosts sharing the directory are left alone: their pids mean nothing here."""
+    path = os.fspath(path)
+    directory, name = os.path.split(path)
+    host = _host()
+    own = re.compile(rf"{re.escape(name)}\.{re.escape(host)}\.(\d+)\.[0-9a-f]{{8}}\.tmp")
+    try:
+        entries = os.listdir(directory or ".")
+    except OSError:
+        entries = []  # said by the write itself
+    for entry in entries:
+        if (
+            entry.endswith(f".tmp{suffix}")
+            and (match := own.fullmatch(entry[: len(entry) - len(suffix)]))
+            and not _alive(int(match.group(1)))
+        ):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(directory, entry))
+                logging.info("Removed %s, left by a writer killed while writing.", entry)
+    return f"{path}.{host}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}"
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """Writes to a temporary file beside ``path`` and renames it to ``path`` only on success, so
@@ -65,11 +107,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     readers, such as a restarted continuous evaluator, would take as written). A write that fails
     (a full disk, a read-only place) raises ``WriteError`` naming ``path``.
 
-    The temporary's name is this writer's own (``<path>.<pid>.<random>.tmp``): with one
-    ``<path>.tmp`` for all, two writers of one file at once (two exports to one ``--out``, two
-    evaluators of one workdir) wrote into one temporary, and the second rename failed or moved a
-    mix of both."""
-    tmp = f"{os.fspath(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    The temporary's name is this writer's own (``temporary_path``): with one ``<path>.tmp`` for
+    all, two writers of one file at once (two exports to one ``--out``, two evaluators of one
+    workdir) wrote into one temporary, and the second rename failed or moved a mix of both."""
+    tmp = temporary_path(path)
     try:
         try:
             with open(tmp, mode) as f:
@@ -92,7 +133,7 @@ def write_together(texts: dict[str | os.PathLike, str]) -> None:
     beside an older last one. Written one at a time, a failure of the second left the first new
     beside the second old, or removed the first, leaving the second without it."""
     paths = list(texts)
-    temporaries = [f"{os.fspath(p)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp" for p in paths]
+    temporaries = [temporary_path(path) for path in paths]
     try:
         for path, tmp in zip(paths, temporaries, strict=True):
             try:

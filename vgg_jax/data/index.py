@@ -199,7 +199,7 @@ def split_source(builder: tfds.core.DatasetBuilder, split: str) -> str:
 def _save(path: str, split_index: SplitIndex, source: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     # Per process: two runs preparing one data_dir at once must not write one temporary file.
-    temporary = f"{path}.{os.getpid()}.tmp.npz"
+    temporary = writers.temporary_path(path, ".npz")  # np.savez adds .npz to other names
     try:
         arrays = {k: v for k, v in dataclasses.asdict(split_index).items() if v is not None}
         np.savez(temporary, **arrays, source=np.asarray(source))

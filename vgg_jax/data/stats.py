@@ -151,7 +151,7 @@ def ensure_stats(
     stats = compute_stats(builder, split, valid, max_images)
     stats["source_files"] = source
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"  # per process, as data/index.py's
+    temporary = writers.temporary_path(path)  # per process, as data/index.py's
     try:
         with open(temporary, "w") as f:
             json.dump(stats, f, indent=2)
