@@ -214,10 +214,15 @@ class ExportTest(parameterized.TestCase):
 class ExportCommandTest(absltest.TestCase):
     def test_bad_output_and_workdir_are_one_line(self):
         tmp = self.create_tempdir().full_path
+        with open(f"{tmp}/kept.npz", "w") as f:
+            f.write("an earlier export")
         for flags, says in (
             ([f"--workdir={tmp}", f"--out={tmp}/w.pt"], "unknown weight file suffix '.pt'"),
             ([f"--workdir={tmp}", f"--out={tmp}/no/w.npz"], f"no folder {tmp}/no"),
             ([f"--workdir={tmp}/none", f"--out={tmp}/w.npz"], "No checkpoints in"),
+            # today: an earlier export replaced without a word
+            ([f"--workdir={tmp}", f"--out={tmp}/kept.npz"], "kept.npz exists; give another --out"),
+            ([f"--workdir={tmp}", f"--out={tmp}"], "is a folder; name the file"),
         ):
             result = subprocess.run(
                 [sys.executable, "-m", "vgg_jax.tools.export", *flags],
@@ -229,6 +234,8 @@ class ExportCommandTest(absltest.TestCase):
             self.assertNotEqual(result.returncode, 0)
             self.assertNotIn("Traceback", result.stderr)  # today: a traceback of 8-11 frames
             self.assertIn(says, result.stderr.strip().splitlines()[-1])
+        with open(f"{tmp}/kept.npz") as f:
+            self.assertEqual(f.read(), "an earlier export")
 
 
 if __name__ == "__main__":

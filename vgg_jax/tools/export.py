@@ -25,6 +25,11 @@ def main(argv: list[str]) -> None:
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         sys.exit(f"export: no folder {folder} for --out={out}")
+    if os.path.isdir(out):
+        sys.exit(f"export: --out={out} is a folder; name the file to write.")
+    if os.path.exists(out) and not flags.FLAGS.overwrite:
+        # An earlier export (another step, another run) was replaced without a word.
+        sys.exit(f"export: {out} exists; give another --out, or --overwrite to replace it.")
     from vgg_jax import checkpoint
 
     try:
@@ -53,5 +58,6 @@ if __name__ == "__main__":
         "out", None, f"Output file; suffix one of {list(EXPORT_FORMATS)} (.pth: torchvision's)."
     )
     flags.DEFINE_string("which", "latest", "Checkpoint: latest, best or a step number.")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing --out file.")
     flags.mark_flags_as_required(["workdir", "out"])
     app.run(main)
