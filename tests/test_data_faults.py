@@ -24,7 +24,7 @@ from tests import fixtures, testdata
 from tests.test_data_imagenet import NUM_VAL, PER_CLASS, SYNSETS, TINY_COUNTS, imagenet_config
 from vgg_jax import checks, data, writers
 from vgg_jax.configs import paper
-from vgg_jax.data import folder, index, sources, transforms, verify
+from vgg_jax.data import folder, index, pipeline, sources, transforms, verify
 from vgg_jax.tools import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -382,6 +382,28 @@ class ImageFolderFaultsTest(absltest.TestCase):
             }
         )
         return config
+
+    def test_images_of_one_colour_say_the_colour_shift_moves_nothing(self):
+        """Their RGB covariance is zero, so every PCA colour shift is 0: training ran without
+        the paper's colour shift (section 3.1) and nothing said so."""
+        root = os.path.join(self.create_tempdir().full_path, "photos")
+        for split, name in (("train", "a"), ("train", "b"), ("validation", "a")):
+            for i, grey in enumerate((60, 61)):  # one pixel level apart: covariance ~6e-6
+                os.makedirs(os.path.join(root, split, f"cls{i}"), exist_ok=True)
+                path = os.path.join(root, split, f"cls{i}", f"{name}.png")
+                with open(path, "wb") as f:
+                    f.write(testdata.png(np.full((40, 40, 3), (grey, 90, 120), np.uint8)))
+        config = self.folder_config(root)
+        config.model.num_classes = 2
+        data.prepare(config)
+        with self.assertLogs(level="WARNING") as logs:
+            next(iter(pipeline.train_batches(config, 0)))
+        (said,) = [line for line in logs.output if "colour shift" in line]
+        self.assertIn("input.color_shift_std=0.1) moves no pixel by even 0.5 level", said)
+        config.input.color_shift_std = 0.0  # off, and said so: nothing to warn of
+        with self.assertLogs(level="INFO") as logs:
+            next(iter(pipeline.train_batches(config, 0)))
+        self.assertNotIn("colour shift", "".join(logs.output))
 
     def test_links_and_non_images_are_skipped_counted_and_named(self):
         root = self.make_folder()

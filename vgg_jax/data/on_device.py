@@ -61,7 +61,7 @@ def _decoded_train_batches(config, start_step, mesh, input_convention) -> Iterat
     input_config = config.input
     builder = sources.prepared_builder(input_config)
     split_index = pipeline._split_index(builder, input_config.train_split, input_config)
-    chosen = pipeline._stats(input_config, builder)
+    chosen = pipeline._training_stats(input_config, builder)
     convention = pipeline._input_convention(input_convention, chosen["mean_rgb"], input_config)
     eigvals = np.asarray(chosen["eigvals"], np.float32)
     eigvecs = np.asarray(chosen["eigvecs"], np.float32)

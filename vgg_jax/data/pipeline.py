@@ -125,6 +125,15 @@ def _stats(input_config: ml_collections.ConfigDict, builder) -> dict:
     return stats.choose(dataset, source, computed)
 
 
+def _training_stats(input_config: ml_collections.ConfigDict, builder) -> dict:
+    """``_stats`` for the training batches, with a warning when they make the colour shift move
+    nothing (it was turned off without a word)."""
+    chosen = _stats(input_config, builder)
+    if note := stats.colour_shift_note(chosen, input_config.color_shift_std):
+        logging.warning("Training on %s/%s: %s", builder.name, input_config.train_split, note)
+    return chosen
+
+
 def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
     input_config = config.input
     builder = sources.prepared_builder(input_config)
@@ -328,7 +337,7 @@ def train_batches(
     local = _local_size(batch_size, process_count, "batch_size")
     builder = sources.prepared_builder(input_config)
     split_index = _split_index(builder, input_config.train_split, input_config)
-    chosen = _stats(input_config, builder)
+    chosen = _training_stats(input_config, builder)
     convention = _input_convention(input_convention, chosen["mean_rgb"], input_config)
     eigvals = np.asarray(chosen["eigvals"], np.float32)
     eigvecs = np.asarray(chosen["eigvecs"], np.float32)

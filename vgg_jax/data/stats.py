@@ -187,6 +187,28 @@ def uses_published(dataset: str, stats_source: str) -> bool:
     return stats_source == "published" or (stats_source == "auto" and dataset == "imagenet2012")
 
 
+# A shift of one standard deviation along the first eigenvector moving pixels by less than this
+# (0-255 levels) is no colour shift at all.
+NO_SHIFT_LEVELS = 0.5
+
+
+def colour_shift_note(chosen: dict, color_shift_std: float) -> str | None:
+    """What to say when the colour shift (paper, section 3.1: AlexNet's PCA lighting noise) is
+    configured but the statistics make it move nothing: the training images all of one colour,
+    or nearly, have a zero (or tiny) RGB covariance, so every shift is ``255 V (alpha lambda)``
+    = 0 whatever ``color_shift_std``; None when it shifts (or is off by the config)."""
+    largest = max(chosen["eigvals"])
+    if color_shift_std <= 0 or 255.0 * color_shift_std * largest >= NO_SHIFT_LEVELS:
+        return None
+    return (
+        f"the colour shift (input.color_shift_std={color_shift_std:g}) moves no pixel by even "
+        f"{NO_SHIFT_LEVELS:g} level: the training images' RGB covariance has eigenvalues "
+        f"{', '.join(f'{v:.2g}' for v in chosen['eigvals'])} (images of one colour, or nearly); "
+        "set input.stats_source='published' for ImageNet's, or input.color_shift_std=0 to train "
+        "without it."
+    )
+
+
 def choose(dataset: str, stats_source: str, computed: dict | None) -> dict:
     """The statistics the pipeline uses: ``auto`` = published for imagenet2012, else computed."""
     check_stats_source(stats_source)
