@@ -1,5 +1,6 @@
 """import_weights: imported nets become checkpoints that the evaluator and init_from take."""
 
+import json
 import os
 import subprocess
 import sys
@@ -198,6 +199,22 @@ class ImportWeightsTest(absltest.TestCase):
         importer.import_to_checkpoint(path, "npz", self.tmp + "/x", "D", "torchvision")
         _, _, meta = checkpoint.restore_params(self.tmp + "/x")
         self.assertEqual(meta["input_convention"]["channel_order"], "RGB")
+        # A net trained here (mean-subtracted 0-255 RGB) whose .pth lost its record: today only
+        # the named conventions could be given, both wrong for it.
+        trained_here = conventions.mean_subtracted((120.5, 115.0, 104.25), (60.0, 60.0, 60.0))
+        text = json.dumps(trained_here)
+        importer.import_to_checkpoint(path, "npz", self.tmp + "/z", "D", text)
+        self.assertEqual(conventions.as_text(trained_here), text)  # what export prints
+        self.assertEqual(conventions.as_text(conventions.CAFFE), "caffe")
+        _, _, meta = checkpoint.restore_params(self.tmp + "/z")
+        self.assertEqual(conventions.checked(meta["input_convention"]), trained_here)
+        for bad, says in (
+            ('{"channel_order": "RGB"', "is not JSON \\(Expecting"),
+            ('{"channel_order": "RGB"}', "--input_convention: Input convention keys"),
+            (text.replace("255.0", "2.0"), "--input_convention: pixel_range 2.0"),
+        ):
+            with self.assertRaisesRegex(ValueError, says):
+                importer.import_to_checkpoint(path, "npz", self.tmp + "/w", "D", bad)
         with self.assertRaisesRegex(ValueError, "valid: \\['keras', 'npz'"):
             importer.import_to_checkpoint(path, "pth", self.tmp + "/y")
 

@@ -10,6 +10,7 @@ in one place. No TensorFlow here; ``normalize`` works on NumPy and JAX arrays, i
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, TypedDict
 
@@ -49,6 +50,33 @@ def mean_subtracted(mean: Any, std: Any = (1.0, 1.0, 1.0)) -> InputConvention:
     """The paper's convention, as nets trained here use it: RGB in 0-255 with the training set's
     mean RGB subtracted (section 2.1), then divided by ``std`` (1 in the paper)."""
     return checked(dict(channel_order="RGB", pixel_range=255.0, mean=mean, std=std))
+
+
+def from_text(text: str) -> InputConvention:
+    """What ``import_weights --input_convention`` takes: a ``NAMED`` convention's name, or any
+    convention as a JSON object of its four keys, e.g. a net trained here (``mean_subtracted``:
+    ``{"channel_order": "RGB", "pixel_range": 255, "mean": [123.7, 116.8, 103.9], "std": [1, 1,
+    1]}``), whose ``.pth`` re-saved by ``torch.save`` has lost the record of it."""
+    if text in NAMED:
+        return NAMED[text]
+    if not text.lstrip().startswith("{"):
+        raise ValueError(
+            f"Unknown --input_convention {text!r}; valid: {sorted(NAMED)}, or a JSON object "
+            f"with keys {sorted(InputConvention.__annotations__)}."
+        )
+    try:
+        return checked(json.loads(text))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--input_convention is not JSON ({e.msg}, character {e.pos})") from e
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--input_convention: {e}") from e
+
+
+def as_text(convention: Mapping[str, Any]) -> str:
+    """``convention`` as ``from_text`` reads it back: its name if it has one, else JSON."""
+    convention = checked(convention)
+    name = next((name for name, named in NAMED.items() if checked(named) == convention), None)
+    return name or json.dumps(dict(convention))
 
 
 def checked(convention: Mapping[str, Any]) -> InputConvention:

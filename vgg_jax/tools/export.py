@@ -47,8 +47,13 @@ def main(argv: list[str]) -> None:
     elif out.endswith(".pth"):
         from vgg_jax import conventions
 
-        # PyTorch reads the weights alone: whoever feeds the net there must apply it.
-        print(f"input convention: {conventions.describe(meta['input_convention'])}")
+        # PyTorch reads the weights alone: whoever feeds the net there must apply it. The file
+        # records it for import_weights, but a copy re-saved by torch.save loses the record.
+        convention = meta["input_convention"]
+        print(
+            f"input convention: {conventions.describe(convention)} (import_weights of a copy "
+            f"re-saved by torch.save: --input_convention='{conventions.as_text(convention)}')"
+        )
 
 
 if __name__ == "__main__":

@@ -42,11 +42,12 @@ if __name__ == "__main__":
     flags.DEFINE_enum(
         "net", None, sorted(models.LAYOUTS), "The net, for a file that does not say which."
     )
-    flags.DEFINE_enum(
+    flags.DEFINE_string(
         "input_convention",
         None,
-        sorted(conventions.NAMED),
-        "Input convention (default: the one the format or file states).",
+        f"Input convention: one of {sorted(conventions.NAMED)}, or a JSON object with keys "
+        f"{sorted(conventions.InputConvention.__annotations__)} (default: the one the format or "
+        "file states).",
     )
     flags.mark_flags_as_required(["source", "format", "workdir"])
     app.run(main)

@@ -222,9 +222,9 @@ def import_to_checkpoint(
 
     ``net`` names the net when the file does not (a net A-LRN export with no meta; nets with
     equal parameter shapes cannot be told apart), and must agree with the file when it does.
-    ``input_convention`` (a ``conventions.NAMED`` name or a dict) overrides or supplies the input
-    convention. Returns a summary: net, params count, input_convention, checkpoint directory and
-    the config written.
+    ``input_convention`` (a text ``conventions.from_text`` reads, or a dict) overrides or
+    supplies the input convention. Returns a summary: net, params count, input_convention,
+    checkpoint directory and the config written.
     """
     if checkpoint.available_steps(workdir):
         raise FileExistsError(
@@ -244,17 +244,13 @@ def import_to_checkpoint(
             f"{sorted(models.LAYOUTS)})."
         )
     if isinstance(input_convention, str):
-        if input_convention not in conventions.NAMED:
-            raise ValueError(
-                f"Unknown --input_convention {input_convention!r}; "
-                f"valid: {sorted(conventions.NAMED)}"
-            )
-        input_convention = conventions.NAMED[input_convention]
+        input_convention = conventions.from_text(input_convention)
     input_convention = input_convention or imported.input_convention
     if input_convention is None:
         raise ValueError(
             f"{source} does not state the input convention its weights expect; pass "
-            f"--input_convention (one of {sorted(conventions.NAMED)})."
+            f"--input_convention (one of {sorted(conventions.NAMED)}, or a JSON object: "
+            "docs/weights.md)."
         )
     input_convention = conventions.checked(input_convention)
     config = training_config(chosen_net, imported.params, imported.config)
