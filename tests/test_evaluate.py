@@ -579,13 +579,17 @@ class RunnerTest(absltest.TestCase):
         names = {r["net"] for r in rows}  # today: both "A (w)"
         self.assertTrue({"A (a/w)", "A (b/w)"} <= names, names)
         config = tiny_config(fusion_workdirs=(first + "/",))  # the same checkpoint again
-        with self.assertRaisesRegex(ValueError, "same checkpoint more than once"):
+        with (
+            self.assertRaisesRegex(ValueError, "same checkpoint more than once"),
+            mock.patch.object(runner, "evaluate_net", side_effect=AssertionError("evaluated")),
+        ):  # said before any net is evaluated
             runner.evaluate_checkpoints(config, first, "latest", batches=batches)
 
     def test_fusion_of_nets_with_other_classes_is_refused_even_when_accepted(self):
         """Fusion averages output i of each net: a partner with another class count failed in
         np.stack after both nets' evaluation; one with its classes in another order was fused
-        silently under accept_checkpoint_net."""
+        silently under accept_checkpoint_net. It is said before any net is evaluated (it came
+        after the first net's evaluation, hours of it wasted)."""
         root = self.create_tempdir_once()
         names = [f"c{i}" for i in range(NUM_CLASSES)]
         first = os.path.join(root, "first")
@@ -605,7 +609,10 @@ class RunnerTest(absltest.TestCase):
                     second, partner, config=partner_config, class_names=partner_names
                 )
                 config = tiny_config(fusion_workdirs=(second,), accept_checkpoint_net=True)
-                with self.assertRaisesRegex(checkpoint.NetMismatchError, "Cannot fuse.*classes"):
+                with (
+                    self.assertRaisesRegex(checkpoint.NetMismatchError, "Cannot fuse.*classes"),
+                    mock.patch.object(runner, "evaluate_net", side_effect=AssertionError("ran")),
+                ):
                     runner.evaluate_checkpoints(config, first, "latest", batches=batches)
 
     def test_watch_evaluates_each_new_checkpoint_once(self):

@@ -510,6 +510,43 @@ def training_digest(meta: dict[str, Any]) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _chosen_step(
+    manager: ocp.CheckpointManager, workdir: str, which: str | int, warn: bool = True
+) -> tuple[list[int], int]:
+    """The committed steps and the one ``which`` ("latest", "best" or a step) names."""
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"No committed checkpoint in {_directory(workdir)}.")
+    if which == "latest":
+        return steps, steps[-1]
+    if which == "best":
+        step = manager.best_step()
+        if step is None or manager.metrics(step) is None:
+            step = steps[-1]  # nothing was validated yet: the newest is the best we have
+            if warn:
+                logging.warning(
+                    "%s has no validated checkpoint: 'best' is the newest, step %d.", workdir, step
+                )
+        return steps, step
+    step = parse_step(which)
+    if step not in steps:
+        raise ValueError(f"No checkpoint at step {step} in {workdir}; available: {steps}")
+    return steps, step
+
+
+def chosen_meta(workdir: str, which: str | int = "latest") -> tuple[int, dict[str, Any]]:
+    """The step ``which`` names and its meta, no arrays read: what an evaluation checks of every
+    net before it evaluates any. A ``latest`` or ``best`` whose files do not read is left to
+    ``restore_params``, which falls back to an older step (and is checked again there)."""
+    manager = _read_only_manager(workdir)
+    try:
+        _, step = _chosen_step(manager, workdir, which, warn=False)
+        restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return step, conventions.with_current_key(restored.meta)
+    finally:
+        manager.close()
+
+
 def restore_params(
     workdir: str, which: str | int = "latest", abstract_params: Any = None
 ) -> tuple[Any, int, dict[str, Any]]:
@@ -521,22 +558,7 @@ def restore_params(
     """
     manager = _read_only_manager(workdir)
     try:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise FileNotFoundError(f"No committed checkpoint in {_directory(workdir)}.")
-        if which == "latest":
-            step = steps[-1]
-        elif which == "best":
-            step = manager.best_step()
-            if step is None or manager.metrics(step) is None:
-                step = steps[-1]  # nothing was validated yet: the newest is the best we have
-                logging.warning(
-                    "%s has no validated checkpoint: 'best' is the newest, step %d.", workdir, step
-                )
-        else:
-            step = parse_step(which)
-            if step not in steps:
-                raise ValueError(f"No checkpoint at step {step} in {workdir}; available: {steps}")
+        steps, step = _chosen_step(manager, workdir, which)
 
         def restore(step: int):
             wanted = abstract_params

@@ -188,19 +188,38 @@ def load_net(
     them). The saved one was used, so ``--config.model.dtype=float32`` was silently ignored for a
     net trained in bfloat16, and ``bfloat16`` for an imported (float32-recorded) one."""
     params, step, meta = checkpoint.restore_params(workdir, which)
-    train_config = meta.get("config") or fallback.to_dict()
-    model_config = ml_collections.ConfigDict(train_config["model"])
-    model_config.dtype = fallback.model.dtype
-    model = models.build_model(model_config, train_config["input"]["crop_size"])
-    expected = models.abstract_params(model)
+    net = _described_net(workdir, step, meta, fallback)
+    expected = models.abstract_params(net.model)
     got = jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), params)
     want = jax.tree_util.tree_map(lambda x: tuple(x.shape), expected)
     if got != want:
         raise checkpoint.NetMismatchError(
-            f"The parameters in {workdir} (step {step}) do not fit net "
-            f"{train_config['model']['name']} as its saved config describes it."
+            f"The parameters in {workdir} (step {step}) do not fit net {net.name} as its saved "
+            "config describes it."
         )
-    params = _place(jax.device_get(params), sharding.param_shardings(mesh, expected))
+    net.params = _place(jax.device_get(params), sharding.param_shardings(mesh, expected))
+    return net
+
+
+def describe_net(workdir: str, which: str | int, fallback: ml_collections.ConfigDict) -> Net | None:
+    """``load_net``'s net without its parameters (none are read): enough to check it fits the
+    config and its fusion partners before any net is evaluated. None when its checkpoint's
+    record does not read (``load_net`` then falls back to an older step, checked there)."""
+    try:
+        step, meta = checkpoint.chosen_meta(workdir, which)
+    except Exception as e:  # Orbax wraps TensorStore's errors in plain Exceptions
+        logging.info("%s (%s): record unread (%s); checked once loaded.", workdir, which, e)
+        return None
+    return _described_net(workdir, step, meta, fallback)
+
+
+def _described_net(
+    workdir: str, step: int, meta: dict[str, Any], fallback: ml_collections.ConfigDict
+) -> Net:
+    train_config = meta.get("config") or fallback.to_dict()
+    model_config = ml_collections.ConfigDict(train_config["model"])
+    model_config.dtype = fallback.model.dtype
+    model = models.build_model(model_config, train_config["input"]["crop_size"])
     scale = train_config.get("input", {})
     train_scale = (
         report.train_scale_text(scale["train_scale_min"], scale["train_scale_max"])
@@ -212,7 +231,7 @@ def load_net(
         workdir=workdir,
         step=step,
         model=model,
-        params=params,
+        params=None,
         train_scale=train_scale,
         input_convention=meta.get("input_convention"),
         train_input=dict(train_config.get("input") or fallback.input.to_dict()),
@@ -659,14 +678,20 @@ def evaluation_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     )
 
 
-def _unique_names(nets: Sequence[Net]) -> None:
-    """Names that tell the table's nets apart: the net, then its workdir's last folder, then as
-    many folders as it takes, then the step (two steps of one run). The same checkpoint twice is
-    an error: its "fusion" would be the net alone."""
+def _check_distinct(nets: Sequence[Net]) -> None:
+    """The same checkpoint twice is an error: its "fusion" would be the net alone."""
     places = [(os.path.realpath(net.workdir), net.step) for net in nets]
     if len(set(places)) < len(places):
         twice = sorted({f"{w} step {s}" for w, s in places if places.count((w, s)) > 1})
         raise ValueError(f"The fusion lists the same checkpoint more than once: {twice}.")
+
+
+def _unique_names(nets: Sequence[Net]) -> None:
+    """Names that tell the table's nets apart: the net, then its workdir's last folder, then as
+    many folders as it takes, then the step (two steps of one run). The same checkpoint twice is
+    an error: its "fusion" would be the net alone."""
+    _check_distinct(nets)
+    places = [(os.path.realpath(net.workdir), net.step) for net in nets]
     names = [net.name for net in nets]
     for net, (real, _) in zip(nets, places, strict=True):
         if names.count(net.name) == 1:
@@ -719,20 +744,27 @@ def evaluate_checkpoints(
                 skipped,
             )
     num_classes = data_info.num_classes if data_info else None
+    class_names = data_info.class_names if data_info else None
+
+    def check(net: Net, position: int, first: Net | None) -> None:
+        check_net_fits(net, config, num_classes, own=position == 0, class_names=class_names)
+        check_convention(net, config, own=position == 0)
+        if position and first is not None:
+            check_fusable(first, net)
+
+    # Every net is checked before any is evaluated: a partner that cannot be fused (or one
+    # checkpoint twice) was named only after the nets before it were evaluated (hours each).
+    described = [describe_net(w, choice, config) for w, choice in entries]
+    for position, net in enumerate(described):
+        if net is not None:
+            check(net, position, described[0])
+    if all(net is not None for net in described):
+        _check_distinct(described)
     nets, outputs, asked = [], [], []
     for position, (entry_workdir, choice) in enumerate(entries):
         net = load_net(entry_workdir, choice, mesh, config)
         asked.append(choice)
-        check_net_fits(
-            net,
-            config,
-            num_classes,
-            own=position == 0,
-            class_names=data_info.class_names if data_info else None,
-        )
-        check_convention(net, config, own=position == 0)
-        if position:
-            check_fusable(nets[0], net)
+        check(net, position, nets[0] if nets else None)  # again: its step may have fallen back
         if data_info is not None:
             fill_convention(net, data_info.mean_rgb)
         logging.info("Evaluating net %s, step %d, from %s", net.name, net.step, net.workdir)
