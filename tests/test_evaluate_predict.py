@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
-from vgg_jax import models
+from tests import fixtures
+from vgg_jax import checkpoint, conventions, models
 from vgg_jax.configs import paper
 from vgg_jax.evaluation import predict, score_map
 
@@ -69,6 +70,17 @@ class PredictTest(absltest.TestCase):
         )
         both = (probabilities + np.asarray(jax.nn.softmax(mirrored[0]))) / 2
         self.assertAlmostEqual(flipped_top[0].probability, float(both.max()), places=5)
+
+    def test_a_net_trained_in_bfloat16_predicts_in_the_asked_dtype(self):
+        """As evaluation computes in its config's model.dtype (float32 by default): predict used
+        the checkpoint's, so a bfloat16-trained net's probabilities were not evaluation's."""
+        config = fixtures.tiny_config(**{"model.num_classes": 1000, "model.dtype": "bfloat16"})
+        workdir = self.create_tempdir().full_path
+        convention = conventions.mean_subtracted((120.0, 110.0, 100.0))
+        checkpoint.save_params(workdir, self.params, config=config, input_convention=convention)
+        self.assertEqual(predict.load_predictor(workdir).model.dtype, jnp.float32)
+        net = predict.load_predictor(workdir, dtype="bfloat16")
+        self.assertEqual(net.model.dtype, jnp.bfloat16)
 
     def test_scale_names_and_errors(self):
         small = self.image[:40, :60]

@@ -213,8 +213,12 @@ class Predictor:
         return max(int(scale), self.model.crop_size)
 
 
-def load_predictor(workdir: str, which: str | int = "latest") -> Predictor:
-    """The checkpoint in ``workdir`` (any: trained here or imported) as a ``Predictor``.
+def load_predictor(workdir: str, which: str | int = "latest", dtype: str = "float32") -> Predictor:
+    """The checkpoint in ``workdir`` (any: trained here or imported) as a ``Predictor``
+    computing in ``dtype``, as evaluation computes in its config's ``model.dtype`` (float32 by
+    default) whatever dtype trained the net (``runner.load_net``). The checkpoint's was used, so
+    a net trained in bfloat16 predicted in bfloat16 and its probabilities differed from the
+    evaluation's of the same images.
 
     The input convention is the checkpoint's own (recorded by training and by imports) or, for a
     checkpoint saved before training recorded it, the training set's mean RGB, read from the
@@ -226,6 +230,7 @@ def load_predictor(workdir: str, which: str | int = "latest") -> Predictor:
     if not meta.get("config"):
         raise ValueError(f"The checkpoint in {workdir} has no config; build the model yourself.")
     config = ml_collections.ConfigDict(meta["config"])
+    config.model.dtype = dtype
     model = models.build_model(config.model, config.input.crop_size)
     input_convention, class_names = meta.get("input_convention"), meta.get("class_names")
     if input_convention is None or (
@@ -250,9 +255,9 @@ def load_predictor(workdir: str, which: str | int = "latest") -> Predictor:
 
 
 def load_for_prediction(
-    workdir: str, which: str | int = "latest"
+    workdir: str, which: str | int = "latest", dtype: str = "float32"
 ) -> tuple[models.VGG, Any, dict[str, Any], list[str] | None]:
     """``(model, params, input_convention, class_names)`` of a checkpoint, for ``predict``
     (``load_predictor``'s fields)."""
-    loaded = load_predictor(workdir, which)
+    loaded = load_predictor(workdir, which, dtype)
     return loaded.model, loaded.params, loaded.input_convention, loaded.class_names

@@ -237,7 +237,7 @@ def main(argv: list[str]) -> None:
 
     try:
         which = int(values.which) if values.which.isdigit() else values.which
-        predictor = predict.load_predictor(values.workdir, which)
+        predictor = predict.load_predictor(values.workdir, which, values.dtype)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"predict: {e}")
     if (
@@ -280,6 +280,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("top_k", 5, "How many classes to list.", lower_bound=1)
     flags.DEFINE_integer("scale", None, "Test scale Q (default: the config's single-scale Q).")
     flags.DEFINE_bool("flip", True, "Average with the horizontally flipped image, as evaluation.")
+    flags.DEFINE_enum(
+        "dtype", "float32", ["float32", "bfloat16"], "Compute dtype, as evaluation's model.dtype."
+    )
     flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
     flags.DEFINE_string("score_maps", None, "Write score-map PNGs into this folder.")
     flags.DEFINE_string("map_class", None, "Map this class (name, else index), not the top one.")
