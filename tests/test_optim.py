@@ -57,6 +57,15 @@ class PlateauTest(absltest.TestCase):
             optim.check_schedule(schedule(kind="step"))
 
 
+class TotalStepsTest(absltest.TestCase):
+    def test_epochs_that_floats_write_a_hair_short_are_not_a_step_short(self):
+        self.assertEqual(int(2.3 * 100), 229)  # what the loop counted: 2.3 epochs of 100 steps
+        self.assertEqual(optim.total_steps(2.3, 100), 230)
+        self.assertEqual(optim.total_steps(0.5, 39), 19)  # part of a step is no step
+        self.assertEqual(optim.total_steps(0.001, 100), 0)
+        self.assertEqual(optim.total_steps(74, 5004), 370296)
+
+
 class PlateauWarningTest(absltest.TestCase):
     def test_too_few_validations_for_the_rule_are_said(self):
         from vgg_jax.training import loop

@@ -437,8 +437,8 @@ def workdir_problem(workdir: str, mode: str | None = None) -> str | None:
 
 
 def _check_some_step(p: _Problems, num_train: int, workdir: str | None) -> None:
-    """A new run whose ``schedule.num_epochs`` rounds down to no step (``int(num_epochs *
-    steps_per_epoch)``, as the loop counts) would train nothing, save nothing, and end in its
+    """A new run whose ``schedule.num_epochs`` rounds down to no step (``optim.total_steps``,
+    as the loop counts) would train nothing, save nothing, and end in its
     evaluation's "no committed checkpoint ... train it first"."""
     from vgg_jax import checkpoint
 
@@ -449,7 +449,7 @@ def _check_some_step(p: _Problems, num_train: int, workdir: str | None) -> None:
     if not numbers or num_train < batch or not math.isfinite(epochs):
         return  # their own rules say what is wrong
     steps_per_epoch = int(num_train // batch)
-    if int(epochs * steps_per_epoch) >= 1:
+    if optim.total_steps(epochs, steps_per_epoch) >= 1:
         return
     if workdir is not None and checkpoint.available_steps(workdir):
         return  # a trained run, evaluated again: nothing to train is what was asked

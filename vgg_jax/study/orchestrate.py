@@ -242,7 +242,7 @@ def execute(run: plan.Run) -> None:
         eval_report.write_results(run.workdir, rows, about)
         return
     from vgg_jax import data, preemption
-    from vgg_jax.training import loop
+    from vgg_jax.training import loop, optim
 
     try:
         state = loop.train(run.config, run.workdir)
@@ -256,7 +256,9 @@ def execute(run: plan.Run) -> None:
             f"Study run {run.name}: {e} In the study the rate is {knob}; then delete "
             f"{run.workdir} to start that run again."
         ) from None
-    total_steps = int(run.config.schedule.num_epochs * data.steps_per_epoch(run.config))
+    total_steps = optim.total_steps(
+        run.config.schedule.num_epochs, data.steps_per_epoch(run.config)
+    )
     # A SIGTERM during the last step's save, or while a run with nothing left to train started
     # up, ends training at its last step: it still stops the study (before, the evaluation ran,
     # the run was marked finished and the next run trained as if no signal had come).

@@ -229,7 +229,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> T
     input_convention = data.trained_convention(info.mean_rgb, config.input)
     data_convention = input_convention  # the dataset's own, compared on resuming
     steps_per_epoch = data.steps_per_epoch(config)
-    total_steps = int(config.schedule.num_epochs * steps_per_epoch)
+    total_steps = optim.total_steps(config.schedule.num_epochs, steps_per_epoch)
     warn_if_the_plateau_rule_cannot_act(config)
     phase = time.perf_counter()
     state, shardings = create_train_state(model, tx, mesh, config.seed)

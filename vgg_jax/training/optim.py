@@ -90,6 +90,12 @@ def check_schedule(schedule_config: ml_collections.ConfigDict) -> None:
         )
 
 
+def total_steps(num_epochs: float, steps_per_epoch: int) -> int:
+    """The steps ``num_epochs`` epochs make, whole steps only. Rounded to 1e-6 of a step first:
+    ``int(2.3 * 100)`` is 229 (2.3 * 100 is 229.99999999999997 in floats), a step short."""
+    return int(round(num_epochs * steps_per_epoch, 6))
+
+
 def learning_rate(
     step: int,
     plateau: PlateauState,
