@@ -246,6 +246,24 @@ class TrainLoopTest(absltest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         assert_trees_equal(final_params(workdir)[0], final_params(self.reference_dir)[0])
 
+    def test_a_stop_between_log_lines_logs_the_steps_since_the_last(self):
+        """Stopped at step 7 with a line every 5 steps: steps 6 and 7's loss and error were
+        never written (metrics.jsonl, TensorBoard, console), and the resumed run starts at 8."""
+        workdir = self.create_tempdir().full_path
+        config = loop_config(self.data_dir, **{"ckpt.every_steps": 100})
+        calls = []
+
+        def stop_at_step_7(signal_handler):
+            calls.append(None)
+            return len(calls) >= 7
+
+        with mock.patch.object(preemption.StopSignal, "requested", stop_at_step_7):
+            loop.train(config, workdir)
+        self.assertEqual(max(checkpoint.available_steps(workdir)), 7)
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            logged = [r["step"] for r in map(json.loads, f) if "train_loss" in r]
+        self.assertEqual(logged, [5, 7])
+
     def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(self):
         workdir = self.create_tempdir().full_path
         config = loop_config(self.data_dir, **{"optim.learning_rate": 1e12})

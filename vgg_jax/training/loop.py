@@ -290,6 +290,23 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> T
     last_log = rate_from = time.perf_counter()
     untimed_images = 0  # the first step's: its time is start-up's (compiling, decoding the data)
 
+    def log_interval(done: int, lr: float) -> None:
+        """The train metrics of the steps since the last line: metrics.jsonl, TensorBoard, and
+        the console's line."""
+        nonlocal pending, last_log, rate_from, untimed_images
+        _ensure_finite(pending, done, checkpoints, workdir)
+        totals = _sum(pending)
+        now = time.perf_counter()
+        scalars = _summarise(totals, "train_")
+        scalars["learning_rate"] = lr
+        if timed := totals["count"] - untimed_images:
+            scalars["images_per_second"] = timed / (now - rate_from)
+        else:  # an interval of the first step alone: start-up is all there is to time
+            scalars["images_per_second"] = totals["count"] / (now - last_log)
+        pending, last_log, rate_from, untimed_images = [], now, now, 0
+        writer.write_scalars(done, scalars)
+        _log_progress(done, total_steps, steps_per_epoch, scalars, config.input.batch_size)
+
     def save(step: int, validation: dict[str, float] | None = None) -> None:
         _ensure_finite(pending, step, checkpoints, workdir)  # steps since the last log line
         meta = {
@@ -332,18 +349,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> T
             done = step + 1
             epoch_end = done % steps_per_epoch == 0
             if done % config.log_every_steps == 0 or epoch_end or done == total_steps:
-                _ensure_finite(pending, done, checkpoints, workdir)
-                totals = _sum(pending)
-                now = time.perf_counter()
-                scalars = _summarise(totals, "train_")
-                scalars["learning_rate"] = lr
-                if timed := totals["count"] - untimed_images:
-                    scalars["images_per_second"] = timed / (now - rate_from)
-                else:  # an interval of the first step alone: start-up is all there is to time
-                    scalars["images_per_second"] = totals["count"] / (now - last_log)
-                pending, last_log, rate_from, untimed_images = [], now, now, 0
-                writer.write_scalars(done, scalars)
-                _log_progress(done, total_steps, steps_per_epoch, scalars, config.input.batch_size)
+                log_interval(done, lr)
             validation = None
             epoch = done // steps_per_epoch
             if epoch_end and epoch % config.evals.every_epochs == 0:
@@ -379,6 +385,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> T
             if new_best or stopping or done % config.ckpt.every_steps == 0 or done == total_steps:
                 save(done, validation)
             if stopping:
+                if pending:  # the steps since the last line: logged, not lost with the process
+                    log_interval(done, lr)
                 logging.warning("Stopped at step %d after a termination signal.", done)
                 break
         else:
