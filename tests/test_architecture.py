@@ -20,6 +20,7 @@ LEVELS = {
     "vgg_jax.conventions": 0,
     "vgg_jax.metrics": 0,
     "vgg_jax.modes": 0,
+    "vgg_jax.host": 0,
     "vgg_jax.models": 1,
     "vgg_jax.sharding": 1,
     "vgg_jax.preemption": 1,

@@ -14,7 +14,7 @@ import tensorflow as tf
 from absl.testing import absltest
 
 from tests import fixtures
-from vgg_jax import sharding
+from vgg_jax import host, sharding
 from vgg_jax.data import (
     augment,
     decoded,
@@ -117,6 +117,19 @@ class DecodedTrainBatchesTest(absltest.TestCase):
         self.assertFalse(on_device.uses_decoded_cache(config))
         with self.assertRaisesRegex(ValueError, "decoded_cache_mb"):
             on_device.uses_decoded_cache(fixtures.tiny_config(**{"input.decoded_cache_mb": -1}))
+
+    def test_a_split_too_big_for_the_memory_left_is_read_through_tf_data(self):
+        """In a container whose memory limit leaves less than 4x the decoded copy's size, the
+        copy (there twice while placed) was made anyway and the kernel killed the process."""
+        size = decoded.decoded_bytes(self.split_index)
+        room = mock.patch.object(host, "memory_room_bytes", return_value=4 * size - 1)
+        with room, self.assertLogs(level="WARNING") as logs:
+            self.assertFalse(on_device.uses_decoded_cache(self.config))
+        self.assertIn("more than 25% of the", logs.output[0])
+        self.assertIn("decoded_cache_mb=0", logs.output[0])
+        for room in (4 * size, None):  # None: nothing to read it from (macOS)
+            with mock.patch.object(host, "memory_room_bytes", return_value=room):
+                self.assertTrue(on_device.uses_decoded_cache(self.config))
 
     def test_resume_at_any_step_is_bitwise(self):
         # 100 examples in batches of 16: the stream crosses epoch ends at steps 6 and 12.

@@ -19,6 +19,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from vgg_jax import host
 from vgg_jax.data import generator_dataset, index, sources, transforms
 from vgg_jax.data.progress import ProgressLog
 
@@ -26,6 +27,12 @@ from vgg_jax.data.progress import ProgressLog
 MAX_CACHE_MB = 2047
 # Images read, and handed from tf.data to Python, at a time.
 CHUNK = 256
+# The most of the memory this process has left (``host.memory_room_bytes``: the host's, or its
+# container's limit) the decoded copy may take. While it is placed on the devices it is there twice
+# (the host's buffer and the devices' copy, host memory on a CPU), and the rest of the run (the
+# kept validation batches, checkpoint saves) needs room too; over a container's limit the kernel
+# kills the process without a word.
+MEMORY_SHARE = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +65,26 @@ def decoded_bytes(split_index: index.SplitIndex) -> int:
 
 
 def fits(input_config: ml_collections.ConfigDict, split_index: index.SplitIndex) -> bool:
-    """Whether the split's decoded pixels fit in ``input.decoded_cache_mb``."""
+    """Whether the split's decoded pixels fit in ``input.decoded_cache_mb`` and in
+    ``MEMORY_SHARE`` of the memory this process has left (a warning says when only the second
+    keeps a split out)."""
     check_cache_size(input_config)
-    return decoded_bytes(split_index) <= input_config.decoded_cache_mb * 2**20
+    size = decoded_bytes(split_index)
+    if size > input_config.decoded_cache_mb * 2**20:
+        return False
+    room = host.memory_room_bytes()
+    if room is None or size <= MEMORY_SHARE * room:
+        return True
+    logging.warning(
+        "The training split decodes to %s, more than %d%% of the %s this process may still "
+        "allocate (the host's free memory or its container's limit, whichever is less): it is "
+        "read through tf.data on every step instead of decoded once into memory "
+        "(config.input.decoded_cache_mb=0 chooses that without this warning).",
+        host.megabytes(size),
+        round(100 * MEMORY_SHARE),
+        host.megabytes(room),
+    )
+    return False
 
 
 def decode_split(

@@ -35,11 +35,18 @@ TAIL_MULTIPLE = 8
 
 
 def uses_decoded_cache(config: ml_collections.ConfigDict) -> bool:
-    """Whether training reads the decoded in-memory copy (see the module docstring)."""
+    """Whether training reads the decoded in-memory copy (see the module docstring). With several
+    processes, only if it fits on every one (``decoded.fits`` asks each host's memory): the
+    decoded path's batches come from programs every process runs together."""
     builder = sources.prepared_builder(config.input)
-    return decoded.fits(
+    here = decoded.fits(
         config.input, pipeline._split_index(builder, config.input.train_split, config.input)
     )
+    if jax.process_count() == 1:
+        return here
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(here))))
 
 
 def train_batches(

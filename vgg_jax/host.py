@@ -1,0 +1,106 @@
+"""What the host, or the container around this process, lets it use: memory.
+
+A container (Docker, Kubernetes, Slurm's cgroups, a Colab runtime) caps a process's memory with a
+cgroup limit that ``/proc/meminfo`` does not show: it lists the whole host's memory, while going
+over the limit gets the process killed by the kernel (SIGKILL: no Python error, no message, the
+work since the last checkpoint lost).
+"""
+
+from __future__ import annotations
+
+import os
+
+# cgroup v1 writes "no limit" as a huge number (9223372036854771712 on 4 KiB pages).
+UNLIMITED = 1 << 60
+# Per cgroup version: the limit files, the usage file and memory.stat's reclaimable page cache.
+_V2_FILES = ("memory.max", "memory.high", "memory.current", "inactive_file")
+_V1_FILES = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+
+
+def _read_int(path: str) -> int | None:
+    """The file's number; None for a missing or unreadable file or "max" (cgroup v2's none)."""
+    try:
+        with open(path) as f:
+            text = f.read().split()
+    except OSError:
+        return None
+    if not text or not text[0].isdigit():
+        return None
+    value = int(text[0])
+    return value if value < UNLIMITED else None
+
+
+def _stat(path: str, key: str) -> int:
+    """``key``'s number in a ``memory.stat`` file (0 if absent)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _meminfo_available(proc: str) -> int | None:
+    try:
+        with open(os.path.join(proc, "meminfo")) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_dirs(proc: str, cgroup_root: str) -> list[tuple[str, int]]:
+    """The memory cgroup directories of this process and of each cgroup above it, with their
+    version: the limit may be set on any of them (a Kubernetes pod's and its container's)."""
+    try:
+        with open(os.path.join(proc, "self", "cgroup")) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            mount, version = cgroup_root, 2
+        elif "memory" in controllers.split(","):
+            mount, version = os.path.join(cgroup_root, "memory"), 1
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        # Inside a container without its own cgroup namespace the path is the host's
+        # (/docker/<id>) while the mount shows the container's own cgroup: the deepest directory
+        # that exists is where to start.
+        while parts and not os.path.isdir(os.path.join(mount, *parts)):
+            parts.pop(0)
+        for depth in range(len(parts), -1, -1):
+            found.append((os.path.join(mount, *parts[:depth]), version))
+    return found
+
+
+def memory_room_bytes(proc: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes this process may still allocate: the smallest of the host's available memory
+    (``MemAvailable``) and, for its memory cgroup and every one above it that has a limit, the
+    limit less what the cgroup uses (its reclaimable page cache, ``inactive_file``, counted as
+    free). None where none of these can be read (macOS, Windows)."""
+    rooms = []
+    if (available := _meminfo_available(proc)) is not None:
+        rooms.append(available)
+    for directory, version in _cgroup_dirs(proc, cgroup_root):
+        names = _V2_FILES if version == 2 else _V1_FILES
+        *limit_files, usage_file, inactive_key = names
+        limits = [_read_int(os.path.join(directory, name)) for name in limit_files]
+        usage = _read_int(os.path.join(directory, usage_file))
+        inactive = _stat(os.path.join(directory, "memory.stat"), inactive_key)
+        limits = [limit for limit in limits if limit is not None]
+        if limits and usage is not None:
+            rooms.append(max(min(limits) - max(usage - inactive, 0), 0))
+    return min(rooms) if rooms else None
+
+
+def megabytes(size: int) -> str:
+    return f"{size / 2**20:,.0f} MB"
