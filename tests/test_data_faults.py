@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from unittest import mock
 
 import jax
@@ -22,9 +23,9 @@ from absl.testing import absltest
 
 from tests import fixtures, testdata
 from tests.test_data_imagenet import NUM_VAL, PER_CLASS, SYNSETS, TINY_COUNTS, imagenet_config
-from vgg_jax import checks, data, writers
+from vgg_jax import checks, data, host, writers
 from vgg_jax.configs import paper
-from vgg_jax.data import folder, index, pipeline, sources, transforms, verify
+from vgg_jax.data import builtin, folder, index, pipeline, sources, transforms, verify
 from vgg_jax.tools import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -986,3 +987,49 @@ class DataToolTest(absltest.TestCase):
 
 if __name__ == "__main__":
     absltest.main()
+
+
+class OpenFileLimitTest(absltest.TestCase):
+    """A reader keeps every file it read from open; ImageNet (1,024 training files, more in its
+    other splits) under a batch system's soft limit of 1,024 open files failed mid-pass with "Too
+    many open files"."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        # The tiny built-in dataset in 20 files a split (ImageNet's train split is 1,024).
+        cls.data_dir = tempfile.mkdtemp()
+        cls.builder = builtin.make_builder("tiny", 0, cls.data_dir)
+        cls.builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(num_shards=20),
+            file_format="array_record",
+        )
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.data_dir, ignore_errors=True)
+        super().tearDownClass()
+
+    def test_a_low_soft_limit_is_raised_so_every_file_can_be_read(self):
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (host.open_files() + 5, hard))
+            reader = sources.RecordReader(self.builder, "train")
+            records = reader.read(np.arange(len(reader)))  # today: Too many open files
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        self.assertLen(records, 100)
+
+    def test_a_hard_limit_too_low_is_one_line_saying_what_to_raise(self):
+        with (
+            mock.patch.object(host, "open_files", return_value=30),
+            mock.patch.object(host, "open_file_limit", return_value=(64, 64)),
+            self.assertRaisesRegex(
+                data.DatasetError,
+                r"vgg_jax_shapes is 40 files .* has 30 open already, but it may open only 64 "
+                r"\(ulimit -n; its hard limit is 64\): raise the limit to at least 326 ",
+            ),
+        ):
+            sources.RecordReader(self.builder, "train")

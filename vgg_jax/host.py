@@ -1,9 +1,11 @@
-"""What the host, or the container around this process, lets it use: memory.
+"""What the host, or the container around this process, lets it use: memory and open files.
 
 A container (Docker, Kubernetes, Slurm's cgroups, a Colab runtime) caps a process's memory with a
 cgroup limit that ``/proc/meminfo`` does not show: it lists the whole host's memory, while going
 over the limit gets the process killed by the kernel (SIGKILL: no Python error, no message, the
-work since the last checkpoint lost).
+work since the last checkpoint lost). Batch systems and macOS often start a process with a soft
+limit of 256 or 1,024 open files (``ulimit -n``), below what reading a dataset of many files
+keeps open.
 """
 
 from __future__ import annotations
@@ -100,6 +102,34 @@ def memory_room_bytes(proc: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") 
         if limits and usage is not None:
             rooms.append(max(min(limits) - max(usage - inactive, 0), 0))
     return min(rooms) if rooms else None
+
+
+def open_files() -> int:
+    """How many files this process has open (0 where that cannot be listed: macOS)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+
+
+def open_file_limit(wanted: int) -> tuple[int, int] | None:
+    """This process's (soft, hard) limit on open files, the soft one first raised towards
+    ``wanted`` as far as the hard one allows (an unprivileged process may); None where there is
+    no such limit (Windows). An unlimited value is returned as ``UNLIMITED``."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    infinite = resource.RLIM_INFINITY
+    if soft != infinite and soft < wanted:
+        target = wanted if hard == infinite else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return (UNLIMITED if soft == infinite else soft), (UNLIMITED if hard == infinite else hard)
 
 
 def megabytes(size: int) -> str:

@@ -30,7 +30,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from vgg_jax import writers
+from vgg_jax import host, writers
 from vgg_jax.data import DatasetError, builtin, choices, folder
 
 DATASETS = choices.DATASETS
@@ -545,11 +545,36 @@ def check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
         )
 
 
+# Files beyond the dataset's that the open-file limit is raised to leave room for (Orbax's saves,
+# TensorFlow's and JAX's own).
+SPARE_OPEN_FILES = 256
+
+
+def _check_open_file_limit(builder: tfds.core.DatasetBuilder, split: str) -> None:
+    """Raises the soft open-file limit so every file of the dataset can be open at once: a reader
+    keeps each file it has read from open, and training reads two splits at random. Under a soft
+    limit of 1,024 (a batch system's; macOS's is 256) ImageNet (1,024 training files, more in its
+    other splits) failed mid-pass with ``open() failed: Too many open files``: indexing said the
+    files might be damaged and to delete and prepare them again; training ended in a traceback."""
+    files = sum(int(info.num_shards) for info in builder.info.splits.values())
+    now = host.open_files()
+    limits = host.open_file_limit(now + files + SPARE_OPEN_FILES)
+    if limits is not None and limits[0] < now + files:
+        raise DatasetError(
+            f"{builder.name} is {files:,} files (all its splits) that are kept open while "
+            f"{split} is read, and this process has {now:,} open already, but it may open only "
+            f"{limits[0]:,} (ulimit -n; its hard limit is {limits[1]:,}): raise the limit to at "
+            f"least {now + files + SPARE_OPEN_FILES:,} (ulimit -n, or the container's or job's "
+            "nofile limit) and run again."
+        )
+
+
 class RecordReader:
     """Random access to one split's serialized examples (``tf.train.Example`` bytes)."""
 
     def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
         check_split(builder, split)
+        _check_open_file_limit(builder, split)
         self._source = builder.as_data_source(
             split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
         )
