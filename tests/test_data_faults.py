@@ -843,6 +843,20 @@ class ReadOnlyDataDirTest(absltest.TestCase):
         )
         self.assertEmpty(project_files(data_dir))
 
+    def test_an_unprepared_read_only_data_dir_is_told_to_change_data_dir(self):
+        """A read-only checkout run from its directory (the demo's data_dir is the relative
+        workdirs/data) was told to set input.index_dir, and then preparing failed anyway."""
+        data_dir = os.path.join(self.create_tempdir().full_path, "data")
+        os.makedirs(data_dir)
+        config = fixtures.tiny_config(**{"input.data_dir": data_dir})
+        with read_only(data_dir), self.assertRaises(data.DatasetError) as raised:
+            sources.prepare_builder(config.input)
+        message = str(raised.exception)
+        self.assertRegex(message, rf"^Cannot prepare vgg_jax_shapes into {data_dir}/\S+ \(")
+        self.assertIn("set --config.input.data_dir=DIR to a writable directory", message)
+        self.assertNotIn("index_dir", message)
+        self.assertEqual(os.listdir(data_dir), [])
+
 
 class FullDiskPreparationTest(absltest.TestCase):
     """A full data_dir (or index_dir) while preparing: one line naming it, nothing half-written

@@ -115,16 +115,24 @@ def files_dir(builder: tfds.core.DatasetBuilder, input_config: ml_collections.Co
     return os.path.join(os.path.expanduser(index_dir), builder.info.full_name)
 
 
-def check_writable(directory: str) -> None:
-    """Fails at once, before hours of indexing, when ``directory`` cannot take the index. Tries a
-    real write: permission bits do not tell (root, read-only mounts, quotas)."""
+def _write_error(directory: str) -> OSError | None:
+    """What a real write in ``directory`` (or, where it is missing, the nearest directory above
+    it that exists: the rest is made at the first write) raises, or None. Permission bits do not
+    tell (root, read-only mounts, quotas)."""
     existing = os.path.abspath(directory)
     while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
-        existing = os.path.dirname(existing)  # what is missing is made at the first write
+        existing = os.path.dirname(existing)
     try:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".vgg_jax_write_test_"):
             pass
     except OSError as e:
+        return e
+    return None
+
+
+def check_writable(directory: str) -> None:
+    """Fails at once, before hours of indexing, when ``directory`` cannot take the index."""
+    if (e := _write_error(directory)) is not None:
         raise DatasetError(
             f"Cannot write the project's index and statistics to {directory} ({e.strerror or e}); "
             "the prepared TFDS files can stay read-only: set --config.input.index_dir=DIR to a "
@@ -366,6 +374,15 @@ def prepare_builder(input_config: ml_collections.ConfigDict) -> tfds.core.Datase
         _check_folder_splits(builder, input_config)
     if builder.is_prepared():
         return builder
+    # Not prepared: TFDS writes the files into data_dir (a relative one, as the demo's
+    # workdirs/data, is under the current directory: a read-only checkout or mount was told to
+    # set input.index_dir, which cannot help, then that preparing failed).
+    if (e := _write_error(os.fspath(builder.data_dir))) is not None:
+        raise DatasetError(
+            f"Cannot prepare {builder.name} into {os.path.abspath(builder.data_dir)} "
+            f"({e.strerror or e}): it is not prepared there, and preparing writes its files "
+            "there; set --config.input.data_dir=DIR to a writable directory."
+        ) from e
     project_files = files_dir(builder, input_config)
     check_writable(project_files)  # the index follows; better to know before TFDS's hours
     _warn_of_interrupted_preparations(builder)
