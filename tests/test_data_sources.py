@@ -1,5 +1,6 @@
 """The built-in shapes dataset, the image-folder source, and start-up errors on bad config."""
 
+import errno
 import hashlib
 import os
 import shutil
@@ -67,6 +68,25 @@ class BuiltinTest(absltest.TestCase):
             np.testing.assert_array_equal(image, expected)
             self.assertEqual(label, expected_label)
             self.assertBetween(min(image.shape[:2]), 20, 24)
+
+    def test_no_usable_dev_shm_draws_in_this_process(self):
+        """The pool's locks need /dev/shm: where it was read-only (a sandbox) preparation failed
+        with "Read-only file system; free space there", blamed on data_dir."""
+        erofs = OSError(errno.EROFS, os.strerror(errno.EROFS))
+        with (
+            mock.patch.object(shapes, "PARALLEL_FROM", 4),
+            mock.patch.object(shapes, "_workers_allowed", True),
+            mock.patch.object(shapes.os, "sched_getaffinity", return_value={0, 1}, create=True),
+            mock.patch.object(shapes.multiprocessing, "get_context") as context,
+            self.assertLogs(level="WARNING") as logs,
+        ):
+            context.return_value.Pool.side_effect = erofs
+            drawn = list(shapes.draw_split(3, "validation", 5))
+        self.assertIn("in this process: no worker processes (Read-only file system", logs.output[0])
+        for index, (image, label) in enumerate(drawn):
+            expected, expected_label = shapes.draw_example(3, "validation", index)
+            np.testing.assert_array_equal(image, expected)
+            self.assertEqual(label, expected_label)
 
     def test_jpegs_are_the_bytes_tensorflow_wrote(self):
         """The stored JPEGs are encoded with PIL in the drawing workers; the dataset's bytes (and

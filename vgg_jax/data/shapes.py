@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 
 import numpy as np
+from absl import logging
 from PIL import Image
 
 CLASS_NAMES = (
@@ -230,5 +231,18 @@ def draw_split(
     if count < PARALLEL_FROM or processes < 2 or not _workers_allowed:
         yield from map(_draw_indexed, tasks)
         return
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(processes)
+    except OSError as e:
+        # The pool's locks live in /dev/shm: a sandbox or container without a writable one
+        # failed the preparation, blamed on data_dir ("Read-only file system; free space there").
+        logging.warning(
+            "Drawing the built-in %s split in this process: no worker processes (%s; they need "
+            "a writable /dev/shm).",
+            split,
+            e.strerror or e,
+        )
+        yield from map(_draw_indexed, tasks)
+        return
+    with pool:
         yield from pool.imap(_draw_indexed, tasks, chunksize=16)
