@@ -120,6 +120,22 @@ class DownloadTest(absltest.TestCase):
         self.assertEqual(again, path)
         self.assertLen(self.server.requests, 1)  # the cached file was not fetched again
 
+    def test_an_unwritable_cache_is_one_line_naming_it_and_the_way_out(self):
+        """A read-only home (a container's, a cluster's) ended in makedirs' traceback."""
+        cache = os.path.join(self.cache, "home", ".cache")
+        with (
+            mock.patch.object(
+                pretrained.os, "makedirs", side_effect=OSError(30, "Read-only file system")
+            ),
+            self.assertRaisesRegex(
+                pretrained.CacheDirError,
+                rf"^Cannot write the download cache {cache} \(Read-only file system\): pass "
+                rf"--cache_dir=DIR or set \${pretrained.CACHE_ENV} to a writable directory\.$",
+            ),
+        ):
+            pretrained.fetch(self.weights, cache, self.server.base_url)
+        self.assertEmpty(self.server.requests)
+
     def test_interrupted_download_resumes_with_range(self):
         self.server.cut_once["vgg16-x.pth"] = pretrained.CHUNK_BYTES + 100
         with self.assertRaisesRegex(pretrained.DownloadError, "run again to resume"):

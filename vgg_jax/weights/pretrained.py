@@ -112,6 +112,10 @@ class HashMismatchError(ValueError):
     """The bytes are not the published file."""
 
 
+class CacheDirError(ValueError):
+    """The download cache cannot be written (a read-only or missing home directory)."""
+
+
 def lookup(name: str, source: str) -> PublishedWeights:
     """The published file of net ``name`` (``vgg16``) from ``source`` (``torchvision``/``keras``);
     unknown pairs fail listing the known ones, and batch-norm nets fail saying why."""
@@ -170,7 +174,6 @@ def fetch(
     already in the cache whose hash does not match is moved to ``<name>.bad``, with a warning.
     """
     cache_dir = cache_dir or default_cache_dir()
-    os.makedirs(cache_dir, exist_ok=True)
     final = os.path.join(cache_dir, weights.file_name)
     if os.path.exists(final):
         try:
@@ -182,6 +185,17 @@ def fetch(
             os.replace(final, aside)
             logging.warning("%s Moved it to %s; fetching the published file.", e, aside)
     partial = final + ".part"
+    try:  # before the download; a read-only cache that holds the file serves it above
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(partial, "ab"):
+            pass
+    except OSError as e:
+        # A container's or cluster's read-only (or absent) home: Python's traceback from
+        # makedirs, or "The transfer broke after 0 bytes; run again to resume".
+        raise CacheDirError(
+            f"Cannot write the download cache {cache_dir} ({e.strerror or e}): pass "
+            f"--cache_dir=DIR or set ${CACHE_ENV} to a writable directory."
+        ) from None
     url = weights.url(base_url)
     _download(url, partial, progress, timeout_s)
     try:
