@@ -3,6 +3,7 @@ limit, not the host's free memory, is what the kernel kills the process at."""
 
 import os
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 
@@ -66,6 +67,15 @@ class MemoryRoomTest(absltest.TestCase):
         self.write("cgroup/memory/memory.limit_in_bytes", "9223372036854771712\n")
         self.write("cgroup/memory/memory.usage_in_bytes", f"{1072 * MB}\n")
         self.assertEqual(self.room(), 20000 * MB)
+
+    def test_an_address_space_limit_leaves_its_rest_beyond_the_virtual_size(self):
+        """``ulimit -v`` (Grid Engine's h_vmem): past it the decoded copy's allocation crashed
+        the process in the record reader's C++."""
+        self.write("proc/self/status", f"Name: python\nVmSize: {3000 * 1024} kB\n")
+        limits = {host.resource.RLIMIT_AS: (3500 * MB, host.resource.RLIM_INFINITY)}
+        with mock.patch.object(host.resource, "getrlimit", side_effect=limits.get):
+            self.assertEqual(self.room(), 500 * MB)
+        self.assertEqual(self.room(), 20000 * MB)  # no limit: this machine's test process
 
     def test_over_the_limit_is_no_room(self):
         self.write("proc/self/cgroup", "0::/\n")

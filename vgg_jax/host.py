@@ -12,6 +12,11 @@ from __future__ import annotations
 
 import os
 
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
+
 # cgroup v1 writes "no limit" as a huge number (9223372036854771712 on 4 KiB pages).
 UNLIMITED = 1 << 60
 # Per cgroup version: the limit files, the usage file and memory.stat's reclaimable page cache.
@@ -56,6 +61,26 @@ def _meminfo_available(proc: str) -> int | None:
     return None
 
 
+def _address_space_room(proc: str) -> int | None:
+    """What is left of the soft address-space limit (``ulimit -v``; Grid Engine's ``h_vmem``,
+    some Slurm setups) beyond the process's virtual size, or None without such a limit. Past it
+    an allocation fails: a 527 MB decoded copy under ``ulimit -v 3500000`` crashed the process
+    with a segmentation fault in the record reader's C++."""
+    if resource is None:
+        return None
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit == resource.RLIM_INFINITY or limit >= UNLIMITED:
+        return None
+    try:
+        with open(os.path.join(proc, "self", "status")) as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return max(limit - int(line.split()[1]) * 1024, 0)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _cgroup_dirs(proc: str, cgroup_root: str) -> list[tuple[str, int]]:
     """The memory cgroup directories of this process and of each cgroup above it, with their
     version: the limit may be set on any of them (a Kubernetes pod's and its container's)."""
@@ -86,12 +111,14 @@ def _cgroup_dirs(proc: str, cgroup_root: str) -> list[tuple[str, int]]:
 
 def memory_room_bytes(proc: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> int | None:
     """Bytes this process may still allocate: the smallest of the host's available memory
-    (``MemAvailable``) and, for its memory cgroup and every one above it that has a limit, the
-    limit less what the cgroup uses (its reclaimable page cache, ``inactive_file``, counted as
-    free). None where none of these can be read (macOS, Windows)."""
+    (``MemAvailable``), what its address-space limit leaves and, for its memory cgroup and every
+    one above it that has a limit, the limit less what the cgroup uses (its reclaimable page
+    cache, ``inactive_file``, counted as free). None where none of these can be read."""
     rooms = []
     if (available := _meminfo_available(proc)) is not None:
         rooms.append(available)
+    if (address_room := _address_space_room(proc)) is not None:
+        rooms.append(address_room)
     for directory, version in _cgroup_dirs(proc, cgroup_root):
         names = _V2_FILES if version == 2 else _V1_FILES
         *limit_files, usage_file, inactive_key = names
@@ -116,9 +143,7 @@ def open_file_limit(wanted: int) -> tuple[int, int] | None:
     """This process's (soft, hard) limit on open files, the soft one first raised towards
     ``wanted`` as far as the hard one allows (an unprivileged process may); None where there is
     no such limit (Windows). An unlimited value is returned as ``UNLIMITED``."""
-    try:
-        import resource
-    except ImportError:
+    if resource is None:
         return None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     infinite = resource.RLIM_INFINITY

@@ -77,8 +77,8 @@ def fits(input_config: ml_collections.ConfigDict, split_index: index.SplitIndex)
         return True
     logging.warning(
         "The training split decodes to %s, more than %d%% of the %s this process may still "
-        "allocate (the host's free memory or its container's limit, whichever is less): it is "
-        "read through tf.data on every step instead of decoded once into memory "
+        "allocate (what the host, a container's memory limit and ulimit -v leave, the least): it "
+        "is read through tf.data on every step instead of decoded once into memory "
         "(config.input.decoded_cache_mb=0 chooses that without this warning).",
         host.megabytes(size),
         round(100 * MEMORY_SHARE),
