@@ -13,7 +13,7 @@ import numpy as np
 from absl.testing import absltest
 
 from tests import testdata
-from vgg_jax import data
+from vgg_jax import data, host
 from vgg_jax.configs import demo as demo_defaults
 from vgg_jax.configs import paper
 from vgg_jax.data import builtin, folder, pipeline, shapes
@@ -53,7 +53,7 @@ class BuiltinTest(absltest.TestCase):
             mock.patch.object(shapes, "PARALLEL_FROM", 4),
             mock.patch.object(shapes, "_workers_allowed", True),
             mock.patch.object(shapes, "SHORT_SIDE", (20, 24)),
-            mock.patch.object(shapes.os, "sched_getaffinity", return_value={0, 1}, create=True),
+            mock.patch.object(host, "usable_cpus", return_value=2),
         ):
             drawn = list(shapes.draw_split(3, "validation", 6))
         self.assertLen(drawn, 6)
@@ -76,7 +76,7 @@ class BuiltinTest(absltest.TestCase):
         with (
             mock.patch.object(shapes, "PARALLEL_FROM", 4),
             mock.patch.object(shapes, "_workers_allowed", True),
-            mock.patch.object(shapes.os, "sched_getaffinity", return_value={0, 1}, create=True),
+            mock.patch.object(host, "usable_cpus", return_value=2),
             mock.patch.object(shapes.multiprocessing, "get_context") as context,
             self.assertLogs(level="WARNING") as logs,
         ):
@@ -87,6 +87,17 @@ class BuiltinTest(absltest.TestCase):
             expected, expected_label = shapes.draw_example(3, "validation", index)
             np.testing.assert_array_equal(image, expected)
             self.assertEqual(label, expected_label)
+
+    def test_a_cpu_quota_of_one_core_draws_in_this_process(self):
+        """A container of 1 CPU on a host of many: os.cpu_count and the affinity count the host's
+        cores, and a worker per host core was spawned to share the one."""
+        with (
+            mock.patch.object(shapes, "PARALLEL_FROM", 4),
+            mock.patch.object(shapes, "_workers_allowed", True),
+            mock.patch.object(host, "usable_cpus", return_value=1),
+            mock.patch.object(shapes.multiprocessing, "get_context", side_effect=AssertionError),
+        ):
+            self.assertLen(list(shapes.draw_split(3, "validation", 6)), 6)
 
     def test_jpegs_are_the_bytes_tensorflow_wrote(self):
         """The stored JPEGs are encoded with PIL in the drawing workers; the dataset's bytes (and
@@ -103,7 +114,7 @@ class BuiltinTest(absltest.TestCase):
         with (
             mock.patch.object(shapes, "PARALLEL_FROM", 2),
             mock.patch.object(shapes, "_workers_allowed", True),
-            mock.patch.object(shapes.os, "sched_getaffinity", return_value={0, 1}, create=True),
+            mock.patch.object(host, "usable_cpus", return_value=2),
         ):
             drawn = list(shapes.draw_split(0, "train", 3, as_jpeg=True))
         for index, (jpeg, label) in enumerate(drawn):

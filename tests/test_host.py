@@ -84,5 +84,41 @@ class MemoryRoomTest(absltest.TestCase):
         self.assertEqual(self.room(), 0)
 
 
+class UsableCpusTest(absltest.TestCase):
+    """Docker's --cpus and Kubernetes' limits.cpu are a CFS quota; os.cpu_count and the affinity
+    count the host's cores."""
+
+    def setUp(self):
+        super().setUp()
+        self.root = self.create_tempdir().full_path
+        affinity = mock.patch.object(host.os, "sched_getaffinity", create=True)
+        affinity.start().return_value = set(range(64))
+        self.addCleanup(affinity.stop)
+
+    def write(self, relative: str, text: str) -> None:
+        MemoryRoomTest.write(self, relative, text)
+
+    def cpus(self):
+        return host.usable_cpus(os.path.join(self.root, "proc"), os.path.join(self.root, "cg"))
+
+    def test_no_quota_is_the_affinity(self):
+        self.write("proc/self/cgroup", "0::/\n")
+        self.write("cg/cpu.max", "max 100000\n")
+        self.assertEqual(self.cpus(), 64)
+
+    def test_cgroup_v2_quota_rounds_up(self):
+        self.write("proc/self/cgroup", "0::/kubepods/pod1\n")
+        self.write("cg/kubepods/pod1/cpu.max", "150000 100000\n")
+        self.assertEqual(self.cpus(), 2)
+
+    def test_cgroup_v1_quota_from_inside_a_container(self):
+        self.write("proc/self/cgroup", "3:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n")
+        self.write("cg/cpu/cpu.cfs_quota_us", "100000\n")
+        self.write("cg/cpu/cpu.cfs_period_us", "100000\n")
+        self.assertEqual(self.cpus(), 1)
+        self.write("cg/cpu/cpu.cfs_quota_us", "-1\n")
+        self.assertEqual(self.cpus(), 64)
+
+
 if __name__ == "__main__":
     absltest.main()

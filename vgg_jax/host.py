@@ -1,4 +1,4 @@
-"""What the host, or the container around this process, lets it use: memory and open files.
+"""What the host, or the container around this process, lets it use: memory, open files, cores.
 
 A container (Docker, Kubernetes, Slurm's cgroups, a Colab runtime) caps a process's memory with a
 cgroup limit that ``/proc/meminfo`` does not show: it lists the whole host's memory, while going
@@ -81,9 +81,9 @@ def _address_space_room(proc: str) -> int | None:
     return None
 
 
-def _cgroup_dirs(proc: str, cgroup_root: str) -> list[tuple[str, int]]:
-    """The memory cgroup directories of this process and of each cgroup above it, with their
-    version: the limit may be set on any of them (a Kubernetes pod's and its container's)."""
+def _cgroup_dirs(proc: str, cgroup_root: str, controller: str = "memory") -> list[tuple[str, int]]:
+    """The ``controller`` cgroup directories of this process and of each cgroup above it, with
+    their version: a limit may be set on any of them (a Kubernetes pod's and its container's)."""
     try:
         with open(os.path.join(proc, "self", "cgroup")) as f:
             lines = f.read().splitlines()
@@ -94,8 +94,8 @@ def _cgroup_dirs(proc: str, cgroup_root: str) -> list[tuple[str, int]]:
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
         if controllers == "":
             mount, version = cgroup_root, 2
-        elif "memory" in controllers.split(","):
-            mount, version = os.path.join(cgroup_root, "memory"), 1
+        elif controller in controllers.split(","):
+            mount, version = os.path.join(cgroup_root, controller), 1
         else:
             continue
         parts = [p for p in path.split("/") if p]
@@ -155,6 +155,46 @@ def open_file_limit(wanted: int) -> tuple[int, int] | None:
         except (ValueError, OSError):
             pass
     return (UNLIMITED if soft == infinite else soft), (UNLIMITED if hard == infinite else hard)
+
+
+def usable_cpus(proc: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """Cores this process can keep busy: those it may run on (``sched_getaffinity``; where
+    there is none, macOS, ``os.cpu_count``), fewer under a cgroup CPU quota (Docker's ``--cpus``,
+    Kubernetes' ``limits.cpu``: ``cpu.max``, or ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``)
+    rounded up; at least 1. Inside a container both others count the host's cores."""
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux
+    cpus = len(affinity(0)) if affinity else os.cpu_count() or 1
+    for directory, version in _cgroup_dirs(proc, cgroup_root, "cpu"):
+        quota = period = None
+        if version == 2:
+            try:
+                with open(os.path.join(directory, "cpu.max")) as f:
+                    quota, period = (_number(text) for text in f.read().split()[:2])
+            except (OSError, ValueError):
+                pass
+        else:
+            quota = _number(_read_text(os.path.join(directory, "cpu.cfs_quota_us")))
+            period = _number(_read_text(os.path.join(directory, "cpu.cfs_period_us")))
+        if quota and period and quota > 0:
+            cpus = min(cpus, -(-quota // period))
+    return max(cpus, 1)
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _number(text: str) -> int | None:
+    """An integer, or None for "max" (cgroup v2's none), -1 (v1's none) or nothing."""
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return value if value > 0 else None
 
 
 def megabytes(size: int) -> str:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import io
 import multiprocessing
-import os
 from collections.abc import Iterator
 
 import numpy as np
 from absl import logging
 from PIL import Image
+
+from vgg_jax import host
 
 CLASS_NAMES = (
     "disk",
@@ -226,8 +227,9 @@ def draw_split(
     drawing is most of generating the demo's dataset, the caller stores meanwhile). Workers are
     spawned, not forked: the caller holds JAX's and TensorFlow's threads."""
     tasks = [(seed, split, index, SHORT_SIDE, as_jpeg) for index in range(count)]
-    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None  # Linux
-    processes = min(len(usable) if usable else os.cpu_count() or 1, 8)
+    # A container's CPU quota counts: os.cpu_count and the affinity list the host's cores, and
+    # workers beyond the quota only cost their start-up (about a second of CPU each) and memory.
+    processes = min(host.usable_cpus(), 8)
     if count < PARALLEL_FROM or processes < 2 or not _workers_allowed:
         yield from map(_draw_indexed, tasks)
         return
