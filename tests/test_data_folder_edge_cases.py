@@ -5,13 +5,14 @@ names that differ only in their Unicode form."""
 import glob
 import io
 import os
+import shutil
 
 import numpy as np
 from absl.testing import absltest
 
 from tests import fixtures, testdata
 from vgg_jax import data
-from vgg_jax.data import builtin, folder, index, sources, verify
+from vgg_jax.data import builtin, folder, index, pipeline, sources, verify
 
 
 def _jpeg(k: int) -> bytes:
@@ -55,6 +56,32 @@ class FolderEdgeCasesTest(absltest.TestCase):
                 "model.num_classes": 2,
             }
         )
+
+    def test_copies_of_a_folder_at_other_paths_hold_the_records_in_one_order(self):
+        """Hosts may hold their copies of a folder at other paths (``input.folder`` may differ
+        between the processes of a job), and every process reads its share of each batch by
+        record number. TFDS orders records by a hash of their key, which was the image's
+        absolute path: the two copies held the same images in other orders, and a two-process
+        evaluation scored some images twice and others never (13 counted, exit 0, other
+        errors than one process's)."""
+        root = self.make_folder()
+        other = os.path.join(self.create_tempdir().full_path, "elsewhere", "photos")
+        shutil.copytree(root, other)
+        orders = []
+        for path in (root, other):
+            config = self.folder_config(path)
+            data.prepare(config)
+            builder = sources.prepared_builder(config.input)
+            orders.append(
+                [
+                    np.stack([s.label, s.height, s.width]).tolist()
+                    for s in (
+                        pipeline._split_index(builder, split, config.input)
+                        for split in ("train", "validation")
+                    )
+                ]
+            )
+        self.assertEqual(orders[0], orders[1])
 
     def test_images_that_are_not_jpeg_or_png_inside_are_named(self):
         # A GIF and a WebP named .jpg: the index counts them undecodable, and the records hold no

@@ -387,14 +387,20 @@ class VggJaxImageFolder(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(self, classes: dict[str, list[str]]):
+        root = self.builder_config.root
         for name, paths in classes.items():
             for path in paths:
                 with open(path, "rb") as f:
                     encoded = f.read()
                 if not image_bytes.is_jpeg_or_png(encoded):
                     self.not_jpeg_or_png.append(path)
-                # The key is only hashed (the records' order): any file name will do.
-                yield _printable(path), {"image": upright(encoded), "label": name}
+                # TFDS orders the records by a hash of the key: the path inside the folder, so
+                # every copy of a folder, wherever it lies, has the same record order. Hosts may
+                # hold their copies at other paths (input.folder); keyed by the absolute path,
+                # record i was another image on each, and the processes' shares of every batch
+                # (read by record number) repeated some images and left out others, silently.
+                key = _printable(os.path.relpath(path, root))
+                yield key, {"image": upright(encoded), "label": name}
 
     @property
     def not_jpeg_or_png(self) -> list[str]:
