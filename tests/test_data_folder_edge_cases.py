@@ -20,6 +20,12 @@ def _jpeg(k: int) -> bytes:
     return testdata.jpeg(image)
 
 
+def _resized(k: int) -> bytes:
+    """Example ``k``'s image re-saved 8 pixels shorter."""
+    image, _ = builtin.draw_example(0, "train", k)
+    return testdata.jpeg(image[8:])
+
+
 def _webp(k: int) -> bytes:
     from PIL import Image
 
@@ -82,6 +88,24 @@ class FolderEdgeCasesTest(absltest.TestCase):
                 ]
             )
         self.assertEqual(orders[0], orders[1])
+
+    def test_a_host_copy_with_an_image_of_another_size_has_another_fingerprint(self):
+        """The processes of a job compare ``data.data_fingerprint`` of their copies. It held
+        each split's record numbers only: a host whose copy held one image re-saved at another
+        size (or the records in another order: a folder copy prepared at another path before
+        records were keyed by their path inside the folder) passed, and each process planned
+        the evaluation batches from its own sizes and read its share by record number."""
+        root = self.make_folder()
+        other = os.path.join(self.create_tempdir().full_path, "photos")
+        shutil.copytree(root, other)
+        _write(os.path.join(other, "validation", "dog", "v.jpg"), _resized(51))
+        found = []
+        for path in (root, other):
+            config = self.folder_config(path)
+            data.prepare(config)
+            found.append(data.data_fingerprint(config))
+        differ = sorted(k for k in found[0] if found[0][k] != found[1][k])
+        self.assertEqual(differ, ["validation labels and image sizes, in record order"])
 
     def test_images_that_are_not_jpeg_or_png_inside_are_named(self):
         # A GIF and a WebP named .jpg: the index counts them undecodable, and the records hold no

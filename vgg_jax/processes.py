@@ -86,5 +86,6 @@ def check_same_data(config: Any) -> None:
     if lines := differences(gather_json(data.data_fingerprint(config))):
         raise data.DatasetError(
             "The processes' copies of the dataset differ (each compared with process 0's; "
-            "prepare every host's data from the same files):\n  " + "\n  ".join(lines)
+            "prepare every host's data from the same files; a copy whose records differ only "
+            "in order or image size: delete it and prepare it again):\n  " + "\n  ".join(lines)
         )

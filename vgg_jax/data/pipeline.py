@@ -166,8 +166,16 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
 def data_fingerprint(config: ml_collections.ConfigDict) -> dict[str, str]:
     """What decides the batches and the evaluation, of this process's copy of the prepared
     dataset: each split's decodable records (the training order permutes them, the evaluation
-    schedule sorts them), the class names and the statistics (the input convention). Processes
-    of a job whose copies differ here would each take its share of another batch."""
+    schedule sorts them) with each one's label and image size in record order, the class names
+    and the statistics (the input convention). Processes of a job whose copies differ here would
+    each take its share of another batch.
+
+    Every process reads its share of a batch by record number, so record i must be the same
+    image on every host: copies of one image folder prepared at other paths held their records
+    in other orders (``folder.py`` orders them by the path inside the folder now, but a copy
+    prepared before keeps its order), and one image re-saved at another size on one host moved
+    it in the evaluation schedule; either way the record numbers alone agreed, and the evaluation
+    scored some images twice and others never."""
     import hashlib
 
     def digest(value: np.ndarray | bytes) -> str:
@@ -178,8 +186,13 @@ def data_fingerprint(config: ml_collections.ConfigDict) -> dict[str, str]:
     builder = sources.prepared_builder(input_config)
     found = {}
     for split in dict.fromkeys([input_config.train_split, input_config.eval_split]):
-        valid = np.asarray(_split_index(builder, split, input_config).valid, np.int64)
+        split_index = _split_index(builder, split, input_config)
+        valid = np.asarray(split_index.valid, np.int64)
         found[f"{split} examples"] = f"{len(valid)} (records {digest(valid)})"
+        records = np.stack([split_index.label, split_index.height, split_index.width], 1)
+        found[f"{split} labels and image sizes, in record order"] = digest(
+            records[valid].astype(np.int64)
+        )
     names = builder.info.features["label"].names or []
     found["classes"] = f"{len(names)} (names {digest(chr(0).join(names).encode())})"
     chosen = _stats(input_config, builder)
