@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import types
+from unittest import mock
 
 import jax
 import ml_collections
@@ -14,7 +15,7 @@ import pytest
 from absl.testing import absltest
 
 from tests import fixtures, testdata
-from vgg_jax import checkpoint, processes, sharding
+from vgg_jax import checkpoint, data, processes, sharding
 from vgg_jax.tools import cli
 from vgg_jax.training import lock
 
@@ -152,6 +153,41 @@ class MultiProcessStartTest(absltest.TestCase):
             )
         self.assertLess(time.perf_counter() - started, 120)
 
+    def test_a_host_whose_data_cannot_be_prepared_stops_every_process(self):
+        """Process 1's folder missing on its host: it stopped with its one line, while process 0
+        waited for it in the processes' data check until JAX's coordination service aborted
+        both 5 minutes later (exit 134, a page of gRPC errors, nothing on process 0 about the
+        data). The same with ``--mode=evaluate`` and a host whose copy was not prepared."""
+        tmp = self.create_tempdir().full_path
+        root = os.path.join(tmp, "host0")
+        testdata.write_image_folder(root, {"train": 4, "validation": 2}, ["ant", "bee"])
+        missing = os.path.join(tmp, "host1")
+        shared = [
+            "--config.input.dataset=image_folder",
+            "--config.model.num_classes=2",
+            "--config.input.batch_size=4",
+            "--config.input.eval_batch_size=4",
+        ]
+        started = time.perf_counter()
+        results = launch_processes(
+            [
+                [f"--config.input.folder={f}", f"--config.input.data_dir={f}_tfds"]
+                for f in (root, missing)
+            ],
+            os.path.join(tmp, "run"),
+            data=shared,
+        )
+        self.assertLess(time.perf_counter() - started, 200)
+        lines = [stderr.strip().splitlines()[-1] for _, stderr in results]
+        for returncode, stderr in results:
+            self.assertEqual(returncode, 1, stderr[-3000:])
+            self.assertNotIn("Traceback", stderr)
+        self.assertIn(f"Image folder {missing} does not exist", lines[1])
+        self.assertIn(
+            "Preparing the dataset failed on another process of this job: process 1: ", lines[0]
+        )
+        self.assertIn(f"Image folder {missing} does not exist", lines[0])
+
     def test_a_workdir_not_shared_between_hosts_stops_every_process(self):
         """Each host given a workdir on its own disk (here: process 1 another directory)
         trained to the end, then hung in the first checkpoint save (each process had written
@@ -252,6 +288,40 @@ class ConfigDifferencesTest(absltest.TestCase):
         self.assertIsNone(processes.device_count_problem(devices(2, 2)))
         problem = processes.device_count_problem(devices(8, 8, 7))
         self.assertIn("process 0: 8, process 1: 8, process 2: 7", problem)
+
+
+class AgreedStepTest(absltest.TestCase):
+    """``processes.agreed``: a step that fails on one process stops every process (simulated:
+    the collective answers for the other process)."""
+
+    def gathered(self, other: str | None):
+        return mock.patch.object(processes, "gather_json", side_effect=lambda mine: [mine, other])
+
+    def test_the_others_name_the_failed_process(self):
+        config = fixtures.tiny_config()
+        problem = "FileNotFoundError: Dataset 'image_folder' is not prepared in /host1/tfds."
+        expected = (
+            "Reading the prepared dataset failed on another process of this job: process 1: "
+            + problem
+        )
+        with (
+            mock.patch.object(jax, "process_count", return_value=2),
+            self.gathered(problem),
+            self.assertRaisesRegex(data.DatasetError, expected),
+        ):
+            processes.check_same_data(config)
+
+    def test_the_failed_process_tells_the_others_then_raises_its_own_error(self):
+        def fail():
+            raise FileNotFoundError("no copy here")
+
+        with (
+            mock.patch.object(jax, "process_count", return_value=2),
+            self.gathered(None) as told,
+            self.assertRaisesRegex(FileNotFoundError, "no copy here"),
+        ):
+            processes.agreed("Preparing the dataset", fail)
+        told.assert_called_once_with("FileNotFoundError: no copy here")
 
 
 class CoordinatorPortTest(absltest.TestCase):

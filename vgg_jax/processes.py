@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -70,6 +70,37 @@ def differences(processes: list[dict[str, str]]) -> list[str]:
     return lines
 
 
+def agreed(what: str, action: Callable[[], Any]) -> Any:
+    """``action()`` on every process, then one small collective that says whether it raised on
+    any of them: then every process raises, the failed ones their own error and the others a
+    ``DatasetError`` naming each failed process and its error. One process: ``action()``.
+
+    A process whose copy of the data was not prepared (or could not be) stopped with its one
+    line, while the others waited in the next collective for it until JAX's coordination
+    service aborted them all 5 minutes later (exit 134, a page of gRPC errors and no word of
+    the cause on process 0)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return action()
+    result, error = None, None
+    try:
+        result = action()
+    except Exception as e:  # noqa: BLE001 - raised again below, once every process knows
+        error = e
+    problems = gather_json(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if failed := [(index, problem) for index, problem in enumerate(problems) if problem]:
+        from vgg_jax import data
+
+        raise data.DatasetError(
+            f"{what} failed on another process of this job: "
+            + "; ".join(f"process {index}: {problem}" for index, problem in failed)
+        )
+    return result
+
+
 def check_same_data(config: Any) -> None:
     """Raises ``DatasetError`` on every process when the processes' copies of the prepared
     dataset differ (``data.data_fingerprint``: hosts may each hold their own ``data_dir``).
@@ -83,7 +114,8 @@ def check_same_data(config: Any) -> None:
         return
     from vgg_jax import data
 
-    if lines := differences(gather_json(data.data_fingerprint(config))):
+    found = agreed("Reading the prepared dataset", lambda: data.data_fingerprint(config))
+    if lines := differences(gather_json(found)):
         raise data.DatasetError(
             "The processes' copies of the dataset differ (each compared with process 0's; "
             "prepare every host's data from the same files; a copy whose records differ only "

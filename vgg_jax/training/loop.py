@@ -83,15 +83,15 @@ def _prepare_data_once(config: ml_collections.ConfigDict) -> None:
     then the processes check that they read the same data (``processes.check_same_data``)."""
     from vgg_jax import data
 
-    if jax.process_index() == 0:
+    if jax.process_count() == 1:
         data.prepare(config)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("vgg_jax: data prepared")
-        if jax.process_index() != 0:
-            data.prepare(config)
-        processes.check_same_data(config)
+        return
+    # Each step ends in a collective that every process reaches, a failed one too
+    # (processes.agreed): a process that failed alone left the others waiting in the next one.
+    first = jax.process_index() == 0
+    processes.agreed("Preparing the dataset", lambda: data.prepare(config) if first else None)
+    processes.agreed("Preparing the dataset", lambda: None if first else data.prepare(config))
+    processes.check_same_data(config)
 
 
 def _check_config(config: ml_collections.ConfigDict, num_classes: int) -> None:
