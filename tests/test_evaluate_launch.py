@@ -123,6 +123,40 @@ class EvaluateModeTest(absltest.TestCase):
         self.assertEqual([r[:2] + r[4:] for r in one], [r[:2] + r[4:] for r in two])
         np.testing.assert_allclose([r[2:4] for r in one], [r[2:4] for r in two], atol=1e-6)
 
+    def test_a_process_whose_workdir_holds_no_checkpoint_stops_every_process(self):
+        """Process 1 given another --workdir (no checkpoint there; the workdir is not part of
+        the config the processes compare): it stopped with its one line while process 0 waited
+        for it in the next collective until JAX aborted both 5 minutes later (exit 134)."""
+        elsewhere = tempfile.mkdtemp(prefix="evaluate_elsewhere_")
+        port = fixtures.free_port()
+        distributed = [f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+        started = [
+            subprocess.Popen(
+                [
+                    *launch_args(workdir, *self.overrides, *distributed),
+                    f"--process_id={i}",
+                ],
+                cwd=ROOT,
+                env=fixtures.host_devices_env(1),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i, workdir in enumerate((f"{self.tmp}/one", elsewhere))
+        ]
+        lines = []
+        for process in started:
+            returncode, _, stderr = fixtures.finish(process, 150)
+            self.assertEqual(returncode, 1, stderr[-3000:])
+            self.assertNotIn("Traceback", stderr)
+            lines.append(stderr.strip().splitlines()[-1])
+        self.assertIn(f"No committed checkpoint in {elsewhere}", lines[1])
+        self.assertIn(
+            "Finding the checkpoints to evaluate failed on another process of this job: "
+            f"process 1: FileNotFoundError: No committed checkpoint in {elsewhere}",
+            lines[0],
+        )
+
     def test_load_for_prediction_brings_convention_and_class_names(self):
         model, params, input_convention, class_names = predict.load_for_prediction(
             f"{self.tmp}/one"

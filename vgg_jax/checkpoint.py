@@ -475,16 +475,29 @@ def available_steps(workdir: str) -> list[int]:
         manager.close()
 
 
+def _no_checkpoint(workdir: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"No committed checkpoint in {workdir} ({_directory(workdir)}/<step>/): train it "
+        "first (--mode=train) or import weights (python -m vgg_jax.tools.import_weights)."
+    )
+
+
+def require_checkpoint_directory(workdir: str) -> None:
+    """``require_checkpoint``'s first test, without Orbax: ``workdir`` has a checkpoints
+    directory. On several processes Orbax's manager synchronises the processes that open one,
+    so a process whose workdir has none must be found out first, by every process
+    (``processes.agreed``): the others' next collective was Orbax's while its was the next."""
+    if not os.path.isdir(_directory(workdir)):
+        raise _no_checkpoint(workdir)
+
+
 def require_checkpoint(workdir: str, which: str | int = "latest") -> None:
     """Fails at once, naming ``workdir``, when it holds no checkpoint that ``which`` ("latest",
     "best" or a step) could read: before an evaluation prepares its dataset (hours for
     ImageNet)."""
     steps = available_steps(workdir)
     if not steps:
-        raise FileNotFoundError(
-            f"No committed checkpoint in {workdir} ({_directory(workdir)}/<step>/): train it "
-            "first (--mode=train) or import weights (python -m vgg_jax.tools.import_weights)."
-        )
+        raise _no_checkpoint(workdir)
     if which not in ("latest", "best") and (step := parse_step(which)) not in steps:
         raise FileNotFoundError(f"No checkpoint at step {step} in {workdir}; available: {steps}")
 

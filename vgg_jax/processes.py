@@ -70,10 +70,11 @@ def differences(processes: list[dict[str, str]]) -> list[str]:
     return lines
 
 
-def agreed(what: str, action: Callable[[], Any]) -> Any:
+def agreed(what: str, action: Callable[[], Any], failure: type[Exception] | None = None) -> Any:
     """``action()`` on every process, then one small collective that says whether it raised on
     any of them: then every process raises, the failed ones their own error and the others a
-    ``DatasetError`` naming each failed process and its error. One process: ``action()``.
+    ``failure`` (default ``DatasetError``) naming each failed process and its error. One
+    process: ``action()``.
 
     A process whose copy of the data was not prepared (or could not be) stopped with its one
     line, while the others waited in the next collective for it until JAX's coordination
@@ -92,9 +93,11 @@ def agreed(what: str, action: Callable[[], Any]) -> Any:
     if error is not None:
         raise error
     if failed := [(index, problem) for index, problem in enumerate(problems) if problem]:
-        from vgg_jax import data
+        if failure is None:
+            from vgg_jax import data
 
-        raise data.DatasetError(
+            failure = data.DatasetError
+        raise failure(
             f"{what} failed on another process of this job: "
             + "; ".join(f"process {index}: {problem}" for index, problem in failed)
         )

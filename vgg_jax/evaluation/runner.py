@@ -723,6 +723,14 @@ def evaluate_checkpoints(
     entries = [(workdir, which)]
     if fusion:
         entries += [split_fusion_entry(e, default_choice) for e in config.evals.fusion_workdirs]
+    # Each process told whether another has no checkpoints directory (a process given another
+    # --workdir stopped alone, the others waited for it in the next collective until JAX
+    # aborted them 5 minutes later); a FileNotFoundError on every process, as on that one.
+    processes.agreed(
+        "Finding the checkpoints to evaluate",
+        lambda: [checkpoint.require_checkpoint_directory(w) for w, _ in entries],
+        FileNotFoundError,
+    )
     for entry_workdir, choice in entries:  # before the dataset is prepared
         checkpoint.require_checkpoint(entry_workdir, choice)
     expected_count, data_info = None, None
