@@ -157,6 +157,42 @@ class EvaluateModeTest(absltest.TestCase):
             lines[0],
         )
 
+    def test_a_watcher_waits_until_every_process_sees_the_checkpoints(self):
+        """Continuous evaluation on two processes, process 1 not seeing ``checkpoints/`` (here:
+        another --workdir; in a job, the watcher started before training's first save and one
+        host seeing the new directory a moment later). Orbax's listing is a collective, made
+        only where the directory exists: process 0's met process 1's next collective, and both
+        hung until JAX aborted them 5 minutes later. Now they wait for it together."""
+        elsewhere = tempfile.mkdtemp(prefix="watch_elsewhere_")
+        port = fixtures.free_port()
+        watch = [
+            f"--coordinator_address=localhost:{port}",
+            "--num_processes=2",
+            "--config.evals.watch_timeout_seconds=2",
+            "--config.evals.poll_seconds=1",
+        ]
+        started = [
+            subprocess.Popen(
+                [
+                    *launch_args(workdir, *self.overrides, *watch),
+                    "--mode=evaluate_continuously",
+                    f"--process_id={i}",
+                ],
+                cwd=ROOT,
+                env=fixtures.host_devices_env(1),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i, workdir in enumerate((f"{self.tmp}/two", elsewhere))
+        ]
+        errors = []
+        for process in started:
+            returncode, _, stderr = fixtures.finish(process, 150)
+            self.assertEqual(returncode, 0, stderr[-3000:])
+            errors.append(stderr)
+        self.assertIn("Processes [1] do not see", errors[0])
+
     def test_load_for_prediction_brings_convention_and_class_names(self):
         model, params, input_convention, class_names = predict.load_for_prediction(
             f"{self.tmp}/one"

@@ -482,6 +482,11 @@ def _no_checkpoint(workdir: str) -> FileNotFoundError:
     )
 
 
+def checkpoints_directory(workdir: str) -> str:
+    """Where ``workdir``'s checkpoints are (``<workdir>/checkpoints``)."""
+    return _directory(workdir)
+
+
 def require_checkpoint_directory(workdir: str) -> None:
     """``require_checkpoint``'s first test, without Orbax: ``workdir`` has a checkpoints
     directory. On several processes Orbax's manager synchronises the processes that open one,

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vgg_jax import checkpoint, preemption, sharding, writers
+from vgg_jax import checkpoint, preemption, processes, sharding, writers
 from vgg_jax.evaluation import report, runner
 
 EVAL_SUBDIR = "eval"
@@ -78,7 +78,7 @@ def _next_step(workdir: str, done: set[int], idle: bool) -> tuple[int | None, bo
     passed (``idle``), or every step is evaluated and the newest is the training's last
     (``final`` in its meta: the schedule ended). Every process gets process 0's answers, so all
     of them enter the same collective computations and none waits for one that stopped."""
-    steps = checkpoint.available_steps(workdir)
+    steps = _listed_steps(workdir)
     pending = [s for s in steps if s not in done]
     finished = not pending and bool(steps) and _is_final(workdir, steps[-1])
     answer = np.array([pending[0] if pending else -1, idle or finished], np.int64)
@@ -90,6 +90,26 @@ def _next_step(workdir: str, done: set[int], idle: bool) -> tuple[int | None, bo
     if step < 0 and finished and answer[1]:
         logging.info("Step %d is the training's last (schedule.num_epochs): stopping.", steps[-1])
     return (None if step < 0 else step), bool(answer[1])
+
+
+def _listed_steps(workdir: str) -> list[int]:
+    """``checkpoint.available_steps`` on every process or on none: Orbax's listing is a
+    collective, and a process that does not see ``checkpoints/`` yet (the watcher started
+    before training's first save, a file system that shows it a moment later) lists nothing
+    without one, so the others' listing met its next collective and every process aborted.
+    Until every process sees the directory, there is no step (logged)."""
+    if jax.process_count() == 1:
+        return checkpoint.available_steps(workdir)
+    seen = processes.gather_json(os.path.isdir(checkpoint.checkpoints_directory(workdir)))
+    if all(seen):
+        return checkpoint.available_steps(workdir)
+    if any(seen):
+        logging.warning(
+            "Processes %s do not see %s yet: waiting for every process to see it.",
+            [index for index, found in enumerate(seen) if not found],
+            checkpoint.checkpoints_directory(workdir),
+        )
+    return []
 
 
 def _is_final(workdir: str, step: int) -> bool:
