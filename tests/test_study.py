@@ -379,7 +379,7 @@ class EvaluationSettingsChangedTest(absltest.TestCase):
         super().setUp()
         self.root, self.config = two_scale_study(self)
 
-    must_not_run = ChangedSourcesTest.must_not_run
+    must_not_run = staticmethod(ChangedSourcesTest.must_not_run)
 
     def changed(self):
         changed = copy.deepcopy(self.config)
@@ -411,6 +411,26 @@ class EvaluationSettingsChangedTest(absltest.TestCase):
             r"paper/A/small/seed0 \(evals.multi_crop_grid 3 -> 4; its checkpoints are gone",
         ):
             orchestrate.run_study(self.changed(), self.root, executor=self.must_not_run)
+
+    def test_a_source_changed_in_training_is_still_refused(self):
+        """A run whose own change is in evaluation settings alone, resting on a source whose
+        training changed (deleted to be redone), is refused as without the evaluation change: it
+        was evaluated again and marked finished under the new settings, fine-tuned from the old
+        source."""
+        self.config.fusion = ()  # a fusion at the small scale would be refused for its own lr
+        orchestrate.run_study(self.config, self.root, executor=write_results)
+        shutil.rmtree(os.path.join(self.root, "runs", "paper", "A", "small"))
+        shutil.rmtree(os.path.join(self.root, "runs", "paper", "B", "small"))
+        changed = self.changed()
+        changed.scale_settings.small.learning_rate = 0.05
+        with (
+            mock.patch.object(checkpoint, "available_steps", return_value=[10]),
+            self.assertRaisesRegex(
+                orchestrate.ChangedStudyError,
+                r"paper/A/large/seed0 \(its source paper/A/small/seed0: optim.learning_rate",
+            ),
+        ):
+            orchestrate.run_study(changed, self.root, executor=self.must_not_run)
 
     def test_a_training_change_is_still_refused(self):
         orchestrate.run_study(self.config, self.root, executor=write_results)

@@ -178,6 +178,20 @@ def check_finished_runs(runs: list[plan.Run]) -> list[tuple[plan.Run, list[str]]
         own = recorded.get(run.name, {})
         if shown := _differences(own, now[run.name], EVALUATION_ONLY_KEYS):
             changed.append(f"{run.name} ({', '.join(shown)})")
+            continue
+        # Its sources are checked whatever its own evaluation settings: a run evaluated again
+        # keeps its training, so one resting on a changed source is refused as before.
+        if set(recorded) != set(now):
+            was, will = (sorted(set(names) - {run.name}) for names in (recorded, now))
+            changed.append(f"{run.name} (started from {was}, now from {will})")
+            continue
+        source_changes = [
+            f"{run.name} (its source {name}: {', '.join(shown)})"
+            for name in sorted(set(now) - {run.name})
+            if (shown := _differences(recorded[name], now[name], EVALUATION_ONLY_KEYS))
+        ]
+        if source_changes:
+            changed.append(source_changes[0])
         elif (shown := _differences(own, now[run.name])) and os.path.exists(
             os.path.join(run.workdir, DONE_FILE)
         ):
@@ -188,14 +202,6 @@ def check_finished_runs(runs: list[plan.Run]) -> list[tuple[plan.Run, list[str]]
                     f"{run.name} ({', '.join(shown)}; its checkpoints are gone, so it cannot "
                     "be evaluated again)"
                 )
-        elif set(recorded) != set(now):
-            was, will = (sorted(set(names) - {run.name}) for names in (recorded, now))
-            changed.append(f"{run.name} (started from {was}, now from {will})")
-        else:
-            for name in sorted(set(now) - {run.name}):
-                if shown := _differences(recorded[name], now[name], EVALUATION_ONLY_KEYS):
-                    changed.append(f"{run.name} (its source {name}: {', '.join(shown)})")
-                    break
     if changed:
         raise ChangedStudyError(
             f"{len(changed)} finished or started runs were made with another config than this "
