@@ -463,6 +463,23 @@ class FullDiskOutputTest(absltest.TestCase):
         self.assertEndsWith(writers.temporary_path(path, ".npz"), ".tmp.npz")
         self.assertCountEqual(os.listdir(directory), ["weights.npz", *kept])
 
+    def test_no_process_is_signalled_on_windows(self):
+        """On Windows os.kill(pid, 0) is TerminateProcess(pid): the liveness probe of a leftover
+        temporary's writer killed that pid's process (a live writer, or any that reused it)."""
+        directory = self.create_tempdir().full_path
+        path = os.path.join(directory, "weights.npz")
+        host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
+        left = f"weights.npz.{host}.{os.getpid()}.0123abcd.tmp"
+        with open(os.path.join(directory, left), "w") as f:
+            f.write("part of a net")
+        with (
+            mock.patch.object(writers.os, "name", "nt"),
+            mock.patch.object(writers.os, "kill") as kill,
+        ):
+            writers.temporary_path(path)
+        kill.assert_not_called()
+        self.assertIn(left, os.listdir(directory))  # whose writer may run: kept
+
     def test_metrics_not_written_name_the_file_once(self):
         directory = self.create_tempdir().full_path
         writer = writers.MetricWriter(directory, enabled=True)

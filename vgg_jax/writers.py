@@ -65,6 +65,8 @@ def _host() -> str:
 
 
 def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) is TerminateProcess there: no probe, kept as alive
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -79,7 +81,8 @@ def temporary_path(path: str | os.PathLike, suffix: str = "") -> str:
     (and ``suffix``), to be renamed to ``path``. The temporaries a process of this host left
     when it was killed while writing one (its pid no longer runs) are removed first: nothing
     else would (each name is its writer's own), and a killed export leaves a whole net's size.
-    Those of other hosts sharing the directory are left alone: their pids mean nothing here."""
+    Those of other hosts sharing the directory are left alone: their pids mean nothing here;
+    on Windows all are (no pid is probed: ``os.kill`` there terminates the process)."""
     path = os.fspath(path)
     directory, name = os.path.split(path)
     host = _host()
