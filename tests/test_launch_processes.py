@@ -188,6 +188,30 @@ class MultiProcessStartTest(absltest.TestCase):
         )
         self.assertIn(f"Image folder {missing} does not exist", lines[0])
 
+    def test_a_config_problem_of_one_process_stops_every_process(self):
+        """Process 1 given a --workdir under a file (a problem only its config check saw): it
+        stopped with its "Config error" while process 0 went on into the next collective, and
+        both hung until JAX aborted them 5 minutes later."""
+        tmp = self.create_tempdir().full_path
+        blocked = os.path.join(tmp, "a_file")
+        with open(blocked, "w"):
+            pass
+        results = launch_processes(
+            [[], [f"--workdir={blocked}/run"]], os.path.join(tmp, "run"), device_counts=[1, 1]
+        )
+        problem = f"--workdir={blocked}/run: {blocked} above it is a file, not a directory"
+        lines = []
+        for returncode, stderr in results:
+            self.assertEqual(returncode, 1, stderr[-3000:])
+            self.assertNotIn("Traceback", stderr)
+            lines.append(stderr.strip().splitlines()[-1].strip())
+        self.assertEqual(lines[1], problem)
+        self.assertEqual(
+            lines[0],
+            "The config check failed on another process of this job: process 1: ConfigError: "
+            + problem,
+        )
+
     def test_a_workdir_not_shared_between_hosts_stops_every_process(self):
         """Each host given a workdir on its own disk (here: process 1 another directory)
         trained to the end, then hung in the first checkpoint save (each process had written

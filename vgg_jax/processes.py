@@ -70,11 +70,13 @@ def differences(processes: list[dict[str, str]]) -> list[str]:
     return lines
 
 
-def agreed(what: str, action: Callable[[], Any], failure: type[Exception] | None = None) -> Any:
+def agreed(
+    what: str, action: Callable[[], Any], failure: Callable[[str], Exception] | None = None
+) -> Any:
     """``action()`` on every process, then one small collective that says whether it raised on
     any of them: then every process raises, the failed ones their own error and the others a
-    ``failure`` (default ``DatasetError``) naming each failed process and its error. One
-    process: ``action()``.
+    ``failure(text)`` (an exception class or a function making one; default ``DatasetError``)
+    naming each failed process and its error. One process: ``action()``.
 
     A process whose copy of the data was not prepared (or could not be) stopped with its one
     line, while the others waited in the next collective for it until JAX's coordination

@@ -265,9 +265,21 @@ def check_same_job_or_exit(mode: str, config: ml_collections.ConfigDict) -> None
 
 
 def check_or_exit(config: ml_collections.ConfigDict, mode: str, workdir: str | None) -> None:
-    """``checks.check_config``, its problems printed one per line without a traceback."""
+    """``checks.check_config``, its problems printed one per line without a traceback.
+
+    On several processes the check's outcome is agreed (``processes.agreed``): a problem only
+    one process saw (its own --workdir not writable, its host's copy of the data) stopped that
+    process alone while the others went on into the next collective and waited for it until
+    JAX aborted them 5 minutes later (exit 134); now every process stops, the others naming it.
+    """
+    from vgg_jax import processes
+
     try:
-        checks.check_config(config, mode, workdir)
+        processes.agreed(
+            "The config check",
+            lambda: checks.check_config(config, mode, workdir),
+            lambda text: checks.ConfigError([text]),
+        )
     except checks.ConfigError as e:
         sys.exit("Config error:\n  " + "\n  ".join(e.problems))
 
