@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from absl.testing import absltest
 
+from experiments import demo
 from tests import fixtures, testdata
-from vgg_jax import checkpoint, data, processes, sharding
+from vgg_jax import checkpoint, data, models, processes, sharding
 from vgg_jax.tools import cli
 from vgg_jax.training import lock
 
@@ -27,11 +28,13 @@ def launch_processes(
     workdir: str,
     data: list[str] | None = None,
     device_counts: list[int] | None = None,
+    homes: list[str] | None = None,
 ) -> list[tuple[int, str]]:
     """Starts one launch.py process of a job per ``per_process`` entry (that process's extra
     flags) and returns each one's ``(exit status, stderr)``. ``data``: the flags naming the
     dataset (default: the tiny built-in one); ``device_counts``: each process's CPU devices
-    (default: 2 each)."""
+    (default: 2 each); ``homes``: each process's HOME (``~`` in a config value is another
+    directory on each, as on hosts that do not share it)."""
     device_counts = device_counts or [2] * len(per_process)
     port = fixtures.free_port()
     if data is None:
@@ -58,7 +61,7 @@ def launch_processes(
         subprocess.Popen(
             [*common, f"--process_id={i}", *extra],
             cwd=ROOT,
-            env=fixtures.host_devices_env(device_counts[i]),
+            env=fixtures.host_devices_env(device_counts[i]) | ({"HOME": homes[i]} if homes else {}),
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -211,6 +214,37 @@ class MultiProcessStartTest(absltest.TestCase):
             "The config check failed on another process of this job: process 1: ConfigError: "
             + problem,
         )
+
+    def test_an_init_from_source_on_one_host_only_stops_every_process(self):
+        """init_from.workdir (one config text, ``~/src``) holding the source run on process
+        0's host only: process 1's config check stopped it alone, process 0's listed the
+        source's checkpoints with Orbax (a collective) that met process 1's next one, and both
+        aborted (exit 134, a gloo "collective mismatch")."""
+        tmp = self.create_tempdir().full_path
+        homes = [os.path.join(tmp, "host0"), os.path.join(tmp, "host1")]
+        for home in homes:
+            os.makedirs(home)
+        config = demo.get_config()
+        config.model.update(width=0.0625, fc_width=16)
+        model = models.build_model(config.model, config.input.crop_size)
+        params = jax.tree_util.tree_map(
+            lambda leaf: np.zeros(leaf.shape, np.float32), models.abstract_params(model)
+        )
+        checkpoint.save_params(os.path.join(homes[0], "src"), params, step=1, config=config)
+        source = ["--config.init_from.mode=full", "--config.init_from.workdir=~/src"]
+        results = launch_processes(
+            [source, source], os.path.join(tmp, "run"), device_counts=[1, 1], homes=homes
+        )
+        for returncode, stderr in results:
+            self.assertEqual(returncode, 1, stderr[-3000:])
+            self.assertNotIn("Traceback", stderr)
+            self.assertIn(
+                "The processes of this job do not see the same checkpoints (each compared with "
+                "process 0; every host needs --workdir and init_from.workdir on storage all of "
+                "them see): process 1: init_from.workdir sees its checkpoints/ -> does not see "
+                "its checkpoints/",
+                stderr.strip().splitlines()[-1],
+            )
 
     def test_a_workdir_not_shared_between_hosts_stops_every_process(self):
         """Each host given a workdir on its own disk (here: process 1 another directory)

@@ -355,9 +355,10 @@ def check_config(
     facts = _check_input(p, mode, data_devices)
     if mode in TRAINING_MODES:
         _check_training(p)
-        _check_init_source(p, workdir)
-        if facts is not None:
-            _check_some_step(p, facts[1], workdir)
+        if _checkpoints_seen_alike(p, workdir):  # before Orbax reads them, a collective
+            _check_init_source(p, workdir)
+            if facts is not None:
+                _check_some_step(p, facts[1], workdir)
     _check_evals(p, data_devices)
     if workdir is not None and (problem := workdir_problem(workdir, mode)):
         p.lines.append(problem)
@@ -459,6 +460,41 @@ def _check_some_step(p: _Problems, num_train: int, workdir: str | None) -> None:
         f"so {epochs:g} epochs is no step and training would save nothing; give at least "
         f"{math.ceil(1000 / steps_per_epoch) / 1000:g}",  # rounded up: it gives one step
     )
+
+
+def _checkpoints_seen_alike(p: _Problems, workdir: str | None) -> bool:
+    """On several processes: whether every process sees (or none does) the checkpoints of the
+    run's --workdir and of ``init_from.workdir``, which the training checks then list with
+    Orbax; if not, a problem naming each process that differs from process 0.
+
+    Orbax lists checkpoints in a collective, opened only where the directory exists: a host
+    without the source run (init_from.workdir on process 0's disk only) or given another
+    --workdir stopped with its one line while process 0's listing met its next collective, and
+    every process aborted (exit 134, a gloo "collective mismatch")."""
+    if jax.process_count() == 1:
+        return True
+    from vgg_jax import checkpoint, processes
+
+    source = p.value("init_from.workdir")
+    places = {
+        "--workdir": workdir,
+        "init_from.workdir": source if isinstance(source, str) else None,
+    }
+    seen = {
+        key: "sees its checkpoints/"
+        if os.path.isdir(checkpoint.checkpoints_directory(os.path.expanduser(path)))
+        else "does not see its checkpoints/"
+        for key, path in places.items()
+        if path
+    }
+    if lines := processes.differences(processes.gather_json(seen)):
+        p.lines.append(
+            "The processes of this job do not see the same checkpoints (each compared with "
+            "process 0; every host needs --workdir and init_from.workdir on storage all of them "
+            "see): " + "; ".join(lines)
+        )
+        return False
+    return True
 
 
 def _check_init_source(p: _Problems, workdir: str | None) -> None:
