@@ -381,6 +381,21 @@ class AgreedStepTest(absltest.TestCase):
             processes.agreed("Preparing the dataset", fail)
         told.assert_called_once_with("FileNotFoundError: no copy here")
 
+    def test_an_interrupted_step_tells_the_others_too(self):
+        """A KeyboardInterrupt (or SystemExit) on one process passed ``agreed``'s ``except
+        Exception`` without the collective: the others waited for it until JAX aborted them."""
+
+        def interrupted():
+            raise KeyboardInterrupt
+
+        with (
+            mock.patch.object(jax, "process_count", return_value=2),
+            self.gathered(None) as told,
+            self.assertRaises(KeyboardInterrupt),
+        ):
+            processes.agreed("Preparing the dataset", interrupted)
+        told.assert_called_once_with("KeyboardInterrupt")
+
 
 class CoordinatorPortTest(absltest.TestCase):
     def listening(self) -> tuple[socket.socket, int]:

@@ -89,9 +89,11 @@ def agreed(
     result, error = None, None
     try:
         result = action()
-    except Exception as e:  # noqa: BLE001 - raised again below, once every process knows
+    except BaseException as e:  # noqa: BLE001 - raised again below, once every process knows
+        # BaseException too: a Ctrl-C or a SystemExit on one process left the others waiting.
         error = e
-    problems = gather_json(None if error is None else f"{type(error).__name__}: {error}")
+    problem = None if error is None else type(error).__name__ + (f": {error}" if str(error) else "")
+    problems = gather_json(problem)
     if error is not None:
         raise error
     if failed := [(index, problem) for index, problem in enumerate(problems) if problem]:
