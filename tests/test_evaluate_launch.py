@@ -123,17 +123,14 @@ class EvaluateModeTest(absltest.TestCase):
         self.assertEqual([r[:2] + r[4:] for r in one], [r[:2] + r[4:] for r in two])
         np.testing.assert_allclose([r[2:4] for r in one], [r[2:4] for r in two], atol=1e-6)
 
-    def test_a_process_whose_workdir_holds_no_checkpoint_stops_every_process(self):
-        """Process 1 given another --workdir (no checkpoint there; the workdir is not part of
-        the config the processes compare): it stopped with its one line while process 0 waited
-        for it in the next collective until JAX aborted both 5 minutes later (exit 134)."""
-        elsewhere = tempfile.mkdtemp(prefix="evaluate_elsewhere_")
-        port = fixtures.free_port()
-        distributed = [f"--coordinator_address=localhost:{port}", "--num_processes=2"]
-        started = [
+    def start_two_processes(self, workdirs: tuple[str, str], *extra: str):
+        """Processes 0 and 1 of one job, each with its workdir, one CPU device each."""
+        distributed = [f"--coordinator_address=localhost:{fixtures.free_port()}"]
+        return [
             subprocess.Popen(
                 [
-                    *launch_args(workdir, *self.overrides, *distributed),
+                    *launch_args(workdir, *self.overrides, *distributed, "--num_processes=2"),
+                    *extra,
                     f"--process_id={i}",
                 ],
                 cwd=ROOT,
@@ -142,8 +139,15 @@ class EvaluateModeTest(absltest.TestCase):
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            for i, workdir in enumerate((f"{self.tmp}/one", elsewhere))
+            for i, workdir in enumerate(workdirs)
         ]
+
+    def test_a_process_whose_workdir_holds_no_checkpoint_stops_every_process(self):
+        """Process 1 given another --workdir (no checkpoint there; the workdir is not part of
+        the config the processes compare): it stopped with its one line while process 0 waited
+        for it in the next collective until JAX aborted both 5 minutes later (exit 134)."""
+        elsewhere = tempfile.mkdtemp(prefix="evaluate_elsewhere_")
+        started = self.start_two_processes((f"{self.tmp}/one", elsewhere))
         lines = []
         for process in started:
             returncode, _, stderr = fixtures.finish(process, 150)
@@ -164,28 +168,12 @@ class EvaluateModeTest(absltest.TestCase):
         only where the directory exists: process 0's met process 1's next collective, and both
         hung until JAX aborted them 5 minutes later. Now they wait for it together."""
         elsewhere = tempfile.mkdtemp(prefix="watch_elsewhere_")
-        port = fixtures.free_port()
         watch = [
-            f"--coordinator_address=localhost:{port}",
-            "--num_processes=2",
             "--config.evals.watch_timeout_seconds=2",
             "--config.evals.poll_seconds=1",
+            "--mode=evaluate_continuously",
         ]
-        started = [
-            subprocess.Popen(
-                [
-                    *launch_args(workdir, *self.overrides, *watch),
-                    "--mode=evaluate_continuously",
-                    f"--process_id={i}",
-                ],
-                cwd=ROOT,
-                env=fixtures.host_devices_env(1),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for i, workdir in enumerate((f"{self.tmp}/two", elsewhere))
-        ]
+        started = self.start_two_processes((f"{self.tmp}/two", elsewhere), *watch)
         errors = []
         for process in started:
             returncode, _, stderr = fixtures.finish(process, 150)
