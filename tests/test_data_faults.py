@@ -808,6 +808,14 @@ def read_only(path: str):
 
 
 class ReadOnlyDataDirTest(absltest.TestCase):
+    def test_a_cloud_data_dir_is_not_tested_as_a_local_directory(self):
+        """``os.path.abspath("gs://b/x")`` is ``<cwd>/gs:/b/x``: the write test tried the current
+        directory, and from a read-only one said it could not prepare into ``<cwd>/gs:/b/x``."""
+        unwritable = OSError(30, "Read-only file system")
+        with mock.patch.object(sources.tempfile, "NamedTemporaryFile", side_effect=unwritable):
+            self.assertIs(sources._write_error(self.create_tempdir().full_path), unwritable)
+            self.assertIsNone(sources._write_error("gs://bucket/tensorflow_datasets"))
+
     def test_index_goes_to_index_dir_and_an_unwritable_one_fails_before_indexing(self):
         # A copy of the shared prepared dataset without the project's files, as a cluster's
         # shared TFDS copy would be.

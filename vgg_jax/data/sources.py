@@ -118,7 +118,11 @@ def files_dir(builder: tfds.core.DatasetBuilder, input_config: ml_collections.Co
 def _write_error(directory: str) -> OSError | None:
     """What a real write in ``directory`` (or, where it is missing, the nearest directory above
     it that exists: the rest is made at the first write) raises, or None. Permission bits do not
-    tell (root, read-only mounts, quotas)."""
+    tell (root, read-only mounts, quotas). A URL (``gs://``, which TFDS writes through its own
+    file system) is not checked: made absolute, it named a ``gs:`` directory of the current one,
+    so a run from a read-only directory was told it could not prepare into ``<cwd>/gs:/...``."""
+    if "://" in directory:
+        return None
     existing = os.path.abspath(directory)
     while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
         existing = os.path.dirname(existing)
